@@ -1,0 +1,55 @@
+"""Multiply-accumulate count of a traced graph, per sample (the symbolic batch axis counts as 1).
+
+Counts matrix products (linear, matmul, conv) and attention's two quadratic products (q·kᵀ and
+softmax·v). Softmax, norms and elementwise ops are left out, so the MAC-ideal speedup slightly
+undercounts the savings of pruning (their cost also shrinks with the token count).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def _dims(node) -> list[int] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return [d if isinstance(d, int) else 1 for d in val.shape]
+
+
+def _numel(dims) -> int:
+    return math.prod(dims) if dims else 0
+
+
+def node_macs(node: fx.Node) -> int:
+    t = node.target
+    out = _dims(node)
+    if out is None:
+        return 0
+    if t in (aten.linear.default,):
+        w = _dims(node.args[1])
+        return _numel(out) * w[1]
+    if t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
+        a = _dims(node.args[0])
+        return _numel(out) * a[-1]
+    if t is aten.addmm.default:
+        a = _dims(node.args[1])
+        return _numel(out) * a[-1]
+    if t in (aten.conv2d.default, aten.convolution.default):
+        w = _dims(node.args[1])
+        return _numel(out) * _numel(w[1:])
+    if t is aten.scaled_dot_product_attention.default:
+        q, k, v = (_dims(a) for a in node.args[:3])
+        *batch, nq, d = q
+        nk, dv = k[-2], v[-1]
+        return _numel(batch) * nq * nk * (d + dv)
+    return 0
+
+
+def count_macs(gm: fx.GraphModule) -> int:
+    """Per-sample MACs of every matrix product in `gm` (needs meta['val'] from a fresh trace)."""
+    return sum(node_macs(n) for n in gm.graph.nodes if n.op == "call_function")

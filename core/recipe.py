@@ -1,0 +1,209 @@
+"""Recipes: typed, validated pruning stages (method, after which block, budget).
+
+CLI shorthand: `METHOD@BLOCKS:KEEP[+METHOD@BLOCKS:KEEP…]`, e.g. `cls-topk@3,6,9:0.7`. Blocks are
+0-based indices of the model's transformer blocks; KEEP with a dot is a ratio of the patch tokens
+entering the stage (0 < r ≤ 1, kept count = ceil(r·n)); KEEP without a dot is a count of patch tokens.
+Files (.toml, .yaml/.yml, .json) hold a list of stages:
+
+    [[stage]]
+    method = "cls-topk"
+    after_block = 3
+    keep = 0.7
+"""
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokensieve.errors import ConfigError
+from tokensieve.graph_passes.methods.registry import METHODS
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many patch tokens a stage keeps: a ratio of those entering it, or a count."""
+
+    ratio: float | None = None
+    count: int | None = None
+
+    def __post_init__(self):
+        if (self.ratio is None) == (self.count is None):
+            raise ConfigError("A budget needs exactly one of a keep ratio or a keep count")
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise ConfigError(f"keep ratio {self.ratio} is out of range; use 0 < keep <= 1 (e.g. 0.7)")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"keep count {self.count} is out of range; keep at least 1 patch token")
+
+    def resolve(self, num_patches: int) -> int:
+        """The static K for a stage that receives `num_patches` patch tokens."""
+        if self.ratio is not None:
+            return max(1, math.ceil(self.ratio * num_patches - 1e-9))
+        return self.count
+
+    def __str__(self) -> str:
+        return f"{self.ratio:g}" if self.ratio is not None else str(self.count)
+
+
+@dataclass(frozen=True)
+class Stage:
+    method: str
+    after_block: int
+    keep: Budget
+    params: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)} (see `tokensieve methods`)")
+        if self.after_block < 0:
+            raise ConfigError(f"after_block={self.after_block} is negative; blocks are numbered from 0")
+        known = {p.name for p in METHODS[self.method].params}
+        for name, _ in self.params:
+            if name not in known:
+                allowed = ", ".join(sorted(known)) or "none"
+                raise ConfigError(f"Method {self.method!r} has no parameter {name!r}; its parameters: {allowed}")
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "after_block": self.after_block}
+        d["keep"] = self.keep.ratio if self.keep.ratio is not None else self.keep.count
+        if self.params:
+            d["params"] = dict(self.params)
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        blocks = [s.after_block for s in self.stages]
+        if len(set(blocks)) != len(blocks):
+            raise ConfigError(f"Two stages after the same block in {blocks}; give each block at most one stage")
+        object.__setattr__(self, "stages", tuple(sorted(self.stages, key=lambda s: s.after_block)))
+
+    def to_dict(self) -> dict:
+        return {"stages": [s.to_dict() for s in self.stages]}
+
+    def shorthand(self) -> str:
+        return "+".join(f"{s.method}@{s.after_block}:{s.keep}" for s in self.stages) or "dense"
+
+    def __str__(self) -> str:
+        return self.shorthand()
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Parse the CLI shorthand `cls-topk@3,6,9:0.7`, or a path to a .toml/.yaml/.json recipe file."""
+    text = text.strip()
+    if Path(text).suffix.lower() in (".toml", ".yaml", ".yml", ".json"):
+        return load_recipe(text)
+    if text in ("", "dense", "none"):
+        return Recipe(())
+    stages = []
+    for part in text.split("+"):
+        method, at, rest = part.partition("@")
+        blocks, colon, keep = rest.partition(":")
+        if not at or not colon or not blocks or not keep:
+            raise ConfigError(
+                f"Cannot parse recipe {part!r}; write METHOD@BLOCKS:KEEP, e.g. cls-topk@3,6,9:0.7 (ratio) or cls-topk@4:98 (count)"
+            )
+        try:
+            indices = [int(b) for b in blocks.split(",")]
+        except ValueError:
+            raise ConfigError(f"Block list {blocks!r} in {part!r} must be comma-separated integers, e.g. 3,6,9") from None
+        budget = _parse_keep(keep, where=part)
+        stages += [Stage(method.strip(), i, budget) for i in indices]
+    return Recipe(tuple(stages))
+
+
+def _parse_keep(value: object, where: str) -> Budget:
+    if isinstance(value, bool):
+        raise ConfigError(f"keep in {where!r} must be a ratio (0 < r <= 1) or a token count, not a boolean")
+    if isinstance(value, int):
+        return Budget(count=value)
+    if isinstance(value, float):
+        return Budget(ratio=value)
+    s = str(value).strip()
+    try:
+        return Budget(ratio=float(s)) if any(ch in s for ch in ".eE") else Budget(count=int(s))
+    except ValueError:
+        raise ConfigError(f"keep {s!r} in {where!r} is not a number; use a ratio like 0.7 or a count like 98") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load a recipe file (.toml, .yaml/.yml, .json) holding `stage = [{method, after_block, keep, params?}, …]`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"Cannot read recipe file {str(p)!r}: {e.strerror}") from e
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(raw.decode())
+        elif p.suffix.lower() == ".json":
+            data = json.loads(raw)
+        else:
+            import yaml
+
+            data = yaml.safe_load(raw)
+    except Exception as e:  # noqa: BLE001 - any parser error is the user's file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"Recipe file {str(p)!r} is not valid {p.suffix[1:].upper()}: {first}") from e
+    return recipe_from_dict(data, where=str(p))
+
+
+def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table with a `stage` list")
+    stages = data.get("stage", data.get("stages"))
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{where}: needs a non-empty `stage` list, e.g. [[stage]] method='cls-topk' after_block=3 keep=0.7")
+    out = []
+    for i, s in enumerate(stages):
+        if not isinstance(s, dict):
+            raise ConfigError(f"{where}: stage {i} must be a table with method, after_block and keep")
+        unknown = set(s) - {"method", "after_block", "keep", "params"}
+        if unknown:
+            raise ConfigError(f"{where}: stage {i} has unknown field(s) {sorted(unknown)}; allowed: method, after_block, keep, params")
+        for key in ("method", "after_block", "keep"):
+            if key not in s:
+                raise ConfigError(f"{where}: stage {i} is missing field {key!r}")
+        if not isinstance(s["after_block"], int) or isinstance(s["after_block"], bool):
+            raise ConfigError(f"{where}: stage {i} after_block must be an integer block index")
+        params = s.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: stage {i} params must be a table")
+        out.append(Stage(str(s["method"]), s["after_block"], _parse_keep(s["keep"], f"{where} stage {i}"), tuple(sorted(params.items()))))
+    return Recipe(tuple(out))
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage bound to a model: static token counts in and out."""
+
+    stage: Stage
+    keep: int              # patch tokens kept (static K)
+    tokens_in: int         # tokens entering the stage (prefix + patches)
+    tokens_out: int        # tokens leaving it
+    num_prefix_tokens: int
+
+
+def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_tokens: int) -> list[ResolvedStage]:
+    """Turn ratios into static K per stage for a model; ConfigError if a stage does not fit the model."""
+    out, n = [], num_tokens
+    for s in recipe.stages:
+        if s.after_block >= num_blocks:
+            raise ConfigError(
+                f"Stage {s.method}@{s.after_block}: the model has blocks 0..{num_blocks - 1}; lower the block index"
+            )
+        patches = n - num_prefix_tokens
+        k = s.keep.resolve(patches)
+        if s.keep.count is not None and k >= patches:
+            raise ConfigError(
+                f"Stage {s.method}@{s.after_block}: keep={k} must be below the {patches} patch tokens entering block "
+                f"{s.after_block}; lower keep or use a ratio"
+            )
+        out.append(ResolvedStage(s, k, n, num_prefix_tokens + k, num_prefix_tokens))
+        n = num_prefix_tokens + k
+    return out

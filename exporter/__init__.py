@@ -1,0 +1,1 @@
+"""Exporter: nn.Module -> ExportedProgram (torch.export); GraphModule -> ONNX."""

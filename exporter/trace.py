@@ -1,0 +1,76 @@
+"""Trace a model with torch.export (non-strict), keeping nn_module_stack metadata for the passes."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from tokensieve.errors import ExportError
+
+
+class FirstOutput(nn.Module):
+    """Call `model(pixel_values=x)` (HF) or `model(x)` and return its first tensor output."""
+
+    def __init__(self, model: nn.Module, input_name: str = "pixel_values"):
+        super().__init__()
+        self.model = model
+        self.input_name = input_name
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if _is_hf(self.model):
+            out = self.model(**{self.input_name: pixel_values})
+        else:
+            out = self.model(pixel_values)
+        return first_tensor(out)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ExportError(f"The model returned {type(out).__name__}; tokensieve needs a tensor or a tuple starting with one")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence torch.export / torch.onnx chatter (progress lines, deprecation warnings)."""
+    loggers = [logging.getLogger(n) for n in ("torch.export", "torch.onnx", "torch._export", "onnxscript", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def batch_dynamic_shapes(max_batch: int = 64) -> dict:
+    return {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max_batch)}}
+
+
+def trace(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """torch.export `module(pixel_values)`; a dynamic batch axis needs an example batch >= 2."""
+    if dynamic_batch and example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    try:
+        with quiet(), torch.no_grad():
+            return torch.export.export(
+                module, (example,), dynamic_shapes=batch_dynamic_shapes() if dynamic_batch else None, strict=False
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; report the first line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {first[:300]}") from e

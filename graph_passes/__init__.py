@@ -1,0 +1,1 @@
+"""Graph passes: fx/ rewrites GraphModules, onnx/ rewrites ONNX models, methods/ holds the pruning math."""

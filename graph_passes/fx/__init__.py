@@ -1,0 +1,1 @@
+"""FX passes over the unlifted GraphModule of a torch.export trace (GraphModule -> GraphModule)."""

@@ -1,0 +1,18 @@
+"""Token scores read from a block's own attention inputs (q, k as given to SDPA: (B, H, N, D))."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def cls_attention_scores(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """EViT / FasterVLM score: the [CLS] row of softmax(q kᵀ · scale), averaged over heads -> (B, N).
+
+    Only one row is recomputed (B·H·N·D MACs), so the block's fused attention stays fused.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q[:, :, :1, :] * scale, k.transpose(-2, -1))  # (B, H, 1, N)
+    return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)

@@ -1,0 +1,30 @@
+"""Fixed-budget selection and gather: (B, N, C) -> (B, num_prefix_tokens + keep, C).
+
+Selection is always a static-K TopK over the patch tokens' scores, then a sort of the indices so kept
+tokens stay in their original order; prefix tokens ([CLS], distillation, registers) are always kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def select_topk(scores: Tensor, keep: int, num_prefix_tokens: int = 1) -> Tensor:
+    """(B, N) scores -> (B, keep) int64 positions in the sequence of the kept patch tokens, ascending."""
+    patch_scores = scores[:, num_prefix_tokens:]
+    idx = patch_scores.topk(keep, dim=-1, largest=True, sorted=False).indices
+    return idx.sort(dim=-1).values + num_prefix_tokens
+
+
+def gather_tokens(x: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """Keep the prefix tokens of `x` (B, N, C) followed by the tokens at positions `idx` (B, K)."""
+    kept = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    if num_prefix_tokens == 0:
+        return kept
+    return torch.cat([x[:, :num_prefix_tokens], kept], dim=1)
+
+
+def prune_topk(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """(B, N, C), (B, N) -> ((B, num_prefix_tokens + keep, C), (B, keep) kept positions, ascending)."""
+    idx = select_topk(scores, keep, num_prefix_tokens)
+    return gather_tokens(x, idx, num_prefix_tokens), idx

@@ -1,0 +1,1 @@
+"""ONNX-level passes and checks (onnx / onnx-ir)."""

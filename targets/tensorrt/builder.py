@@ -1,0 +1,176 @@
+"""ONNX file -> serialized TensorRT engine + `<engine>.json`, for TensorRT-RTX (ahead of time) or local TensorRT."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tokensieve.errors import ConfigError, InternalError, TargetError
+from tokensieve.fileio import atomic_path, ensure_writable_dir
+
+from .engine_metadata import SCHEMA, metadata_path_for, network_io, sha256_file, tokensieve_version
+from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor, local_compute_capability,
+                      parse_target, rtx_compute_capability_enum)
+from .trt_logger import collecting_logger
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """How to build one engine. The batch profile applies to inputs whose dim 0 is dynamic."""
+    target: str = "rtx-sm86"        # rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU needed) or local (TensorRT, this GPU)
+    precision: str = "fp32"
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    timing_cache: str | None = None  # standard TensorRT only; TensorRT-RTX timing caches are no-ops
+    workspace_mib: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_target(self.target)
+        if self.precision == "fp16":
+            raise ConfigError("precision 'fp16' is not supported yet (it comes with the TensorRT fp16 work); use fp32")
+        if self.precision != "fp32":
+            raise ConfigError(f"Unknown precision {self.precision!r}; use fp32")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(f"Batch profile needs 1 <= min <= opt <= max, got min={self.min_batch} "
+                              f"opt={self.opt_batch} max={self.max_batch}; fix --min/--opt/--max-batch")
+        if self.workspace_mib is not None and self.workspace_mib <= 0:
+            raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine_path: Path
+    metadata_path: Path
+    metadata: dict
+    build_seconds: float
+    size_bytes: int
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, spec: BuildSpec,
+                 extra_metadata: dict | None = None) -> EngineInfo:
+    """Parse `onnx_path`, build for `spec.target`, write the engine and `<engine>.json` atomically."""
+    flavor, cc = parse_target(spec.target)
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    meta_path = metadata_path_for(engine_path)
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; pass the model written by `tokensieve export`")
+    extra = dict(extra_metadata or {})
+    ensure_writable_dir(engine_path.parent)
+    trt = import_flavor(flavor)
+    label = FLAVOR_LABELS[flavor]
+    if flavor == RTX:
+        ensure_rtx_parser_link()
+    else:
+        cc = local_compute_capability()
+        if cc is None:
+            raise TargetError("--target local needs an NVIDIA GPU and driver, and none was found; "
+                              "use --target rtx-sm86 (or another rtx-smXX) to build without a GPU")
+
+    logger = collecting_logger(trt)
+    with logger.capture():
+        builder = trt.Builder(logger)
+        if builder is None:
+            raise TargetError(f"{label} could not create a builder: {logger.summary()}")
+        network = builder.create_network(0)  # explicit batch is the default in 10.x; 11.x and RTX are strongly typed
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            raise TargetError(_parser_error(label, onnx_path, parser))
+        config = builder.create_builder_config()
+        profile = _batch_profile(builder, network, spec)
+        if profile:
+            config.add_optimization_profile(profile[0])
+        if flavor == RTX:
+            config.num_compute_capabilities = 1
+            config.set_compute_capability(rtx_compute_capability_enum(trt, cc), 0)
+        if spec.workspace_mib is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
+        cache = _load_timing_cache(config, spec) if flavor != RTX else None
+        t0 = time.perf_counter()
+        plan = builder.build_serialized_network(network, config)
+        seconds = time.perf_counter() - t0
+        if plan is None:
+            raise TargetError(f"{label} failed to build {onnx_path.name} for {spec.target}: {logger.summary()}")
+        warnings = [m for sev, m in logger.messages if sev == "WARNING"]
+        io = network_io(trt, network)
+
+    data = memoryview(plan)
+    metadata: dict[str, Any] = {
+        "schema": SCHEMA,
+        "tokensieve_version": tokensieve_version(),
+        "flavor": flavor,
+        "tensorrt_version": trt.__version__,
+        "target": spec.target,
+        "compute_capability": cc,
+        "precision": spec.precision,
+        "tf32": bool(config.get_flag(trt.BuilderFlag.TF32)),
+        "build_seconds": round(seconds, 3),
+        "engine_size_bytes": data.nbytes,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
+        "io_tensors": io,
+        "optimization_profile": profile[1] if profile else {},
+        "build_warnings": warnings[:20],
+    }
+    clash = sorted(set(extra) & set(metadata))
+    if clash:
+        raise InternalError(f"extra_metadata keys {clash} collide with engine metadata keys")
+    metadata.update(extra)
+
+    # Both files appear together or not at all: the metadata rename happens just before the engine's.
+    with atomic_path(engine_path) as tmp_engine, atomic_path(meta_path) as tmp_meta:
+        with open(tmp_engine, "wb") as f:
+            f.write(data)
+        tmp_meta.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    if cache is not None:
+        _save_timing_cache(config, spec)
+    return EngineInfo(engine_path, meta_path, metadata, seconds, data.nbytes)
+
+
+def _parser_error(label: str, onnx_path: Path, parser) -> str:
+    """The first parser error as one line, naming the node and op."""
+    err, n = parser.get_error(0), parser.num_errors
+    desc = " ".join(str(err.desc()).split())
+    more = f" (+{n - 1} more)" if n > 1 else ""
+    if err.node() < 0:  # file-level: unreadable, not ONNX, missing external data
+        return f"{label} cannot read {str(onnx_path)!r}: {desc}{more}; check it loads with onnx.load"
+    return (f"{label} cannot parse {onnx_path.name}: node {err.node_name()!r} (op {err.node_operator()}): {desc}{more}; "
+            f"rewrite or remove this op before building")
+
+
+def _batch_profile(builder, network, spec: BuildSpec):
+    """(profile, json) covering every input with a dynamic dim 0, or None when all inputs are static."""
+    profile, shapes = builder.create_optimization_profile(), {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        dims = [int(d) for d in t.shape]
+        if not dims or dims[0] != -1:
+            continue
+        if -1 in dims[1:]:
+            raise TargetError(f"Input {t.name!r} has shape {dims}: only the batch axis (0) may be dynamic; "
+                              f"re-export with static token and channel sizes")
+        rest = dims[1:]
+        mn, op, mx = [spec.min_batch] + rest, [spec.opt_batch] + rest, [spec.max_batch] + rest
+        profile.set_shape(t.name, mn, op, mx)
+        shapes[t.name] = {"min": mn, "opt": op, "max": mx}
+    return (profile, shapes) if shapes else None
+
+
+def _load_timing_cache(config, spec: BuildSpec):
+    if spec.timing_cache is None:
+        return None
+    path = Path(spec.timing_cache)
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config, spec: BuildSpec) -> None:
+    with atomic_path(spec.timing_cache) as tmp:
+        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
