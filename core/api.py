@@ -177,3 +177,147 @@ def _drop_outputs(model: onnx.ModelProto, keep: int) -> onnx.ModelProto:
     m = copy.deepcopy(model)
     del m.graph.output[keep:]
     return m
+
+
+# --------------------------------------------------------------------------- save
+
+
+ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense.onnx", "report": "report.json",
+             "engine": "model.engine"}
+
+
+def save(result: ExportResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write model.onnx, model.debug.onnx and dense.onnx into `out_dir`, each atomically."""
+    out = ensure_writable_dir(out_dir)
+    paths = {}
+    for key, proto in (("model", result.onnx_model), ("debug", result.debug_onnx), ("dense", result.dense_onnx)):
+        paths[key] = out / ARTIFACTS[key]
+        _save_onnx(proto, paths[key])
+    return paths
+
+
+def _save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else None
+    if data is None:  # > 2 GB: weights go to a side file next to the model
+        with atomic_path(path.with_name(path.name + ".data")) as tmp_data:
+            onnx.save_model(proto, str(path), save_as_external_data=True, location=tmp_data.name)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    num_inputs: int
+    batch: int
+    atol: float
+    max_abs_diff: float
+    indices_match: list[bool]       # per stage, over all inputs
+    stage_blocks: list[int]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and all(self.indices_match)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def verify(result: ExportResult, onnx_path: str | Path | None = None, *, num_inputs: int = 8, batch: int = 1,
+           seed: int = 0, atol: float = 1e-4, threads: int | None = None) -> VerifyReport:
+    """Eager reference vs ONNX Runtime on `num_inputs` random inputs: kept indices and outputs.
+
+    `onnx_path` is the debug ONNX (with kept_idx outputs); without it the in-memory one is used.
+    """
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+
+    if num_inputs < 1 or batch < 1:
+        raise ConfigError("verify needs num_inputs >= 1 and batch >= 1")
+    t0 = time.perf_counter()
+    cleanup = None
+    if onnx_path is None:
+        import tempfile
+
+        cleanup = tempfile.TemporaryDirectory(prefix="tokensieve-verify-")
+        onnx_path = Path(cleanup.name) / "model.debug.onnx"
+        _save_onnx(result.debug_onnx, onnx_path)
+    gen = torch.Generator().manual_seed(seed)
+    max_diff, matches = 0.0, [True] * len(result.stages)
+    try:
+        with OrtRunner(onnx_path, threads=threads) as runner:
+            for _ in range(num_inputs):
+                x = torch.randn(batch, *result.input_shape[1:], generator=gen)
+                ref, kept = result.reference(x)
+                outs = list(runner.infer({"pixel_values": x.numpy()}).values())
+                max_diff = max(max_diff, float(np.abs(outs[0] - ref.numpy()).max()))
+                for i, (got, want) in enumerate(zip(outs[1:], kept)):
+                    matches[i] &= got.shape == tuple(want.shape) and bool((got == want.numpy()).all())
+    finally:
+        if cleanup is not None:
+            cleanup.cleanup()
+    return VerifyReport(num_inputs, batch, atol, max_diff, matches, [s.stage.after_block for s in result.stages],
+                        time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, target: str = "rtx-sm86",
+          precision: str = "fp32", max_batch: int = 8, extra_metadata: dict | None = None):
+    """Build a TensorRT / TensorRT-RTX engine (+ .json metadata) from an ONNX file."""
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; run `tokensieve export` first")
+    engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
+    ensure_writable_dir(engine_path.parent)
+    spec = BuildSpec(target=target, precision=precision, max_batch=max_batch)
+    return build_engine(onnx_path, engine_path, spec, extra_metadata)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class BenchReport:
+    backend: str
+    batch: int
+    threads: int | None
+    dense: dict
+    pruned: dict
+    speedup: float
+    ideal_speedup: float | None
+
+    @property
+    def ratio_to_ideal(self) -> float | None:
+        return self.speedup / self.ideal_speedup if self.ideal_speedup else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio_to_ideal": self.ratio_to_ideal}
+
+
+def bench(dense_onnx: str | Path, pruned_onnx: str | Path, *, ideal_speedup: float | None = None, batch: int = 1,
+          threads: int | None = None, blocks: int = 4, iters: int = 20, warmup: int = 5, progress=None) -> BenchReport:
+    """Dense vs pruned latency on ONNX Runtime, one session at a time in alternating blocks (ABBA…)."""
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+    from tokensieve.runtime.timing import measure_alternating, speedup
+
+    for p in (dense_onnx, pruned_onnx):
+        if not Path(p).is_file():
+            raise ConfigError(f"ONNX file {str(p)!r} does not exist; run `tokensieve export` first")
+    with OrtRunner(dense_onnx, threads=threads, name="dense") as dense, \
+            OrtRunner(pruned_onnx, threads=threads, name="pruned") as pruned:
+        feeds = dense.make_random_feeds(batch=batch, seed=0)
+        stats = measure_alternating(
+            {"dense": lambda: dense.infer(feeds), "pruned": lambda: pruned.infer(feeds)},
+            blocks=blocks, iters=iters, warmup=warmup, progress=progress,
+        )
+        backend = "onnxruntime:" + ",".join(dense.active_providers)
+    d, p = stats["dense"], stats["pruned"]
+    summary = lambda s: {k: v for k, v in s.to_dict().items() if k != "samples_ms"}  # noqa: E731
+    return BenchReport(backend, batch, threads, summary(d), summary(p), speedup(d, p), ideal_speedup)

@@ -108,7 +108,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         "target": spec.target,
         "compute_capability": cc,
         "precision": spec.precision,
-        "tf32": bool(config.get_flag(trt.BuilderFlag.TF32)),
+        "tf32": _tf32_enabled(trt, config),
         "build_seconds": round(seconds, 3),
         "engine_size_bytes": data.nbytes,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -130,6 +130,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     if cache is not None:
         _save_timing_cache(config, spec)
     return EngineInfo(engine_path, meta_path, metadata, seconds, data.nbytes)
+
+
+def _tf32_enabled(trt: ModuleType, config) -> bool | None:
+    """TF32 is on by default for fp32 math (about 1e-3 relative error); None where the flag does not exist."""
+    flag = getattr(trt.BuilderFlag, "TF32", None)
+    return None if flag is None else bool(config.get_flag(flag))
 
 
 def _parser_error(label: str, onnx_path: Path, parser) -> str:

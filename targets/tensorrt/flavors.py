@@ -58,7 +58,7 @@ def _try_import(flavor: str) -> ModuleType | None:
 
 def available_flavors() -> dict[str, str | None]:
     """{'tensorrt_rtx': version or None, 'tensorrt': version or None} for what imports here."""
-    return {f: getattr(_try_import(f), "__version__", None) if _try_import(f) else None for f in (RTX, STANDARD)}
+    return {f: getattr(_try_import(f), "__version__", None) for f in (RTX, STANDARD)}
 
 
 def import_flavor(flavor: str) -> ModuleType:
@@ -74,17 +74,22 @@ def import_flavor(flavor: str) -> ModuleType:
     )
 
 
-def ensure_rtx_parser_link() -> Path | None:
+def ensure_rtx_parser_link(folder: Path | None = None) -> Path | None:
     """Make sure `libtensorrt_rtx.so` exists next to the wheel's `libtensorrt_rtx.so.1`; return the link.
 
     The TensorRT-RTX ONNX parser dlopens the unversioned `libtensorrt_rtx.so`, which the pip wheel does not ship;
     without it some parses abort the whole process ("terminate called without an active exception", FACTS.md).
-    Returns None when there is no wheel folder (a system install provides the name itself).
+    The parser reaches that dlopen (for `getPrivateApi_INTERNAL`) when it creates an IPluginV3 plugin: custom
+    plugin nodes such as tokensieve's, and importers backed by built-in V3 plugins (NonZero, GroupQueryAttention,
+    MatMulNBits, ...). The parser's RPATH is $ORIGIN, so a link in the wheel folder is found.
+    `folder` defaults to the `tensorrt_rtx_libs` package folder; returns None when there is none (a system
+    install provides the unversioned name itself).
     """
-    spec = importlib.util.find_spec("tensorrt_rtx_libs")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    if folder is None:
+        spec = importlib.util.find_spec("tensorrt_rtx_libs")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(list(spec.submodule_search_locations)[0])
     versioned, link = folder / "libtensorrt_rtx.so.1", folder / "libtensorrt_rtx.so"
     if not versioned.exists() or link.exists():  # exists() follows the link, so a dangling one is redone
         return link if link.exists() else None

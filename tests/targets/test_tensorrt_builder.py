@@ -202,3 +202,15 @@ def test_rtx_engine_deserializes_on_gpu(pruned_onnx, out):
     engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(info.engine_path.read_bytes())
     assert engine is not None
     assert [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)] == ["x", "y"]
+
+
+def test_rtx_parser_link(tmp_path):
+    from tokensieve.targets.tensorrt.flavors import ensure_rtx_parser_link
+    assert ensure_rtx_parser_link(tmp_path) is None  # no libtensorrt_rtx.so.1 here: nothing to do
+    (tmp_path / "libtensorrt_rtx.so.1").write_bytes(b"\x7fELF")
+    (tmp_path / "libtensorrt_rtx.so").symlink_to("missing.so.1")  # dangling links are replaced
+    link = ensure_rtx_parser_link(tmp_path)
+    assert link == tmp_path / "libtensorrt_rtx.so" and link.is_symlink()
+    assert link.readlink() == Path("libtensorrt_rtx.so.1")
+    assert ensure_rtx_parser_link(tmp_path) == link  # idempotent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["libtensorrt_rtx.so", "libtensorrt_rtx.so.1"]
