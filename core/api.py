@@ -233,34 +233,51 @@ def verify(result: ExportResult, onnx_path: str | Path | None = None, *, num_inp
 
     `onnx_path` is the debug ONNX (with kept_idx outputs); without it the in-memory one is used.
     """
+    if onnx_path is not None:
+        return verify_onnx(result.reference, result.input_shape, [s.stage.after_block for s in result.stages],
+                           onnx_path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tokensieve-verify-") as tmp:
+        path = Path(tmp) / "model.debug.onnx"
+        _save_onnx(result.debug_onnx, path)
+        return verify(result, path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads)
+
+
+def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str | Path, *, num_inputs: int = 8,
+                batch: int = 1, seed: int = 0, atol: float = 1e-4, threads: int | None = None) -> VerifyReport:
+    """Compare `reference(x) -> (output, kept per stage)` with the debug ONNX on seeded random inputs."""
     from tokensieve.runtime.onnxruntime_runner import OrtRunner
 
     if num_inputs < 1 or batch < 1:
-        raise ConfigError("verify needs num_inputs >= 1 and batch >= 1")
+        raise ConfigError("verify needs --inputs >= 1 and --batch >= 1")
     t0 = time.perf_counter()
-    cleanup = None
-    if onnx_path is None:
-        import tempfile
-
-        cleanup = tempfile.TemporaryDirectory(prefix="tokensieve-verify-")
-        onnx_path = Path(cleanup.name) / "model.debug.onnx"
-        _save_onnx(result.debug_onnx, onnx_path)
     gen = torch.Generator().manual_seed(seed)
-    max_diff, matches = 0.0, [True] * len(result.stages)
-    try:
-        with OrtRunner(onnx_path, threads=threads) as runner:
-            for _ in range(num_inputs):
-                x = torch.randn(batch, *result.input_shape[1:], generator=gen)
-                ref, kept = result.reference(x)
-                outs = list(runner.infer({"pixel_values": x.numpy()}).values())
-                max_diff = max(max_diff, float(np.abs(outs[0] - ref.numpy()).max()))
-                for i, (got, want) in enumerate(zip(outs[1:], kept)):
-                    matches[i] &= got.shape == tuple(want.shape) and bool((got == want.numpy()).all())
-    finally:
-        if cleanup is not None:
-            cleanup.cleanup()
-    return VerifyReport(num_inputs, batch, atol, max_diff, matches, [s.stage.after_block for s in result.stages],
-                        time.perf_counter() - t0)
+    max_diff, matches = 0.0, [True] * len(stage_blocks)
+    with OrtRunner(onnx_path, threads=threads) as runner:
+        if len(runner.output_names) != 1 + len(stage_blocks):
+            raise ConfigError(f"{str(onnx_path)!r} has {len(runner.output_names)} outputs, expected the model output + "
+                              f"{len(stage_blocks)} kept_idx outputs; verify the model.debug.onnx written by export")
+        for _ in range(num_inputs):
+            x = torch.randn(batch, *input_shape[1:], generator=gen)
+            ref, kept = reference(x)
+            outs = list(runner.infer({"pixel_values": x.numpy()}).values())
+            max_diff = max(max_diff, float(np.abs(outs[0] - ref.numpy()).max()))
+            for i, (got, want) in enumerate(zip(outs[1:], kept)):
+                matches[i] &= got.shape == tuple(want.shape) and bool((got == want.numpy()).all())
+    return VerifyReport(num_inputs, batch, atol, max_diff, matches, list(stage_blocks), time.perf_counter() - t0)
+
+
+def reference_from_report(report: dict):
+    """Rebuild the eager reference of an export folder's report.json (loads the model again)."""
+    from tokensieve.models import load_model
+
+    model, _ = load_model(report["model"])
+    module = FirstOutput(model.eval())
+    paths = report["block_paths"]
+    prefix = report["layout"]["num_prefix_tokens"]
+    hooks = [HookStage(paths[s["after_block"]], s["method"], s["keep"], prefix) for s in report["stages"]]
+    return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 
 
 # --------------------------------------------------------------------------- build

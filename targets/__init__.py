@@ -1,0 +1,1 @@
+"""Targets: ONNX -> deployable artifacts (TensorRT / TensorRT-RTX engines + metadata)."""
