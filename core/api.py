@@ -117,15 +117,17 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
                 "(0 prefix tokens); choose a CLS-free method (see `tokensieve methods`)"
             )
 
+    # Canonicalize once for both sides, so dense and pruned differ only by the pruning stages.
+    sample = (example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])).contiguous()
     t0 = time.perf_counter()
-    dense_onnx = to_onnx(ep, [output_name])
+    canonical = remove_constant_attention_mask(gm, (sample,), strict=bool(stages)).modified
+    ep_dense = trace(gm, example, dynamic_batch) if canonical else ep
+    dense_onnx = to_onnx(ep_dense, [output_name])
     seconds["onnx_dense"] = time.perf_counter() - t0
-    macs_dense = count_macs(ep.graph_module)
+    macs_dense = count_macs(ep_dense.graph_module)
 
     if stages:
         t0 = time.perf_counter()
-        sample = (example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])).contiguous()
-        remove_constant_attention_mask(gm, (sample,))
         insert_prune_stages(gm, blocks, stages)
         respecialize_token_counts(gm, (sample,))
         kept = kept_index_nodes(gm)

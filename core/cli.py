@@ -338,6 +338,9 @@ TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods()]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokensieve", description="Compile token-pruned vision transformers to ONNX and TensorRT engines.")
+    from tokensieve import __version__
+
+    parser.add_argument("--version", action="version", version=f"tokensieve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for tool in TOOLS:
         doc = textwrap.dedent(tool.__doc__ or "").strip()

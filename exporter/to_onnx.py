@@ -8,18 +8,15 @@ import torch
 
 from tokensieve.errors import ExportError
 from tokensieve.exporter.trace import quiet
-from tokensieve.graph_passes.methods.ops import decompositions
+from tokensieve.exporter.onnx_translations import TRANSLATIONS
 
 OPSET = 18  # opset 23 turns SDPA into one Attention op; keep 18 until the TensorRT parsers take it
 
 
 def to_onnx(ep: torch.export.ExportedProgram, output_names: list[str], opset: int = OPSET) -> onnx.ModelProto:
-    """Lower tokensieve ops to aten, convert to ONNX with a named dynamic batch axis, fold constants."""
-    table = torch.export.default_decompositions()
-    table.update(decompositions())
+    """Convert to ONNX (tokensieve ops via TRANSLATIONS) with a named dynamic batch axis, fold constants."""
     try:
         with quiet():
-            ep = ep.run_decompositions(table)
             prog = torch.onnx.export(
                 ep,
                 dynamo=True,
@@ -27,6 +24,7 @@ def to_onnx(ep: torch.export.ExportedProgram, output_names: list[str], opset: in
                 input_names=["pixel_values"],
                 output_names=output_names,
                 optimize=True,
+                custom_translation_table=TRANSLATIONS,
                 verbose=False,
             )
     except Exception as e:  # noqa: BLE001

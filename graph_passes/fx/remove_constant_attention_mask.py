@@ -36,8 +36,11 @@ def _depends_on_input_data(node: fx.Node) -> bool:
     return False
 
 
-def remove_constant_attention_mask(gm: fx.GraphModule, example_inputs: tuple) -> PassResult:
-    """Remove all-true / all-zero attention masks that depend only on shapes (edits gm in place)."""
+def remove_constant_attention_mask(gm: fx.GraphModule, example_inputs: tuple, strict: bool = True) -> PassResult:
+    """Remove all-true / all-zero attention masks that depend only on shapes (edits gm in place).
+
+    With `strict`, a mask that does mask something is an error (pruning could not keep it right).
+    """
     masks = {}
     for node in gm.graph.nodes:
         if node.target in SDPA_TARGETS:
@@ -52,6 +55,8 @@ def remove_constant_attention_mask(gm: fx.GraphModule, example_inputs: tuple) ->
         value = values[mask]
         trivial = bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
         if _depends_on_input_data(mask) or not trivial:
+            if not strict:
+                continue
             # A real mask would have to be gathered with the kept indices too; not supported yet.
             raise PassError(
                 f"Attention op {users[0][0].name!r} uses an input-dependent attention mask ({mask.name!r}); "
