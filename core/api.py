@@ -118,7 +118,9 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
             )
 
     # Canonicalize once for both sides, so dense and pruned differ only by the pruning stages.
-    sample = (example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:])).contiguous()
+    # The passes run the graph once; a dynamic-batch trace needs batch >= 2, a static one its own batch.
+    grow = dynamic_batch and example.shape[0] < 2
+    sample = (example.expand(2, *example.shape[1:]) if grow else example).contiguous()
     t0 = time.perf_counter()
     canonical = remove_constant_attention_mask(gm, (sample,), strict=bool(stages)).modified
     ep_dense = trace(gm, example, dynamic_batch) if canonical else ep
@@ -294,8 +296,8 @@ def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, targe
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; run `tokensieve export` first")
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
+    spec = BuildSpec(target=target, precision=precision, max_batch=max_batch)  # validate before creating folders
     ensure_writable_dir(engine_path.parent)
-    spec = BuildSpec(target=target, precision=precision, max_batch=max_batch)
     return build_engine(onnx_path, engine_path, spec, extra_metadata)
 
 

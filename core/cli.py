@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -62,15 +63,31 @@ class Export(Tool):
         p.add_argument("--bench-iters", type=int, default=20, help="timed runs per block (default 20)")
 
     def run(self, args):
-        import torch
-
-        from tokensieve import api
-        from tokensieve.fileio import ensure_writable_dir, write_json_atomic
-        from tokensieve.models import load_model
+        from tokensieve.fileio import ensure_writable_dir
         from tokensieve.recipe import parse_recipe
 
         recipe = parse_recipe(args.prune)
+        if not args.no_build:  # a bad --target/--max-batch fails now, not after the export
+            from tokensieve.targets.tensorrt import BuildSpec
+
+            BuildSpec(target=args.target, max_batch=args.max_batch)
+        created = not os.path.lexists(args.output)
         out = ensure_writable_dir(args.output)
+        try:
+            return self._run(args, recipe, out)
+        except BaseException:
+            if created:  # leave no empty output folder behind; files written so far (report.json) stay
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+
+    def _run(self, args, recipe, out: Path) -> int:
+        import torch
+
+        from tokensieve import api
+        from tokensieve.fileio import write_json_atomic
+        from tokensieve.models import load_model
+
         t_all = time.perf_counter()
         _log(f"[1/5] loading model {args.model!r}")
         model, shape = load_model(args.model)
@@ -306,7 +323,7 @@ class Inspect(Tool):
         print("  outputs: " + "; ".join(io(m.graph.output)))
         census = op_census(m)
         print("  ops:     " + ", ".join(f"{k}×{v}" for k, v in census.most_common()))
-        print(f"  pruning: {census.get('TopK', 0)} TopK, {census.get('GatherElements', 0)} GatherElements")
+        print(f"  pruning: {census.get('TopK', 0)} TopK, {census.get('GatherND', 0)} GatherND")
         return 0
 
 

@@ -44,7 +44,9 @@ class Budget:
         return self.count
 
     def __str__(self) -> str:
-        return f"{self.ratio:g}" if self.ratio is not None else str(self.count)
+        if self.ratio is None:
+            return str(self.count)
+        return "1.0" if self.ratio == 1.0 else f"{self.ratio:g}"  # "1" would read back as a count of 1
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import fx
 
 from tokensieve.errors import ModelError
 
+STAGE_TAG = "tokensieve_stage"  # meta key on every node a tokensieve pass inserted
 SDPA_TARGETS = (torch.ops.aten.scaled_dot_product_attention.default,)
 _CONV_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding, torch.ops.aten.convolution.default)
 _INDEX_RE = re.compile(r"\[(\d+)\]")
@@ -58,9 +59,17 @@ def _stack_paths(node: fx.Node) -> list[tuple[str, str]]:
     return out
 
 
-def _shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+def traced_shape(node) -> tuple | None:
+    """The shape the trace recorded (for a pruning stage's output: that of the tensor it replaced)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    return node.meta.get(STAGE_TAG, {}).get("replaced_shape")
+
+
+_shape = traced_shape
 
 
 def _static(d) -> int | None:
@@ -73,8 +82,8 @@ def discover_blocks(gm: fx.GraphModule) -> list[Block]:
     members: dict[str, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     types: dict[tuple[str, int], str] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
+        if node.op != "call_function" or STAGE_TAG in node.meta:
+            continue  # inserted stages sit after a block, they are not part of it
         for path, type_name in _stack_paths(node):
             prefix, _, last = path.rpartition(".")
             if last.isdigit() and prefix:

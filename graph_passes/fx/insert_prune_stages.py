@@ -14,12 +14,11 @@ from onnx_ir.passes import PassResult  # (model, modified); model is a GraphModu
 from torch import fx
 
 from tokensieve.errors import PassError
+from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block
 from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores
 import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
-
-TAG = "tokensieve_stage"
 
 
 def _score_node(graph: fx.Graph, block: Block, method: str) -> fx.Node:
@@ -61,6 +60,9 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
             node.meta["stack_trace"] = out.meta.get("stack_trace")
             node.meta[TAG] = info
         kept.meta[TAG] = {**info, "kept_indices": True}
+        # No meta["val"] (the token count changed); respecialize_token_counts reads the traced shape here.
+        old = out.meta.get("val")
+        tokens.meta[TAG] = {**info, "replaced_shape": tuple(old.shape) if old is not None else None}
         inserted += 1
     if inserted:
         gm.recompile()

@@ -12,6 +12,7 @@ from onnx_ir.passes import PassResult  # (model, modified); model is a GraphModu
 from torch import fx
 
 from tokensieve.errors import PassError
+from tokensieve.graph_passes.blocks import traced_shape
 
 aten = torch.ops.aten
 _SIZE_ARG_OPS = {  # op -> index of its size-list argument
@@ -24,11 +25,6 @@ _SIZE_ARG_OPS = {  # op -> index of its size-list argument
     aten.new_empty.default: 1,
 }
 _SLICE_OPS = {aten.slice.Tensor}
-
-
-def _old_shape(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def _changes(old: tuple | None, new: torch.Size) -> dict[int, int]:
@@ -46,7 +42,7 @@ def respecialize_token_counts(gm: fx.GraphModule, example_inputs: tuple) -> Pass
             if n.op == "call_function" and (n.target in _SIZE_ARG_OPS or n.target in _SLICE_OPS):
                 src = n.args[0]
                 actual = self.env[src].shape if isinstance(src, fx.Node) else None
-                changes = _changes(_old_shape(src), actual) if actual is not None else {}
+                changes = _changes(traced_shape(src), actual) if actual is not None else {}
                 if changes:
                     new_args = _rewrite(n, changes)
                     if new_args != n.args:

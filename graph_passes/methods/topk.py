@@ -12,7 +12,9 @@ from torch import Tensor
 def select_topk(scores: Tensor, keep: int, num_prefix_tokens: int = 1) -> Tensor:
     """(B, N) scores -> (B, keep) int64 positions in the sequence of the kept patch tokens, ascending."""
     patch_scores = scores[:, num_prefix_tokens:]
-    idx = patch_scores.topk(keep, dim=-1, largest=True, sorted=False).indices
+    # A stable descending sort breaks exact ties by lowest position, as ONNX TopK does
+    # (torch.topk leaves ties unspecified), so eager and exported pick the same tokens.
+    idx = patch_scores.sort(dim=-1, descending=True, stable=True).indices[:, :keep]
     return idx.sort(dim=-1).values + num_prefix_tokens
 
 
