@@ -65,7 +65,7 @@ class ExportResult:
             "block_paths": self.block_paths,
             "layout": asdict(self.layout),
             "stages": [
-                {"after_block": s.stage.after_block, "method": s.stage.method, "keep": s.keep,
+                {"after_block": s.stage.after_block, "method": s.stage.method, "keep": s.keep, "options": s.options,
                  "tokens_in": s.tokens_in, "tokens_out": s.tokens_out} for s in self.stages
             ],
             "tokens_per_block": self.tokens_per_block(),
@@ -150,7 +150,8 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
 
     for m in (onnx_model, dense_onnx):
         check_static(m)
-    hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens) for s in stages]
+    hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
+                             tuple(s.options.items())) for s in stages]
     return ExportResult(
         module=module, input_shape=tuple(example.shape), recipe=recipe, stages=stages, hook_stages=hook_stages,
         layout=layout, block_paths=[b.path for b in blocks], output_name=output_name, onnx_model=onnx_model,
@@ -280,7 +281,8 @@ def reference_from_report(report: dict):
     module = FirstOutput(model.eval())
     paths = report["block_paths"]
     prefix = report["layout"]["num_prefix_tokens"]
-    hooks = [HookStage(paths[s["after_block"]], s["method"], s["keep"], prefix) for s in report["stages"]]
+    hooks = [HookStage(paths[s["after_block"]], s["method"], s["keep"], prefix, tuple(s.get("options", {}).items()))
+             for s in report["stages"]]
     return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 
 

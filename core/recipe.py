@@ -1,6 +1,7 @@
 """Recipes: typed, validated pruning stages (method, after which block, budget).
 
-CLI shorthand: `METHOD@BLOCKS:KEEP[+METHOD@BLOCKS:KEEP…]`, e.g. `cls-topk@3,6,9:0.7`. Blocks are
+CLI shorthand: `METHOD[(name=value,…)]@BLOCKS:KEEP[+…]`, e.g. `cls-topk@3,6,9:0.7` or
+`cls-topk(fuse=true)@4:0.5+ttv@8:0.5`. Blocks are
 0-based indices of the model's transformer blocks; KEEP with a dot is a ratio of the patch tokens
 entering the stage (0 < r ≤ 1, kept count = ceil(r·n)); KEEP without a dot is a count of patch tokens.
 Files (.toml, .yaml/.yml, .json) hold a list of stages:
@@ -61,11 +62,22 @@ class Stage:
             raise ConfigError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)} (see `tokensieve methods`)")
         if self.after_block < 0:
             raise ConfigError(f"after_block={self.after_block} is negative; blocks are numbered from 0")
-        known = {p.name for p in METHODS[self.method].params}
-        for name, _ in self.params:
+        spec = METHODS[self.method]
+        known = {p.name for p in spec.params}
+        checked = []
+        for name, value in self.params:
             if name not in known:
                 allowed = ", ".join(sorted(known)) or "none"
                 raise ConfigError(f"Method {self.method!r} has no parameter {name!r}; its parameters: {allowed}")
+            try:
+                checked.append((name, spec.param(name).check(value, self.method)))
+            except ValueError as e:
+                raise ConfigError(f"{e}; see `tokensieve methods`") from None
+        object.__setattr__(self, "params", tuple(sorted(checked)))
+
+    def options(self) -> dict:
+        """The method's parameters with defaults filled in."""
+        return {**METHODS[self.method].defaults(), **dict(self.params)}
 
     def to_dict(self) -> dict:
         d = {"method": self.method, "after_block": self.after_block}
@@ -89,7 +101,12 @@ class Recipe:
         return {"stages": [s.to_dict() for s in self.stages]}
 
     def shorthand(self) -> str:
-        return "+".join(f"{s.method}@{s.after_block}:{s.keep}" for s in self.stages) or "dense"
+        def method(s: Stage) -> str:
+            if not s.params:
+                return s.method
+            return s.method + "(" + ",".join(f"{k}={json.dumps(v)}" for k, v in s.params) + ")"
+
+        return "+".join(f"{method(s)}@{s.after_block}:{s.keep}" for s in self.stages) or "dense"
 
     def __str__(self) -> str:
         return self.shorthand()
@@ -105,6 +122,7 @@ def parse_recipe(text: str) -> Recipe:
     stages = []
     for part in text.split("+"):
         method, at, rest = part.partition("@")
+        method, params = _parse_method_params(method.strip(), part)
         blocks, colon, keep = rest.partition(":")
         if not at or not colon or not blocks or not keep:
             raise ConfigError(
@@ -115,8 +133,28 @@ def parse_recipe(text: str) -> Recipe:
         except ValueError:
             raise ConfigError(f"Block list {blocks!r} in {part!r} must be comma-separated integers, e.g. 3,6,9") from None
         budget = _parse_keep(keep, where=part)
-        stages += [Stage(method.strip(), i, budget) for i in indices]
+        stages += [Stage(method, i, budget, params) for i in indices]
     return Recipe(tuple(stages))
+
+
+def _parse_method_params(text: str, where: str) -> tuple[str, tuple]:
+    """`cls-topk(fuse=true)` -> ("cls-topk", (("fuse", True),)); values are TOML-like literals."""
+    name, paren, rest = text.partition("(")
+    if not paren:
+        return name.strip(), ()
+    if not rest.endswith(")"):
+        raise ConfigError(f"Cannot parse method parameters in {where!r}; write METHOD(name=value,...)@BLOCKS:KEEP")
+    params = []
+    for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"Parameter {item!r} in {where!r} must be name=value, e.g. cls-topk(fuse=true)@3:0.7")
+        try:
+            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value.strip()
+        params.append((key.strip(), parsed))
+    return name.strip(), tuple(params)
 
 
 def _parse_keep(value: object, where: str) -> Budget:
@@ -187,8 +225,12 @@ class ResolvedStage:
     stage: Stage
     keep: int              # patch tokens kept (static K)
     tokens_in: int         # tokens entering the stage (prefix + patches)
-    tokens_out: int        # tokens leaving it
+    tokens_out: int        # tokens leaving it (prefix + kept + extra, e.g. EViT's fused token)
     num_prefix_tokens: int
+
+    @property
+    def options(self) -> dict:
+        return self.stage.options()
 
 
 def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_tokens: int) -> list[ResolvedStage]:
@@ -206,6 +248,7 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                 f"Stage {s.method}@{s.after_block}: keep={k} must be below the {patches} patch tokens entering block "
                 f"{s.after_block}; lower keep or use a ratio"
             )
-        out.append(ResolvedStage(s, k, n, num_prefix_tokens + k, num_prefix_tokens))
-        n = num_prefix_tokens + k
+        n_out = num_prefix_tokens + k + METHODS[s.method].extra_tokens(s.options())
+        out.append(ResolvedStage(s, k, n, n_out, num_prefix_tokens))
+        n = n_out
     return out

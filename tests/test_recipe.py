@@ -221,7 +221,7 @@ def _toml_stage(extra: str = "", method: str = "cls-topk", after_block: str = "3
 BAD_FILES = {
     "unknown stage field": ("r.toml", _toml_stage("ratio = 0.5\n"), "unknown field(s) ['ratio']"),
     "unknown method parameter": ("r.toml", _toml_stage("params = { alpha = 1 }\n"),
-                                 "Method 'cls-topk' has no parameter 'alpha'; its parameters: none"),
+                                 "Method 'cls-topk' has no parameter 'alpha'; its parameters: fuse"),
     "unknown method": ("r.toml", _toml_stage(method="evit"), "Unknown method 'evit'"),
     "duplicate block": ("r.toml", _toml_stage() + _toml_stage(keep="0.5"), "Two stages after the same block"),
     "keep ratio 0": ("r.toml", _toml_stage(keep="0.0"), "keep ratio 0.0 is out of range"),

@@ -1,68 +1,79 @@
-"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(q, k)).
+"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [+ fused token].
 
-The score is recomputed from the block's own attention inputs (the q and k given to its SDPA),
-so the fused attention op stays fused. Token counts after the stage change; the
-`respecialize_token_counts` pass fixes the literal sizes downstream.
+The score reads what its method needs from the block: the q and k given to its SDPA (recomputing
+one attention row keeps the fused attention fused), its input/output tokens, or only positions.
+Token counts after the stage change; `respecialize_token_counts` fixes literal sizes downstream.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
-
 from onnx_ir.passes import PassResult  # (model, modified); model is a GraphModule here
 from torch import fx
 
+import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
 from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block
-from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores
-import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
+from tokensieve.graph_passes.methods.stage import score_call
+from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
 
-def _score_node(graph: fx.Graph, block: Block, method: str) -> fx.Node:
-    spec = METHODS[method]
-    if spec.score_input is ScoreInput.ATTENTION_QK:
-        if len(block.attention) != 1:
-            raise PassError(
-                f"Block {block.index} ({block.path}) has {len(block.attention)} attention ops; {method} needs exactly one "
-                "scaled_dot_product_attention per block (load the model with attn_implementation='sdpa')"
-            )
-        sdpa = block.attention[0]
-        scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
-        return graph.call_function(cls_attention_scores, (sdpa.args[0], sdpa.args[1], scale))
-    raise PassError(f"Method {method!r} reads {spec.score_input.value}, which the FX pass cannot provide yet")
+def _attention_inputs(block: Block, method: str) -> dict:
+    if len(block.attention) != 1:
+        raise PassError(
+            f"Block {block.index} ({block.path}) has {len(block.attention)} attention ops; {method} needs exactly one "
+            "scaled_dot_product_attention per block (load the model with attn_implementation='sdpa')"
+        )
+    sdpa = block.attention[0]
+    scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+    return {"q": sdpa.args[0], "k": sdpa.args[1], "scale": scale}
 
 
 def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> PassResult:
-    """Insert tokensieve::prune_topk after the blocks named by `stages` (ResolvedStage list); edits gm in place."""
+    """Insert the stages (ResolvedStage list, in block order) after their blocks; edits gm in place."""
     graph = gm.graph
     inserted = 0
+    current: dict[fx.Node, fx.Node] = {}  # a block output replaced by an earlier stage -> its pruned tokens
     for rs in stages:
         block = blocks[rs.stage.after_block]
         out = block.output
         if any(TAG in u.meta for u in out.users):
             continue  # idempotent: this block already has a stage
+        spec, options = METHODS[rs.stage.method], rs.options
+        inputs = {"x_out": out, "x_in": current.get(block.input, block.input)}
+        if spec.score_input is ScoreInput.ATTENTION_QK:
+            inputs |= _attention_inputs(block, rs.stage.method)
+        fn, args, kwargs = score_call(spec, options, rs.keep, rs.num_prefix_tokens, **inputs)
+        new = []
         with graph.inserting_after(out):
-            score = _score_node(graph, block, rs.stage.method)
-        with graph.inserting_after(score):
+            score = graph.call_function(fn, args, kwargs)
             prune = graph.call_function(torch.ops.tokensieve.prune_topk.default, (out, score, rs.keep, rs.num_prefix_tokens))
-        with graph.inserting_after(prune):
             tokens = graph.call_function(operator.getitem, (prune, 0))
-        with graph.inserting_after(tokens):
             kept = graph.call_function(operator.getitem, (prune, 1))
-        out.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in (score, prune))
+            new += [score, prune, tokens, kept]
+            if options.get("fuse"):
+                fused = graph.call_function(fuse_dropped_tokens, (out, score, kept, rs.num_prefix_tokens))
+                tokens = graph.call_function(torch.cat, ([tokens, fused], 1))
+                new += [fused, tokens]
+        # inserting_after(out) stacks each new node right after `out`: restore execution order.
+        for prev, node in zip(new, new[1:]):
+            prev.append(node)
+        users = set(new)
+        out.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in users)
         info = {"pass": "insert_prune_stages", "block": block.index, "method": rs.stage.method, "keep": rs.keep,
                 "tokens_in": rs.tokens_in, "tokens_out": rs.tokens_out}
-        for node in (score, prune, tokens, kept):
+        for node in new:
             node.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
             node.meta["stack_trace"] = out.meta.get("stack_trace")
-            node.meta[TAG] = info
-        kept.meta[TAG] = {**info, "kept_indices": True}
-        # No meta["val"] (the token count changed); respecialize_token_counts reads the traced shape here.
+            node.meta[TAG] = dict(info)
+        kept.meta[TAG]["kept_indices"] = True
+        # No meta["val"] (the token count changed); passes read the traced shape of what it replaced.
         old = out.meta.get("val")
-        tokens.meta[TAG] = {**info, "replaced_shape": tuple(old.shape) if old is not None else None}
+        tokens.meta[TAG]["replaced_shape"] = tuple(old.shape) if old is not None else None
+        current[out] = tokens
         inserted += 1
     if inserted:
         gm.recompile()

@@ -7,12 +7,23 @@ import torch
 from torch import Tensor
 
 
+def _scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 def cls_attention_scores(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
     """EViT / FasterVLM score: the [CLS] row of softmax(q kᵀ · scale), averaged over heads -> (B, N).
 
     Only one row is recomputed (B·H·N·D MACs), so the block's fused attention stays fused.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.matmul(q[:, :, :1, :] * scale, k.transpose(-2, -1))  # (B, H, 1, N)
+    logits = torch.matmul(q[:, :, :1, :] * _scale(q, scale), k.transpose(-2, -1))  # (B, H, 1, N)
     return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+def mean_attention_scores(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """Attention each token receives, averaged over heads and queries -> (B, N). Needs no [CLS] token.
+
+    Recomputes the full attention matrix (B·H·N²·D MACs): about a third of one block's attention cost.
+    """
+    logits = torch.matmul(q * _scale(q, scale), k.transpose(-2, -1))  # (B, H, N, N)
+    return logits.float().softmax(dim=-1).mean(dim=(1, 2))

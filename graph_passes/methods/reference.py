@@ -1,8 +1,8 @@
 """Eager reference: run the unmodified model with pruning stages applied through forward hooks.
 
-It calls the same method functions as the graph pass (`cls_attention_scores`, `prune_topk`) on the
-same q/k (captured at scaled_dot_product_attention), so exported and eager kept indices can be
-compared exactly. Like the FX pass, it drops attention masks that mask nothing.
+It calls the same method functions as the graph pass (`run_stage`: score, `prune_topk`, fused
+token) on the same inputs (q/k captured at scaled_dot_product_attention, the block's input and
+output tokens), so exported and eager kept indices can be compared exactly. Like the FX pass, it drops attention masks that mask nothing.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores
-from tokensieve.graph_passes.methods.topk import prune_topk
+from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
+from tokensieve.graph_passes.methods.stage import run_stage
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class HookStage:
     method: str
     keep: int
     num_prefix_tokens: int
+    options: tuple[tuple[str, object], ...] = ()
 
 
 def is_trivial_mask(mask) -> bool:
@@ -58,18 +59,23 @@ def run_reference(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple
     kept: list[Tensor] = []
     handles = []
 
+    inputs: dict[str, Tensor] = {}
+
     def pre_hook(path):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             mode.current = path
+            inputs[path] = args[0] if args else next(iter(kwargs.values()))
         return hook
 
     def post_hook(stage: HookStage):
         def hook(module, args, output):
             mode.current = None
+            spec = METHODS[stage.method]
             hidden = output[0] if isinstance(output, tuple) else output
-            q, k, scale = mode.captured.pop(stage.block_path)
-            scores = cls_attention_scores(q, k, scale)
-            pruned, idx = prune_topk(hidden, scores, stage.keep, stage.num_prefix_tokens)
+            found = {"x_out": hidden, "x_in": inputs.pop(stage.block_path)}
+            if spec.score_input is ScoreInput.ATTENTION_QK:
+                found |= dict(zip(("q", "k", "scale"), mode.captured.pop(stage.block_path)))
+            pruned, idx = run_stage(spec, dict(stage.options), stage.keep, stage.num_prefix_tokens, **found)
             kept.append(idx)
             return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
         return hook
@@ -77,7 +83,7 @@ def run_reference(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple
     try:
         for st in stages:
             block = model.get_submodule(st.block_path)
-            handles.append(block.register_forward_pre_hook(pre_hook(st.block_path)))
+            handles.append(block.register_forward_pre_hook(pre_hook(st.block_path), with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook(st)))
         with torch.no_grad(), mode:
             out = model(x)

@@ -30,3 +30,18 @@ def prune_topk(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1)
     """(B, N, C), (B, N) -> ((B, num_prefix_tokens + keep, C), (B, keep) kept positions, ascending)."""
     idx = select_topk(scores, keep, num_prefix_tokens)
     return gather_tokens(x, idx, num_prefix_tokens), idx
+
+
+def fuse_dropped_tokens(x: Tensor, scores: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """EViT's fused token: the score-weighted mean of the dropped patch tokens -> (B, 1, C).
+
+    Written as (Σ_all w·x − Σ_kept w·x) / (Σ_all w − Σ_kept w) with gathers only: no scatter, no mask.
+    """
+    w = scores[:, num_prefix_tokens:].float().unsqueeze(-1)                 # (B, n, 1)
+    patches = x[:, num_prefix_tokens:].float()                              # (B, n, C)
+    local = idx - num_prefix_tokens
+    w_kept = w.gather(1, local.unsqueeze(-1))                                # (B, K, 1)
+    x_kept = patches.gather(1, local.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    num = (w * patches).sum(dim=1, keepdim=True) - (w_kept * x_kept).sum(dim=1, keepdim=True)
+    den = w.sum(dim=1, keepdim=True) - w_kept.sum(dim=1, keepdim=True)
+    return (num / den.clamp_min(1e-12)).to(x.dtype)

@@ -1,0 +1,38 @@
+"""One pruning stage as plain function calls: score -> prune_topk -> optional fused token.
+
+The eager reference calls `run_stage`; the FX pass inserts the same calls as graph nodes
+(`score_call` gives the function and arguments for both).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokensieve.graph_passes.methods.registry import PruneMethod, ScoreInput
+from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
+
+
+def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, *, q=None, k=None, scale=None,
+               x_in=None, x_out=None) -> tuple:
+    """(function, args, kwargs) computing the stage's (B, N) scores from what the method reads."""
+    kwargs = {name: options[name] for name in spec.score_params}
+    if spec.score_input is ScoreInput.ATTENTION_QK:
+        args = (q, k, scale)
+    elif spec.score_input is ScoreInput.HIDDEN:
+        args = (x_in, x_out)
+    else:
+        args = (x_out,)
+        if spec.needs_keep:
+            kwargs |= {"keep": keep, "num_prefix_tokens": num_prefix_tokens}
+    return spec.score, args, kwargs
+
+
+def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, **inputs) -> tuple[Tensor, Tensor]:
+    """Eager stage: (tokens after the stage, kept positions (B, keep))."""
+    fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
+    scores = fn(*args, **kwargs)
+    x = inputs["x_out"]
+    tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
+    if options.get("fuse"):
+        tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)
+    return tokens, idx
