@@ -248,7 +248,11 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                 f"Stage {s.method}@{s.after_block}: keep={k} must be below the {patches} patch tokens entering block "
                 f"{s.after_block}; lower keep or use a ratio"
             )
-        n_out = num_prefix_tokens + k + METHODS[s.method].extra_tokens(s.options())
+        spec = METHODS[s.method]
+        reason = spec.validate(patches, k, s.options()) if spec.validate else None
+        if reason:
+            raise ConfigError(f"Stage {s.method}@{s.after_block}: {reason}")
+        n_out = num_prefix_tokens + k + spec.extra_tokens(s.options())
         out.append(ResolvedStage(s, k, n, n_out, num_prefix_tokens))
         n = n_out
     return out

@@ -17,7 +17,7 @@ from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
-from tokensieve.graph_passes.methods.stage import score_call
+from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
 
@@ -50,7 +50,11 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
         new = []
         with graph.inserting_after(out):
             score = graph.call_function(fn, args, kwargs)
-            prune = graph.call_function(torch.ops.tokensieve.prune_topk.default, (out, score, rs.keep, rs.num_prefix_tokens))
+            if spec.reduce_fn is not None:
+                prune = graph.call_function(spec.reduce_fn, (out, score, rs.keep, rs.num_prefix_tokens),
+                                            reduce_kwargs(spec, options))
+            else:
+                prune = graph.call_function(torch.ops.tokensieve.prune_topk.default, (out, score, rs.keep, rs.num_prefix_tokens))
             tokens = graph.call_function(operator.getitem, (prune, 0))
             kept = graph.call_function(operator.getitem, (prune, 1))
             new += [score, prune, tokens, kept]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokensieve.graph_passes.methods.registry import PruneMethod, ScoreInput
+from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
 
 
@@ -27,11 +27,17 @@ def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: i
     return spec.score, args, kwargs
 
 
+def reduce_kwargs(spec: PruneMethod, options: dict) -> dict:
+    return {name: options[name] for name in spec.reduce_params}
+
+
 def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, **inputs) -> tuple[Tensor, Tensor]:
     """Eager stage: (tokens after the stage, kept positions (B, keep))."""
     fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
     scores = fn(*args, **kwargs)
     x = inputs["x_out"]
+    if spec.reduce_fn is not None:
+        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options))
     tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
     if options.get("fuse"):
         tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)

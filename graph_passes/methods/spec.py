@@ -1,0 +1,79 @@
+"""Method specs: what a pruning method reads from a block, how it selects, how it reduces."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+
+class ScoreInput(Enum):
+    """What a method's score function reads from the block it follows."""
+
+    ATTENTION_QK = "attention_qk"   # score(q, k, scale, **params): q, k as given to the block's SDPA
+    HIDDEN = "hidden"               # score(x_in, x_out, **params): the block's input and output tokens
+    TOKENS = "tokens"               # score(x_out, **params): the block's output tokens (or only their positions)
+
+
+class Reduce(Enum):
+    GATHER = "gather"
+    MERGE = "merge"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: object
+    help: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+
+    def check(self, value: object, method: str) -> object:
+        """Return `value` converted to `kind`, or raise ValueError with a one-line reason."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{method}: {self.name} must be true or false, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not float(value).is_integer()):
+            raise ValueError(f"{method}: {self.name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
+        value = self.kind(value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{method}: {self.name}={value} is outside [{self.low}, {self.high}]")
+        return value
+
+
+FUSE = Param("fuse", False, "add EViT's extra token: the score-weighted mean of the dropped tokens", bool)
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    name: str
+    summary: str
+    paper: str
+    score_input: ScoreInput
+    score: Callable = field(repr=False)
+    reduce: Reduce = Reduce.GATHER
+    requires_cls: bool = False
+    params: tuple[Param, ...] = ()
+    score_params: tuple[str, ...] = ()      # params passed on to the score function
+    needs_keep: bool = False                # score(x, keep=K, num_prefix_tokens=p) (fixed subsets)
+    # Custom reduce instead of TopK + gather: reduce(x_out, scores, keep, num_prefix_tokens, **reduce_params)
+    # -> (tokens (B, num_prefix_tokens + keep, C), kept/surviving positions (B, keep) int64). Used by
+    # merging methods (ToMe) and greedy selections (DivPrune). `scores` is whatever `score` returns.
+    reduce_fn: Callable | None = None
+    reduce_params: tuple[str, ...] = ()
+    # Budget check beyond 1 <= keep < patches: validate(num_patches, keep, options) -> None or a one-line
+    # reason (e.g. ToMe can merge at most half of the tokens in one stage).
+    validate: Callable[[int, int, dict], str | None] | None = None
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    def defaults(self) -> dict:
+        return {p.name: p.default for p in self.params}
+
+    def extra_tokens(self, params: dict) -> int:
+        """Tokens a stage adds besides prefix + kept (EViT's fused token)."""
+        return int(bool(params.get("fuse", False)))
+
+
