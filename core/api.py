@@ -344,3 +344,36 @@ def bench(dense_onnx: str | Path, pruned_onnx: str | Path, *, ideal_speedup: flo
     d, p = stats["dense"], stats["pruned"]
     summary = lambda s: {k: v for k, v in s.to_dict().items() if k != "samples_ms"}  # noqa: E731
     return BenchReport(backend, batch, threads, summary(d), summary(p), speedup(d, p), ideal_speedup)
+
+
+def bench_stage(result: ExportResult, stage_index: int = 0, *, threads: int | None = None, blocks: int = 4,
+                iters: int = 50, warmup: int = 10) -> dict:
+    """Latency of one pruning stage alone (score + select + reduce) on ONNX Runtime, same lowering as the export."""
+    import tempfile
+
+    from tokensieve.exporter.stage_onnx import stage_onnx
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+    from tokensieve.runtime.timing import measure_alternating
+
+    rs = result.stages[stage_index]
+    heads = _num_heads(result.module)
+    model, feeds = stage_onnx(rs.stage.method, rs.options, rs.keep, rs.num_prefix_tokens, batch=1,
+                              tokens=rs.tokens_in, hidden=result.layout.hidden_size, heads=heads)
+    with tempfile.TemporaryDirectory(prefix="tokensieve-stage-") as tmp:
+        path = Path(tmp) / "stage.onnx"
+        _save_onnx(model, path)
+        with OrtRunner(path, threads=threads, name="stage") as runner:
+            np_feeds = {k: v.numpy() for k, v in feeds.items()}
+            stats = measure_alternating({"stage": lambda: runner.infer(np_feeds)}, blocks=blocks, iters=iters, warmup=warmup)
+    s = stats["stage"].to_dict()
+    s.pop("samples_ms", None)
+    return s
+
+
+def _num_heads(module: nn.Module) -> int:
+    cfg = getattr(getattr(module, "model", module), "config", None)
+    cfg = getattr(cfg, "vision_config", cfg)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        raise ConfigError("bench_stage needs the model's number of attention heads (config.num_attention_heads)")
+    return heads
