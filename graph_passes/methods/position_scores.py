@@ -7,15 +7,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_P = 16777213  # a prime below 2**24: float32 holds every residue exactly, so there are no ties
-_A = 1103515  # multiplier coprime to _P
+_P = 16777199  # prime < 2**24 (float32 holds every residue exactly) with P % 3 == 2, so x -> x**3 mod P is a bijection
+MAX_SEED = _P - 1
+
+
+def _cube(x: Tensor) -> Tensor:
+    return (x * x % _P) * x % _P  # every product < 2**48: no int64 overflow
 
 
 def random_scores(x: Tensor, seed: int = 0) -> Tensor:
-    """A seeded pseudo-random order of the N positions -> (B, N); distinct values, no ties (N < 2**24)."""
+    """A seeded pseudo-random order of the N positions -> (B, N); distinct values, no ties (N < 2**24).
+
+    Two rounds of an affine map and a cube modulo a prime: each a bijection, so positions never tie,
+    and the cubes scramble the order (an affine map alone would keep positions in runs).
+    """
     pos = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
-    ranks = ((pos + 1) * _A + seed * 7919) % _P
-    return ranks.to(torch.float32).unsqueeze(0).expand(x.shape[0], -1)
+    h = _cube((pos * 10368889 + seed) % _P)
+    h = _cube((h * 5623 + 7654321) % _P)
+    return h.to(torch.float32).unsqueeze(0).expand(x.shape[0], -1)
 
 
 def uniform_scores(x: Tensor, keep: int, num_prefix_tokens: int = 1) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokensieve.graph_passes.methods import diversity, merge
 from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores, mean_attention_scores
 from tokensieve.graph_passes.methods.hidden_scores import transition_scores
-from tokensieve.graph_passes.methods.position_scores import random_scores, uniform_scores
+from tokensieve.graph_passes.methods.position_scores import MAX_SEED, random_scores, uniform_scores
 from tokensieve.graph_passes.methods.spec import FUSE, Param, PruneMethod, Reduce, ScoreInput
 
 __all__ = ["METHODS", "Param", "PruneMethod", "Reduce", "ScoreInput"]
@@ -43,7 +43,7 @@ METHODS: dict[str, PruneMethod] = {
             summary="keep a seeded pseudo-random subset of patch positions (same for every input)",
             paper="random visual tokens baseline (e.g. Wen et al., 2025 'Token pruning in MLLMs: are we solving the right problem?')",
             score_input=ScoreInput.TOKENS, score=random_scores,
-            params=(Param("seed", 0, "seed of the position order", int, 0, 2**31 - 1),), score_params=("seed",),
+            params=(Param("seed", 0, "seed of the position order", int, 0, MAX_SEED),), score_params=("seed",),
         ),
         PruneMethod(
             name="uniform",

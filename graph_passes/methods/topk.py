@@ -35,13 +35,14 @@ def prune_topk(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1)
 def fuse_dropped_tokens(x: Tensor, scores: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """EViT's fused token: the score-weighted mean of the dropped patch tokens -> (B, 1, C).
 
-    Written as (Σ_all w·x − Σ_kept w·x) / (Σ_all w − Σ_kept w) with gathers only: no scatter, no mask.
+    The dropped set is a comparison mask (positions vs kept indices: no scatter), so the weighted sum
+    never subtracts nearly equal totals (exact even when the dropped tokens carry ~1e-9 of the weight).
     """
-    w = scores[:, num_prefix_tokens:].float().unsqueeze(-1)                 # (B, n, 1)
-    patches = x[:, num_prefix_tokens:].float()                              # (B, n, C)
-    local = idx - num_prefix_tokens
-    w_kept = w.gather(1, local.unsqueeze(-1))                                # (B, K, 1)
-    x_kept = patches.gather(1, local.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    num = (w * patches).sum(dim=1, keepdim=True) - (w_kept * x_kept).sum(dim=1, keepdim=True)
-    den = w.sum(dim=1, keepdim=True) - w_kept.sum(dim=1, keepdim=True)
-    return (num / den.clamp_min(1e-12)).to(x.dtype)
+    n = x.shape[1] - num_prefix_tokens
+    local = idx - num_prefix_tokens                                                    # (B, K)
+    positions = torch.arange(n, device=x.device, dtype=local.dtype)
+    kept = (local.unsqueeze(-1) == positions).any(dim=1)                               # (B, n)
+    w = scores[:, num_prefix_tokens:].float() * (~kept).float()                        # (B, n)
+    num = torch.matmul(w.unsqueeze(1), x[:, num_prefix_tokens:].float())              # (B, 1, C)
+    den = w.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
+    return (num / den).to(x.dtype)
