@@ -1,0 +1,24 @@
+"""scripts/bench_methods.py end to end on the tiny model: JSON + markdown table with measured rows."""
+from __future__ import annotations
+
+import json
+
+from tokensieve.scripts import bench_methods
+
+
+def test_bench_methods_writes_table_and_json(tmp_path):
+    rc = bench_methods.main(["--model", "tiny", "--after-block", "1", "--methods", "cls-topk,random",
+                             "--blocks", "1", "--iters", "2", "-o", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "methods.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"cls-topk", "random"}
+    for r in rows.values():
+        assert r["verified"] is True
+        assert r["tokens"] == [65, 33]
+        assert r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["stage_ms"] > 0
+        assert 0 < r["overhead_pct"] < 100
+        assert r["ideal_speedup"] > 1.0
+        assert abs(r["ratio"] - r["speedup"] / r["ideal_speedup"]) < 1e-9
+    md = (tmp_path / "methods.md").read_text()
+    assert "| cls-topk | 65→33 | yes |" in md and "| random | 65→33 | yes |" in md
