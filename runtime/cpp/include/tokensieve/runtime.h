@@ -1,0 +1,195 @@
+// tokensieve C++ runtime: run a `tokensieve build` engine (`model.engine` + `model.engine.json`) on standard
+// TensorRT 10.x with enqueueV3, and time it.
+//
+// TensorRT is dlopen()ed at run time (no link-time dependency), so the library builds from headers alone and every
+// argument/file check runs without a GPU and without TensorRT installed. The checks run in this order:
+//   1. engine file exists and is non-empty
+//   2. `<engine>.json` exists, parses, is tokensieve engine metadata, and its engine_size_bytes equals the file size
+//   3. --plugins library exists, dlopen()s, and exports getCreators (or the V2 getPluginCreators)
+//   4. metadata flavor is standard TensorRT (TensorRT-RTX engines need the RTX runtime)
+//   5. --batch fits the engine's optimization profile (from the metadata)
+//   6. libnvinfer is found (TOKENSIEVE_TENSORRT_LIB / TENSORRT_LIB_DIR / loader path) and exports the entry points
+//   7. libnvinfer's version equals the metadata's tensorrt_version (plans are tied to the TensorRT build)
+//   8. a CUDA device is present and its compute capability matches the metadata
+// Each failure is a UsageError with a one-line message that says what failed and how to fix it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace tokensieve {
+
+// A user-fixable problem: bad argument, missing/inconsistent file, missing library or GPU. Exit code 2.
+class UsageError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// A failure after every check passed (CUDA or TensorRT error while running). Exit code 1.
+class RuntimeFailure : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// ---- engine metadata (`<engine>.json`, written by targets/tensorrt/builder.py) -----------------------------------
+
+struct TensorMeta {
+    std::string name;
+    std::vector<int64_t> shape;  // -1 = dynamic
+    std::string dtype;           // ONNX/numpy spelling: float32, float16, int64, ...
+    bool is_input = false;
+};
+
+struct ProfileShapes {
+    std::vector<int64_t> min, opt, max;
+};
+
+struct EngineMetadata {
+    std::string path;  // the .json file
+    std::string schema, flavor, tensorrt_version, target, compute_capability, precision;
+    int64_t engine_size_bytes = -1;  // -1 = not recorded
+    std::vector<TensorMeta> io_tensors;
+    std::map<std::string, ProfileShapes> optimization_profile;  // input name -> min/opt/max
+};
+
+constexpr const char* kMetadataSchema = "tokensieve.tensorrt-engine/1";
+constexpr const char* kFlavorStandard = "tensorrt";
+constexpr const char* kFlavorRtx = "tensorrt_rtx";
+
+std::string metadata_path_for(const std::string& engine_path);  // model.engine -> model.engine.json
+
+// Check 1: the engine file exists, is a regular file and is non-empty; returns its size.
+uint64_t check_engine_file(const std::string& engine_path);
+// Check 2: read and validate `<engine>.json`, then compare engine_size_bytes with `engine_size`.
+EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t engine_size);
+// Check 4.
+void check_flavor(const EngineMetadata& meta);
+// Check 5: batch >= 1, within min..max of every dynamic-batch input's profile; equal to dim 0 of static inputs.
+void check_batch(const EngineMetadata& meta, int batch);
+
+// ---- shared libraries ---------------------------------------------------------------------------------------------
+
+class SharedLibrary {
+public:
+    SharedLibrary() = default;
+    SharedLibrary(void* handle, std::string path) : handle_(handle), path_(std::move(path)) {}
+    ~SharedLibrary();
+    SharedLibrary(SharedLibrary&& o) noexcept;
+    SharedLibrary& operator=(SharedLibrary&& o) noexcept;
+    SharedLibrary(const SharedLibrary&) = delete;
+    SharedLibrary& operator=(const SharedLibrary&) = delete;
+
+    explicit operator bool() const { return handle_ != nullptr; }
+    const std::string& path() const { return path_; }
+    void* symbol(const char* name) const;  // nullptr when absent
+
+private:
+    void* handle_ = nullptr;
+    std::string path_;
+};
+
+// Check 3: dlopen the plugin library and require `getCreators` (IPluginV3) or `getPluginCreators` (V2).
+SharedLibrary open_plugin_library(const std::string& path);
+
+struct TensorRTLibrary {
+    SharedLibrary lib;
+    int32_t version = 0;  // getInferLibVersion(): major*10000 + minor*100 + patch
+    std::string version_string() const;  // "10.3.0"
+    std::string how_found;  // "TOKENSIEVE_TENSORRT_LIB", "TENSORRT_LIB_DIR", "build-time TENSORRT_LIB_DIR", "loader path"
+};
+
+// Check 6. Search order: $TOKENSIEVE_TENSORRT_LIB (a file, or a folder holding libnvinfer.so*), then
+// $TENSORRT_LIB_DIR, then the TENSORRT_LIB_DIR given to CMake, then the dynamic loader's path
+// (LD_LIBRARY_PATH, ldconfig). An explicit TOKENSIEVE_TENSORRT_LIB that fails is an error, not a fallback.
+TensorRTLibrary open_tensorrt_library();
+// Check 7: "10.3.0.30" in the metadata vs the library's 10.3.0 (the build number is not exported).
+void check_tensorrt_version(const EngineMetadata& meta, const TensorRTLibrary& trt);
+
+struct CudaDevice {
+    int index = 0;
+    std::string name;
+    int cc_major = 0, cc_minor = 0;
+    uint64_t total_memory = 0;
+    std::string compute_capability() const { return std::to_string(cc_major) + "." + std::to_string(cc_minor); }
+};
+
+// Check 8.
+CudaDevice check_cuda_device(const EngineMetadata& meta, int index = 0);
+
+// ---- running --------------------------------------------------------------------------------------------------------
+
+struct RunOptions {
+    std::string engine_path;
+    std::string plugin_path;  // empty: none
+    int iters = 200;
+    int warmup = 20;
+    int batch = 1;
+    int device = 0;
+    std::string json_path;  // empty: no JSON report
+    bool verbose = false;   // print TensorRT warnings
+};
+
+struct LatencyStats {
+    size_t count = 0;
+    double mean = 0, median = 0, p90 = 0, p99 = 0, min = 0, max = 0;  // milliseconds
+};
+
+// Percentiles by linear interpolation between order statistics (numpy's default).
+LatencyStats summarize_latencies(std::vector<double> ms);
+
+struct TopEntry {
+    int64_t index = 0;
+    double value = 0;
+};
+
+// The k largest values of `values` (ties: lower index first).
+std::vector<TopEntry> top_k(const std::vector<double>& values, size_t k);
+
+struct TensorBinding {
+    std::string name;
+    bool is_input = false;
+    std::string dtype;
+    std::vector<int64_t> shape;  // resolved for this run
+    uint64_t bytes = 0;
+};
+
+struct BenchmarkResult {
+    LatencyStats latency;
+    double wall_seconds = 0;  // timed loop, host clock
+    double throughput = 0;    // batch * iters / wall_seconds (samples/s)
+    std::vector<TensorBinding> bindings;
+    std::string first_output;
+    std::vector<TopEntry> top5;  // of the first output, batch item 0, flattened
+    CudaDevice device;
+    std::string tensorrt_version;
+    uint64_t device_memory_bytes = 0;  // engine device memory + I/O buffers
+};
+
+// Everything checks 1-8 produce, ready to run. Owns the dlopen()ed libraries.
+struct Preflight {
+    RunOptions options;
+    uint64_t engine_size = 0;
+    EngineMetadata metadata;
+    SharedLibrary plugins;
+    TensorRTLibrary tensorrt;
+    CudaDevice device;
+};
+
+// Runs checks 1-8 in order; throws UsageError on the first failure.
+Preflight preflight(const RunOptions& options);
+
+using LogFn = std::function<void(const std::string&)>;
+
+// mmap + deserialize + allocate + warm-up + timed enqueueV3 loop. UsageError for a plan TensorRT rejects,
+// RuntimeFailure for CUDA/TensorRT errors while running.
+BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log);
+
+// The report `--json` writes.
+std::string report_json(const Preflight& pf, const BenchmarkResult& r);
+
+}  // namespace tokensieve

@@ -1,0 +1,165 @@
+// Checks 1, 2, 4, 5: the engine file and its `<engine>.json`, before anything touches TensorRT or CUDA.
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "tokensieve/json.h"
+#include "tokensieve/runtime.h"
+
+namespace tokensieve {
+
+namespace {
+
+const char* const kRebuild = "rebuild the engine with `tokensieve build`";
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+std::vector<int64_t> dims(const json::Value& v, const std::string& what) {
+    std::vector<int64_t> out;
+    for (const auto& d : v.as_array()) {
+        if (!d.is_integer()) throw std::runtime_error(what + " has a non-integer dimension");
+        out.push_back(d.as_int());
+    }
+    return out;
+}
+
+std::string dims_str(const std::vector<int64_t>& d) {
+    std::string s = "[";
+    for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+    return s + "]";
+}
+
+}  // namespace
+
+std::string metadata_path_for(const std::string& engine_path) { return engine_path + ".json"; }
+
+uint64_t check_engine_file(const std::string& engine_path) {
+    struct stat st {};
+    if (::stat(engine_path.c_str(), &st) != 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            throw UsageError("Engine file " + q(engine_path) + " does not exist; pass the model.engine written by "
+                             "`tokensieve build`");
+        throw UsageError("Engine file " + q(engine_path) + " cannot be read (" + std::strerror(errno) + ")");
+    }
+    if (!S_ISREG(st.st_mode)) throw UsageError("Engine path " + q(engine_path) + " is not a regular file");
+    if (st.st_size == 0) throw UsageError("Engine file " + q(engine_path) + " is empty; " + kRebuild);
+    std::ifstream probe(engine_path, std::ios::binary);
+    if (!probe) throw UsageError("Engine file " + q(engine_path) + " cannot be opened (" + std::strerror(errno) + ")");
+    return static_cast<uint64_t>(st.st_size);
+}
+
+EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t engine_size) {
+    EngineMetadata meta;
+    meta.path = metadata_path_for(engine_path);
+    std::ifstream in(meta.path, std::ios::binary);
+    if (!in) {
+        throw UsageError("No engine metadata " + q(meta.path) + " next to the engine (it is written together with "
+                         "the engine and is needed to check it); " + kRebuild);
+    }
+    std::stringstream buf;
+    buf << in.rdbuf();
+    json::Value root;
+    try {
+        root = json::parse(buf.str());
+    } catch (const json::ParseError& e) {
+        throw UsageError("Engine metadata " + q(meta.path) + " is not valid JSON (" + e.what() + "); " + kRebuild);
+    }
+    if (!root.is_object())
+        throw UsageError("Engine metadata " + q(meta.path) + " is a JSON " + json::type_name(root.type()) +
+                         ", not an object; " + kRebuild);
+    for (const char* key : {"schema", "flavor", "tensorrt_version"}) {
+        const json::Value* v = root.find(key);
+        if (!v || !v->is_string())
+            throw UsageError(q(meta.path) + " is not tokensieve engine metadata (needs string fields schema, flavor, "
+                             "tensorrt_version; '" + key + "' is missing); " + kRebuild);
+    }
+    try {
+        meta.schema = root.find("schema")->as_string();
+        meta.flavor = root.find("flavor")->as_string();
+        meta.tensorrt_version = root.find("tensorrt_version")->as_string();
+        if (meta.schema.rfind("tokensieve.tensorrt-engine/", 0) != 0)
+            throw std::runtime_error("schema " + q(meta.schema) + " is not " + kMetadataSchema);
+        for (auto [key, field] : {std::pair{"target", &meta.target}, {"compute_capability", &meta.compute_capability},
+                                  {"precision", &meta.precision}}) {
+            const json::Value* v = root.find(key);
+            if (v && v->is_string()) *field = v->as_string();
+        }
+        if (const json::Value* v = root.find("engine_size_bytes"); v && !v->is_null()) {
+            if (!v->is_integer() || v->as_int() < 0) throw std::runtime_error("engine_size_bytes is not a size");
+            meta.engine_size_bytes = v->as_int();
+        }
+        if (const json::Value* io = root.find("io_tensors"); io && !io->is_null()) {
+            for (const auto& t : io->as_array()) {
+                TensorMeta tm;
+                tm.name = t.find("name") ? t.find("name")->as_string() : "";
+                if (tm.name.empty()) throw std::runtime_error("an io_tensors entry has no name");
+                if (const json::Value* s = t.find("shape")) tm.shape = dims(*s, "io_tensors " + q(tm.name));
+                if (const json::Value* d = t.find("dtype"); d && d->is_string()) tm.dtype = d->as_string();
+                const json::Value* mode = t.find("mode");
+                std::string m = mode && mode->is_string() ? mode->as_string() : "";
+                if (m != "input" && m != "output")
+                    throw std::runtime_error("io_tensors " + q(tm.name) + " has mode " + q(m) + ", not input/output");
+                tm.is_input = m == "input";
+                meta.io_tensors.push_back(std::move(tm));
+            }
+        }
+        if (const json::Value* prof = root.find("optimization_profile"); prof && !prof->is_null()) {
+            for (const auto& [name, sel] : prof->as_object()) {
+                ProfileShapes p;
+                for (auto [key, field] : {std::pair{"min", &p.min}, {"opt", &p.opt}, {"max", &p.max}}) {
+                    const json::Value* v = sel.find(key);
+                    if (!v) throw std::runtime_error("optimization_profile " + q(name) + " has no '" + key + "'");
+                    *field = dims(*v, "optimization_profile " + q(name));
+                }
+                meta.optimization_profile[name] = std::move(p);
+            }
+        }
+    } catch (const UsageError&) {
+        throw;
+    } catch (const std::exception& e) {
+        throw UsageError("Engine metadata " + q(meta.path) + " is malformed (" + e.what() + "); " + kRebuild);
+    }
+    if (meta.engine_size_bytes >= 0 && static_cast<uint64_t>(meta.engine_size_bytes) != engine_size) {
+        throw UsageError("Engine file " + q(engine_path) + " has " + std::to_string(engine_size) +
+                         " bytes but its metadata records engine_size_bytes=" + std::to_string(meta.engine_size_bytes) +
+                         " (truncated, or replaced without its .json); " + kRebuild);
+    }
+    return meta;
+}
+
+void check_flavor(const EngineMetadata& meta) {
+    if (meta.flavor == kFlavorStandard) return;
+    if (meta.flavor == kFlavorRtx)
+        throw UsageError("Engine " + q(meta.path.substr(0, meta.path.size() - 5)) + " was built for TensorRT-RTX (" + meta.tensorrt_version +
+                         ", target " + (meta.target.empty() ? "?" : meta.target) +
+                         ") but tokensieve-run targets standard TensorRT; rebuild on the device with "
+                         "`tokensieve build --target local`, or run RTX engines from Python (tensorrt_rtx)");
+    throw UsageError("Engine metadata " + q(meta.path) + " names unknown TensorRT flavor " + q(meta.flavor) +
+                     " (expected 'tensorrt'); " + kRebuild);
+}
+
+void check_batch(const EngineMetadata& meta, int batch) {
+    if (batch < 1) throw UsageError("--batch must be >= 1, got " + std::to_string(batch));
+    for (const auto& t : meta.io_tensors) {
+        if (!t.is_input || t.shape.empty()) continue;
+        if (t.shape[0] >= 0) {
+            if (t.shape[0] != batch)
+                throw UsageError("--batch " + std::to_string(batch) + " does not match input " + q(t.name) +
+                                 " with static shape " + dims_str(t.shape) + "; use --batch " +
+                                 std::to_string(t.shape[0]) + " or rebuild with a batch profile");
+            continue;
+        }
+        auto it = meta.optimization_profile.find(t.name);
+        if (it == meta.optimization_profile.end() || it->second.min.empty()) continue;  // TensorRT checks it later
+        int64_t lo = it->second.min[0], hi = it->second.max.empty() ? lo : it->second.max[0];
+        if (batch < lo || batch > hi)
+            throw UsageError("--batch " + std::to_string(batch) + " is outside the engine's profile for input " +
+                             q(t.name) + " (batch " + std::to_string(lo) + ".." + std::to_string(hi) +
+                             "); pick a batch in range or rebuild with a wider --max-batch");
+    }
+}
+
+}  // namespace tokensieve

@@ -1,0 +1,483 @@
+"""The C++ runtime (runtime/cpp, `tokensieve-run`) builds from TensorRT headers alone, and every argument/file check
+runs without a GPU or TensorRT: each failure is exit code 2 with exactly one line on stderr, in a fixed order.
+
+Headers: $TENSORRT_INCLUDE_DIR if it holds NvInferRuntime.h, else the TensorRT 10.14 headers vendored in PyPI
+`kernel-lens==2.0.1` (downloaded once into ~/.cache/tokensieve; never imported). Running a real engine needs a GPU,
+standard TensorRT (Python `tensorrt` to build, libnvinfer to run): `test_runs_a_real_engine_on_gpu`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE = REPO / "runtime" / "cpp"
+KERNEL_LENS = "kernel-lens==2.0.1"
+HEADER_PREFIX = "kernel_lens/include/tensorrt/"
+SCHEMA = "tokensieve.tensorrt-engine/1"
+
+
+@dataclass(frozen=True)
+class Build:
+    exe: Path
+    seconds: float
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
+
+
+def _tensorrt_headers() -> Path:
+    """A folder with NvInferRuntime.h: $TENSORRT_INCLUDE_DIR, the cache, or a fresh `pip download` of kernel-lens."""
+    env = os.environ.get("TENSORRT_INCLUDE_DIR")
+    if env and (Path(env) / "NvInferRuntime.h").is_file():
+        return Path(env)
+    dest = _cache_root() / "kernel-lens-2.0.1" / "include" / "tensorrt"
+    if (dest / "NvInferRuntime.h").is_file():
+        return dest
+    dest.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent.parent) as tmp:
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            "--timeout", "30", "--retries", "1", "-d", tmp, KERNEL_LENS],
+                           check=True, capture_output=True, text=True, timeout=180)
+        except (subprocess.SubprocessError, OSError) as e:  # offline CI: skip (pytest caches it for the session)
+            detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines() or [""]
+            pytest.skip(f"cannot download TensorRT headers ({KERNEL_LENS}): {detail[-1]}")
+        wheels = list(Path(tmp).glob("kernel_lens-*.whl"))
+        if not wheels:
+            pytest.skip(f"pip download {KERNEL_LENS} produced no wheel")
+        staged = Path(tmp) / "include" / "tensorrt"
+        staged.mkdir(parents=True)
+        with zipfile.ZipFile(wheels[0]) as z:  # only the headers; kernel-lens itself is never imported
+            for name in z.namelist():
+                if name.startswith(HEADER_PREFIX) and not name.endswith("/"):
+                    (staged / name[len(HEADER_PREFIX):]).write_bytes(z.read(name))
+        if not (staged / "NvInferRuntime.h").is_file():
+            pytest.skip(f"{KERNEL_LENS} has no {HEADER_PREFIX}NvInferRuntime.h")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not (dest / "NvInferRuntime.h").is_file():  # another process may have won the race
+            shutil.rmtree(dest, ignore_errors=True)
+            staged.rename(dest)
+    return dest
+
+
+def _cuda_root() -> Path | None:
+    for cand in (os.environ.get("CUDAToolkit_ROOT"), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 "/usr/local/cuda"):
+        if cand and (Path(cand) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(cand)
+    return None
+
+
+@pytest.fixture(scope="session")
+def runtime_build(tmp_path_factory) -> Build:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    cuda = _cuda_root()
+    if cuda is None:
+        pytest.skip("CUDA headers (cuda_runtime_api.h) not found; set CUDAToolkit_ROOT")
+    headers = _tensorrt_headers()
+    build = tmp_path_factory.mktemp("runtime_cpp_build")
+    t0 = time.perf_counter()
+    for cmd in (["cmake", "-S", str(SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DTENSORRT_INCLUDE_DIR={headers}", f"-DCUDAToolkit_ROOT={cuda}"],
+                ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    exe = build / "tokensieve-run"
+    assert exe.is_file() and (build / "tokensieve-runtime-selftest").is_file()
+    return Build(exe, time.perf_counter() - t0)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The caller's environment without TensorRT locations, so CI settings cannot change which check fires."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENSIEVE_TENSORRT_LIB", "TENSORRT_LIB_DIR")}
+    env.update(extra)
+    return env
+
+
+def _run(build: Build, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(build.exe), *map(str, args)], capture_output=True, text=True, timeout=60,
+                          env=env if env is not None else _env())
+
+
+def _error_line(p: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no crash, nothing on stdout, exactly one line on stderr that contains every needle."""
+    assert p.returncode == 2, f"rc={p.returncode}\nstdout={p.stdout!r}\nstderr={p.stderr!r}"
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("tokensieve-run: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _has_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=30).returncode == 0
+    except (subprocess.SubprocessError, OSError):
+        return False
+
+
+def _engine(tmp_path: Path, *, size: int = 4096, recorded: int | None = None, flavor: str = "tensorrt",
+            tensorrt_version: str = "10.14.1.48", name: str = "model.engine", **meta) -> Path:
+    """Random bytes + metadata shaped like targets/tensorrt/builder.py writes (dynamic batch 1..8)."""
+    engine = tmp_path / name
+    engine.write_bytes(os.urandom(size))
+    doc = {
+        "schema": SCHEMA, "tokensieve_version": "0.1.0", "flavor": flavor, "tensorrt_version": tensorrt_version,
+        "target": "rtx-sm86" if flavor == "tensorrt_rtx" else "local", "compute_capability": "8.6",
+        "precision": "fp32", "engine_size_bytes": size if recorded is None else recorded,
+        "io_tensors": [{"name": "pixel_values", "shape": [-1, 3, 224, 224], "dtype": "float32", "mode": "input"},
+                       {"name": "logits", "shape": [-1, 1000], "dtype": "float32", "mode": "output"}],
+        "optimization_profile": {"pixel_values": {"min": [1, 3, 224, 224], "opt": [1, 3, 224, 224],
+                                                  "max": [8, 3, 224, 224]}},
+        "build_warnings": ["a \"quoted\" \u00e9 warning\nwith a newline"],
+    }
+    doc.update(meta)
+    Path(str(engine) + ".json").write_text(json.dumps(doc, indent=2))
+    return engine
+
+
+def _shared_lib(tmp_path: Path, name: str, source: str) -> Path:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / (name + ".cpp")
+    src.write_text(source)
+    out = tmp_path / name
+    subprocess.run([cxx, "-shared", "-fPIC", "-o", str(out), str(src)], check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _stub_nvinfer(tmp_path: Path, version: int) -> Path:
+    """Exports the three entry points tokensieve-run looks up; enough to pass checks 6-7 without TensorRT."""
+    (tmp_path / "stub").mkdir(exist_ok=True)
+    return _shared_lib(tmp_path / "stub", "libnvinfer.so.10", f"""
+#include <cstdint>
+extern "C" {{
+int32_t getInferLibVersion() noexcept {{ return {version}; }}
+void* createInferRuntime_INTERNAL(void*, int32_t) noexcept {{ return nullptr; }}
+void* getPluginRegistry() noexcept {{ return nullptr; }}
+}}
+""")
+
+
+# ---- build and --help --------------------------------------------------------------------------------------------
+
+def test_builds_in_under_a_minute(runtime_build):
+    assert runtime_build.seconds < 60, f"configure + build took {runtime_build.seconds:.1f} s"
+
+
+def test_help(runtime_build):
+    p = _run(runtime_build, "--help")
+    assert p.returncode == 0 and p.stderr == ""
+    assert p.stdout.startswith("usage: tokensieve-run MODEL.engine")
+    for flag in ("--plugins", "--iters", "--warmup", "--batch", "--json", "TOKENSIEVE_TENSORRT_LIB"):
+        assert flag in p.stdout
+
+
+# ---- GPU-free parts of the library (tokensieve-runtime-selftest) -------------------------------------------------
+
+def _selftest(build: Build, *args) -> str:
+    p = subprocess.run([str(build.exe.parent / "tokensieve-runtime-selftest"), *map(str, args)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+@pytest.mark.parametrize("values", [[5.0], [3.0, 1.0], [0.5, 0.25, 4.0, 1.0, 2.0], [float(i % 7) for i in range(200)],
+                                    [1.0 + ((i * 7919) % 1000) / 997 for i in range(1001)]])
+def test_latency_percentiles_match_numpy(runtime_build, values):
+    np = pytest.importorskip("numpy")
+    got = json.loads(_selftest(runtime_build, "stats", *[repr(v) for v in values]))
+    a = np.array(values)
+    want = {"count": len(values), "mean": a.mean(), "median": np.percentile(a, 50), "p90": np.percentile(a, 90),
+            "p99": np.percentile(a, 99), "min": a.min(), "max": a.max()}
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_top_k(runtime_build):
+    assert json.loads(_selftest(runtime_build, "topk", 3, 0.5, 2, 2, -1, 7)) == [4, 1, 2]  # ties: lower index first
+    assert json.loads(_selftest(runtime_build, "topk", 5, 1, "nan", 3)) == [2, 0, 1]       # NaN last; k > n
+    assert json.loads(_selftest(runtime_build, "topk", 5)) == []
+
+
+@pytest.mark.parametrize("doc", [
+    '{"a": [1, -2.5, 3e2, 0.001, -0, true, false, null], "b": {"c": "d\\"e\\n\\u00e9\\ud83d\\ude00"}}',
+    '  [ ]  ', '{}', '"\\/\\b\\f\\r\\t"', '12345678901', '{"a": 1, "a": 2}',
+])
+def test_json_reader_agrees_with_python(runtime_build, tmp_path, doc):
+    f = tmp_path / "doc.json"
+    f.write_text(doc, encoding="utf-8")
+    assert json.loads(_selftest(runtime_build, "parse", f)) == json.loads(doc)
+
+
+@pytest.mark.parametrize("doc", ['{"a": 1,}', "[1 2]", '{"a" 1}', "01", "1.", "-", '"\\x"', "tru", '{"a": 1} x',
+                                 "[" * 1000 + "]" * 1000, '"tab\there"', ""])
+def test_json_reader_rejects(runtime_build, tmp_path, doc):
+    f = tmp_path / "doc.json"
+    f.write_text(doc)
+    p = subprocess.run([str(runtime_build.exe.parent / "tokensieve-runtime-selftest"), "parse", str(f)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout.startswith("error: ") and " at line " in p.stdout, p.stdout
+
+
+def test_report_is_json(runtime_build):
+    r = json.loads(_selftest(runtime_build, "report"))
+    assert r["engine"] == 'dir/"quoted".engine' and r["plugins"] is None
+    assert r["latency_ms"] == {"mean": 2, "median": 2, "p90": 2.8, "p99": 2.98, "min": 1, "max": 3}
+    assert r["device"] == {"index": 0, "name": "Orin", "compute_capability": "8.7"}
+    assert r["io_tensors"][0] == {"name": "pixel_values", "shape": [2, 3, 224, 224], "dtype": "float16", "mode": "input"}
+    assert r["top5"] == [{"index": 7, "value": 1.5}, {"index": 3, "value": -0.25}]
+
+
+def test_reads_metadata_written_by_the_rtx_builder(runtime_build, tmp_path):
+    """The Python builder's real `<engine>.json` parses in C++ to the same fields; the RTX engine is then refused."""
+    pytest.importorskip("tensorrt_rtx")
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    w = np.ones((16, 32), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32])], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "tiny.onnx"))
+    info = build_engine(tmp_path / "tiny.onnx", tmp_path / "tiny.engine", BuildSpec(target="rtx-sm86", max_batch=4))
+    got = json.loads(_selftest(runtime_build, "metadata", info.engine_path))
+    assert got == {k: info.metadata[k] for k in got}
+    _error_line(_run(runtime_build, info.engine_path), "TensorRT-RTX", "rtx-sm86")
+    _error_line(_run(runtime_build, info.engine_path, "--batch", "5"), "TensorRT-RTX")  # flavor before batch
+
+
+# ---- argument errors ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    ((), "missing MODEL.engine"),
+    (("a.engine", "b.engine"), "unexpected argument 'b.engine'"),
+    (("a.engine", "--frobnicate"), "unknown option '--frobnicate'"),
+    (("a.engine", "--iters"), "--iters needs a value"),
+    (("a.engine", "--iters", "ten"), "--iters expects an integer"),
+    (("a.engine", "--iters=0"), "--iters must be >= 1"),
+    (("a.engine", "--warmup", "-1"), "--warmup must be >= 0"),
+    (("a.engine", "--json", "/no/such/folder/out.json"), "--json"),
+])
+def test_bad_arguments(runtime_build, tmp_path, args, needle):
+    _error_line(_run(runtime_build, *args), needle)
+
+
+# ---- checks 1-2: the engine file and its metadata, before TensorRT -----------------------------------------------
+
+def test_missing_engine(runtime_build, tmp_path):
+    _error_line(_run(runtime_build, tmp_path / "nope.engine"), "nope.engine", "does not exist")
+
+
+def test_empty_engine(runtime_build, tmp_path):
+    engine = _engine(tmp_path, size=0, recorded=0)
+    _error_line(_run(runtime_build, engine), "is empty")
+
+
+def test_garbage_engine_without_metadata(runtime_build, tmp_path):
+    engine = tmp_path / "garbage.engine"
+    engine.write_bytes(os.urandom(1000))
+    _error_line(_run(runtime_build, engine), "No engine metadata", "garbage.engine.json", "tokensieve build")
+
+
+def test_metadata_that_is_not_json(runtime_build, tmp_path):
+    engine = _engine(tmp_path)
+    Path(str(engine) + ".json").write_bytes(b'{"schema": "tokensieve.tensorrt-engine/1", \x00')
+    _error_line(_run(runtime_build, engine), "not valid JSON", "line 1")
+
+
+def test_metadata_without_required_fields(runtime_build, tmp_path):
+    engine = _engine(tmp_path)
+    Path(str(engine) + ".json").write_text(json.dumps({"schema": SCHEMA, "flavor": "tensorrt"}))
+    _error_line(_run(runtime_build, engine), "not tokensieve engine metadata", "tensorrt_version")
+
+
+def test_truncated_engine(runtime_build, tmp_path):
+    engine = _engine(tmp_path, size=4096, recorded=101910316)
+    _error_line(_run(runtime_build, engine), "4096 bytes", "engine_size_bytes=101910316", "truncated")
+
+
+# ---- check 3: plugins ----------------------------------------------------------------------------------------------
+
+def test_missing_plugin_library(runtime_build, tmp_path):
+    engine = _engine(tmp_path)
+    _error_line(_run(runtime_build, engine, "--plugins", tmp_path / "libtokensieve_plugins.so"),
+                "--plugins", "libtokensieve_plugins.so", "does not exist")
+
+
+def test_plugin_library_that_is_not_a_library(runtime_build, tmp_path):
+    engine, lib = _engine(tmp_path), tmp_path / "libtokensieve_plugins.so"
+    lib.write_bytes(b"\x7fELF not really")
+    _error_line(_run(runtime_build, engine, "--plugins", lib), "--plugins", "cannot be loaded")
+
+
+def test_plugin_library_without_get_creators(runtime_build, tmp_path):
+    engine = _engine(tmp_path)
+    lib = _shared_lib(tmp_path, "libnot_plugins.so", 'extern "C" int something_else() { return 1; }\n')
+    _error_line(_run(runtime_build, engine, "--plugins", lib), "--plugins", "getCreators")
+
+
+def test_plugin_library_with_get_creators_passes(runtime_build, tmp_path):
+    """A library exporting getCreators passes check 3: the next check (flavor) is the one that fires."""
+    engine = _engine(tmp_path, flavor="tensorrt_rtx")
+    lib = _shared_lib(tmp_path, "libtokensieve_plugins.so",
+                      'extern "C" void* const* getCreators(int& n) { n = 0; return nullptr; }\n'
+                      'extern "C" void setLoggerFinder(void*) {}\n')
+    _error_line(_run(runtime_build, engine, "--plugins", lib), "TensorRT-RTX")
+    # A bare file name means ./name (as a path), not a search on the loader path.
+    p = subprocess.run([str(runtime_build.exe), engine.name, "--plugins", lib.name], capture_output=True,
+                       text=True, timeout=60, env=_env(), cwd=tmp_path)
+    _error_line(p, "TensorRT-RTX")
+
+
+def test_file_checks_come_before_plugin_checks(runtime_build, tmp_path):
+    engine = tmp_path / "garbage.engine"
+    engine.write_bytes(os.urandom(100))
+    _error_line(_run(runtime_build, engine, "--plugins", tmp_path / "missing.so"), "No engine metadata")
+
+
+# ---- checks 4-5: flavor and batch -------------------------------------------------------------------------------
+
+def test_rtx_engine_is_refused(runtime_build, tmp_path):
+    engine = _engine(tmp_path, flavor="tensorrt_rtx", tensorrt_version="1.7.1.116")
+    line = _error_line(_run(runtime_build, engine), "TensorRT-RTX", "standard TensorRT")
+    assert "model.engine'" in line and "--target local" in line
+
+
+def test_plugin_check_comes_before_flavor_check(runtime_build, tmp_path):
+    engine = _engine(tmp_path, flavor="tensorrt_rtx")
+    _error_line(_run(runtime_build, engine, "--plugins", tmp_path / "missing.so"), "--plugins")
+
+
+def test_unknown_flavor(runtime_build, tmp_path):
+    _error_line(_run(runtime_build, _engine(tmp_path, flavor="onnxruntime")), "unknown TensorRT flavor")
+
+
+@pytest.mark.parametrize("batch, needle", [("9", "batch 1..8"), ("0", "--batch must be >= 1")])
+def test_batch_outside_profile(runtime_build, tmp_path, batch, needle):
+    _error_line(_run(runtime_build, _engine(tmp_path), "--batch", batch), needle)
+
+
+def test_batch_against_static_input(runtime_build, tmp_path):
+    engine = _engine(tmp_path, io_tensors=[
+        {"name": "x", "shape": [2, 8], "dtype": "float32", "mode": "input"},
+        {"name": "y", "shape": [2, 8], "dtype": "float32", "mode": "output"}], optimization_profile={})
+    _error_line(_run(runtime_build, engine, "--batch", "1"), "static shape [2, 8]", "--batch 2")
+
+
+# ---- checks 6-8: libnvinfer and the GPU ---------------------------------------------------------------------------
+
+def test_libnvinfer_not_found(runtime_build, tmp_path):
+    engine = _engine(tmp_path)
+    nowhere = tmp_path / "nowhere" / "libnvinfer.so.10"
+    _error_line(_run(runtime_build, engine, env=_env(TOKENSIEVE_TENSORRT_LIB=str(nowhere))),
+                "libnvinfer not found", "TOKENSIEVE_TENSORRT_LIB", str(nowhere))
+
+
+def test_libnvinfer_dir_not_found(runtime_build, tmp_path):
+    _error_line(_run(runtime_build, _engine(tmp_path), env=_env(TENSORRT_LIB_DIR=str(tmp_path))),
+                "libnvinfer not found", "TENSORRT_LIB_DIR")
+
+
+def test_tensorrt_rtx_library_is_refused(runtime_build, tmp_path):
+    lib = tmp_path / "libtensorrt_rtx.so.1"
+    lib.write_bytes(b"")
+    _error_line(_run(runtime_build, _engine(tmp_path), env=_env(TOKENSIEVE_TENSORRT_LIB=str(lib))),
+                "libnvinfer not found", "TensorRT-RTX")
+
+
+def test_libnvinfer_version_mismatch(runtime_build, tmp_path):
+    stub = _stub_nvinfer(tmp_path, 100300)
+    engine = _engine(tmp_path, tensorrt_version="10.14.1.48")
+    _error_line(_run(runtime_build, engine, env=_env(TOKENSIEVE_TENSORRT_LIB=str(stub))),
+                "built with TensorRT 10.14.1.48", "is TensorRT 10.3.0")
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU")
+def test_no_cuda_device(runtime_build, tmp_path):
+    stub = _stub_nvinfer(tmp_path, 101401)
+    engine = _engine(tmp_path, tensorrt_version="10.14.1.48")
+    # A folder works as TOKENSIEVE_TENSORRT_LIB too.
+    for env in (_env(TOKENSIEVE_TENSORRT_LIB=str(stub)), _env(TOKENSIEVE_TENSORRT_LIB=str(stub.parent)),
+                _env(TENSORRT_LIB_DIR=str(stub.parent))):
+        _error_line(_run(runtime_build, engine, env=env), "No CUDA device")
+
+
+# ---- on a GPU with standard TensorRT -------------------------------------------------------------------------------
+
+def _lcg_inputs(count: int, seed: int) -> list[float]:
+    """tokensieve-run's deterministic float inputs (engine_runner.cpp make_input), reproduced bit for bit."""
+    a, c, m = 6364136223846793005, 1442695040888963407, (1 << 64) - 1
+    s, out = (seed * a + c) & m, []
+    for _ in range(count):
+        s = (s * a + c) & m
+        out.append(float(((s >> 40) & 0xFFFFFF) / 8388608.0 - 1.0))
+    return out
+
+
+@pytest.mark.gpu
+def test_runs_a_real_engine_on_gpu(runtime_build, tmp_path):
+    if not _has_gpu():
+        pytest.skip("needs an NVIDIA GPU")
+    trt = pytest.importorskip("tensorrt")
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx_path = tmp_path / "tiny.onnx"
+    onnx.save(model, str(onnx_path))
+    info = build_engine(onnx_path, tmp_path / "tiny.engine", BuildSpec(target="local", max_batch=4))
+
+    lib_dir = Path(trt.__file__).resolve().parent.parent / "tensorrt_libs"
+    env = _env(TOKENSIEVE_TENSORRT_LIB=os.environ.get("TOKENSIEVE_TENSORRT_LIB", str(lib_dir)))
+    if not lib_dir.is_dir() and "TOKENSIEVE_TENSORRT_LIB" not in os.environ:
+        env.pop("TOKENSIEVE_TENSORRT_LIB")  # system TensorRT: the loader path finds it
+    report = tmp_path / "run.json"
+    p = _run(runtime_build, info.engine_path, "--iters", "50", "--warmup", "5", "--batch", "2", "--json", report,
+             env=env)
+    assert p.returncode == 0, p.stderr
+    assert "latency" in p.stdout and "top-5 of 'y'" in p.stdout
+    r = json.loads(report.read_text())
+    lat = r["latency_ms"]
+    assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert r["iters"] == 50 and r["batch"] == 2
+    assert [t["shape"] for t in r["io_tensors"]] == [[2, 16], [2, 32]]
+
+    x = np.array(_lcg_inputs(2 * 16, seed=1), dtype=np.float32).reshape(2, 16)
+    want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0][0]
+    top = np.argsort(-want, kind="stable")[:5]
+    assert [t["index"] for t in r["top5"]] == top.tolist()
+    np.testing.assert_allclose([t["value"] for t in r["top5"]], want[top], rtol=1e-2, atol=1e-2)  # TF32
