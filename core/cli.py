@@ -218,6 +218,7 @@ class Build(Tool):
 
         tokensieve build out/model.onnx --target rtx-sm86 -o out/model.engine
         tokensieve build out/model.onnx --target local          # standard TensorRT on this GPU
+        tokensieve build compact.onnx --plugins libtokensieve_plugins.so --embed-plugins
     """
 
     name = "build"
@@ -228,11 +229,15 @@ class Build(Tool):
         p.add_argument("--target", default="rtx-sm86")
         p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
         p.add_argument("--max-batch", type=int, default=8)
+        p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for graphs with tokensieve plugin nodes "
+                       "(build it with `python -m tokensieve.targets.tensorrt.plugins`)")
+        p.add_argument("--embed-plugins", action="store_true", help="serialize the plugin library into the engine")
 
     def run(self, args):
         from tokensieve import api
 
-        info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch)
+        info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch,
+                         plugin_library=args.plugins, embed_plugins=args.embed_plugins)
         m = info.metadata
         print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m.get('flavor')} {m.get('tensorrt_version')}"
               f" for {m.get('target')} in {info.build_seconds:.1f} s; metadata {info.metadata_path}")

@@ -16,6 +16,7 @@ from tokensieve.fileio import atomic_path, ensure_writable_dir
 from .engine_metadata import SCHEMA, metadata_path_for, network_io, sha256_file, tokensieve_version
 from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor, local_compute_capability,
                       parse_target, rtx_compute_capability_enum)
+from .plugins import load_plugins
 from .trt_logger import collecting_logger
 
 
@@ -29,6 +30,8 @@ class BuildSpec:
     max_batch: int = 8
     timing_cache: str | None = None  # standard TensorRT only; TensorRT-RTX timing caches are no-ops
     workspace_mib: int | None = None
+    plugin_library: str | None = None  # libtokensieve_plugins.so, registered before parsing (tokensieve plugin nodes)
+    embed_plugins: bool = False        # serialize the library into the plan (VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME)
 
     def __post_init__(self) -> None:
         parse_target(self.target)
@@ -39,6 +42,8 @@ class BuildSpec:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"Batch profile needs 1 <= min <= opt <= max, got min={self.min_batch} "
                               f"opt={self.opt_batch} max={self.max_batch}; fix --min/--opt/--max-batch")
+        if self.embed_plugins and not self.plugin_library:
+            raise ConfigError("embed_plugins needs plugin_library; pass --plugins /path/to/libtokensieve_plugins.so")
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
 
@@ -64,6 +69,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     ensure_writable_dir(engine_path.parent)
     trt = import_flavor(flavor)
     label = FLAVOR_LABELS[flavor]
+    plugin_lib = load_plugins(trt, spec.plugin_library) if spec.plugin_library else None  # before the parser runs
     if flavor == RTX:
         ensure_rtx_parser_link()
     else:
@@ -88,6 +94,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         if flavor == RTX:
             config.num_compute_capabilities = 1
             config.set_compute_capability(rtx_compute_capability_enum(trt, cc), 0)
+        if spec.embed_plugins:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+            config.plugins_to_serialize = [str(plugin_lib)]
         if spec.workspace_mib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
         cache = _load_timing_cache(config, spec) if flavor != RTX else None
@@ -117,6 +127,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         "optimization_profile": profile[1] if profile else {},
         "build_warnings": warnings[:20],
     }
+    if plugin_lib is not None:
+        metadata["plugins"] = [{"file": plugin_lib.name, "sha256": sha256_file(plugin_lib), "embedded": spec.embed_plugins}]
     clash = sorted(set(extra) & set(metadata))
     if clash:
         raise InternalError(f"extra_metadata keys {clash} collide with engine metadata keys")

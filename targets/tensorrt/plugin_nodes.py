@@ -1,0 +1,95 @@
+"""ONNX nodes for tokensieve's TensorRT plugins, one-node test models, and engine builds that load the plugins.
+
+The TensorRT ONNX parser maps a node in domain "tokensieve" with attributes plugin_version="1" and
+plugin_namespace="tokensieve" onto the plugin creator of the same op name (a PLUGIN_V3 layer); the other
+attributes become plugin fields. Ops (see plugin_src/*.h):
+  TokenCompact(tokens [B,N,C] f32|f16, keep [B,N] int32|bool; capacity=K) -> compacted [B,K,C], count [B] int32
+  DiversitySelect(features [B,N,C] f32|f16[, importance [B,N] f32]; k, mode, lambda, num_prefix_tokens)
+      -> indices [B,K] int32 ascending
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+from tokensieve.errors import ConfigError
+
+from .builder import BuildSpec, EngineInfo, build_engine
+from .engine_metadata import sha256_file
+from .flavors import import_flavor, parse_target
+from .plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION, load_plugins
+
+PLUGIN_DOMAIN = "tokensieve"
+_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int32": TensorProto.INT32,
+           "bool": TensorProto.BOOL}
+
+
+def token_compact_node(tokens: str, keep: str, compacted: str, count: str, capacity: int,
+                       name: str | None = None) -> onnx.NodeProto:
+    """TokenCompact: the first `capacity` kept tokens in their original order (zero rows after), and their count."""
+    return helper.make_node("TokenCompact", [tokens, keep], [compacted, count], name=name, domain=PLUGIN_DOMAIN,
+                            plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, capacity=int(capacity))
+
+
+def diversity_select_node(features: str, indices: str, k: int, mode: int = 0, lam: float = 0.5,
+                          num_prefix_tokens: int = 0, importance: str | None = None,
+                          name: str | None = None) -> onnx.NodeProto:
+    """DiversitySelect: K token indices, ascending; mode 0 = DivPrune, 1 = MMR (needs `importance`, weight `lam`)."""
+    inputs = [features] + ([importance] if importance else [])
+    return helper.make_node("DiversitySelect", inputs, [indices], name=name, domain=PLUGIN_DOMAIN,
+                            plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, k=int(k), mode=int(mode),
+                            num_prefix_tokens=int(num_prefix_tokens), **{"lambda": float(lam)})
+
+
+def write_token_compact_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17, channels: int = 8,
+                             capacity: int = 6, dtype: str = "float32", mask_dtype: str = "int32") -> Path:
+    """A one-node model x [B,N,C], keep [B,N] -> y [B,K,C], count [B]; batch=None makes B dynamic."""
+    b = batch if batch is not None else "batch"
+    node = token_compact_node("x", "keep", "y", "count", capacity)
+    return _save(path, [node],
+                 [_value("x", dtype, [b, tokens, channels]), _value("keep", mask_dtype, [b, tokens])],
+                 [_value("y", dtype, [b, capacity, channels]), _value("count", "int32", [b])])
+
+
+def write_diversity_select_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17,
+                                channels: int = 8, k: int = 6, mode: int = 0, lam: float = 0.5,
+                                num_prefix_tokens: int = 1, dtype: str = "float32",
+                                with_importance: bool | None = None) -> Path:
+    """A one-node model x [B,N,C] (+ importance [B,N] for MMR) -> idx [B,K]; batch=None makes B dynamic."""
+    b = batch if batch is not None else "batch"
+    with_importance = mode == 1 if with_importance is None else with_importance
+    node = diversity_select_node("x", "idx", k, mode, lam, num_prefix_tokens, "importance" if with_importance else None)
+    inputs = [_value("x", dtype, [b, tokens, channels])]
+    if with_importance:
+        inputs.append(_value("importance", "float32", [b, tokens]))
+    return _save(path, [node], inputs, [_value("idx", "int32", [b, k])])
+
+
+def build_plugin_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, spec: BuildSpec,
+                        library: str | os.PathLike | None = None) -> EngineInfo:
+    """build_engine for a model with tokensieve plugin nodes: register the plugin library first, record it.
+
+    The engine does not embed the library: whoever runs it loads the same library (Python `load_plugins`,
+    `tokensieve-run --plugins`, `trtexec --dynamicPlugins`).
+    """
+    flavor, _ = parse_target(spec.target)
+    lib = load_plugins(import_flavor(flavor), library)
+    plugins = {"plugins": [{"file": lib.name, "sha256": sha256_file(lib), "embedded": False}]}
+    return build_engine(onnx_path, engine_path, spec, extra_metadata=plugins)
+
+
+def _value(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:
+    if dtype not in _DTYPES:
+        raise ConfigError(f"Unsupported plugin tensor dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return helper.make_tensor_value_info(name, _DTYPES[dtype], shape)
+
+
+def _save(path: str | os.PathLike, nodes, inputs, outputs) -> Path:
+    graph = helper.make_graph(nodes, "tokensieve_plugin", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(PLUGIN_DOMAIN, 1)])
+    onnx.save(model, str(path))
+    return Path(path)

@@ -1,0 +1,281 @@
+"""The plugin library (targets/tensorrt/plugins) compiles without a GPU, exports only its TensorRT entry points, and
+its TokenCompact / DiversitySelect ONNX nodes build into TensorRT-RTX SM86 engines. Kernel numerics need a GPU."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokensieve.errors import TargetError
+from tokensieve.targets.tensorrt import BuildSpec, plugin_nodes, plugins
+from tokensieve.targets.tensorrt.flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
+
+COMPILE_BUDGET_S = 90
+requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file(),
+                                   reason="nvcc (CUDA toolkit) is not installed")
+requires_rtx = pytest.mark.skipif(available_flavors()["tensorrt_rtx"] is None, reason="tensorrt-rtx is not installed")
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+@pytest.fixture(scope="session")
+def plugin_build(tmp_path_factory) -> tuple[Path, float]:
+    """Compile once per session for sm_86 (+ compute_86 PTX); (library, seconds)."""
+    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    try:
+        plugins.ensure_headers()  # a download, not part of the compile time
+    except TargetError as e:
+        pytest.skip(f"no TensorRT headers: {e}")
+    t0 = time.perf_counter()
+    lib = plugins.build_plugin_library(tmp_path_factory.mktemp("plugins"), archs=("86",))
+    return lib, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def plugin_lib(plugin_build) -> Path:
+    return plugin_build[0]
+
+
+@requires_nvcc
+def test_library_compiles_for_sm86_within_budget(plugin_build):
+    lib, seconds = plugin_build
+    assert lib.name == "libtokensieve_plugins.so" and lib.stat().st_size > 100_000
+    assert seconds < COMPILE_BUDGET_S, f"plugin compile took {seconds:.1f}s"
+    assert b"sm_86" in lib.read_bytes()  # the fatbin names its SASS target
+
+
+@requires_nvcc
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("readelf") is None, reason="binutils missing")
+def test_exports_only_the_tensorrt_entry_points(plugin_lib):
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(plugin_lib)], capture_output=True, text=True, check=True)
+    text_symbols = {line.split()[-1] for line in nm.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert text_symbols == {"getCreators", "setLoggerFinder"}
+    needed = subprocess.run(["readelf", "-d", str(plugin_lib)], capture_output=True, text=True, check=True).stdout
+    assert "libcudart" not in needed  # cudart is static
+    assert "libnvinfer" not in needed and "libtensorrt" not in needed  # no TensorRT link dependency
+
+
+@requires_nvcc
+def test_build_log_kept_and_nvcc_fallback_compiles(plugin_lib, tmp_path, monkeypatch):
+    """Without CMake the same sources build with one nvcc command (sm_86 SASS only, to stay quick)."""
+    assert (plugin_lib.parent / "build.log").is_file()
+    real_which = shutil.which
+    monkeypatch.setattr(plugins.shutil, "which", lambda name, *a, **k: None if name == "cmake" else real_which(name, *a, **k))
+    lib = plugins.build_plugin_library(tmp_path, archs=("86-real",))
+    assert "cmake" not in (tmp_path / "build.log").read_text().split("\n")[0]
+    assert lib.stat().st_size > 100_000
+
+
+def test_plugin_library_path_env_override(tmp_path, monkeypatch):
+    lib = tmp_path / "libtokensieve_plugins.so"
+    lib.write_bytes(b"\x7fELF")
+    monkeypatch.setenv(plugins.PLUGIN_LIB_ENV, str(lib))
+    assert plugins.plugin_library_path() == lib
+
+
+def test_missing_library_is_one_line_target_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(plugins.PLUGIN_LIB_ENV, str(tmp_path / "nope.so"))
+    with pytest.raises(TargetError) as e:
+        plugins.plugin_library_path()
+    assert plugins.PLUGIN_LIB_ENV in _one_line(e)
+    with pytest.raises(TargetError) as e:
+        plugins.load_plugins(object(), tmp_path / "nope.so")  # fails before touching TensorRT
+    assert "does not exist" in _one_line(e) and plugins.PLUGIN_LIB_ENV in str(e.value)
+
+
+def test_unbuilt_library_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv(plugins.PLUGIN_LIB_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(plugins, "SOURCE_BUILD_DIR", tmp_path / "no-build")
+    with pytest.raises(TargetError) as e:
+        plugins.plugin_library_path()
+    assert "build_plugin_library" in _one_line(e) and plugins.PLUGIN_LIB_ENV in str(e.value)
+
+
+def test_bad_header_dir_and_missing_nvcc_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(plugins.HEADERS_ENV, str(tmp_path))
+    with pytest.raises(TargetError) as e:
+        plugins.ensure_headers()
+    assert plugins.HEADERS_ENV in _one_line(e)
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(plugins, "DEFAULT_CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(plugins.shutil, "which", lambda *a, **k: None)
+    with pytest.raises(TargetError) as e:
+        plugins.find_nvcc()
+    assert "CUDACXX" in _one_line(e)
+
+
+@requires_nvcc
+def test_compile_error_is_one_line_with_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(plugins, "ensure_headers", lambda: tmp_path)  # no NvInferRuntime.h there: the compile fails
+    real_which = shutil.which
+    monkeypatch.setattr(plugins.shutil, "which", lambda name, *a, **k: None if name == "cmake" else real_which(name, *a, **k))
+    with pytest.raises(TargetError) as e:
+        plugins.build_plugin_library(tmp_path / "out", archs=("86-real",))
+    msg = _one_line(e)
+    assert "NvInferRuntime.h" in msg and "build.log" in msg
+
+
+# --- TensorRT-RTX engines (ahead of time, no GPU) ---------------------------------------------------------------
+
+@requires_rtx
+@requires_nvcc
+@pytest.mark.parametrize("dtype,mask_dtype,batch", [("float32", "int32", 2), ("float16", "bool", None)])
+def test_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtype, mask_dtype, batch):
+    onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=batch, tokens=17, channels=8,
+                                                      capacity=6, dtype=dtype, mask_dtype=mask_dtype)
+    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    io = {t["name"]: (t["shape"], t["dtype"]) for t in info.metadata["io_tensors"]}
+    b = -1 if batch is None else batch
+    assert io == {"x": ([b, 17, 8], dtype), "keep": ([b, 17], mask_dtype), "y": ([b, 6, 8], dtype),
+                  "count": ([b], "int32")}
+    assert info.metadata["plugins"][0]["file"] == plugin_lib.name and info.engine_path.stat().st_size > 0
+
+
+@requires_rtx
+@requires_nvcc
+@pytest.mark.parametrize("mode,dtype", [(0, "float32"), (1, "float16")])
+def test_diversity_select_engine_builds_rtx_sm86(plugin_lib, tmp_path, mode, dtype):
+    onnx_path = plugin_nodes.write_diversity_select_onnx(tmp_path / "ds.onnx", batch=None, tokens=17, channels=8, k=6,
+                                                         mode=mode, lam=0.7, num_prefix_tokens=1, dtype=dtype)
+    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    outputs = [t for t in info.metadata["io_tensors"] if t["mode"] == "output"]
+    assert outputs == [{"name": "idx", "shape": [-1, 6], "dtype": "int32", "mode": "output"}]
+
+
+@requires_rtx
+@requires_nvcc
+@pytest.mark.parametrize("change,reason", [({"lambda": 1.5}, "parse"), ({"k": 17}, "k exceeds candidates"),
+                                           ({"mode": 1}, "MMR without importance")])
+def test_invalid_plugin_attributes_fail_the_build(plugin_lib, tmp_path, change, reason):
+    import onnx
+    path = plugin_nodes.write_diversity_select_onnx(tmp_path / "ds.onnx", tokens=17, k=6, mode=0, num_prefix_tokens=1)
+    model = onnx.load(str(path))
+    for attr in model.graph.node[0].attribute:
+        if attr.name in change:
+            if attr.type == onnx.AttributeProto.FLOAT:
+                attr.f = change[attr.name]
+            else:
+                attr.i = change[attr.name]
+    onnx.save(model, str(path))
+    with pytest.raises(TargetError) as e:
+        plugin_nodes.build_plugin_engine(path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    _one_line(e)
+
+
+@requires_rtx
+@requires_nvcc
+def test_second_library_copy_is_refused(plugin_lib, tmp_path):
+    import tensorrt_rtx as trt
+    plugins.load_plugins(trt, plugin_lib)
+    assert plugins.load_plugins(trt, plugin_lib) == plugin_lib.resolve()  # idempotent
+    other = tmp_path / "libtokensieve_plugins.so"
+    shutil.copy(plugin_lib, other)
+    with pytest.raises(TargetError) as e:
+        plugins.load_plugins(trt, other)
+    assert "already holds" in _one_line(e)
+
+
+# --- GPU: plugin outputs against numpy references ---------------------------------------------------------------
+
+def token_compact_reference(x: np.ndarray, keep: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    B, _, C = x.shape
+    out, count = np.zeros((B, capacity, C), x.dtype), np.zeros(B, np.int32)
+    for b in range(B):
+        rows = np.flatnonzero(keep[b])[:capacity]
+        out[b, : len(rows)], count[b] = x[b, rows], len(rows)
+    return out, count
+
+
+def diversity_select_reference(x: np.ndarray, k: int, mode: int, lam: float, num_prefix_tokens: int,
+                               importance: np.ndarray | None = None) -> np.ndarray:
+    """DivPrune (mode 0) / MMR (mode 1) as in diversity_select.cu: greedy, ties to the lowest index, ascending."""
+    out = []
+    for b in range(x.shape[0]):
+        f = x[b, num_prefix_tokens:].astype(np.float64)
+        f /= np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+        sim = f @ f.T
+        chosen: list[int] = []
+        if mode == 0:
+            score = np.where(np.eye(len(f), dtype=bool), np.inf, 1 - sim).min(axis=1)
+        else:
+            score = np.full(len(f), -np.inf)
+        for step in range(k):
+            v = score if mode == 0 else lam * importance[b, num_prefix_tokens:] - (1 - lam) * (score if step else 0)
+            v = np.where(np.isin(np.arange(len(f)), chosen), -np.inf, v)
+            s = int(np.argmax(v))
+            chosen.append(s)
+            score = np.minimum(score, 1 - sim[s]) if mode == 0 else np.maximum(score, sim[s])
+        out.append(np.sort(np.array(chosen)) + num_prefix_tokens)
+    return np.stack(out).astype(np.int32)
+
+
+def _run_engine(engine_path: Path, flavor: str, feeds: dict[str, np.ndarray], lib: Path) -> dict[str, np.ndarray]:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    trt = __import__(flavor)
+    plugins.load_plugins(trt, lib)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+    context = engine.create_execution_context()
+    buffers = {}
+    for name, value in feeds.items():
+        buffers[name] = torch.from_numpy(value).cuda().contiguous()
+        context.set_input_shape(name, value.shape)
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if name not in buffers:
+            shape = tuple(context.get_tensor_shape(name))
+            dtype = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32}[engine.get_tensor_dtype(name).name]
+            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+        context.set_tensor_address(name, buffers[name].data_ptr())
+    stream = torch.cuda.Stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    return {n: t.cpu().numpy() for n, t in buffers.items() if n not in feeds}
+
+
+@pytest.mark.gpu
+@requires_nvcc
+def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
+    cc = local_compute_capability()
+    if cc is None:
+        pytest.skip("needs an NVIDIA GPU")
+    sm = "sm" + cc.replace(".", "")
+    flavor = "tensorrt" if available_flavors()["tensorrt"] else "tensorrt_rtx"
+    target = "local" if flavor == "tensorrt" else f"rtx-{sm}"
+    if flavor == "tensorrt_rtx" and sm not in RTX_COMPUTE_CAPABILITIES:
+        pytest.skip(f"TensorRT-RTX cannot target {sm} and standard TensorRT is not installed")
+    lib = plugin_lib  # sm_86 code + compute_86 PTX: newer GPUs JIT the PTX
+    rng = np.random.default_rng(0)
+    B, N, C, K = 3, 65, 48, 20
+
+    x = rng.standard_normal((B, N, C)).astype(np.float32)
+    keep = (rng.random((B, N)) < 0.3).astype(np.int32)
+    keep[0] = 1  # more kept than capacity
+    onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=B, tokens=N, channels=C, capacity=K)
+    plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target=target), lib)
+    got = _run_engine(tmp_path / "tc.engine", flavor, {"x": x, "keep": keep}, lib)
+    want_y, want_count = token_compact_reference(x, keep, K)
+    np.testing.assert_array_equal(got["y"], want_y)
+    np.testing.assert_array_equal(got["count"], want_count)
+
+    importance = rng.random((B, N)).astype(np.float32)
+    for mode in (0, 1):
+        onnx_path = plugin_nodes.write_diversity_select_onnx(tmp_path / f"ds{mode}.onnx", batch=B, tokens=N,
+                                                             channels=C, k=K, mode=mode, lam=0.6, num_prefix_tokens=1)
+        plugin_nodes.build_plugin_engine(onnx_path, tmp_path / f"ds{mode}.engine", BuildSpec(target=target), lib)
+        feeds = {"x": x} | ({"importance": importance} if mode == 1 else {})
+        got = _run_engine(tmp_path / f"ds{mode}.engine", flavor, feeds, lib)
+        np.testing.assert_array_equal(got["idx"], diversity_select_reference(x, K, mode, 0.6, 1, importance))
