@@ -111,7 +111,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     layout = token_layout(gm, blocks, num_prefix_tokens)
     stages = resolve_recipe(recipe, len(blocks), layout.num_tokens, layout.num_prefix_tokens)
     for s in stages:
-        if METHODS[s.stage.method].requires_cls and layout.num_prefix_tokens == 0:
+        if METHODS[s.stage.method].needs_cls(s.options) and layout.num_prefix_tokens == 0:
             raise ConfigError(
                 f"Method {s.stage.method!r} scores tokens by [CLS] attention, but this model has no [CLS] token "
                 "(0 prefix tokens); choose a CLS-free method (see `tokensieve methods`)"

@@ -347,10 +347,11 @@ class Methods(Tool):
         from tokensieve.graph_passes.methods.registry import METHODS
 
         for m in METHODS.values():
-            print(f"{m.name:<12} {m.summary}")
-            print(f"{'':<12} paper: {m.paper}; needs [CLS]: {'yes' if m.requires_cls else 'no'}; reduce: {m.reduce.value}")
+            w = max(len(n) for n in METHODS) + 2
+            print(f"{m.name:<{w}}{m.summary}")
+            print(f"{'':<{w}}paper: {m.paper}; needs [CLS]: {'yes' if m.requires_cls else 'no'}; reduce: {m.reduce.value}")
             for prm in m.params:
-                print(f"{'':<12} {prm.name} = {prm.default!r}: {prm.help}")
+                print(f"{'':<{w}}{prm.name} = {prm.default!r}: {prm.help}")
         print(f"\nrecipe shorthand: METHOD@BLOCKS:KEEP, e.g. {DEFAULT_RECIPE} (0-based blocks; KEEP ratio 0<r<=1 or a count)")
         return 0
 

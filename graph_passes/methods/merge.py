@@ -1,4 +1,182 @@
-"""Merging methods (ToMe, token transforming): reduce tokens by weighted averages, as MatMuls."""
+"""Merging methods (ToMe, token transforming): reduce tokens by weighted averages, as MatMuls.
+
+Both reduce the n patch tokens (prefix tokens [CLS]/registers are never merged and stay first) to `keep`
+output tokens with one MatMul by a (B, keep, n) weight matrix W, built from comparisons with an arange
+(one-hot) or a softmax, so the export has no ScatterND/ScatterElements (ToMe's `scatter_reduce(mean)`):
+
+    tome                out_k = Σ_i W[k, i] x_i / Σ_i W[k, i]
+                        W[k, i] = 1 if patch i survives at output k or is merged into it (bipartite soft matching)
+    token-transforming  out_j = Σ_i M[i, j] x_i / Σ_i M[i, j]     M[i, :] = softmax_j(cos(x_i, a_j) / τ)
+                        (a_j: the `keep` anchor tokens with the highest [CLS] or mean attention)
+
+Kept positions: ToMe's survivors (unmerged A tokens and every B token), token transforming's anchors; both
+ascending, so the output tokens stay in their original order.
+"""
 from __future__ import annotations
 
-METHODS: tuple = ()
+import torch
+from torch import Tensor
+
+from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores, mean_attention_scores
+from tokensieve.graph_passes.methods.spec import Param, PruneMethod, Reduce, ScoreInput
+from tokensieve.graph_passes.methods.topk import gather_tokens
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """Unit vectors along the last dim, in float32 (a zero vector stays zero)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def top_mask(values: Tensor, k: int) -> Tensor:
+    """(B, n) -> (B, n) bool: the k largest values, exact ties to the lowest position (as ONNX TopK).
+
+    By ranks from pairwise comparisons, rank_i = #{j: v_j > v_i} + #{j < i: v_j = v_i}, instead of a stable
+    sort: torch.onnx has no translation for aten.sort.stable, and torch.topk leaves ties unspecified.
+    """
+    vi, vj = values.unsqueeze(-1), values.unsqueeze(-2)                              # [b, i, j]: v_i, v_j
+    positions = torch.arange(values.shape[-1], device=values.device)
+    before = positions.unsqueeze(-1) > positions                                     # j < i
+    rank = (vj > vi).sum(dim=-1) + ((vj == vi) & before).sum(dim=-1)
+    return rank < k
+
+
+def ascending_positions(mask: Tensor, k: int) -> Tensor:
+    """(B, n) bool with k True per row -> (B, k) int64 positions of the True entries, ascending.
+
+    TopK of a key that is distinct for every selected position (n - position; 0 when not selected): no NonZero.
+    """
+    n = mask.shape[-1]
+    positions = torch.arange(n, device=mask.device)
+    key = torch.where(mask, (n - positions).float(), 0.0)
+    return key.topk(k, dim=-1).indices
+
+
+# --------------------------------------------------------------------------- ToMe
+
+
+def tome_metric(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """ToMe's similarity metric: the block's keys averaged over heads, (B, H, N, D) -> (B, N, D)."""
+    return k.mean(dim=1)
+
+
+def tome_max_merge(num_patches: int) -> int:
+    """The most patch tokens one bipartite matching can merge: the size of set A, ceil(n / 2)."""
+    return (num_patches + 1) // 2
+
+
+def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Bipartite soft matching of the patch metric (B, n, D) -> (merged (B, n_a) bool, dst (B, n_a)).
+
+    Set A = even positions, set B = odd positions (Bolya et al., `bipartite_soft_matching`). Each A token's
+    best B match by cosine similarity is dst, a local patch position (first on ties, as ONNX ArgMax); the r A
+    tokens with the most similar match are merged (ties to the lowest position, like ToMe's stable argsort).
+    """
+    m = _normalize(metric)
+    sim = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(-2, -1))               # (B, n_a, n_b)
+    node_max, node_idx = sim.amax(dim=-1), sim.argmax(dim=-1)
+    return top_mask(node_max, r), 2 * node_idx + 1
+
+
+def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+    """ToMe reduce: merge r = n - keep patch tokens into their bipartite match by a mean (one MatMul).
+
+    x (B, N, C), metric (B, N, D) = `tome_metric` -> ((B, p + keep, C), surviving positions (B, keep) ascending).
+    Each surviving token is the mean of itself and the A tokens merged into it, i.e. ToMe's
+    `scatter_reduce(mean)` with every token of size 1: token sizes (and proportional attention) are not
+    carried from one stage to the next, so a token merged at an earlier stage counts as one token here.
+    Needs r <= ceil(n / 2) (see `tome_validate`).
+    """
+    p = num_prefix_tokens
+    n = x.shape[1] - p
+    r = n - keep
+    positions = torch.arange(n, device=x.device)
+    if r <= 0:  # keep every patch token (a ratio of 1.0)
+        return x, (positions + p).expand(x.shape[0], -1)
+    merged_a, dst = tome_match(metric[:, p:], r)                                  # (B, n_a) each
+    # Survivors = unmerged A tokens + every B token; B positions are odd, so only A tokens are ever dropped.
+    a_of = torch.div(positions, 2, rounding_mode="floor")
+    merged = merged_a[:, a_of] & (positions % 2 == 0)                             # (B, n): patch merged away
+    idx = ascending_positions(~merged, keep)                                      # (B, keep) local, ascending
+    # target[i]: the local position whose output token patch i contributes to (its match if merged, else itself).
+    target_a = torch.where(merged_a, dst, positions[0::2])                        # (B, n_a)
+    target_b = positions[1::2].expand(x.shape[0], -1)                             # (B, n_b) B tokens never move
+    w_a = (idx.unsqueeze(-1) == target_a.unsqueeze(1)).float()                   # (B, keep, n_a) one-hot
+    w_b = (idx.unsqueeze(-1) == target_b.unsqueeze(1)).float()                   # (B, keep, n_b)
+    xp = x[:, p:].float()
+    total = torch.matmul(w_a, xp[:, 0::2]) + torch.matmul(w_b, xp[:, 1::2])       # (B, keep, C) group sums
+    count = w_a.sum(dim=-1, keepdim=True) + w_b.sum(dim=-1, keepdim=True)         # (B, keep, 1) >= 1
+    tokens = (total / count).to(x.dtype)
+    if p:
+        tokens = torch.cat([x[:, :p], tokens], dim=1)
+    return tokens, idx + p
+
+
+def tome_validate(num_patches: int, keep: int, options: dict) -> str | None:
+    n_a = tome_max_merge(num_patches)
+    if num_patches - keep > n_a:
+        return (f"ToMe merges at most {n_a} of {num_patches} patch tokens per stage (keep >= {num_patches - n_a}); "
+                "lower the budget per stage or add stages")
+    return None
+
+
+# --------------------------------------------------------------------------- token transforming
+
+
+def anchor_scores(q: Tensor, k: Tensor, scale: float | None = None, mean_attention: bool = False) -> Tensor:
+    """Importance of each token as an anchor (B, N): the [CLS] attention row, or the mean attention received."""
+    return mean_attention_scores(q, k, scale) if mean_attention else cls_attention_scores(q, k, scale)
+
+
+def transform_tokens(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1,
+                     temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Token transforming reduce: many-to-many soft assignment of every patch token to `keep` anchors.
+
+    Anchors a_j = the `keep` patch tokens with the highest `scores` (ascending positions). Every patch token x_i
+    spreads unit mass over the anchors, M[i, :] = softmax_j(cos(x_i, a_j) / τ), and each anchor becomes the
+    M-weighted mean of all patch tokens, out_j = Σ_i M[i, j] x_i / Σ_i M[i, j] (a (keep × n) MatMul). An anchor
+    is its own most similar anchor (cos = 1), so Σ_i M[i, j] >= 1 / keep > 0. As τ -> 0 every token goes
+    to its nearest anchor (hard clustering); large τ pulls every anchor toward the mean patch token.
+    This is tokensieve's formulation after the papers' description (anchors by attention, many-to-many soft
+    assignment, a K×N matrix times the tokens); the exact normalization of Zeng et al.'s matrix was not checked
+    against their code.
+    -> ((B, p + keep, C), anchor positions (B, keep)).
+    """
+    p = num_prefix_tokens
+    idx = ascending_positions(top_mask(scores[:, p:], keep), keep) + p           # (B, keep) ascending
+    xp = x[:, p:].float()
+    anchors = gather_tokens(x, idx, 0).float()                                    # (B, keep, C)
+    sim = torch.matmul(_normalize(xp), _normalize(anchors).transpose(-2, -1))    # (B, n, keep)
+    m = (sim / temperature).softmax(dim=-1)
+    mass = m.sum(dim=1).unsqueeze(-1)                                             # (B, keep, 1)
+    tokens = (torch.matmul(m.transpose(-2, -1), xp) / mass).to(x.dtype)
+    if p:
+        tokens = torch.cat([x[:, :p], tokens], dim=1)
+    return tokens, idx
+
+
+METHODS: tuple = (
+    PruneMethod(
+        name="tome",
+        summary="merge the most similar patch tokens (bipartite soft matching on the keys) by averaging; "
+                "at most half the patch tokens per stage",
+        paper="ToMe: Token Merging (Bolya et al., ICLR 2023)",
+        score_input=ScoreInput.ATTENTION_QK, score=tome_metric, reduce=Reduce.MERGE,
+        reduce_fn=tome_merge, validate=tome_validate,
+    ),
+    PruneMethod(
+        name="token-transforming",
+        summary="keep the top-[CLS]-attention patch tokens as anchors and softly merge every patch token into "
+                "them (softmax over cosine similarity / temperature)",
+        paper="Token Transforming (Zeng et al., 2025); GTP-ViT (Xu et al., WACV 2024)",
+        score_input=ScoreInput.ATTENTION_QK, score=anchor_scores, reduce=Reduce.MERGE, requires_cls=True,
+        reduce_fn=transform_tokens,
+        params=(
+            Param("temperature", 0.1, "τ of the softmax over anchors (small: hard nearest-anchor merge)",
+                  float, 1e-3, 10.0),
+            Param("mean_attention", False, "pick anchors by mean attention received instead of [CLS] attention",
+                  bool),
+        ),
+        score_params=("mean_attention",), reduce_params=("temperature",),
+    ),
+)

@@ -72,6 +72,10 @@ class PruneMethod:
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params}
 
+    def needs_cls(self, options: dict) -> bool:
+        """Whether this stage scores with the [CLS] token (an option may switch to a CLS-free score)."""
+        return self.requires_cls and not options.get("mean_attention", False)
+
     def extra_tokens(self, params: dict) -> int:
         """Tokens a stage adds besides prefix + kept (EViT's fused token)."""
         return int(bool(params.get("fuse", False)))
