@@ -148,8 +148,10 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
         debug_onnx = onnx_model = dense_onnx
         macs_pruned = macs_dense
 
-    for m in (onnx_model, dense_onnx):
-        check_static(m)
+    # An ONNX Loop is allowed only where a stage asked for it (divprune/mmr loop=true).
+    loop_ok = frozenset({"Loop"}) if any(s.options.get("loop") for s in stages) else frozenset()
+    check_static(onnx_model, allowed_ops=loop_ok)
+    check_static(dense_onnx)
     hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
                              tuple(s.options.items())) for s in stages]
     return ExportResult(
