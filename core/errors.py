@@ -31,3 +31,8 @@ class VerificationError(TokenSieveError):
 
 class InternalError(Exception):
     """A tokensieve bug: deliberately not a TokenSieveError, so it keeps its traceback."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (or its type name), cut to `limit` characters."""
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:limit]

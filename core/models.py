@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokensieve.errors import ModelError
+from tokensieve.errors import ModelError, first_line
 
 BUILTIN = {
     # name: (ViTConfig kwargs, summary)
@@ -51,8 +51,7 @@ def _load_hf_dir(path: Path) -> nn.Module:
             a.endswith("ForImageClassification") for a in config.architectures) else AutoModel
         model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"Cannot load model folder {str(path)!r}: {first[:200]}") from e
+        raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     return model.eval()
 
 

@@ -6,7 +6,7 @@ import re
 import onnx
 import torch
 
-from tokensieve.errors import ExportError
+from tokensieve.errors import ExportError, first_line
 from tokensieve.exporter.trace import quiet
 from tokensieve.exporter.onnx_translations import TRANSLATIONS
 
@@ -28,8 +28,7 @@ def to_onnx(ep: torch.export.ExportedProgram, output_names: list[str], opset: in
                 verbose=False,
             )
     except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"ONNX conversion failed: {type(e).__name__}: {first[:300]}") from e
+        raise ExportError(f"ONNX conversion failed: {type(e).__name__}: {first_line(e)}") from e
     model = prog.model_proto
     _rename_batch_dim(model)
     return model

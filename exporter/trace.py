@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from tokensieve.errors import ExportError
+from tokensieve.errors import ExportError, first_line
 
 
 class FirstOutput(nn.Module):
@@ -72,5 +72,4 @@ def trace(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) 
                 module, (example,), dynamic_shapes=batch_dynamic_shapes() if dynamic_batch else None, strict=False
             )
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; report the first line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"torch.export failed: {type(e).__name__}: {first[:300]}") from e
+        raise ExportError(f"torch.export failed: {type(e).__name__}: {first_line(e)}") from e
