@@ -11,10 +11,10 @@ import onnx
 import torch
 from torch import fx, nn
 
-from tokensieve.errors import ConfigError, TargetError, VerificationError
+from tokensieve.errors import ConfigError
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
-from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
+from tokensieve.fileio import atomic_path, ensure_writable_dir
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages, kept_index_nodes

@@ -9,12 +9,10 @@ of the pruned latency, the measured speedup and its ratio to the MAC-ideal speed
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 

@@ -1,4 +1,4 @@
-"""`tokensieve::prune_topk`: the op the FX pass inserts; the exporter decomposes it into TopK + Gather.
+"""`tokensieve::prune_topk`: the op the FX pass inserts; the exporter translates it to TopK + GatherND.
 
 Keeping selection as one custom op until ONNX conversion keeps the graph readable (one node per
 stage) and gives targets one place to substitute a plugin later.
@@ -25,7 +25,3 @@ def _(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int) -> tuple[Ten
         x.new_empty(x.shape[0], keep, dtype=torch.long),
     )
 
-
-def decompositions() -> dict:
-    """Decomposition table entries that lower tokensieve ops to aten (TopK, sort, gather, cat)."""
-    return {torch.ops.tokensieve.prune_topk.default: prune_topk}
