@@ -10,12 +10,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import onnx
+import onnx_ir as ir
+
 from tokensieve.errors import ConfigError, InternalError, TargetError
 from tokensieve.fileio import atomic_path, ensure_writable_dir
+from tokensieve.graph_passes.onnx.split_large_topk import split_large_topk
 
 from .engine_metadata import SCHEMA, metadata_path_for, network_io, sha256_file, tokensieve_version
 from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor, local_compute_capability,
                       parse_target, rtx_compute_capability_enum)
+from .lint import lint_for_tensorrt, raise_on_lint
 from .plugins import load_plugins
 from .trt_logger import collecting_logger
 
@@ -85,7 +90,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             raise TargetError(f"{label} could not create a builder: {logger.summary()}")
         network = builder.create_network(0)  # explicit batch is the default in 10.x; 11.x and RTX are strongly typed
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
+        model = _prepare_for_tensorrt(onnx_path, flavor)
+        if model is None:  # unreadable as ONNX: let the parser say why
+            parsed = parser.parse_from_file(str(onnx_path))
+        else:  # the path lets the parser find external weights (model.onnx.data)
+            parsed = parser.parse(model.SerializeToString(), str(onnx_path))
+        if not parsed:
             raise TargetError(_parser_error(label, onnx_path, parser))
         config = builder.create_builder_config()
         profile = _batch_profile(builder, network, spec)
@@ -148,6 +158,21 @@ def _tf32_enabled(trt: ModuleType, config) -> bool | None:
     """TF32 is on by default for fp32 math (about 1e-3 relative error); None where the flag does not exist."""
     flag = getattr(trt.BuilderFlag, "TF32", None)
     return None if flag is None else bool(config.get_flag(flag))
+
+
+def _prepare_for_tensorrt(onnx_path: Path, flavor: str):
+    """Split TopKs above TensorRT's K limit, then refuse (one line) any node the parser would reject.
+
+    Returns the graph to parse (weights stay on disk), or None if the file does not load as ONNX.
+    """
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the parser reports corrupt files with its own message
+        return None
+    if any(issue.op == "TopK" for issue in lint_for_tensorrt(model, flavor)):
+        model = ir.to_proto(split_large_topk(model).model)
+    raise_on_lint(lint_for_tensorrt(model, flavor))
+    return model
 
 
 def _parser_error(label: str, onnx_path: Path, parser) -> str:
