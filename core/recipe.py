@@ -252,7 +252,7 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
         reason = spec.validate(patches, k, s.options()) if spec.validate else None
         if reason:
             raise ConfigError(f"Stage {s.method}@{s.after_block}: {reason}")
-        n_out = num_prefix_tokens + k + spec.extra_tokens(s.options())
+        n_out = num_prefix_tokens + k + spec.extra_tokens(s.options(), patches, k)
         out.append(ResolvedStage(s, k, n, n_out, num_prefix_tokens))
         n = n_out
     return out

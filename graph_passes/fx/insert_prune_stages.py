@@ -1,4 +1,4 @@
-"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [+ fused token].
+"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [-> PosPad markers] [+ fused token].
 
 The score reads what its method needs from the block: the q and k given to its SDPA (recomputing
 one attention row keeps the fused attention fused), its input/output tokens, or only positions.
@@ -18,6 +18,7 @@ from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
 from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
 
@@ -58,6 +59,11 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
             tokens = graph.call_function(operator.getitem, (prune, 0))
             kept = graph.call_function(operator.getitem, (prune, 1))
             new += [score, prune, tokens, kept]
+            if options.get("pospad"):
+                slots = pospad_slots(rs.tokens_in - rs.num_prefix_tokens, rs.keep)
+                padded = graph.call_function(pospad_tokens, (out, kept, slots, rs.num_prefix_tokens))
+                tokens = graph.call_function(operator.getitem, (padded, 0))
+                new += [padded, tokens]
             if options.get("fuse"):
                 fused = graph.call_function(fuse_dropped_tokens, (out, score, kept, rs.num_prefix_tokens))
                 tokens = graph.call_function(torch.cat, ([tokens, fused], 1))

@@ -11,7 +11,7 @@ from tokensieve.graph_passes.methods import diversity, merge
 from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores, mean_attention_scores
 from tokensieve.graph_passes.methods.hidden_scores import transition_scores
 from tokensieve.graph_passes.methods.position_scores import MAX_SEED, random_scores, uniform_scores
-from tokensieve.graph_passes.methods.spec import FUSE, Param, PruneMethod, Reduce, ScoreInput
+from tokensieve.graph_passes.methods.spec import FUSE, POSPAD, Param, PruneMethod, Reduce, ScoreInput
 
 __all__ = ["METHODS", "Param", "PruneMethod", "Reduce", "ScoreInput"]
 
@@ -22,20 +22,20 @@ METHODS: dict[str, PruneMethod] = {
             name="cls-topk",
             summary="keep the patch tokens the [CLS] token attends to most (head-averaged attention row)",
             paper="EViT (Liang et al., ICLR 2022); FasterVLM (Zhang et al., 2024)",
-            score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True, params=(FUSE,),
+            score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True, params=(FUSE, POSPAD),
         ),
         PruneMethod(
             name="attn-mean",
             summary="keep the patch tokens that receive the most attention on average (no [CLS] needed, e.g. SigLIP)",
             paper="attention-received importance, as in FastV (Chen et al., ECCV 2024) without a query token",
-            score_input=ScoreInput.ATTENTION_QK, score=mean_attention_scores, params=(FUSE,),
+            score_input=ScoreInput.ATTENTION_QK, score=mean_attention_scores, params=(FUSE, POSPAD),
         ),
         PruneMethod(
             name="ttv",
             summary="keep the tokens whose hidden state the block changes most (magnitude + direction)",
             paper="TransPrune: token transition variation (Li et al., 2025)",
             score_input=ScoreInput.HIDDEN, score=transition_scores,
-            params=(Param("direction_weight", 1.0, "weight of the direction term 1-cos(x_in, x_out)", float, 0.0, 100.0), FUSE),
+            params=(Param("direction_weight", 1.0, "weight of the direction term 1-cos(x_in, x_out)", float, 0.0, 100.0), FUSE, POSPAD),
             score_params=("direction_weight",),
         ),
         PruneMethod(
@@ -43,13 +43,13 @@ METHODS: dict[str, PruneMethod] = {
             summary="keep a seeded pseudo-random subset of patch positions (same for every input)",
             paper="random visual tokens baseline (e.g. Wen et al., 2025 'Token pruning in MLLMs: are we solving the right problem?')",
             score_input=ScoreInput.TOKENS, score=random_scores,
-            params=(Param("seed", 0, "seed of the position order", int, 0, MAX_SEED),), score_params=("seed",),
+            params=(Param("seed", 0, "seed of the position order", int, 0, MAX_SEED), POSPAD), score_params=("seed",),
         ),
         PruneMethod(
             name="uniform",
             summary="keep evenly spaced patch positions (strided subset, same for every input)",
             paper="uniform / strided spatial sampling baseline (as in FEATHER, Endo et al., 2025)",
-            score_input=ScoreInput.TOKENS, score=uniform_scores, needs_keep=True,
+            score_input=ScoreInput.TOKENS, score=uniform_scores, needs_keep=True, params=(POSPAD,),
         ),
     )
     + merge.METHODS

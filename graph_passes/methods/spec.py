@@ -43,6 +43,8 @@ class Param:
 
 
 FUSE = Param("fuse", False, "add EViT's extra token: the score-weighted mean of the dropped tokens", bool)
+POSPAD = Param("pospad", False, "PosPad: one marker token (mean of the run) per run of dropped tokens, at the run's "
+               "last position; min(K+1, n-K) static marker slots, unused ones zero at the end", bool)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,14 @@ class PruneMethod:
         """Whether this stage scores with the [CLS] token (an option may switch to a CLS-free score)."""
         return self.requires_cls and not options.get("mean_attention", False)
 
-    def extra_tokens(self, params: dict) -> int:
-        """Tokens a stage adds besides prefix + kept (EViT's fused token)."""
-        return int(bool(params.get("fuse", False)))
+    def extra_tokens(self, params: dict, num_patches: int | None = None, keep: int | None = None) -> int:
+        """Tokens a stage adds besides prefix + kept (EViT's fused token, PosPad's marker slots)."""
+        extra = int(bool(params.get("fuse", False)))
+        if params.get("pospad", False):
+            if num_patches is None or keep is None:
+                raise ValueError(f"{self.name}: pospad needs num_patches and keep to count its marker slots")
+            from tokensieve.graph_passes.methods.pospad import pospad_slots
+            extra += pospad_slots(num_patches, keep)
+        return extra
 
 

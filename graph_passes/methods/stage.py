@@ -1,4 +1,4 @@
-"""One pruning stage as plain function calls: score -> prune_topk -> optional fused token.
+"""One pruning stage as plain function calls: score -> prune_topk -> optional PosPad markers -> optional fused token.
 
 The eager reference calls `run_stage`; the FX pass inserts the same calls as graph nodes
 (`score_call` gives the function and arguments for both).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
 
@@ -39,6 +40,8 @@ def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: in
     if spec.reduce_fn is not None:
         return spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options))
     tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
+    if options.get("pospad"):
+        tokens, _ = pospad_tokens(x, idx, pospad_slots(x.shape[1] - num_prefix_tokens, keep), num_prefix_tokens)
     if options.get("fuse"):
         tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)
     return tokens, idx
