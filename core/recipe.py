@@ -249,7 +249,17 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                 f"{s.after_block}; lower keep or use a ratio"
             )
         spec = METHODS[s.method]
+        prev = out[-1] if out else None
+        if prev and METHODS[prev.stage.method].stateful(prev.options) and not (
+                s.method == prev.stage.method and spec.stateful(s.options())):
+            raise ConfigError(
+                f"Stage {s.method}@{s.after_block} follows a stateful {prev.stage.method} stage (it carries token "
+                f"validity or sizes that only {prev.stage.method} stages with the same options handle); make the later "
+                "stages the same, or move this stage before it"
+            )
         reason = spec.validate(patches, k, s.options()) if spec.validate else None
+        if not reason and spec.validate_place:  # e.g. HiPrune: an earlier anchor block, no stage before it
+            reason = spec.validate_place(s.after_block, n, num_tokens, s.options())
         if reason:
             raise ConfigError(f"Stage {s.method}@{s.after_block}: {reason}")
         n_out = num_prefix_tokens + k + spec.extra_tokens(s.options(), patches, k)

@@ -10,28 +10,36 @@ from tokensieve.exporter.onnx_translations import TRANSLATIONS
 from tokensieve.exporter.trace import quiet
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
 
 class _Stage(nn.Module):
-    def __init__(self, method: str, options: dict, keep: int, num_prefix_tokens: int, scale: float | None):
+    def __init__(self, method: str, options: dict, keep: int, num_prefix_tokens: int, scale: float | None,
+                 grid: tuple[int, int] | None = None):
         super().__init__()
         self.spec, self.options, self.keep, self.p, self.scale = METHODS[method], options, keep, num_prefix_tokens, scale
+        self.grid = grid
 
     def forward(self, q, k, x_in, x_out):
+        # A two-block score (HiPrune) reads the same q/k again as its earlier block's: the same cost.
         fn, args, kwargs = score_call(self.spec, self.options, self.keep, self.p, q=q, k=k, scale=self.scale,
-                                      x_in=x_in, x_out=x_out)
+                                      x_in=x_in, x_out=x_out, q_early=q, k_early=k, scale_early=self.scale,
+                                      grid=self.grid)
         scores = fn(*args, **kwargs)
         if self.spec.reduce_fn is not None:
             return self.spec.reduce_fn(x_out, scores, self.keep, self.p, **reduce_kwargs(self.spec, self.options))[0]
         tokens, idx = torch.ops.tokensieve.prune_topk(x_out, scores, self.keep, self.p)
+        if self.options.get("pospad"):
+            tokens, _ = pospad_tokens(x_out, idx, pospad_slots(x_out.shape[1] - self.p, self.keep), self.p)
         if self.options.get("fuse"):
             tokens = torch.cat([tokens, fuse_dropped_tokens(x_out, scores, idx, self.p)], dim=1)
         return tokens
 
 
 def stage_onnx(method: str, options: dict, keep: int, num_prefix_tokens: int, *, batch: int, tokens: int,
-               hidden: int, heads: int) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
+               hidden: int, heads: int,
+               grid: tuple[int, int] | None = None) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
     """ONNX of one stage for (batch, tokens, hidden) inputs with `heads` heads, plus example feeds."""
     d = hidden // heads
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +49,7 @@ def stage_onnx(method: str, options: dict, keep: int, num_prefix_tokens: int, *,
         "x_in": torch.randn(batch, tokens, hidden, generator=gen),
         "x_out": torch.randn(batch, tokens, hidden, generator=gen),
     }
-    module = _Stage(method, options, keep, num_prefix_tokens, d ** -0.5)
+    module = _Stage(method, options, keep, num_prefix_tokens, d ** -0.5, grid)
     try:
         with quiet():
             ep = torch.export.export(module, tuple(feeds.values()), strict=False)

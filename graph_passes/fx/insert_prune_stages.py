@@ -1,5 +1,9 @@
 """Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [-> PosPad markers] [+ fused token].
 
+A stateful stage carries a token state to later stages: an adaptive stage (input-dependent count) the validity of
+its K capped slots, ToMe with prop_attn the token sizes. Every later attention op gets the state's additive key mask
+(-inf on invalid slots / log size), and a later adaptive stage's score gets it as `key_bias`.
+
 The score reads what its method needs from the block: the q and k given to its SDPA (recomputing
 one attention row keeps the fused attention fused), its input/output tokens, or only positions.
 Token counts after the stage change; `respecialize_token_counts` fixes literal sizes downstream.
@@ -15,9 +19,10 @@ from torch import fx
 import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
 from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
-from tokensieve.graph_passes.blocks import Block
+from tokensieve.graph_passes.blocks import Block, token_layout
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
 from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.adaptive import key_bias
 from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
@@ -33,11 +38,23 @@ def _attention_inputs(block: Block, method: str) -> dict:
     return {"q": sdpa.args[0], "k": sdpa.args[1], "scale": scale}
 
 
+def _earlier_inputs(gm: fx.GraphModule, blocks: list[Block], rs, spec) -> dict:
+    """q/k/scale of the earlier block a two-block score also reads (HiPrune's anchor block) and the patch grid."""
+    early = _attention_inputs(blocks[spec.earlier_block(rs.options, rs.stage.after_block)], rs.stage.method)
+    grid = token_layout(gm, blocks, rs.num_prefix_tokens).grid
+    patches = rs.tokens_in - rs.num_prefix_tokens
+    if grid is None or grid[0] * grid[1] != patches:
+        raise PassError(f"{rs.stage.method}@{rs.stage.after_block} needs the 2D patch grid of its {patches} patch "
+                        f"tokens, but the patch embedding gives {grid}; use a model with a conv patch embedding")
+    return {"q_early": early["q"], "k_early": early["k"], "scale_early": early["scale"], "grid": grid}
+
+
 def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> PassResult:
     """Insert the stages (ResolvedStage list, in block order) after their blocks; edits gm in place."""
     graph = gm.graph
     inserted = 0
     current: dict[fx.Node, fx.Node] = {}  # a block output replaced by an earlier stage -> its pruned tokens
+    state = None  # (B, N) token state after a stateful stage (adaptive: validity; tome prop_attn: sizes)
     for rs in stages:
         block = blocks[rs.stage.after_block]
         out = block.output
@@ -47,11 +64,21 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
         inputs = {"x_out": out, "x_in": current.get(block.input, block.input)}
         if spec.score_input is ScoreInput.ATTENTION_QK:
             inputs |= _attention_inputs(block, rs.stage.method)
+        elif spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:
+            inputs |= _attention_inputs(block, rs.stage.method) | _earlier_inputs(gm, blocks, rs, spec)
         fn, args, kwargs = score_call(spec, options, rs.keep, rs.num_prefix_tokens, **inputs)
         new = []
         with graph.inserting_after(out):
+            if state is not None and spec.compacts:  # the score sees the attention the block saw: invalid keys masked
+                bias = graph.call_function(key_bias, (state,))
+                kwargs = {**kwargs, "key_bias": bias}
+                new.append(bias)
             score = graph.call_function(fn, args, kwargs)
-            if spec.reduce_fn is not None:
+            stateful = spec.stateful(options)
+            if stateful:
+                prune = graph.call_function(spec.reduce_fn, (out, score, rs.keep, rs.num_prefix_tokens),
+                                            {**reduce_kwargs(spec, options), "state": state})
+            elif spec.reduce_fn is not None:
                 prune = graph.call_function(spec.reduce_fn, (out, score, rs.keep, rs.num_prefix_tokens),
                                             reduce_kwargs(spec, options))
             else:
@@ -59,6 +86,10 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
             tokens = graph.call_function(operator.getitem, (prune, 0))
             kept = graph.call_function(operator.getitem, (prune, 1))
             new += [score, prune, tokens, kept]
+            if stateful:
+                state = graph.call_function(operator.getitem, (prune, 2))
+                mask = graph.call_function(spec.state_mask, (state,))
+                new += [state, mask]
             if options.get("pospad"):
                 slots = pospad_slots(rs.tokens_in - rs.num_prefix_tokens, rs.keep)
                 padded = graph.call_function(pospad_tokens, (out, kept, slots, rs.num_prefix_tokens))
@@ -84,10 +115,26 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
         old = out.meta.get("val")
         tokens.meta[TAG]["replaced_shape"] = tuple(old.shape) if old is not None else None
         current[out] = tokens
+        if stateful:
+            _mask_later_attention(blocks[rs.stage.after_block + 1:], mask)
         inserted += 1
     if inserted:
         gm.recompile()
     return PassResult(gm, inserted > 0)
+
+
+def _mask_later_attention(later: list[Block], mask: fx.Node) -> None:
+    """Give every attention op after a stateful stage its key mask (replacing an earlier stage's)."""
+    for block in later:
+        for sdpa in block.attention:
+            old = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+            if old is not None and not (isinstance(old, fx.Node) and TAG in old.meta):
+                raise PassError(f"Block {block.index} ({block.path}) already has an attention mask; a stage before it "
+                                "cannot add its key mask (export without an attention mask)")
+            if len(sdpa.args) > 3:
+                sdpa.args = sdpa.args[:3] + (mask,) + sdpa.args[4:]
+            else:
+                sdpa.kwargs = {**sdpa.kwargs, "attn_mask": mask}
 
 
 def kept_index_nodes(gm: fx.GraphModule) -> list[fx.Node]:

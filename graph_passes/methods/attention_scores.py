@@ -11,12 +11,15 @@ def _scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
 
-def cls_attention_scores(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
-    """EViT / FasterVLM score: the [CLS] row of softmax(q kᵀ · scale), averaged over heads -> (B, N).
+def cls_attention_scores(q: Tensor, k: Tensor, scale: float | None = None, key_bias: Tensor | None = None) -> Tensor:
+    """EViT / FasterVLM score: the [CLS] row of softmax(q kᵀ · scale [+ key_bias]), averaged over heads -> (B, N).
 
-    Only one row is recomputed (B·H·N·D MACs), so the block's fused attention stays fused.
+    Only one row is recomputed (B·H·N·D MACs), so the block's fused attention stays fused. `key_bias` (B, N) is the
+    additive bias the block's attention got (-inf on invalid slots after an adaptive stage).
     """
     logits = torch.matmul(q[:, :, :1, :] * _scale(q, scale), k.transpose(-2, -1))  # (B, H, 1, N)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].to(logits.dtype)
     return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)
 
 

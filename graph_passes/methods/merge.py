@@ -78,21 +78,25 @@ def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return top_mask(node_max, r), 2 * node_idx + 1
 
 
-def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1) -> tuple[Tensor, Tensor]:
+def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1, prop_attn: bool = False,
+               state: Tensor | None = None) -> tuple[Tensor, ...]:
     """ToMe reduce: merge r = n - keep patch tokens into their bipartite match by a mean (one MatMul).
 
     x (B, N, C), metric (B, N, D) = `tome_metric` -> ((B, p + keep, C), surviving positions (B, keep) ascending).
-    Each surviving token is the mean of itself and the A tokens merged into it, i.e. ToMe's
-    `scatter_reduce(mean)` with every token of size 1: token sizes (and proportional attention) are not
-    carried from one stage to the next, so a token merged at an earlier stage counts as one token here.
-    Needs r <= ceil(n / 2) (see `tome_validate`).
+    Each surviving token is the mean of itself and the A tokens merged into it (ToMe's `scatter_reduce(mean)`).
+    Without prop_attn every token counts as size 1 at every stage. With prop_attn (ToMe's proportional attention)
+    the token sizes are the carried state: `state` (B, N) float sizes in (None = all 1), means are size-weighted,
+    and the sizes out (B, p + keep) are returned third; later attention adds log(size) to its logits
+    (`tome_size_mask`). Needs r <= ceil(n / 2) (see `tome_validate`).
     """
     p = num_prefix_tokens
     n = x.shape[1] - p
     r = n - keep
     positions = torch.arange(n, device=x.device)
+    size = torch.ones_like(x[:, :, 0], dtype=torch.float32) if state is None else state.float()
     if r <= 0:  # keep every patch token (a ratio of 1.0)
-        return x, (positions + p).expand(x.shape[0], -1)
+        kept = (positions + p).expand(x.shape[0], -1)
+        return (x, kept, size) if prop_attn else (x, kept)
     merged_a, dst = tome_match(metric[:, p:], r)                                  # (B, n_a) each
     # Survivors = unmerged A tokens + every B token; B positions are odd, so only A tokens are ever dropped.
     a_of = torch.div(positions, 2, rounding_mode="floor")
@@ -103,13 +107,21 @@ def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1)
     target_b = positions[1::2].expand(x.shape[0], -1)                             # (B, n_b) B tokens never move
     w_a = (idx.unsqueeze(-1) == target_a.unsqueeze(1)).float()                   # (B, keep, n_a) one-hot
     w_b = (idx.unsqueeze(-1) == target_b.unsqueeze(1)).float()                   # (B, keep, n_b)
-    xp = x[:, p:].float()
+    sp = size[:, p:].unsqueeze(-1)                                                # (B, n, 1) token sizes
+    xp = x[:, p:].float() * sp
     total = torch.matmul(w_a, xp[:, 0::2]) + torch.matmul(w_b, xp[:, 1::2])       # (B, keep, C) group sums
-    count = w_a.sum(dim=-1, keepdim=True) + w_b.sum(dim=-1, keepdim=True)         # (B, keep, 1) >= 1
+    count = torch.matmul(w_a, sp[:, 0::2]) + torch.matmul(w_b, sp[:, 1::2])       # (B, keep, 1) group sizes >= 1
     tokens = (total / count).to(x.dtype)
     if p:
         tokens = torch.cat([x[:, :p], tokens], dim=1)
+    if prop_attn:
+        return tokens, idx + p, torch.cat([size[:, :p], count.squeeze(-1)], dim=1)
     return tokens, idx + p
+
+
+def tome_size_mask(size: Tensor) -> Tensor:
+    """ToMe's proportional attention: (B, N) token sizes -> (B, 1, 1, N) additive log(size) attention bias."""
+    return size.log()[:, None, None, :]
 
 
 def tome_validate(num_patches: int, keep: int, options: dict) -> str | None:
@@ -163,6 +175,11 @@ METHODS: tuple = (
         paper="ToMe: Token Merging (Bolya et al., ICLR 2023)",
         score_input=ScoreInput.ATTENTION_QK, score=tome_metric, reduce=Reduce.MERGE,
         reduce_fn=tome_merge, validate=tome_validate,
+        params=(Param("prop_attn", False, "proportional attention: carry token sizes, size-weighted merges, "
+                      "log(size) added to later attention logits (every later stage must be tome(prop_attn=true))",
+                      bool),),
+        reduce_params=("prop_attn",), carries_state=lambda options: options.get("prop_attn", False),
+        state_mask=tome_size_mask,
     ),
     PruneMethod(
         name="token-transforming",

@@ -24,6 +24,7 @@ class HookStage:
     keep: int
     num_prefix_tokens: int
     options: tuple[tuple[str, object], ...] = ()
+    grid: tuple[int, int] | None = None   # the patch grid (h, w), for scores that read 2D neighbours (HiPrune)
 
 
 def is_trivial_mask(mask) -> bool:
@@ -33,12 +34,14 @@ def is_trivial_mask(mask) -> bool:
 
 
 class _Attention(TorchFunctionMode):
-    """Capture q, k, scale of each SDPA call (for the current block) and drop no-op masks."""
+    """Capture q, k, scale of each SDPA call (for the current block), drop no-op masks, and give the blocks after a
+    stateful stage its key mask (as the FX pass does)."""
 
     def __init__(self):
         super().__init__()
         self.current: str | None = None
         self.captured: dict[str, tuple] = {}
+        self.key_mask: Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -48,18 +51,56 @@ class _Attention(TorchFunctionMode):
                 args[3] = None
             if is_trivial_mask(kwargs.get("attn_mask")):
                 kwargs["attn_mask"] = None
+            if self.key_mask is not None:
+                if (len(args) > 3 and args[3] is not None) or kwargs.get("attn_mask") is not None:
+                    raise ValueError("an attention op after a stateful stage already has a mask")
+                mask = self.key_mask.to(args[0].dtype)
+                if len(args) > 3:
+                    args[3] = mask
+                else:
+                    kwargs["attn_mask"] = mask
             if self.current is not None:
                 self.captured[self.current] = (args[0], args[1], kwargs.get("scale"))
         return func(*args, **kwargs)
 
 
 def run_reference(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple[Tensor, list[Tensor]]:
-    """Run `model(x)` with the stages applied; returns (first output, kept positions per stage)."""
+    """Run `model(x)` with the stages applied; returns (first output, kept positions per stage).
+
+    With an adaptive (input-dependent count) stage, each sample runs alone and its tokens are really compacted;
+    a per-token output shorter than the exported capped sequence is padded with NaN (rows the export marks invalid).
+    """
+    if any(METHODS[s.method].compacts for s in stages):
+        runs = [_run_hooked(model, x[b:b + 1], stages) for b in range(x.shape[0])]
+        slots = stages[-1].num_prefix_tokens + stages[-1].keep
+        outs = [_pad_tokens(out, slots) for out, _ in runs]
+        return torch.cat(outs), [torch.cat(k) for k in zip(*(kept for _, kept in runs))]
+    return _run_hooked(model, x, stages)
+
+
+def _pad_tokens(out: Tensor, slots: int) -> Tensor:
+    """(1, n, C) with n < slots -> (1, slots, C), NaN rows after the n real ones; other outputs unchanged."""
+    if out.dim() != 3 or out.shape[1] >= slots:
+        return out
+    return torch.cat([out, out.new_full((1, slots - out.shape[1], out.shape[2]), float("nan"))], dim=1)
+
+
+def _earlier_path(stage: HookStage) -> str | None:
+    """Path of the earlier sibling block a two-block score reads (blocks are `<prefix>.<index>`), else None."""
+    spec = METHODS[stage.method]
+    if spec.score_input is not ScoreInput.ATTENTION_QK_TWO_BLOCKS:
+        return None
+    prefix, _, index = stage.block_path.rpartition(".")
+    return f"{prefix}.{spec.earlier_block(dict(stage.options), int(index))}"
+
+
+def _run_hooked(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple[Tensor, list[Tensor]]:
     mode = _Attention()
     kept: list[Tensor] = []
     handles = []
 
     inputs: dict[str, Tensor] = {}
+    state: list[Tensor | None] = [None]  # token state carried by a stateful stage (PruneMethod.carries_state)
 
     def pre_hook(path):
         def hook(module, args, kwargs):
@@ -73,15 +114,36 @@ def run_reference(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple
             spec = METHODS[stage.method]
             hidden = output[0] if isinstance(output, tuple) else output
             found = {"x_out": hidden, "x_in": inputs.pop(stage.block_path)}
-            if spec.score_input is ScoreInput.ATTENTION_QK:
+            if spec.score_input in (ScoreInput.ATTENTION_QK, ScoreInput.ATTENTION_QK_TWO_BLOCKS):
                 found |= dict(zip(("q", "k", "scale"), mode.captured.pop(stage.block_path)))
-            pruned, idx = run_stage(spec, dict(stage.options), stage.keep, stage.num_prefix_tokens, **found)
+            if spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:
+                if stage.grid is None:
+                    raise ValueError(f"{stage.method} needs the patch grid: set HookStage.grid")
+                found |= dict(zip(("q_early", "k_early", "scale_early"), mode.captured.pop(_earlier_path(stage))))
+                found["grid"] = stage.grid
+            options = dict(stage.options)
+            pruned, idx, new_state = run_stage(spec, options, stage.keep, stage.num_prefix_tokens, state=state[0],
+                                               **found)
             kept.append(idx)
+            if new_state is not None:  # later attention sees the state's key mask (ToMe's log-size bias)
+                state[0], mode.key_mask = new_state, spec.state_mask(new_state)
             return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
         return hook
 
+    def capture_hooks(path):  # an earlier block whose q/k a later stage also reads (HiPrune's anchor block)
+        def pre(module, args, kwargs):
+            mode.current = path
+
+        def post(module, args, output):
+            mode.current = None
+        return pre, post
+
     try:
         for st in stages:
+            if (early := _earlier_path(st)) is not None:
+                pre, post = capture_hooks(early)
+                handles.append(model.get_submodule(early).register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(model.get_submodule(early).register_forward_hook(post))
             block = model.get_submodule(st.block_path)
             handles.append(block.register_forward_pre_hook(pre_hook(st.block_path), with_kwargs=True))
             handles.append(block.register_forward_hook(post_hook(st)))

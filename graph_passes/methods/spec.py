@@ -12,6 +12,9 @@ class ScoreInput(Enum):
     ATTENTION_QK = "attention_qk"   # score(q, k, scale, **params): q, k as given to the block's SDPA
     HIDDEN = "hidden"               # score(x_in, x_out, **params): the block's input and output tokens
     TOKENS = "tokens"               # score(x_out, **params): the block's output tokens (or only their positions)
+    # score(q_e, k_e, scale_e, q, k, scale, keep=K, num_prefix_tokens=p, grid=(h, w), **params): also the q/k of an
+    # earlier block (PruneMethod.earlier_block), and the patch grid; the stage must see every patch (HiPrune)
+    ATTENTION_QK_TWO_BLOCKS = "attention_qk_two_blocks"
 
 
 class Reduce(Enum):
@@ -67,12 +70,29 @@ class PruneMethod:
     # Budget check beyond 1 <= keep < patches: validate(num_patches, keep, options) -> None or a one-line
     # reason (e.g. ToMe can merge at most half of the tokens in one stage).
     validate: Callable[[int, int, dict], str | None] | None = None
+    # Placement check: validate_place(after_block, tokens_in, num_tokens, options) -> None or a one-line reason, with
+    # tokens_in entering the stage and num_tokens entering block 0 (HiPrune: an earlier anchor block, the full grid).
+    validate_place: Callable[[int, int, int, dict], str | None] | None = None
+    # ATTENTION_QK_TWO_BLOCKS: earlier_block(options, after_block) -> the index of the earlier block it also reads.
+    earlier_block: Callable[[dict, int], int] | None = None
+    # Token state carried to later stages (adaptive: validity of capped slots; tome with prop_attn: token sizes).
+    # If carries_state(options): reduce_fn takes `state=` (None at the first such stage) and returns (tokens, kept,
+    # state (B, p + keep)); every later attention op gets the additive (B, 1, 1, N) mask state_mask(state); only
+    # stateful stages of the same method may follow.
+    carries_state: Callable[[dict], bool] | None = None
+    state_mask: Callable | None = None
+    # The eager reference really drops invalid slots (batch 1) instead of masking (adaptive), and the stage's score
+    # gets the incoming state's key bias (`key_bias=`) so that it sees the attention the block saw.
+    compacts: bool = False
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
 
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params}
+
+    def stateful(self, options: dict) -> bool:
+        return self.carries_state is not None and bool(self.carries_state(options))
 
     def needs_cls(self, options: dict) -> bool:
         """Whether this stage scores with the [CLS] token (an option may switch to a CLS-free score)."""

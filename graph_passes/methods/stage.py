@@ -8,17 +8,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokensieve.graph_passes.methods.adaptive import compact
 from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
 
 
 def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, *, q=None, k=None, scale=None,
-               x_in=None, x_out=None) -> tuple:
+               x_in=None, x_out=None, q_early=None, k_early=None, scale_early=None, grid=None) -> tuple:
     """(function, args, kwargs) computing the stage's (B, N) scores from what the method reads."""
     kwargs = {name: options[name] for name in spec.score_params}
     if spec.score_input is ScoreInput.ATTENTION_QK:
         args = (q, k, scale)
+    elif spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:  # + the earlier block's q/k and the patch grid
+        args = (q_early, k_early, scale_early, q, k, scale)
+        kwargs |= {"keep": keep, "num_prefix_tokens": num_prefix_tokens, "grid": grid}
     elif spec.score_input is ScoreInput.HIDDEN:
         args = (x_in, x_out)
     else:
@@ -32,16 +36,22 @@ def reduce_kwargs(spec: PruneMethod, options: dict) -> dict:
     return {name: options[name] for name in spec.reduce_params}
 
 
-def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, **inputs) -> tuple[Tensor, Tensor]:
-    """Eager stage: (tokens after the stage, kept positions (B, keep))."""
+def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, state: Tensor | None = None,
+              **inputs) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Eager stage: (tokens after the stage, kept positions (B, keep), carried state or None; see PruneMethod)."""
     fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
     scores = fn(*args, **kwargs)
     x = inputs["x_out"]
+    if spec.compacts:  # eager = real compaction of the valid slots (batch 1; see methods/adaptive.py)
+        _, kept, _ = spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options))
+        return compact(x, kept, num_prefix_tokens), kept, None
+    if spec.stateful(options):
+        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, state=state, **reduce_kwargs(spec, options))
     if spec.reduce_fn is not None:
-        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options))
+        return (*spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options)), None)
     tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
     if options.get("pospad"):
         tokens, _ = pospad_tokens(x, idx, pospad_slots(x.shape[1] - num_prefix_tokens, keep), num_prefix_tokens)
     if options.get("fuse"):
         tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)
-    return tokens, idx
+    return tokens, idx, None

@@ -308,7 +308,7 @@ def test_fused_token_stays_inside_the_dropped_tokens_range_for_peaked_scores():
 
 @pytest.mark.parametrize("text, match", [
     ("cls-topk(alpha=1)@1:0.5", r"has no parameter 'alpha'; its parameters: fuse"),
-    ("uniform(seed=1)@1:0.5", r"has no parameter 'seed'; its parameters: none"),
+    ("uniform(seed=1)@1:0.5", r"has no parameter 'seed'; its parameters: pospad"),
     ("cls-topk(fuse=1)@1:0.5", r"fuse must be true or false, got 1"),
     ("attn-mean(fuse=yes)@1:0.5", r"fuse must be true or false"),
     ("random(seed=1.5)@1:0.5", r"seed must be an integer, got 1.5"),
