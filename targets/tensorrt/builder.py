@@ -1,6 +1,7 @@
 """ONNX file -> serialized TensorRT engine + `<engine>.json`, for TensorRT-RTX (ahead of time) or local TensorRT."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,21 +16,25 @@ import onnx_ir as ir
 
 from tokensieve.errors import ConfigError, InternalError, TargetError
 from tokensieve.fileio import atomic_path, ensure_writable_dir
+from tokensieve.graph_passes.onnx.convert_to_fp16 import convert_to_fp16, fp32_names
 from tokensieve.graph_passes.onnx.split_large_topk import split_large_topk
 
 from .engine_metadata import SCHEMA, metadata_path_for, network_io, sha256_file, tokensieve_version
 from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor, local_compute_capability,
                       parse_target, rtx_compute_capability_enum)
 from .lint import lint_for_tensorrt, raise_on_lint
-from .plugins import load_plugins
+from .plugins import LIBRARY_NAME, PLUGIN_LIB_ENV, load_plugins
 from .trt_logger import collecting_logger
+
+
+PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
 class BuildSpec:
     """How to build one engine. The batch profile applies to inputs whose dim 0 is dynamic."""
     target: str = "rtx-sm86"        # rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU needed) or local (TensorRT, this GPU)
-    precision: str = "fp32"
+    precision: str = "fp32"          # fp32 | fp16 (weights/activations fp16; scores, TopK inputs, norms, softmax fp32)
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 8
@@ -40,15 +45,17 @@ class BuildSpec:
 
     def __post_init__(self) -> None:
         parse_target(self.target)
-        if self.precision == "fp16":
-            raise ConfigError("precision 'fp16' is not supported yet (it comes with the TensorRT fp16 work); use fp32")
-        if self.precision != "fp32":
-            raise ConfigError(f"Unknown precision {self.precision!r}; use fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"Unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"Batch profile needs 1 <= min <= opt <= max, got min={self.min_batch} "
                               f"opt={self.opt_batch} max={self.max_batch}; fix --min/--opt/--max-batch")
         if self.embed_plugins and not self.plugin_library:
             raise ConfigError("embed_plugins needs plugin_library; pass --plugins /path/to/libtokensieve_plugins.so")
+        if self.plugin_library and not Path(self.plugin_library).is_file():
+            raise ConfigError(f"--plugins {self.plugin_library!r} does not exist; pass the {LIBRARY_NAME} that "
+                              f"`python -m tokensieve.targets.tensorrt.plugins` builds and prints (the Python API "
+                              f"also finds it through ${PLUGIN_LIB_ENV})")
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
 
@@ -90,7 +97,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             raise TargetError(f"{label} could not create a builder: {logger.summary()}")
         network = builder.create_network(0)  # explicit batch is the default in 10.x; 11.x and RTX are strongly typed
         parser = trt.OnnxParser(network, logger)
-        model = _prepare_for_tensorrt(onnx_path, flavor)
+        model = _prepare_for_tensorrt(onnx_path, flavor, plugins=plugin_lib is not None)
+        substituted = _plugin_substitutions(model) if plugin_lib is not None and model is not None else []
+        weakly_typed = flavor != RTX and hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10.x; 11.x and RTX: strong
+        if spec.precision == "fp16" and model is not None and not weakly_typed:
+            model = _convert_to_fp16(model, onnx_path)
         if model is None:  # unreadable as ONNX: let the parser say why
             parsed = parser.parse_from_file(str(onnx_path))
         else:  # the path lets the parser find external weights (model.onnx.data)
@@ -104,6 +115,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         if flavor == RTX:
             config.num_compute_capabilities = 1
             config.set_compute_capability(rtx_compute_capability_enum(trt, cc), 0)
+        if spec.precision == "fp16" and model is not None and weakly_typed:
+            _fp16_flag_with_fp32_layers(trt, config, network, model)
         if spec.embed_plugins:
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
             config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
@@ -131,6 +144,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         "tf32": _tf32_enabled(trt, config),
         "build_seconds": round(seconds, 3),
         "engine_size_bytes": data.nbytes,
+        "engine_sha256": hashlib.sha256(data).hexdigest(),  # TrtRunner refuses a file that differs
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "io_tensors": io,
@@ -139,6 +153,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     }
     if plugin_lib is not None:
         metadata["plugins"] = [{"file": plugin_lib.name, "sha256": sha256_file(plugin_lib), "embedded": spec.embed_plugins}]
+        metadata["plugin_substitutions"] = substituted  # standard-op subgraphs the plugins replaced in this build
     clash = sorted(set(extra) & set(metadata))
     if clash:
         raise InternalError(f"extra_metadata keys {clash} collide with engine metadata keys")
@@ -160,8 +175,9 @@ def _tf32_enabled(trt: ModuleType, config) -> bool | None:
     return None if flag is None else bool(config.get_flag(flag))
 
 
-def _prepare_for_tensorrt(onnx_path: Path, flavor: str):
-    """Split TopKs above TensorRT's K limit, then refuse (one line) any node the parser would reject.
+def _prepare_for_tensorrt(onnx_path: Path, flavor: str, plugins: bool = False):
+    """With `plugins`, swap in plugin nodes (diversity_to_plugin); split TopKs above TensorRT's K limit, then refuse
+    (one line) any node the parser would reject.
 
     Returns the graph to parse (weights stay on disk), or None if the file does not load as ONNX.
     """
@@ -169,10 +185,53 @@ def _prepare_for_tensorrt(onnx_path: Path, flavor: str):
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception:  # noqa: BLE001 - the parser reports corrupt files with its own message
         return None
+    if plugins:
+        from .diversity_to_plugin import diversity_to_plugin  # imports plugin_nodes, which imports this module
+        substituted = diversity_to_plugin(model)
+        model = ir.to_proto(substituted.model) if substituted.modified else model
     if any(issue.op == "TopK" for issue in lint_for_tensorrt(model, flavor)):
         model = ir.to_proto(split_large_topk(model).model)
     raise_on_lint(lint_for_tensorrt(model, flavor))
     return model
+
+
+def _plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
+    from .diversity_to_plugin import plugin_substitutions
+    return plugin_substitutions(model)
+
+
+def _convert_to_fp16(model: onnx.ModelProto, onnx_path: Path) -> onnx.ModelProto:
+    """Strongly typed flavors take precision from the ONNX: fp32 -> mixed fp16 (weights inline, fp16-sized)."""
+    onnx.load_external_data_for_model(model, str(onnx_path.parent))  # no-op without external data
+    converted = ir.to_proto(convert_to_fp16(model).model)
+    if converted.ByteSize() >= 2**31:
+        raise TargetError(f"{onnx_path.name} is over 2 GB even in fp16, too large to hand to the parser in memory; "
+                          f"build it with --precision fp32")
+    return converted
+
+
+def _fp16_flag_with_fp32_layers(trt: ModuleType, config, network, model: onnx.ModelProto) -> int:
+    """TensorRT 10.x (weakly typed): FP16 flag, and the layers convert_to_fp16 keeps fp32 pinned to fp32.
+
+    Layers are matched by the names the ONNX parser gives them (the node's) and their output tensors (the
+    values'); returns the number pinned.
+    """
+    config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    layers = fp32_layers(network, *fp32_names(ir.from_proto(model)))
+    for layer in layers:
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype == trt.float32:
+                layer.set_output_type(j, trt.float32)
+    return len(layers)
+
+
+def fp32_layers(network, node_names: set[str], value_names: set[str]) -> list:
+    """The network's layers named after one of `node_names` or producing one of the tensors `value_names`."""
+    layers = (network.get_layer(i) for i in range(network.num_layers))
+    return [layer for layer in layers if layer.name in node_names
+            or any(layer.get_output(j).name in value_names for j in range(layer.num_outputs))]
 
 
 def _parser_error(label: str, onnx_path: Path, parser) -> str:

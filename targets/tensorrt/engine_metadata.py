@@ -1,25 +1,13 @@
-"""The `<engine>.json` written next to every engine, and the check that an engine fits this machine."""
+"""What the builder adds to `<engine>.json`: versions and the network's I/O (the schema and checks are in runtime/)."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
-import os
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tokensieve.errors import TargetError
-
-from .flavors import FLAVOR_LABELS, RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
-
-SCHEMA = "tokensieve.tensorrt-engine/1"
-_REQUIRED_KEYS = ("schema", "flavor", "tensorrt_version")
-
-
-def metadata_path_for(engine_path: str | os.PathLike) -> Path:
-    """model.engine -> model.engine.json"""
-    return Path(str(engine_path) + ".json")
+# The JSON schema and the checks live in the runtime (TrtRunner refuses mismatching engines); re-exported here.
+from tokensieve.runtime.engine_metadata import (  # noqa: F401
+    SCHEMA, check_engine_compatible, check_engine_file, metadata_path_for, read_engine_metadata, sha256_file)
 
 
 def tokensieve_version() -> str:
@@ -27,14 +15,6 @@ def tokensieve_version() -> str:
         return importlib.metadata.version("tokensieve")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dtype_name(trt: ModuleType, dtype) -> str:
@@ -50,40 +30,3 @@ def network_io(trt: ModuleType, network) -> list[dict[str, Any]]:
         return {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": dtype_name(trt, t.dtype), "mode": mode}
     return ([row(network.get_input(i), "input") for i in range(network.num_inputs)]
             + [row(network.get_output(i), "output") for i in range(network.num_outputs)])
-
-
-def read_engine_metadata(engine_path: str | os.PathLike) -> dict:
-    """Load `<engine>.json`; TargetError if it is missing or not tokensieve engine metadata."""
-    path = metadata_path_for(engine_path)
-    fix = "rebuild the engine with `tokensieve build`"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise TargetError(f"No engine metadata {str(path)!r} next to the engine; {fix}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TargetError(f"Engine metadata {str(path)!r} is unreadable ({type(e).__name__}: {e}); {fix}") from e
-    if not isinstance(meta, dict) or any(k not in meta for k in _REQUIRED_KEYS):
-        raise TargetError(f"{str(path)!r} is not tokensieve engine metadata (needs {', '.join(_REQUIRED_KEYS)}); {fix}")
-    return meta
-
-
-def check_engine_compatible(metadata: dict) -> None:
-    """Raise a one-line TargetError if the engine's TensorRT flavor/version or GPU does not match this machine.
-
-    Checks only what can be checked: without a GPU the compute capability is not compared.
-    """
-    fix = "rebuild it here with `tokensieve build`"
-    flavor, built = metadata.get("flavor"), metadata.get("tensorrt_version")
-    if flavor not in FLAVOR_LABELS:
-        raise TargetError(f"Engine metadata names unknown TensorRT flavor {flavor!r} (expected one of {', '.join(FLAVOR_LABELS)}); {fix}")
-    label, installed = FLAVOR_LABELS[flavor], available_flavors()[flavor]
-    if installed is None:
-        raise TargetError(f"Engine was built with {label} {built} but {label} is not installed; install {label} {built} or {fix}")
-    # Plans are tied to the exact TensorRT build that wrote them (no version-compatible plans here).
-    if str(built) != str(installed):
-        raise TargetError(f"Engine was built with {label} {built} but {label} {installed} is installed; {fix}")
-    wanted, local = metadata.get("compute_capability"), local_compute_capability()
-    if wanted and local and str(wanted) != local:
-        sm = "sm" + local.replace(".", "")
-        hint = f" --target rtx-{sm}" if sm in RTX_COMPUTE_CAPABILITIES else " --target local"
-        raise TargetError(f"Engine was built for compute capability {wanted} but this GPU is {local}; {fix}{hint}")

@@ -6,9 +6,6 @@ compute capability without a GPU; standard TensorRT (`tensorrt`, 10.x/11.x) buil
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -16,13 +13,10 @@ from types import ModuleType
 from typing import NamedTuple
 
 from tokensieve.errors import ConfigError, TargetError
+from tokensieve.runtime.tensorrt_flavors import (  # noqa: F401 - re-exported: they lived here
+    FLAVOR_LABELS, RTX, RTX_COMPUTE_CAPABILITIES, STANDARD, _try_import, available_flavors, import_flavor,
+    local_compute_capability)
 
-RTX = "tensorrt_rtx"
-STANDARD = "tensorrt"
-FLAVOR_LABELS = {RTX: "TensorRT-RTX", STANDARD: "TensorRT"}
-
-# rtx-smXY -> compute capability; the SMs TensorRT-RTX 1.7 can build for (no SM87 Jetson Orin, no SM90 H100).
-RTX_COMPUTE_CAPABILITIES = {"sm75": "7.5", "sm80": "8.0", "sm86": "8.6", "sm89": "8.9", "sm120": "12.0", "sm121": "12.1"}
 VALID_TARGETS = tuple(f"rtx-{sm}" for sm in RTX_COMPUTE_CAPABILITIES) + ("local",)
 
 
@@ -45,33 +39,6 @@ def parse_target(s: str) -> ParsedTarget:
 def rtx_compute_capability_enum(trt: ModuleType, compute_capability: str):
     """'8.6' -> trt.ComputeCapability.SM86."""
     return getattr(trt.ComputeCapability, "SM" + compute_capability.replace(".", ""))
-
-
-@functools.cache
-def _try_import(flavor: str) -> ModuleType | None:
-    # The `tensorrt` pip bindings import-fail with OSError/ImportError when libnvinfer is missing.
-    try:
-        return importlib.import_module(flavor)
-    except Exception:  # noqa: BLE001 - any failure means "not usable here"
-        return None
-
-
-def available_flavors() -> dict[str, str | None]:
-    """{'tensorrt_rtx': version or None, 'tensorrt': version or None} for what imports here."""
-    return {f: getattr(_try_import(f), "__version__", None) for f in (RTX, STANDARD)}
-
-
-def import_flavor(flavor: str) -> ModuleType:
-    """Import `tensorrt_rtx` or `tensorrt`, or raise a TargetError that says how to get it."""
-    trt = _try_import(flavor)
-    if trt is not None:
-        return trt
-    if flavor == RTX:
-        raise TargetError("TensorRT-RTX is not installed; pip install 'tokensieve[rtx]' (package tensorrt-rtx)")
-    raise TargetError(
-        "standard TensorRT is not installed; use --target rtx-sm86 (or another rtx-smXX) to build ahead of time "
-        "without a GPU, or install TensorRT (JetPack, or NVIDIA's `tensorrt` wheel) to build for this GPU"
-    )
 
 
 def ensure_rtx_parser_link(folder: Path | None = None) -> Path | None:
@@ -110,23 +77,3 @@ def ensure_rtx_parser_link(folder: Path | None = None) -> Path | None:
             tmp.unlink()
         raise TargetError(f"Cannot create {str(link)!r} ({e.strerror}); run: ln -sf libtensorrt_rtx.so.1 {link}") from e
     return link
-
-
-@functools.cache
-def local_compute_capability() -> str | None:
-    """Compute capability of CUDA device 0 (e.g. '8.7'), read from the driver; None without a usable GPU."""
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            cuda = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return None
-    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(dev), 0) != 0:
-        return None
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
-    if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev):
-        return None
-    return f"{major.value}.{minor.value}"

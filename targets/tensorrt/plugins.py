@@ -14,13 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import zipfile
 from pathlib import Path
 from types import ModuleType
 
 from tokensieve.errors import TargetError
 from tokensieve.fileio import ensure_writable_dir
+from tokensieve.runtime.tensorrt_plugins import register_plugin_library
 
 PLUGIN_LIB_ENV = "TOKENSIEVE_PLUGIN_LIB"
 HEADERS_ENV = "TENSORRT_INCLUDE_DIR"
@@ -154,33 +154,14 @@ def build_plugin_library(out_dir: str | os.PathLike | None = None, archs: tuple[
     return out / LIBRARY_NAME
 
 
-_LOADED: dict[str, Path] = {}   # TensorRT module name -> the plugin library its registry holds
-_LOAD_LOCK = threading.Lock()
-
-
 def load_plugins(trt_module: ModuleType, path: str | os.PathLike | None = None) -> Path:
     """Register the library's creators with `trt_module`'s plugin registry (once per process); return its path.
 
-    Goes through `load_library`, i.e. the exported getCreators: never registerCreator, which crashes under
-    TensorRT-RTX (its IPluginRegistry vtable differs from the 10.x headers the library is compiled against).
+    `path` defaults to `plugin_library_path()`; the registration itself is shared with TrtRunner
+    (tokensieve.runtime.tensorrt_plugins).
     """
     lib = Path(path) if path is not None else plugin_library_path()
-    if not lib.is_file():
-        raise TargetError(f"Plugin library {str(lib)!r} does not exist; {_BUILD_HINT}")
-    lib = lib.resolve()
-    with _LOAD_LOCK:
-        loaded = _LOADED.get(trt_module.__name__)
-        if loaded == lib:
-            return lib
-        if loaded is not None:  # creators are global per (name, version, namespace): a second copy cannot register
-            raise TargetError(f"{trt_module.__name__} already holds tokensieve plugins from {str(loaded)!r}; "
-                              f"one process can load one copy, so restart to use {str(lib)!r}")
-        handle = trt_module.get_plugin_registry().load_library(str(lib))
-        if handle is None:
-            raise TargetError(f"{trt_module.__name__} could not load plugin library {str(lib)!r} (it must export "
-                              f"getCreators, see `nm -D`, and match this CPU architecture); rebuild it or {_BUILD_HINT}")
-        _LOADED[trt_module.__name__] = lib
-    return lib
+    return register_plugin_library(trt_module, lib, _BUILD_HINT)
 
 
 _Steps = tuple[list[list[str]], Path]   # commands to run, the library they produce

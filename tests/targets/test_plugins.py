@@ -216,7 +216,10 @@ def diversity_select_reference(x: np.ndarray, k: int, mode: int, lam: float, num
             v = np.where(np.isin(np.arange(len(f)), chosen), -np.inf, v)
             s = int(np.argmax(v))
             chosen.append(s)
-            score = np.minimum(score, 1 - sim[s]) if mode == 0 else np.maximum(score, sim[s])
+            if mode == 0:  # distance to the chosen set only: the first pick's nearest-neighbour score is dropped
+                score = 1 - sim[s] if step == 0 else np.minimum(score, 1 - sim[s])
+            else:
+                score = np.maximum(score, sim[s])
         out.append(np.sort(np.array(chosen)) + num_prefix_tokens)
     return np.stack(out).astype(np.int32)
 

@@ -112,7 +112,9 @@ diversitySelectKernel(T const* features, float const* importance, int64_t N, int
         for (int64_t i = P + warp; i < N; i += kWarps) {
             if (taken[i]) continue;
             float const sim = warpDot(x + i * C, chosen, C) * invNorm[i];
-            if (lane == 0) score[i] = mode == 0 ? fminf(score[i], 1.f - sim) : fmaxf(score[i], sim);
+            // DivPrune: after the first pick the state is the min distance to the CHOSEN set only (the first
+            // pick's own score, its nearest-neighbour distance, is not part of it).
+            if (lane == 0) score[i] = mode == 0 ? (step == 0 ? 1.f - sim : fminf(score[i], 1.f - sim)) : fmaxf(score[i], sim);
         }
         __syncthreads();
     }
