@@ -44,6 +44,7 @@ class Export(Tool):
 
         tokensieve export --model default --prune cls-topk@3,6,9:0.7 -o out/
         tokensieve export --model ./my-hf-vit --prune recipe.toml -o out/ --target rtx-sm89 --no-bench
+        tokensieve export --model default -o out/ --precision fp16      # fp16 engine (scores stay fp32)
     """
 
     name = "export"
@@ -54,10 +55,14 @@ class Export(Tool):
         p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
         p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 or local (default rtx-sm86)")
         p.add_argument("--max-batch", type=int, default=8, help="largest batch of the engine's profile (default 8)")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                       help="engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default fp32)")
         p.add_argument("--verify-inputs", type=int, default=8, help="random inputs compared with eager (default 8)")
         p.add_argument("--atol", type=float, default=1e-4, help="max abs output difference vs eager (default 1e-4)")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for verify/bench")
         p.add_argument("--no-build", action="store_true", help="skip the TensorRT engine")
+        p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so: the engine uses tokensieve's plugins "
+                       "(DiversitySelect for divprune/mmr) in place of their standard-op forms")
         p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
         p.add_argument("--bench-blocks", type=int, default=4, help="alternating timing blocks per model (default 4)")
         p.add_argument("--bench-iters", type=int, default=20, help="timed runs per block (default 20)")
@@ -70,7 +75,7 @@ class Export(Tool):
         if not args.no_build:  # a bad --target/--max-batch fails now, not after the export
             from tokensieve.targets.tensorrt import BuildSpec
 
-            BuildSpec(target=args.target, max_batch=args.max_batch)
+            BuildSpec(target=args.target, max_batch=args.max_batch, precision=args.precision, plugin_library=args.plugins)
         created = not os.path.lexists(args.output)
         out = ensure_writable_dir(args.output)
         try:
@@ -110,8 +115,10 @@ class Export(Tool):
             meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
                     "model": str(args.model)}
             info = api.build(paths["model"], out / api.ARTIFACTS["engine"], target=args.target,
-                             max_batch=args.max_batch, extra_metadata={"tokensieve": meta})
-            report["build"] = {"target": args.target, "engine": str(info.engine_path), "metadata": str(info.metadata_path),
+                             max_batch=args.max_batch, precision=args.precision, extra_metadata={"tokensieve": meta},
+                             plugin_library=args.plugins)
+            report["build"] = {"target": args.target, "precision": args.precision,
+                               "engine": str(info.engine_path), "metadata": str(info.metadata_path),
                                "seconds": info.build_seconds, "size_bytes": info.size_bytes,
                                "flavor": info.metadata.get("flavor"), "tensorrt_version": info.metadata.get("tensorrt_version")}
         else:
@@ -151,7 +158,8 @@ def format_report(r: dict, out: Path) -> str:
     lines.append(f"  export          {r['export_seconds']:.1f} s")
     if "build" in r:
         b = r["build"]
-        lines.append(f"  engine          {b['flavor']} {b['tensorrt_version']} {b['target']}: {b['size_bytes'] / 2**20:.1f} MiB,"
+        lines.append(f"  engine          {b['flavor']} {b['tensorrt_version']} {b['target']} {b.get('precision', 'fp32')}:"
+                     f" {b['size_bytes'] / 2**20:.1f} MiB,"
                      f" built in {b['seconds']:.1f} s")
     if "bench" in r:
         b = r["bench"]
@@ -201,13 +209,9 @@ class Verify(Tool):
 
 
 def _read_report(folder: Path) -> dict:
-    path = folder / "report.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r}: {e}; re-run `tokensieve export`") from e
+    from tokensieve.benchmark import read_export_report
+
+    return read_export_report(folder)
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -218,6 +222,7 @@ class Build(Tool):
 
         tokensieve build out/model.onnx --target rtx-sm86 -o out/model.engine
         tokensieve build out/model.onnx --target local          # standard TensorRT on this GPU
+        tokensieve build out/model.onnx --precision fp16        # fp16 weights/activations, fp32 scores and norms
         tokensieve build compact.onnx --plugins libtokensieve_plugins.so --embed-plugins
     """
 
@@ -240,7 +245,7 @@ class Build(Tool):
                          plugin_library=args.plugins, embed_plugins=args.embed_plugins)
         m = info.metadata
         print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m.get('flavor')} {m.get('tensorrt_version')}"
-              f" for {m.get('target')} in {info.build_seconds:.1f} s; metadata {info.metadata_path}")
+              f" for {m.get('target')} ({m.get('precision')}) in {info.build_seconds:.1f} s; metadata {info.metadata_path}")
         return 0
 
 
@@ -248,41 +253,50 @@ class Build(Tool):
 
 
 class Bench(Tool):
-    """Time dense vs pruned ONNX on ONNX Runtime in alternating blocks; print median/p90, speedup vs MAC-ideal.
+    """Time dense vs pruned per batch size (ONNX Runtime or TensorRT); print a markdown table, write JSON/MD/PNG.
 
-        tokensieve bench out/                      # out/dense.onnx vs out/model.onnx
-        tokensieve bench out/ --batch 8 --blocks 6 --iters 30 --json bench.json
+    Alternating blocks with one session/engine resident at a time; median/p90/p99, images/s, peak memory, speedup
+    vs the MAC-ideal one. --backend tensorrt times OUT/dense.engine vs OUT/model.engine (dense.engine is built once,
+    like model.engine, when missing). --sweep re-exports the model with one stage's keep varied (latency vs tokens).
+
+        tokensieve bench out/                                   # out/dense.onnx vs out/model.onnx, batch 1
+        tokensieve bench out/ --batch 1,8,32 --json b.json --md b.md --plot b.png
+        tokensieve bench out/ --backend tensorrt --batch 1,8 --cuda-graph
+        tokensieve bench out/ --sweep 0.3,0.5,0.7,0.9 --sweep-stage 0 --plot b.png
     """
 
     name = "bench"
 
     def add_args(self, p):
         p.add_argument("folder", help="folder written by `tokensieve export`")
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--blocks", type=int, default=4)
-        p.add_argument("--iters", type=int, default=20)
-        p.add_argument("--warmup", type=int, default=5)
-        p.add_argument("--json", default=None, help="also write the result to this JSON file")
+        p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1), e.g. 1,8,32")
+        p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for engines with tokensieve plugins")
+        p.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay one CUDA graph per batch size")
+        p.add_argument("--blocks", type=int, default=4, help="alternating timing blocks per model (default 4)")
+        p.add_argument("--iters", type=int, default=20, help="timed runs per block (default 20)")
+        p.add_argument("--warmup", type=int, default=5, help="untimed runs before each block (default 5)")
+        p.add_argument("--sweep", default=None, help="keep values for a token sweep of one stage, e.g. 0.3,0.5,0.7")
+        p.add_argument("--sweep-stage", type=int, default=0, help="recipe stage the sweep varies (0-based, default 0)")
+        p.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default: the first --batch)")
+        p.add_argument("--json", default=None, help="write the full result (all stats) to this JSON file")
+        p.add_argument("--md", default=None, help="write the markdown table to this file")
+        p.add_argument("--plot", default=None, help="write PNG plots to this file (needs tokensieve[plot])")
 
     def run(self, args):
-        from tokensieve import api
-        from tokensieve.fileio import write_json_atomic
+        from tokensieve import benchmark
 
-        folder = Path(args.folder)
-        report = _read_report(folder)
-        b = api.bench(folder / api.ARTIFACTS["dense"], folder / api.ARTIFACTS["model"], ideal_speedup=report.get("ideal_speedup"),
-                      batch=args.batch, threads=args.threads, blocks=args.blocks, iters=args.iters, warmup=args.warmup,
-                      progress=_log)
-        d = b.to_dict()
-        print(f"{'model':<8} {'median ms':>10} {'p90 ms':>10} {'p99 ms':>10}")
-        for k in ("dense", "pruned"):
-            print(f"{k:<8} {d[k]['median_ms']:>10.2f} {d[k]['p90_ms']:>10.2f} {d[k]['p99_ms']:>10.2f}")
-        ideal = f"{b.ideal_speedup:.2f}x" if b.ideal_speedup else "n/a"
-        ratio = f"{b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else "n/a"
-        print(f"speedup {b.speedup:.2f}x, MAC-ideal {ideal}, ratio {ratio}  ({b.backend}, batch {b.batch})")
-        if args.json:
-            write_json_atomic(args.json, d)
+        if args.plot:
+            benchmark.require_matplotlib()  # before minutes of timing, not after
+        settings = benchmark.BenchSettings(
+            backend=args.backend, batches=benchmark.parse_batches(args.batch), blocks=args.blocks, iters=args.iters,
+            warmup=args.warmup, threads=args.threads, plugins=args.plugins, cuda_graph=args.cuda_graph,
+            sweep=benchmark.parse_sweep(args.sweep) if args.sweep else (), sweep_stage=args.sweep_stage,
+            sweep_batch=args.sweep_batch)
+        result = benchmark.bench_folder(args.folder, settings, progress=lambda m: _log(f"      {m}"))
+        benchmark.write_outputs(result, json_path=args.json, md_path=args.md, png_path=args.plot)
+        print(benchmark.format_markdown(result), end="")
         return 0
 
 
@@ -356,7 +370,100 @@ class Methods(Tool):
         return 0
 
 
-TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods()]
+# ----------------------------------------------------------------------------------------- tune
+
+
+class Tune(Tool):
+    """Snap each stage's K to the target's latency staircase: more tokens for the same time, never slower than dense.
+
+        tokensieve tune --model default --prune cls-topk@3,6,9:0.7 -o tuned.toml --json tune.json
+        tokensieve export --model default --prune tuned.toml -o out/     # export the chosen recipe
+        # per stage: one block timed at each candidate K (±--window of the patches); then dense, requested and
+        # snapped in one alternating run; -o is written only if the snapped recipe beats dense
+    """
+
+    name = "tune"
+
+    def add_args(self, p):
+        p.add_argument("--model", default="default", help="`default` (ViT-S/16-224), `tiny`, or a local HF checkpoint folder")
+        p.add_argument("--prune", default=DEFAULT_RECIPE, help=f"recipe shorthand or file to tune (default {DEFAULT_RECIPE})")
+        p.add_argument("-o", "--output", default="tuned.toml", help="snapped recipe file, .toml/.json/.yaml (default tuned.toml)")
+        p.add_argument("--window", type=float, default=0.1, help="candidate K within ± this fraction of the patches (default 0.1)")
+        p.add_argument("--candidates", type=int, default=21, help="at most this many K per stage (default 21)")
+        p.add_argument("--tol", type=float, default=0.02, help="relative latency tolerance of one step (default 0.02)")
+        p.add_argument("--batch", type=int, default=1)
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--sweep-blocks", type=int, default=4, help="alternating blocks of the per-stage sweep (default 4)")
+        p.add_argument("--sweep-iters", type=int, default=20, help="timed runs per block in the sweep (default 20)")
+        p.add_argument("--blocks", type=int, default=4, help="alternating blocks of the final run (default 4)")
+        p.add_argument("--iters", type=int, default=20, help="timed runs per block in the final run (default 20)")
+        p.add_argument("--warmup", type=int, default=5)
+        p.add_argument("--json", default=None, help="also write the report to this JSON file")
+
+    def run(self, args):
+        import torch
+
+        from tokensieve import api
+        from tokensieve.fileio import write_json_atomic
+        from tokensieve.models import load_model
+        from tokensieve.recipe import parse_recipe
+        from tokensieve.tune import OrtRunnerFactory, check_recipe_path, format_tune, save_recipe
+
+        recipe = parse_recipe(args.prune)
+        check_recipe_path(args.output)
+        model, shape = load_model(args.model)
+        report = api.tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
+                          model_name=str(args.model), runner_factory=OrtRunnerFactory(args.threads), batch=args.batch,
+                          window=args.window, max_candidates=args.candidates, tol=args.tol,
+                          sweep_blocks=args.sweep_blocks, sweep_iters=args.sweep_iters, sweep_warmup=args.warmup,
+                          blocks=args.blocks, iters=args.iters, warmup=args.warmup, progress=_log)
+        save_recipe(report, args.output)
+        d = report.to_dict()
+        if args.json:
+            write_json_atomic(args.json, d)
+        print(format_tune(d))
+        return 0
+
+
+# ----------------------------------------------------------------------------------------- visualize
+
+
+class Visualize(Tool):
+    """Draw which patches each pruning stage keeps on an image (eager model, no ONNX run), one panel per stage.
+
+        tokensieve visualize cat.png --model default --prune cls-topk@3,6,9:0.7 -o kept.png
+        # resized to the model's input, normalized with its mean/std (else 0.5/0.5); dropped patches dimmed;
+        # needs matplotlib (pip install tokensieve[plot]); JPEG needs Pillow
+    """
+
+    name = "visualize"
+
+    def add_args(self, p):
+        p.add_argument("image", help="PNG (or JPEG with Pillow) image")
+        p.add_argument("--model", default="default", help="`default` (ViT-S/16-224), `tiny`, or a local HF checkpoint folder")
+        p.add_argument("--prune", default=DEFAULT_RECIPE, help=f"recipe shorthand or file (default {DEFAULT_RECIPE})")
+        p.add_argument("-o", "--output", default="kept.png", help="output PNG (default kept.png)")
+        p.add_argument("--json", default=None, help="also write kept positions and patches per stage to this JSON file")
+
+    def run(self, args):
+        from tokensieve import api
+        from tokensieve.models import BUILTIN, load_model
+        from tokensieve.recipe import parse_recipe
+
+        recipe = parse_recipe(args.prune)
+        model, _ = load_model(args.model)
+        s = api.visualize(model, recipe, args.image, args.output, model_name=str(args.model),
+                          model_dir=None if args.model in BUILTIN else args.model)
+        if args.json:
+            from tokensieve.fileio import write_json_atomic
+
+            write_json_atomic(args.json, s)
+        print(f"wrote {s['output']}: patches kept per stage {' → '.join(map(str, s['kept_patches']))} "
+              f"of a {s['grid'][0]}x{s['grid'][1]} grid ({s['recipe']})")
+        return 0
+
+
+TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import ConfigError, TargetError
-
-Dim = Union[int, str, None]
+from .base import BaseRunner, Dim, process_rss_bytes, trim_freed_heap
 
 # ONNX Runtime's type strings -> numpy dtypes (onnxruntime/python/onnxruntime_pybind_mlvalue.cc).
 _ORT_TO_NUMPY: dict[str, np.dtype] = {
@@ -49,24 +47,20 @@ def _first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
-def _fmt_shape(shape: tuple) -> str:
-    """(1, 3, 224, 224) / (batch, 3, 224, 224) / (?, 3); a 1-d shape keeps its comma like a tuple."""
-    parts = ["?" if d is None else str(d) for d in shape]
-    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-
-
 def default_providers() -> list[str]:
     """CUDA EP first when this onnxruntime build has it, then CPU."""
     available = ort.get_available_providers()
     return [_CUDA_EP, _CPU_EP] if _CUDA_EP in available else [_CPU_EP]
 
 
-class OrtRunner:
+class OrtRunner(BaseRunner):
     """Runs one ONNX model on ONNX Runtime; `activate()` builds the session and `deactivate()` frees it.
 
     Like Polygraphy's OnnxrtRunner, but the session is also built on first use (`input_specs`, `infer`, ...)
     when the runner is not used as a context manager.
     """
+
+    artifact_suffix = ".onnx"  # bench looks for OUT/dense.onnx and OUT/model.onnx
 
     def __init__(
         self,
@@ -96,6 +90,7 @@ class OrtRunner:
         self.name = name if name is not None else f"onnxruntime:{self.model_path.name}"
         self.inference_time: float | None = None  # seconds taken by the last infer(), as in Polygraphy
         self._session: ort.InferenceSession | None = None
+        self._rss_before: int | None = None  # process RSS before activate(), for memory_usage()
 
     # ---- life cycle (Polygraphy BaseRunner) ----
     @property
@@ -106,6 +101,8 @@ class OrtRunner:
         """Load the model into an InferenceSession; a no-op if already active."""
         if self._session is not None:
             return self
+        trim_freed_heap()  # else this session reuses pages the previous one freed and its RSS delta undercounts
+        self._rss_before = process_rss_bytes()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: keep ORT's warnings out of benchmark output
         if self.threads is not None:
@@ -126,12 +123,6 @@ class OrtRunner:
     def deactivate(self) -> None:
         """Free the session; the runner can be activated again."""
         self._session = None
-
-    def __enter__(self) -> "OrtRunner":
-        return self.activate()
-
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
 
     def _sess(self) -> ort.InferenceSession:
         return self._session if self._session is not None else self.activate()._session  # type: ignore[return-value]
@@ -156,29 +147,20 @@ class OrtRunner:
         """Providers the session really uses (a CUDA EP without a GPU falls back to CPU)."""
         return list(self._sess().get_providers())
 
-    # ---- inference ----
-    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
-        specs = self.input_specs
-        expected = [n for n, _, _ in specs]
-        unknown = [n for n in feeds if n not in expected]
-        if unknown:
-            raise ConfigError(f"unknown input(s) {unknown} for {self.name}; the model's inputs are {expected}")
-        missing = [n for n in expected if n not in feeds]
-        if missing:
-            raise ConfigError(f"missing input(s) {missing} for {self.name}; the model's inputs are {expected}")
-        for name, shape, dtype in specs:
-            arr = feeds[name]
-            if not isinstance(arr, np.ndarray):
-                raise ConfigError(f"input {name!r} is a {type(arr).__name__}, not a numpy array; pass np.asarray(..., dtype={dtype.name})")
-            if arr.dtype != dtype:
-                raise ConfigError(f"input {name!r} has dtype {arr.dtype.name} but the model expects {dtype.name}; cast it with .astype(np.{dtype.name})")
-            bad_rank = arr.ndim != len(shape)
-            bad_dim = not bad_rank and any(isinstance(d, int) and d != a for d, a in zip(shape, arr.shape))
-            if bad_rank or bad_dim:
-                raise ConfigError(
-                    f"input {name!r} has shape {_fmt_shape(arr.shape)} but the model expects {_fmt_shape(shape)}; resize your input"
-                )
+    @property
+    def device_label(self) -> str:
+        return "onnxruntime:" + ",".join(self.active_providers)
 
+    def memory_usage(self) -> dict:
+        """Host memory: growth of the process RSS since `activate()` (weights + ORT's arena, which keeps what it
+        allocated, so after the calls of interest this is their peak); peak_bytes is None where RSS is unreadable."""
+        if self._session is None:
+            raise ConfigError(f"{self.name} is not active; call memory_usage() inside `with runner:` after infer()")
+        now = process_rss_bytes()
+        peak = None if now is None or self._rss_before is None else max(0, now - self._rss_before)
+        return {"kind": "host_rss_delta", "peak_bytes": peak}
+
+    # ---- inference ----
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check `feeds`, run the model, return {output name: array}; sets `inference_time` (s)."""
         sess = self._sess()
@@ -190,27 +172,6 @@ class OrtRunner:
             raise TargetError(f"ONNX Runtime failed to run {self.name}: {_first_line(e)}") from e
         self.inference_time = time.perf_counter() - start
         return dict(zip(self.output_names, outs))
-
-    def last_inference_time(self) -> float | None:
-        """Polygraphy spelling of `inference_time`."""
-        return self.inference_time
-
-    def make_random_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-        """One random array per input; every dynamic dim becomes `batch`. Floats ~ N(0, 1), ints in [0, 10)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch={batch!r} must be a positive integer")
-        rng = np.random.default_rng(seed)
-        feeds = {}
-        for name, shape, dtype in self.input_specs:
-            dims = tuple(d if isinstance(d, int) and d >= 0 else batch for d in shape)
-            if dtype.kind == "f":
-                arr = rng.standard_normal(dims).astype(dtype)
-            elif dtype.kind == "b":
-                arr = rng.integers(0, 2, dims).astype(dtype)
-            else:
-                arr = rng.integers(0, 10, dims).astype(dtype)
-            feeds[name] = arr
-        return feeds
 
     def __repr__(self) -> str:
         return f"OrtRunner({str(self.model_path)!r}, threads={self.threads}, providers={self.providers}, spinning={self.spinning})"

@@ -97,10 +97,13 @@ def measure_alternating(
     iters: int = 20,
     warmup: int = 5,
     progress: Callable[[str], None] | None = None,
+    before_block: Callable[[str], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Time each case alone in alternating blocks of `warmup` untimed + `iters` timed calls; never call-by-call.
 
-    Returns {case name: LatencyStats} in the order of `cases`, each with blocks * iters samples.
+    `before_block(name)` runs untimed before each block's warm-up (e.g. to load that case's session and free the
+    other's, so only one is resident at a time). Returns {case name: LatencyStats} in the order of `cases`, each
+    with blocks * iters samples.
     """
     _check_count("blocks", blocks, 1)
     _check_count("iters", iters, 1)
@@ -118,6 +121,8 @@ def measure_alternating(
         for name in order:
             if progress is not None:
                 progress(f"block {b + 1}/{blocks}: {name}")
+            if before_block is not None:
+                before_block(name)
             fn = cases[name]
             for _ in range(warmup):
                 fn()

@@ -122,7 +122,7 @@ def test_bench(exported, tmp_path, capsys):
     assert main(["bench", str(out), "--blocks", "2", "--iters", "3", "--warmup", "1", "--json", str(tmp_path / "b.json")]) == 0
     stdout = capsys.readouterr().out
     assert "dense" in stdout and "pruned" in stdout and "speedup" in stdout
-    assert json.loads((tmp_path / "b.json").read_text())["speedup"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["speedup"] > 0
 
 
 def test_inspect_onnx(exported, capsys):

@@ -1,0 +1,404 @@
+"""Dense vs pruned benchmark of an export folder: per batch size latency percentiles, throughput, peak memory and the
+speedup against the MAC-ideal one; optionally a token sweep (one stage's keep varied, re-exported); JSON, a markdown
+table and PNG plots.
+
+    result = bench_folder("out", BenchSettings(backend="onnxruntime", batches=(1, 8)))
+    write_outputs(result, json_path="b.json", md_path="b.md", png_path="b.png")
+
+Models are timed with `measure_alternating` (A B B A ..., warm-up per block) and only one session or engine is
+resident at a time: each block loads its model and frees the other, so neither steals the other's cores (ORT's
+spinning threads) or memory. A TensorRT bench needs OUT/dense.engine next to OUT/model.engine; when it is missing it
+is built once, with model.engine's target and batch profile (`api.build`), and kept in OUT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokensieve.errors import ConfigError
+from tokensieve.fileio import atomic_path, write_json_atomic
+from tokensieve.runtime import RUNNERS
+from tokensieve.runtime.timing import measure_alternating
+
+SCHEMA = "tokensieve.bench/1"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What `tokensieve bench` measures. Runner options apply to the backends whose runner takes them."""
+
+    backend: str = "onnxruntime"
+    batches: tuple[int, ...] = (1,)
+    blocks: int = 4
+    iters: int = 20
+    warmup: int = 5
+    threads: int | None = None          # onnxruntime
+    plugins: str | None = None          # tensorrt: libtokensieve_plugins.so
+    cuda_graph: bool = False            # tensorrt
+    sweep: tuple[str, ...] = ()         # keep values for the token sweep ("0.5", "98"); empty: no sweep
+    sweep_stage: int = 0                # which recipe stage the sweep varies
+    sweep_batch: int | None = None      # batch of the sweep (default: the first of `batches`)
+
+    def __post_init__(self) -> None:
+        if self.backend not in RUNNERS:
+            raise ConfigError(f"Unknown backend {self.backend!r}; use one of {', '.join(RUNNERS)}")
+        if not self.batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches):
+            raise ConfigError(f"batches {self.batches!r} must be positive integers, e.g. --batch 1,8,32")
+        self.runner_options()  # an option the backend does not take fails now, before anything is loaded
+
+    def runner_options(self) -> dict:
+        """The runner keyword arguments that were set, checked against the backend runner's signature."""
+        given = {"threads": self.threads, "plugins": self.plugins, "cuda_graph": self.cuda_graph}
+        given = {k: v for k, v in given.items() if v not in (None, False)}
+        accepted = inspect.signature(RUNNERS[self.backend]).parameters
+        for key in given:
+            if key not in accepted:
+                owners = [n for n, cls in RUNNERS.items() if key in inspect.signature(cls).parameters]
+                raise ConfigError(f"--{key.replace('_', '-')} does not apply to --backend {self.backend}; "
+                                  f"it is an option of --backend {' / '.join(owners)}")
+        return given
+
+
+# ----------------------------------------------------------------------------------------- parsing (CLI edge)
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); anything else is a one-line ConfigError."""
+    parts = [p.strip() for p in str(text).split(",")]
+    out = []
+    for p in parts:
+        if not p.isdigit() or int(p) < 1:
+            raise ConfigError(f"--batch {text!r}: {p!r} is not a positive integer; use a comma-separated list like 1,8,32")
+        out.append(int(p))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"--batch {text!r} lists a batch size twice; list each once, e.g. 1,8,32")
+    return tuple(out)
+
+
+def parse_sweep(text: str) -> tuple[str, ...]:
+    """'0.3,0.5,0.7' (ratios) or '49,98' (counts) -> normalized keep strings; one-line ConfigError otherwise."""
+    from tokensieve.recipe import _parse_keep
+
+    values = [p.strip() for p in str(text).split(",")]
+    if len(values) < 2 or not all(values):
+        raise ConfigError(f"--sweep {text!r} needs at least two comma-separated keep values, e.g. 0.5,0.7")
+    budgets = [str(_parse_keep(v, where=f"--sweep {text}")) for v in values]
+    if len(set(budgets)) != len(budgets):
+        raise ConfigError(f"--sweep {text!r} lists a keep value twice; list each once")
+    return tuple(budgets)
+
+
+# ----------------------------------------------------------------------------------------- timing
+
+
+def time_models(runner_cls, paths: dict[str, Path], *, batch: int, blocks: int, iters: int, warmup: int,
+                options: dict | None = None, progress: Progress | None = None) -> dict[str, dict]:
+    """Time several models of one backend in alternating blocks, one resident at a time.
+
+    Returns {name: {latency stats (ms), throughput_ips, memory, device}}; the first model's inputs feed every model.
+    """
+    runners = {name: runner_cls(path, name=name, **(options or {})) for name, path in paths.items()}
+    state: dict = {"active": None, "feeds": None}
+    memory: dict[str, dict] = {}
+    devices: dict[str, str] = {}
+
+    def release() -> None:
+        name = state["active"]
+        if name is None:
+            return
+        runner = runners[name]
+        mem = runner.memory_usage()
+        old = memory.get(name)
+        if old is None or (mem.get("peak_bytes") or 0) > (old.get("peak_bytes") or 0):
+            memory[name] = mem
+        runner.deactivate()
+        state["active"] = None
+
+    def load(name: str) -> None:
+        if state["active"] == name:
+            return
+        release()
+        runner = runners[name].activate()
+        state["active"] = name
+        devices[name] = runner.device_label
+        if state["feeds"] is None:
+            state["feeds"] = runner.make_random_feeds(batch=batch, seed=0)
+
+    cases = {name: (lambda r=runners[name]: r.infer(state["feeds"])) for name in runners}
+    try:
+        stats = measure_alternating(cases, blocks=blocks, iters=iters, warmup=warmup, before_block=load,
+                                    progress=progress)
+        release()
+    finally:
+        for r in runners.values():
+            r.deactivate()
+    out = {}
+    for name, s in stats.items():
+        d = {k: v for k, v in s.to_dict().items() if k != "samples_ms"}
+        d["throughput_ips"] = batch * 1e3 / s.median_ms
+        d["memory"] = memory.get(name)
+        d["device"] = devices.get(name)
+        out[name] = d
+    return out
+
+
+def _pair_result(batch: int, dense: dict, pruned: dict, ideal: float | None) -> dict:
+    speedup = dense["median_ms"] / pruned["median_ms"]
+    return {"batch": batch, "dense": dense, "pruned": pruned, "speedup": speedup, "ideal_speedup": ideal,
+            "ratio_to_ideal": speedup / ideal if ideal else None}
+
+
+# ----------------------------------------------------------------------------------------- folder
+
+
+def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """OUT/report.json as a dict; a one-line ConfigError if it is missing, unreadable or lacks `required` keys."""
+    import json
+
+    folder = Path(folder)
+    path = folder / "report.json"
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read {str(path)!r}: {e}; re-run `tokensieve export`") from e
+    missing = [k for k in required if k not in report]
+    if missing:
+        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
+    return report
+
+
+def _artifact(folder: Path, stem: str, suffix: str) -> Path:
+    path = folder / f"{stem}{suffix}"
+    if suffix == ".onnx" and not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist; run `tokensieve export -o {folder}` first")
+    return path
+
+
+def _engine_build_args(engine: Path) -> dict:
+    """target and max_batch of an existing engine, to build a comparable one (same GPU target, same profile)."""
+    from tokensieve.runtime.engine_metadata import read_engine_metadata
+
+    meta = read_engine_metadata(engine)
+    profile = next(iter((meta.get("optimization_profile") or {}).values()), None)
+    return {"target": meta.get("target") or "local", "max_batch": profile["max"][0] if profile else 1}
+
+
+def _engine_pair(folder: Path, progress: Progress | None) -> tuple[Path, Path]:
+    """OUT/dense.engine, OUT/model.engine; builds dense.engine from dense.onnx like model.engine when it is missing."""
+    model = folder / "model.engine"
+    if not model.is_file():
+        raise ConfigError(f"{str(model)!r} does not exist; build it with `tokensieve build {folder}/model.onnx "
+                          "--target rtx-smXX` (or --target local), or export without --no-build")
+    dense = folder / "dense.engine"
+    if not dense.is_file():
+        from tokensieve import api
+
+        args = _engine_build_args(model)
+        if progress:
+            progress(f"building {dense.name} for {args['target']} (max batch {args['max_batch']}) as the dense baseline")
+        api.build(_artifact(folder, "dense", ".onnx"), dense, **args, extra_metadata={"tokensieve": {"dense": True}})
+    return dense, model
+
+
+def bench_folder(folder: str | Path, settings: BenchSettings = BenchSettings(), *,
+                 progress: Progress | None = None) -> dict:
+    """Benchmark OUT (written by `tokensieve export`): dense vs pruned per batch, plus the sweep if asked."""
+    folder = Path(folder)
+    report = read_export_report(folder, required=("macs_dense", "macs_pruned", "tokens_per_block", "recipe_shorthand"))
+    if settings.sweep:
+        _swept_stage(report, settings.sweep_stage)  # a bad --sweep-stage fails before the timing, not after
+    runner_cls = RUNNERS[settings.backend]
+    suffix = runner_cls.artifact_suffix
+    if suffix == ".engine":
+        dense_path, model_path = _engine_pair(folder, progress)
+    else:
+        dense_path, model_path = _artifact(folder, "dense", suffix), _artifact(folder, "model", suffix)
+    ideal = report["macs_dense"] / report["macs_pruned"]
+    options = settings.runner_options()
+    t0 = time.perf_counter()
+    results = []
+    for batch in settings.batches:
+        stats = time_models(runner_cls, {"dense": dense_path, "pruned": model_path}, batch=batch,
+                            blocks=settings.blocks, iters=settings.iters, warmup=settings.warmup, options=options,
+                            progress=(lambda m, b=batch: progress(f"batch {b}, {m}")) if progress else None)
+        results.append(_pair_result(batch, stats["dense"], stats["pruned"], ideal))
+    out = {
+        "schema": SCHEMA,
+        "folder": str(folder),
+        "model": report.get("model"),
+        "recipe": report.get("recipe_shorthand"),
+        "backend": settings.backend,
+        "device": results[0]["pruned"]["device"],
+        "tokens_per_block": report["tokens_per_block"],
+        "macs_dense": report["macs_dense"],
+        "macs_pruned": report["macs_pruned"],
+        "ideal_speedup": ideal,
+        "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("sweep",)},
+        "results": results,
+    }
+    if settings.sweep:
+        out["sweep"] = token_sweep(folder, report, settings, dense_path, progress=progress)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _swept_stage(report: dict, index: int):
+    """(recipe of the export, the stage the sweep varies); ConfigError if there is no such stage."""
+    from tokensieve.recipe import parse_recipe
+
+    recipe = parse_recipe(report["recipe_shorthand"])
+    if not 0 <= index < len(recipe.stages):
+        raise ConfigError(f"--sweep-stage {index} does not exist: the recipe {recipe} has {len(recipe.stages)} "
+                          "stage(s), numbered from 0")
+    return recipe, recipe.stages[index]
+
+
+def token_sweep(folder: Path, report: dict, settings: BenchSettings, dense_path: Path, *,
+                progress: Progress | None = None) -> dict:
+    """Re-export the report's model with one stage's keep set to each sweep value; time them all against dense."""
+    import torch
+
+    from tokensieve import api
+    from tokensieve.models import load_model
+    from tokensieve.recipe import _parse_keep
+
+    recipe, stage = _swept_stage(report, settings.sweep_stage)
+    runner_cls = RUNNERS[settings.backend]
+    batch = settings.sweep_batch or settings.batches[0]
+    if progress:
+        progress(f"sweep: loading model {report['model']!r}")
+    model, shape = load_model(report["model"])
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    points, paths = [], {"dense": dense_path}
+    with tempfile.TemporaryDirectory(prefix=".sweep-", dir=folder) as tmp:
+        for j, keep in enumerate(settings.sweep):
+            stages = list(recipe.stages)
+            stages[settings.sweep_stage] = dataclasses.replace(stage, keep=_parse_keep(keep, where="--sweep"))
+            swept = dataclasses.replace(recipe, stages=tuple(stages))
+            if progress:
+                progress(f"sweep: exporting {swept} ({j + 1}/{len(settings.sweep)})")
+            result = api.export(model, example, swept)
+            saved = api.save(result, Path(tmp) / f"keep{j}")
+            path = saved["model"]
+            if runner_cls.artifact_suffix == ".engine":
+                path = api.build(path, Path(tmp) / f"keep{j}" / "model.engine", **_engine_build_args(dense_path)).engine_path
+            name = f"keep={keep}"
+            paths[name] = path
+            points.append({"name": name, "keep": keep, "recipe": swept.shorthand(),
+                           "tokens": result.stages[settings.sweep_stage].tokens_out,
+                           "tokens_per_block": result.tokens_per_block(), "macs_pruned": result.macs_pruned,
+                           "ideal_speedup": report["macs_dense"] / result.macs_pruned})
+        stats = time_models(runner_cls, paths, batch=batch, blocks=settings.blocks, iters=settings.iters,
+                            warmup=settings.warmup, options=settings.runner_options(),
+                            progress=(lambda m: progress(f"sweep, batch {batch}, {m}")) if progress else None)
+    dense = stats["dense"]
+    for p in points:
+        s = stats[p.pop("name")]
+        p.update(latency=s, speedup=dense["median_ms"] / s["median_ms"])
+        p["ratio_to_ideal"] = p["speedup"] / p["ideal_speedup"]
+    return {"stage": settings.sweep_stage, "after_block": stage.after_block, "batch": batch, "dense": dense,
+            "points": points}
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def _mib(mem: dict | None) -> str:
+    peak = (mem or {}).get("peak_bytes")
+    return "n/a" if peak is None else f"{peak / 2**20:.1f}"
+
+
+def format_markdown(result: dict) -> str:
+    """The result as markdown: a header line, the per-batch table, and the sweep table when there is one."""
+    tokens = "→".join(str(t) for t in dict.fromkeys(result["tokens_per_block"]))
+    memory_kind = next((r["dense"]["memory"] or {}).get("kind", "n/a") for r in result["results"])
+    lines = [f"**tokensieve bench** `{result['model']}` recipe `{result['recipe']}` (tokens {tokens}) on "
+             f"{result['device']}; MAC-ideal speedup {result['ideal_speedup']:.2f}x; memory = {memory_kind}", "",
+             "| batch | model | median ms | p90 ms | p99 ms | images/s | peak MiB | speedup | MAC-ideal | ratio |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        for name in ("dense", "pruned"):
+            s = r[name]
+            extra = (f"{r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | {r['ratio_to_ideal']:.2f}" if name == "pruned"
+                     else " | | ")
+            lines.append(f"| {r['batch']} | {name} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | "
+                         f"{s['throughput_ips']:.1f} | {_mib(s['memory'])} | {extra} |")
+    sweep = result.get("sweep")
+    if sweep:
+        lines += ["", f"Token sweep: stage {sweep['stage']} (after block {sweep['after_block']}), batch {sweep['batch']}, "
+                      f"dense {sweep['dense']['median_ms']:.2f} ms", "",
+                  "| keep | tokens kept | median ms | p90 ms | speedup | MAC-ideal | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for p in sweep["points"]:
+            lines.append(f"| {p['keep']} | {p['tokens']} | {p['latency']['median_ms']:.2f} | {p['latency']['p90_ms']:.2f} | "
+                         f"{p['speedup']:.2f}x | {p['ideal_speedup']:.2f}x | {p['ratio_to_ideal']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def require_matplotlib():
+    """pyplot with the file-only Agg backend, or a one-line ConfigError naming the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install tokensieve[plot]") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    """PNG: latency vs batch (dense vs pruned, median with p90 bars); latency vs kept tokens for the sweep."""
+    plt = require_matplotlib()
+    sweep = result.get("sweep")
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
+    batches = [r["batch"] for r in result["results"]]
+    for name, marker in (("dense", "o"), ("pruned", "s")):
+        med = [r[name]["median_ms"] for r in result["results"]]
+        p90 = [r[name]["p90_ms"] - r[name]["median_ms"] for r in result["results"]]
+        ax.errorbar(batches, med, yerr=[[0] * len(med), p90], marker=marker, capsize=3, label=name)
+    ax.set(xlabel="batch", ylabel="latency ms (median, bar to p90)", title=f"{result['backend']}: latency vs batch")
+    if len(batches) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if sweep:
+        ax = axes[0][1]
+        pts = sorted(sweep["points"], key=lambda p: p["tokens"])
+        ax.plot([p["tokens"] for p in pts], [p["latency"]["median_ms"] for p in pts], marker="s", label="pruned")
+        ax.axhline(sweep["dense"]["median_ms"], color="gray", linestyle="--", label="dense")
+        ax.set_ylim(bottom=0)
+        ax.set(xlabel=f"tokens kept after block {sweep['after_block']}", ylabel="latency ms (median)",
+               title=f"token sweep, batch {sweep['batch']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, *, json_path=None, md_path=None, png_path=None) -> dict[str, Path]:
+    """Write the JSON / markdown / PNG files that were asked for, each atomically."""
+    written = {}
+    if json_path:
+        written["json"] = write_json_atomic(json_path, result)
+    if md_path:
+        with atomic_path(md_path) as tmp:
+            tmp.write_text(format_markdown(result))
+        written["md"] = Path(md_path)
+    if png_path:
+        written["png"] = plot(result, png_path)
+    return written
