@@ -413,7 +413,8 @@ class Tune(Tool):
         check_recipe_path(args.output)
         model, shape = load_model(args.model)
         report = api.tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
-                          model_name=str(args.model), runner_factory=OrtRunnerFactory(args.threads), batch=args.batch,
+                          model_name=str(args.model), runner_factory=OrtRunnerFactory(args.threads),
+                          sweep_runner_factory=OrtRunnerFactory(args.threads, spinning=False), batch=args.batch,
                           window=args.window, max_candidates=args.candidates, tol=args.tol,
                           sweep_blocks=args.sweep_blocks, sweep_iters=args.sweep_iters, sweep_warmup=args.warmup,
                           blocks=args.blocks, iters=args.iters, warmup=args.warmup, progress=_log)
