@@ -25,12 +25,12 @@ from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.onnx.check_static import check_static
 from tokensieve.recipe import Recipe, ResolvedStage, parse_recipe, resolve_recipe
 
-__all__ = ["export", "ExportResult", "verify", "VerifyReport", "save", "build", "bench", "BenchReport"]
+__all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "save", "build", "bench", "BenchReport"]
 
 
 @dataclass
-class ExportResult:
-    """A pruned model in ONNX, the dense baseline, and what is needed to check it against eager."""
+class Plan:
+    """A recipe bound to a traced model (static K per stage), and the eager reference of it; no ONNX yet."""
 
     module: nn.Module = field(repr=False)            # the eager model, wrapped to return one tensor
     input_shape: tuple[int, ...]
@@ -39,6 +39,16 @@ class ExportResult:
     hook_stages: list[HookStage]
     layout: TokenLayout
     block_paths: list[str]
+
+    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Eager output and kept positions per stage for input `x`."""
+        return run_reference(self.module, x, self.hook_stages)
+
+
+@dataclass
+class ExportResult(Plan):
+    """A pruned model in ONNX, the dense baseline, and what is needed to check it against eager (Plan)."""
+
     output_name: str
     onnx_model: onnx.ModelProto = field(repr=False)   # deployable: the model's output only
     debug_onnx: onnx.ModelProto = field(repr=False)   # + kept_idx.<block> outputs, for verification
@@ -84,28 +94,24 @@ class ExportResult:
                 n = by_block[i].tokens_out
         return out
 
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Eager output and kept positions per stage for input `x`."""
-        return run_reference(self.module, x, self.hook_stages)
+
+def plan(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
+         dynamic_batch: bool = True) -> Plan:
+    """Trace `model`, find its blocks and token layout, and bind the recipe to it (what `export` starts with)."""
+    return _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch)[0]
 
 
-def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
-           dynamic_batch: bool = True) -> ExportResult:
-    """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX."""
+def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch):
+    """-> (Plan, example tensor, exported program, its GraphModule, blocks, trace seconds)."""
     if isinstance(recipe, str):
         recipe = parse_recipe(recipe)
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise ConfigError("example_inputs must be one (B, C, H, W) image tensor")
-    model = model.eval()
-    module = FirstOutput(model)
-    output_name = _output_name(model, example)
-    seconds = {}
-
+    module = FirstOutput(model.eval())
     t0 = time.perf_counter()
     ep = trace(module, example, dynamic_batch)
-    seconds["trace"] = time.perf_counter() - t0
-
+    seconds = time.perf_counter() - t0
     gm = ep.module()
     blocks = discover_blocks(gm)
     layout = token_layout(gm, blocks, num_prefix_tokens)
@@ -116,6 +122,20 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
                 f"Method {s.stage.method!r} scores tokens by [CLS] attention, but this model has no [CLS] token "
                 "(0 prefix tokens); choose a CLS-free method (see `tokensieve methods`)"
             )
+    hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
+                             tuple(s.options.items()), layout.grid) for s in stages]
+    bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
+    return bound, example, ep, gm, blocks, seconds
+
+
+def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
+           dynamic_batch: bool = True) -> ExportResult:
+    """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX."""
+    bound, example, ep, gm, blocks, trace_seconds = _bind(model, example_inputs, recipe, num_prefix_tokens,
+                                                          dynamic_batch)
+    recipe, stages, layout, module = bound.recipe, bound.stages, bound.layout, bound.module
+    output_name = _output_name(module.model, example)
+    seconds = {"trace": trace_seconds}
 
     # Canonicalize once for both sides, so dense and pruned differ only by the pruning stages.
     # The passes run the graph once; a dynamic-batch trace needs batch >= 2, a static one its own batch.
@@ -152,10 +172,8 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     loop_ok = frozenset({"Loop"}) if any(s.options.get("loop") for s in stages) else frozenset()
     check_static(onnx_model, allowed_ops=loop_ok)
     check_static(dense_onnx)
-    hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
-                             tuple(s.options.items()), layout.grid) for s in stages]
     return ExportResult(
-        module=module, input_shape=tuple(example.shape), recipe=recipe, stages=stages, hook_stages=hook_stages,
+        module=module, input_shape=tuple(example.shape), recipe=recipe, stages=stages, hook_stages=bound.hook_stages,
         layout=layout, block_paths=[b.path for b in blocks], output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_onnx=dense_onnx, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
     )

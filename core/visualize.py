@@ -214,7 +214,7 @@ def visualize(model, recipe: Recipe, image_path: str | Path, out: str | Path, *,
     image = load_image(image_path, (h, w))  # bad image / output / missing matplotlib fail before the export
     mean, std = normalization(model, model_dir)
     x = to_pixels(image, mean, std, channels)
-    result = api.export(model, x, recipe)
+    result = api.plan(model, x, recipe)  # eager only: no ONNX conversion
     if result.layout.grid is None:
         raise ConfigError("visualize needs the model's patch grid (a conv patch embedding); this model has none")
     _, kept = result.reference(x)

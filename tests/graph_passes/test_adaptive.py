@@ -7,21 +7,20 @@ mask must fail the same check. Unit level: `adaptive_select` against a naive per
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokensieve.graph_passes.fx.insert_prune_stages as insert_prune_stages
-from tiny_models import TINY_MODEL_INFO, build
+from tiny_models import build
+from method_checks import assert_matches_eager, assert_static_without_dynamic_ops
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.adaptive import adaptive_select, compact
-from tokensieve.graph_passes.onnx.check_static import check_static, op_census
+from tokensieve.graph_passes.onnx.check_static import op_census
 from tokensieve.recipe import parse_recipe
 
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop", "If"}
 
 # case id -> (tiny model, recipe). Random-init attention is nearly uniform (shares within ~2 % of 1), so the
 # default threshold 1.0 keeps 6..11 of 16 tokens, varying between inputs (checked below).
@@ -51,9 +50,7 @@ def _counts(result, inputs: int = 20, batch: int = 3) -> list[set[int]]:
 
 def test_onnx_runtime_matches_eager_compaction_over_20_inputs(exported):
     case, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.indices_match == [True] * len(result.stages), case
-    assert report.max_abs_diff <= 1e-4, (case, report.max_abs_diff)
+    assert_matches_eager(result)
     # The check is only meaningful if the count really varies and slots really go unused.
     for stage, counts in zip(result.stages, _counts(result)):
         assert len(counts) > 1, (case, stage.stage, counts)
@@ -62,10 +59,7 @@ def test_onnx_runtime_matches_eager_compaction_over_20_inputs(exported):
 
 def test_static_graph_without_dynamic_ops(exported):
     _, result = exported
-    for model in (result.onnx_model, result.debug_onnx):
-        check_static(model)
-        census = op_census(model)
-        assert not set(census) & NO_DYNAMIC_OPS, {op: census[op] for op in NO_DYNAMIC_OPS if census[op]}
+    assert_static_without_dynamic_ops(result)
     # one masked attention per block after the first adaptive stage: an Add of the key bias before each Softmax
     assert op_census(result.onnx_model)["Softmax"] >= len(result.block_paths)
 

@@ -15,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
 from tokensieve import api
 from tokensieve.errors import ConfigError, ExportError
 from tokensieve.graph_passes.methods.diversity import (
@@ -26,7 +27,6 @@ from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 from tokensieve.recipe import parse_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None)
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop", "If"}
 TIE_TOL = 1e-5  # the float64 reference and the float32 implementation may order candidates closer than this differently
 
 
@@ -238,10 +238,7 @@ def exported():
 @pytest.mark.parametrize("case", list(CASES))
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported, case):
     result = exported(case)
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.indices_match == [True] * len(CASES[case][2])
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert_matches_eager(result)
     p = TINY_MODEL_INFO[CASES[case][0]].num_prefix_tokens
     assert result.tokens[1:] == [p + k for k in CASES[case][2]]
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
 from tokensieve import api
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
@@ -27,7 +28,6 @@ from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 from tokensieve.recipe import parse_recipe, resolve_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None)
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop", "If"}
 
 # case id -> (tiny model, recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 # Every tiny model has a 4 x 4 patch grid.
@@ -50,11 +50,7 @@ def exported(request):
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
     _, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.stage_blocks == [s.stage.after_block for s in result.stages]
-    assert all(report.indices_match) and len(report.indices_match) == len(result.stages)
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert_matches_eager(result)
 
 
 def test_onnx_is_static_with_two_attention_recomputes_and_one_adjacency_matmul(exported):

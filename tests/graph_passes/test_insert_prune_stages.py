@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from tiny_models import TINY_MODEL_INFO, TINY_MODELS, TinyBlock, TinyViT
 from tiny_traced import random_batch, traced_tiny
-from tokensieve.errors import ModelError, PassError
+from tokensieve.errors import PassError
 from tokensieve.exporter.trace import FirstOutput, trace
 from tokensieve.graph_passes.blocks import discover_blocks, token_layout
 from tokensieve.graph_passes.fx.insert_prune_stages import TAG, insert_prune_stages, kept_index_nodes

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.merge import (
@@ -27,7 +28,6 @@ from tokensieve.graph_passes.onnx.check_static import op_census
 from tokensieve.recipe import parse_recipe, resolve_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None)
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop"}
 
 # case id -> (tiny model, two-stage recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 CASES = {
@@ -51,11 +51,7 @@ def exported(request):
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
     _, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.stage_blocks == [1, 2]
-    assert report.indices_match == [True, True]
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert assert_matches_eager(result).stage_blocks == [1, 2]
 
 
 def test_onnx_merges_with_matmul_and_has_no_scatter_or_dynamic_ops(exported):

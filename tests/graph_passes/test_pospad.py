@@ -12,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import assert_matches_eager, assert_static_without_dynamic_ops
 from tokensieve import api
 from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.topk import select_topk
-from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 from tokensieve.recipe import parse_recipe
 
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop"}
 
 # case id -> (recipe, tokens entering block 0 then after each stage); the tiny ViT has [CLS] + 16 patches.
 CASES = {
@@ -37,18 +36,11 @@ def exported(request):
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
     case, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.indices_match == [True] * len(result.stages)
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert_matches_eager(result)
 
 
 def test_static_and_no_dynamic_ops(exported):
-    _, result = exported
-    for model in (result.onnx_model, result.debug_onnx):
-        check_static(model)
-        census = op_census(model)
-        assert not set(census) & NO_DYNAMIC_OPS, {op: census[op] for op in NO_DYNAMIC_OPS if census[op]}
+    assert_static_without_dynamic_ops(exported[1])
 
 
 def test_token_accounting_adds_the_marker_slots(exported):

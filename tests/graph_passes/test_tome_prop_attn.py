@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import build
+from method_checks import assert_matches_eager
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.merge import tome_merge, tome_size_mask
@@ -31,9 +32,7 @@ def exported(request):
 
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
-    report = api.verify(exported, num_inputs=20, batch=3)
-    assert report.indices_match == [True, True]
-    assert report.max_abs_diff <= 1e-4
+    assert_matches_eager(exported)
 
 
 def test_static_and_log_size_bias_in_later_attention(exported):

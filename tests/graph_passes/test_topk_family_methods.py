@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.attention_scores import mean_attention_scores
@@ -26,7 +27,6 @@ from tokensieve.graph_passes.onnx.check_static import op_census
 from tokensieve.recipe import parse_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None)
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop"}
 
 # case id -> (tiny model, two-stage recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 # Each model has 16 patch tokens; a fused stage adds one token, which the next stage counts as a patch token.
@@ -83,11 +83,7 @@ def _run_debug(result, x: torch.Tensor) -> list[np.ndarray]:
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
     _, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.stage_blocks == [1, 2]
-    assert report.indices_match == [True, True]
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert assert_matches_eager(result).stage_blocks == [1, 2]
 
 
 def test_onnx_selects_with_topk_and_has_no_dynamic_ops(exported):
@@ -326,11 +322,11 @@ def test_bad_method_parameters_are_one_line_config_errors(text, match):
 
 def test_good_method_parameters_are_typed_and_defaulted():
     a, b = parse_recipe("cls-topk(fuse=true)@1:0.5+ttv(direction_weight=0.5)@2:4").stages
-    assert a.options() == {"fuse": True}
-    assert b.options() == {"direction_weight": 0.5, "fuse": False}
-    assert parse_recipe("random(seed=3)@1:4").stages[0].options() == {"seed": 3}
+    assert a.options() == {"fuse": True, "pospad": False}
+    assert b.options() == {"direction_weight": 0.5, "fuse": False, "pospad": False}
+    assert parse_recipe("random(seed=3)@1:4").stages[0].options() == {"seed": 3, "pospad": False}
     assert parse_recipe("ttv(direction_weight=2)@1:4").stages[0].options()["direction_weight"] == 2.0
-    assert parse_recipe("uniform@1:4").stages[0].options() == {}
+    assert parse_recipe("uniform@1:4").stages[0].options() == {"pospad": False}
 
 
 def test_cls_method_on_siglip_is_a_config_error_naming_cls():

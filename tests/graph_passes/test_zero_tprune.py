@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.attention_graph import (
@@ -26,7 +27,6 @@ from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 from tokensieve.recipe import parse_recipe
 
 SETTINGS = settings(max_examples=60, deadline=None)
-NO_DYNAMIC_OPS = {"NonZero", "ScatterND", "ScatterElements", "Loop", "If"}
 
 # case id -> (tiny model, two-stage recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 CASES = {
@@ -49,11 +49,7 @@ def exported(request):
 
 def test_onnx_runtime_matches_eager_reference_over_20_inputs(exported):
     _, result = exported
-    report = api.verify(result, num_inputs=20, batch=3)
-    assert report.stage_blocks == [1, 2]
-    assert report.indices_match == [True, True]
-    assert report.max_abs_diff <= 1e-4
-    assert report.passed
+    assert assert_matches_eager(result).stage_blocks == [1, 2]
 
 
 def test_onnx_is_static_with_one_matmul_per_power_iteration(exported):

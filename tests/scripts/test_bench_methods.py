@@ -6,13 +6,17 @@ import json
 from tokensieve.scripts import bench_methods
 
 
+def test_base_method_strips_parameters():
+    assert bench_methods.base_method("tome(prop_attn=true)") == "tome" and bench_methods.base_method("ttv") == "ttv"
+
+
 def test_bench_methods_writes_table_and_json(tmp_path):
-    rc = bench_methods.main(["--model", "tiny", "--after-block", "1", "--methods", "cls-topk,random",
+    rc = bench_methods.main(["--model", "tiny", "--after-block", "1", "--methods", "cls-topk;tome(prop_attn=true)",
                              "--blocks", "1", "--iters", "2", "-o", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "methods.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"cls-topk", "random"}
+    assert set(rows) == {"cls-topk", "tome(prop_attn=true)"}
     for r in rows.values():
         assert r["verified"] is True
         assert r["tokens"] == [65, 33]
@@ -21,4 +25,4 @@ def test_bench_methods_writes_table_and_json(tmp_path):
         assert r["ideal_speedup"] > 1.0
         assert abs(r["ratio"] - r["speedup"] / r["ideal_speedup"]) < 1e-9
     md = (tmp_path / "methods.md").read_text()
-    assert "| cls-topk | 65→33 | yes |" in md and "| random | 65→33 | yes |" in md
+    assert "| cls-topk | 65→33 | yes |" in md and "| tome(prop_attn=true) | 65→33 | yes |" in md

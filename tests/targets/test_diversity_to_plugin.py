@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,7 +18,7 @@ from test_plugins import diversity_select_reference
 from tiny_models import build
 from tokensieve import api
 from tokensieve.cli import main
-from tokensieve.errors import ConfigError, TargetError
+from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.diversity import cosine_similarity, divprune_first, greedy_select
 from tokensieve.runtime import OrtRunner
 from tokensieve.targets.tensorrt import BuildSpec, plugins
@@ -45,20 +44,6 @@ def case(request, tmp_path_factory):
     paths = api.save(result, tmp_path_factory.mktemp(request.param))
     substituted = diversity_to_plugin(result.debug_onnx)
     return request.param, result, paths, ir.to_proto(substituted.model), substituted
-
-
-@pytest.fixture(scope="module")
-def plugin_lib(tmp_path_factory) -> Path:
-    """libtokensieve_plugins.so for sm_86: the cached build of the current sources, else compiled once for this module."""
-    cached = plugins.default_build_dir() / plugins.LIBRARY_NAME
-    if cached.is_file():
-        return cached
-    try:
-        plugins.find_nvcc()
-        plugins.ensure_headers()
-    except TargetError as e:
-        pytest.skip(f"cannot build the plugin library here: {e}")
-    return plugins.build_plugin_library(tmp_path_factory.mktemp("plugins"), archs=("86",))
 
 
 def _plugin_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

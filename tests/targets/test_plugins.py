@@ -2,10 +2,8 @@
 its TokenCompact / DiversitySelect ONNX nodes build into TensorRT-RTX SM86 engines. Kernel numerics need a GPU."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +23,6 @@ def _one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert msg and "\n" not in msg
     return msg
-
-
-@pytest.fixture(scope="session")
-def plugin_build(tmp_path_factory) -> tuple[Path, float]:
-    """Compile once per session for sm_86 (+ compute_86 PTX); (library, seconds)."""
-    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
-        pytest.skip("nvcc (CUDA toolkit) is not installed")
-    try:
-        plugins.ensure_headers()  # a download, not part of the compile time
-    except TargetError as e:
-        pytest.skip(f"no TensorRT headers: {e}")
-    t0 = time.perf_counter()
-    lib = plugins.build_plugin_library(tmp_path_factory.mktemp("plugins"), archs=("86",))
-    return lib, time.perf_counter() - t0
-
-
-@pytest.fixture(scope="session")
-def plugin_lib(plugin_build) -> Path:
-    return plugin_build[0]
 
 
 @requires_nvcc

@@ -1,0 +1,31 @@
+"""Checks every method test repeats: exported ONNX vs the eager reference, and the static-graph op census.
+
+    from method_checks import assert_matches_eager, assert_static_without_dynamic_ops
+"""
+from __future__ import annotations
+
+from tokensieve import api
+from tokensieve.graph_passes.onnx.check_static import check_static, op_census
+
+# Ops that mean data-dependent shapes or scatter (no ONNX lowering / slow on TensorRT); Loop only where asked.
+DYNAMIC_OPS = frozenset({"NonZero", "ScatterND", "ScatterElements", "Loop", "If"})
+ATOL = 1e-4
+
+
+def assert_matches_eager(result: api.ExportResult, num_inputs: int = 20, batch: int = 3) -> api.VerifyReport:
+    """ONNX Runtime vs eager on `num_inputs` random batches: identical kept indices at every stage, max |Δ| <= ATOL."""
+    report = api.verify(result, num_inputs=num_inputs, batch=batch, atol=ATOL)
+    assert report.stage_blocks == [s.stage.after_block for s in result.stages]
+    assert report.indices_match == [True] * len(result.stages), report.indices_match
+    assert report.max_abs_diff <= ATOL, report.max_abs_diff
+    assert report.passed
+    return report
+
+
+def assert_static_without_dynamic_ops(result: api.ExportResult, allowed: frozenset = frozenset()) -> None:
+    """Both the deployable and the debug ONNX have static shapes (batch fixed) and none of DYNAMIC_OPS - allowed."""
+    for model in (result.onnx_model, result.debug_onnx):
+        check_static(model, allowed_ops=allowed)
+        census = op_census(model)
+        bad = {op: census[op] for op in DYNAMIC_OPS - allowed if census[op]}
+        assert not bad, bad
