@@ -376,7 +376,7 @@ class Methods(Tool):
 class Tune(Tool):
     """Snap each stage's K to the target's latency staircase: more tokens for the same time, never slower than dense.
 
-        tokensieve tune --model default --prune cls-topk@3,6,9:0.7 -o tuned.toml --json tune.json
+        tokensieve tune --model default --prune cls-topk@3,6,9:0.7 -o tuned.toml --json tune.json --plot tune.png
         tokensieve export --model default --prune tuned.toml -o out/     # export the chosen recipe
         # per stage: one block timed at each candidate K (±--window of the patches); then dense, requested and
         # snapped in one alternating run; -o is written only if the snapped recipe beats dense
@@ -399,6 +399,7 @@ class Tune(Tool):
         p.add_argument("--iters", type=int, default=20, help="timed runs per block in the final run (default 20)")
         p.add_argument("--warmup", type=int, default=5)
         p.add_argument("--json", default=None, help="also write the report to this JSON file")
+        p.add_argument("--plot", default=None, help="write the per-stage latency staircase as PNG (needs tokensieve[plot])")
 
     def run(self, args):
         import torch
@@ -407,10 +408,14 @@ class Tune(Tool):
         from tokensieve.fileio import write_json_atomic
         from tokensieve.models import load_model
         from tokensieve.recipe import parse_recipe
-        from tokensieve.tune import OrtRunnerFactory, check_recipe_path, format_tune, save_recipe
+        from tokensieve.tune import OrtRunnerFactory, check_recipe_path, format_tune, plot_tune, save_recipe
 
         recipe = parse_recipe(args.prune)
         check_recipe_path(args.output)
+        if args.plot:  # a missing matplotlib fails now, not after the sweep
+            from tokensieve.benchmark import require_matplotlib
+
+            require_matplotlib()
         model, shape = load_model(args.model)
         report = api.tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
                           model_name=str(args.model), runner_factory=OrtRunnerFactory(args.threads),
@@ -422,6 +427,8 @@ class Tune(Tool):
         d = report.to_dict()
         if args.json:
             write_json_atomic(args.json, d)
+        if args.plot:
+            plot_tune(d, args.plot)
         print(format_tune(d))
         return 0
 

@@ -570,6 +570,39 @@ def _toml_value(v) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
 
 
+def plot_tune(report: dict, path: str | Path) -> Path:
+    """PNG: per stage, the timed block's latency vs kept K (the staircase), requested and snapped K marked."""
+    from tokensieve.benchmark import require_matplotlib
+    from tokensieve.fileio import atomic_path
+
+    plt = require_matplotlib()
+    stages = [s for s in report["stages"] if s["candidates"]]
+    if not stages:
+        raise ConfigError("--plot: no stage was swept (no block after any stage), nothing to draw")
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        pts = sorted(s["candidates"], key=lambda c: c["keep"])
+        ax.step([c["keep"] for c in pts], [c["median_ms"] for c in pts], where="mid", color="gray", alpha=0.5)
+        ax.plot([c["keep"] for c in pts], [c["median_ms"] for c in pts], "o", ms=3, label="block median")
+        ms = {c["keep"]: c["median_ms"] for c in pts}
+        for k, style, name in ((s["requested_keep"], "v", "requested"), (s["snapped_keep"], "^", "snapped")):
+            if k in ms:
+                ax.plot([k], [ms[k]], style, ms=9, label=f"{name} K={k}")
+        if s.get("dense_block"):
+            ax.axhline(s["dense_block"]["median_ms"], color="gray", linestyle="--", label="dense block")
+        ax.set(xlabel=f"K kept after block {s['after_block']}", ylabel="block latency ms",
+               title=f"@{s['after_block']} ({s['method']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"tokensieve tune: {report['model']} on {report['sweep_backend']}, batch {report['batch']}")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def format_tune(report: dict) -> str:
     """The printed table of a TuneReport.to_dict()."""
     r = report

@@ -198,8 +198,8 @@ def test_recipe_file_round_trip(tmp_path, suffix):
 def test_tune_end_to_end(tmp_path, capsys):
     from tokensieve.cli import main
 
-    out, js = tmp_path / "tuned.toml", tmp_path / "tune.json"
-    rc = main(["tune", "--model", "tiny", "--prune", "cls-topk@1,2:0.5", "-o", str(out), "--json", str(js),
+    out, js, png = tmp_path / "tuned.toml", tmp_path / "tune.json", tmp_path / "tune.png"
+    rc = main(["tune", "--model", "tiny", "--prune", "cls-topk@1,2:0.5", "-o", str(out), "--json", str(js), "--plot", str(png),
                "--window", "0.1", "--candidates", "4", "--sweep-blocks", "2", "--sweep-iters", "3", "--blocks", "2",
                "--iters", "5", "--warmup", "1"])
     assert rc == 0
@@ -237,6 +237,7 @@ def test_tune_end_to_end(tmp_path, capsys):
                  if s["snapped_keep"] is not None) or "dense").to_dict()
     for word in ("requested", "snapped", "dense", "chosen:"):
         assert word in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000  # one panel per swept stage
 
 
 @pytest.mark.parametrize("args,match", [
