@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers, whole test files each (module-scoped exports are not repeated); TOKENSIEVE_TEST_WORKERS=0: serial.
+exec .venv/bin/python -m pytest -q -n "${TOKENSIEVE_TEST_WORKERS:-2}" --dist loadfile "$@"
