@@ -572,8 +572,7 @@ def _toml_value(v) -> str:
 
 def plot_tune(report: dict, path: str | Path) -> Path:
     """PNG: per stage, the timed block's latency vs kept K (the staircase), requested and snapped K marked."""
-    from tokensieve.benchmark import require_matplotlib
-    from tokensieve.fileio import atomic_path
+    from tokensieve.benchmark import require_matplotlib, save_figure
 
     plt = require_matplotlib()
     stages = [s for s in report["stages"] if s["candidates"]]
@@ -595,12 +594,7 @@ def plot_tune(report: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"tokensieve tune: {report['model']} on {report['sweep_backend']}, batch {report['batch']}")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_tune(report: dict) -> str:

@@ -1,9 +1,13 @@
 """Checks every method test repeats: exported ONNX vs the eager reference, and the static-graph op census.
 
-    from method_checks import assert_matches_eager, assert_static_without_dynamic_ops
+    from method_checks import assert_matches_eager, assert_static_without_dynamic_ops, exported_cases
+    exported = exported_cases(CASES)   # CASES: case id -> (tiny model, recipe, ...): a module fixture (id, result)
 """
 from __future__ import annotations
 
+import pytest
+
+from tiny_models import build
 from tokensieve import api
 from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 
@@ -29,3 +33,13 @@ def assert_static_without_dynamic_ops(result: api.ExportResult, allowed: frozens
         census = op_census(model)
         bad = {op: census[op] for op in DYNAMIC_OPS - allowed if census[op]}
         assert not bad, bad
+
+
+def exported_cases(cases: dict):
+    """A module-scoped fixture over `cases` (id -> (tiny model name, recipe, ...)): (id, ExportResult), each once."""
+    @pytest.fixture(scope="module", params=list(cases))
+    def exported(request):
+        name, recipe, *_ = cases[request.param]
+        return request.param, api.export(*build(name), recipe)
+
+    return exported

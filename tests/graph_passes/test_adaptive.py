@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tokensieve.graph_passes.fx.insert_prune_stages as insert_prune_stages
 from tiny_models import build
-from method_checks import assert_matches_eager, assert_static_without_dynamic_ops
+from method_checks import assert_matches_eager, assert_static_without_dynamic_ops, exported_cases
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.adaptive import adaptive_select, compact
@@ -32,10 +32,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def exported(request):
-    name, recipe = CASES[request.param]
-    return request.param, api.export(*build(name), recipe)
+exported = exported_cases(CASES)
 
 
 def _counts(result, inputs: int = 20, batch: int = 3) -> list[set[int]]:

@@ -12,9 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiny_models import TINY_MODEL_INFO, build
-from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
-from tokensieve import api
+from tiny_models import TINY_MODEL_INFO
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager, exported_cases
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.merge import (
     anchor_scores,
@@ -40,10 +39,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def exported(request):
-    name, recipe, _, _ = CASES[request.param]
-    return request.param, api.export(*build(name), recipe)
+exported = exported_cases(CASES)
 
 
 # --------------------------------------------------------------------------- export + verify

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiny_models import TINY_MODEL_INFO, build
-from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager
+from method_checks import DYNAMIC_OPS as NO_DYNAMIC_OPS, assert_matches_eager, exported_cases
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.attention_graph import (
@@ -38,10 +38,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def exported(request):
-    name, recipe, _, _ = CASES[request.param]
-    return request.param, api.export(*build(name), recipe)
+exported = exported_cases(CASES)
 
 
 # --------------------------------------------------------------------------- export + verify
