@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +133,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX."""
     bound, example, ep, gm, blocks, trace_seconds = _bind(model, example_inputs, recipe, num_prefix_tokens,
                                                           dynamic_batch)
-    recipe, stages, layout, module = bound.recipe, bound.stages, bound.layout, bound.module
+    recipe, stages, module = bound.recipe, bound.stages, bound.module
     output_name = _output_name(module.model, example)
     seconds = {"trace": trace_seconds}
 
@@ -173,8 +173,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     check_static(onnx_model, allowed_ops=loop_ok)
     check_static(dense_onnx)
     return ExportResult(
-        module=module, input_shape=tuple(example.shape), recipe=recipe, stages=stages, hook_stages=bound.hook_stages,
-        layout=layout, block_paths=[b.path for b in blocks], output_name=output_name, onnx_model=onnx_model,
+        **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_onnx=dense_onnx, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
     )
 

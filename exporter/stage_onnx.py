@@ -9,9 +9,7 @@ from tokensieve.errors import ExportError
 from tokensieve.exporter.onnx_translations import TRANSLATIONS
 from tokensieve.exporter.trace import quiet
 from tokensieve.graph_passes.methods.registry import METHODS
-from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
-from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
-from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
+from tokensieve.graph_passes.methods.stage import gather_options, reduce_kwargs, score_call
 
 
 class _Stage(nn.Module):
@@ -30,11 +28,7 @@ class _Stage(nn.Module):
         if self.spec.reduce_fn is not None:
             return self.spec.reduce_fn(x_out, scores, self.keep, self.p, **reduce_kwargs(self.spec, self.options))[0]
         tokens, idx = torch.ops.tokensieve.prune_topk(x_out, scores, self.keep, self.p)
-        if self.options.get("pospad"):
-            tokens, _ = pospad_tokens(x_out, idx, pospad_slots(x_out.shape[1] - self.p, self.keep), self.p)
-        if self.options.get("fuse"):
-            tokens = torch.cat([tokens, fuse_dropped_tokens(x_out, scores, idx, self.p)], dim=1)
-        return tokens
+        return gather_options(x_out, scores, tokens, idx, self.keep, self.p, self.options)
 
 
 def stage_onnx(method: str, options: dict, keep: int, num_prefix_tokens: int, *, batch: int, tokens: int,

@@ -44,13 +44,10 @@ def adaptive_select(scores: Tensor, cap: int, num_prefix_tokens: int = 1, thresh
     """
     p = num_prefix_tokens
     s = scores[:, p:].float()
-    if valid is None:
-        n_valid = torch.full_like(s[:, :1], s.shape[1])
-        incoming = torch.ones_like(s, dtype=torch.bool)
-    else:
-        incoming = valid[:, p:]
-        n_valid = incoming.sum(dim=-1, keepdim=True).float()
-    best = (torch.where(incoming, s, float("-inf")) >= torch.where(incoming, s, float("-inf")).amax(-1, keepdim=True))
+    incoming = torch.ones_like(s, dtype=torch.bool) if valid is None else valid[:, p:]
+    n_valid = incoming.sum(dim=-1, keepdim=True).float()
+    live = torch.where(incoming, s, float("-inf"))
+    best = live >= live.amax(-1, keepdim=True)
     share = s * n_valid / torch.where(incoming, s, 0.0).sum(dim=-1, keepdim=True).clamp_min(1e-30)  # 1.0 = uniform
     passing = incoming & ((share >= threshold) | best)       # at least the top token (ties: all of them)
     masked = torch.where(passing, s, float("-inf"))

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
+from tokensieve.graph_passes.methods.pospad import pospad_slots
+
 
 class ScoreInput(Enum):
     """What a method's score function reads from the block it follows."""
@@ -98,14 +100,9 @@ class PruneMethod:
         """Whether this stage scores with the [CLS] token (an option may switch to a CLS-free score)."""
         return self.requires_cls and not options.get("mean_attention", False)
 
-    def extra_tokens(self, params: dict, num_patches: int | None = None, keep: int | None = None) -> int:
+    def extra_tokens(self, params: dict, num_patches: int, keep: int) -> int:
         """Tokens a stage adds besides prefix + kept (EViT's fused token, PosPad's marker slots)."""
-        extra = int(bool(params.get("fuse", False)))
-        if params.get("pospad", False):
-            if num_patches is None or keep is None:
-                raise ValueError(f"{self.name}: pospad needs num_patches and keep to count its marker slots")
-            from tokensieve.graph_passes.methods.pospad import pospad_slots
-            extra += pospad_slots(num_patches, keep)
-        return extra
+        pospad = pospad_slots(num_patches, keep) if params.get("pospad", False) else 0
+        return int(bool(params.get("fuse", False))) + pospad
 
 

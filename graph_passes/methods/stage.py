@@ -50,8 +50,14 @@ def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: in
     if spec.reduce_fn is not None:
         return (*spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options)), None)
     tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
+    return gather_options(x, scores, tokens, idx, keep, num_prefix_tokens, options), idx, None
+
+
+def gather_options(x: Tensor, scores: Tensor, tokens: Tensor, idx: Tensor, keep: int, num_prefix_tokens: int,
+                   options: dict) -> Tensor:
+    """A gather stage's options on its kept tokens: PosPad markers in place of the dropped runs, EViT's fused token."""
     if options.get("pospad"):
         tokens, _ = pospad_tokens(x, idx, pospad_slots(x.shape[1] - num_prefix_tokens, keep), num_prefix_tokens)
     if options.get("fuse"):
         tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)
-    return tokens, idx, None
+    return tokens
