@@ -197,6 +197,9 @@ def _engine_pair(folder: Path, progress: Progress | None) -> tuple[Path, Path]:
     if not model.is_file():
         raise ConfigError(f"{str(model)!r} does not exist; build it with `tokensieve build {folder}/model.onnx "
                           "--target rtx-smXX` (or --target local), or export without --no-build")
+    from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
+
+    check_engine_file(model, read_engine_metadata(model))  # a truncated model.engine fails before dense is built
     dense = folder / "dense.engine"
     if not dense.is_file():
         from tokensieve import api

@@ -224,3 +224,20 @@ def test_tensorrt_backend_builds_dense_engine_on_demand(exported, tmp_path, caps
     assert meta["onnx"]["file"] == "dense.onnx" and meta["tokensieve"] == {"dense": True}
     if local_compute_capability() is None:  # no GPU: the runner refuses in one line after the checks passed
         assert rc == 2 and "needs an NVIDIA GPU" in captured.err.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+def test_truncated_model_engine_is_refused_before_the_dense_engine_is_built(exported, tmp_path, capsys):
+    import shutil
+
+    from tokensieve import api
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    api.build(out / "model.onnx", out / "model.engine", target="rtx-sm86", max_batch=2)
+    engine = out / "model.engine"
+    engine.write_bytes(engine.read_bytes()[:1000])
+    assert main(["bench", str(out), "--backend", "tensorrt", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is 1000 bytes but its metadata records" in err[-1] and "tokensieve build --target rtx-sm86" in err[-1]
+    assert not (out / "dense.engine").exists()
