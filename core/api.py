@@ -20,6 +20,7 @@ from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_l
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages, kept_index_nodes
 from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
 from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
+from tokensieve.graph_passes.fx.compact_token_axis import compact_token_axis
 from tokensieve.graph_passes.methods.reference import HookStage, run_reference
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.onnx.check_static import check_static
@@ -122,8 +123,8 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch):
                 f"Method {s.stage.method!r} scores tokens by [CLS] attention, but this model has no [CLS] token "
                 "(0 prefix tokens); choose a CLS-free method (see `tokensieve methods`)"
             )
-    hook_stages = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
-                             tuple(s.options.items()), layout.grid) for s in stages]
+    hook_stages = [HookStage.for_block([b.path for b in blocks], s.stage.after_block, s.stage.method, s.keep,
+                                       s.num_prefix_tokens, tuple(s.options.items()), layout.grid) for s in stages]
     bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
     return bound, example, ep, gm, blocks, seconds
 
@@ -154,6 +155,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
         respecialize_token_counts(gm, (sample,))
         kept = kept_index_nodes(gm)
         _set_outputs(gm, kept)
+        compacted = compact_token_axis(gm, stages, (sample,)).modified
         seconds["passes"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ep_pruned = trace(gm, example, dynamic_batch)
@@ -162,15 +164,16 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
         t0 = time.perf_counter()
         debug_onnx = to_onnx(ep_pruned, names)
         seconds["onnx_pruned"] = time.perf_counter() - t0
-        macs_pruned = count_macs(ep_pruned.graph_module)
+        # A compacted token axis counts at its cap (the worst case): MACs stay an upper bound.
+        macs_pruned = count_macs(ep_pruned.graph_module, unbacked_size=max(s.tokens_out for s in stages))
         onnx_model = _drop_outputs(debug_onnx, keep=1)
     else:
         debug_onnx = onnx_model = dense_onnx
-        macs_pruned = macs_dense
+        macs_pruned, compacted = macs_dense, False
 
     # An ONNX Loop is allowed only where a stage asked for it (divprune/mmr loop=true).
     loop_ok = frozenset({"Loop"}) if any(s.options.get("loop") for s in stages) else frozenset()
-    check_static(onnx_model, allowed_ops=loop_ok)
+    check_static(onnx_model, allowed_ops=loop_ok, compacted=compacted)
     check_static(dense_onnx)
     return ExportResult(
         **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
@@ -303,8 +306,9 @@ def reference_from_report(report: dict):
     paths = report["block_paths"]
     prefix = report["layout"]["num_prefix_tokens"]
     grid = report["layout"].get("grid")
-    hooks = [HookStage(paths[s["after_block"]], s["method"], s["keep"], prefix, tuple(s.get("options", {}).items()),
-                       tuple(grid) if grid else None) for s in report["stages"]]
+    hooks = [HookStage.for_block(paths, s["after_block"], s["method"], s["keep"], prefix,
+                                 tuple(s.get("options", {}).items()), tuple(grid) if grid else None)
+             for s in report["stages"]]
     return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 
 

@@ -14,11 +14,21 @@ from torch import fx
 aten = torch.ops.aten
 
 
+_UNBACKED = [1]  # what a data-dependent size (compact_token_axis's u0) counts as, set by count_macs
+
+
 def _dims(node) -> list[int] | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    return [d if isinstance(d, int) else 1 for d in val.shape]
+    return [d if isinstance(d, int) else _symbolic(d) for d in val.shape]
+
+
+def _symbolic(d) -> int:
+    """The batch symbol counts as 1 (per-sample MACs); an expression of data-dependent sizes at their bound."""
+    expr = d.node.expr
+    subs = {s: (_UNBACKED[0] if s.name.startswith("u") else 1) for s in expr.free_symbols}
+    return int(expr.subs(subs))
 
 
 def _numel(dims) -> int:
@@ -50,6 +60,11 @@ def node_macs(node: fx.Node) -> int:
     return 0
 
 
-def count_macs(gm: fx.GraphModule) -> int:
-    """Per-sample MACs of every matrix product in `gm` (needs meta['val'] from a fresh trace)."""
-    return sum(node_macs(n) for n in gm.graph.nodes if n.op == "call_function")
+def count_macs(gm: fx.GraphModule, unbacked_size: int = 1) -> int:
+    """Per-sample MACs of every matrix product in `gm` (needs meta['val'] from a fresh trace). A data-dependent
+    size counts as `unbacked_size` (the compacted token count's upper bound gives an upper bound of the MACs)."""
+    _UNBACKED[0] = unbacked_size
+    try:
+        return sum(node_macs(n) for n in gm.graph.nodes if n.op == "call_function")
+    finally:
+        _UNBACKED[0] = 1

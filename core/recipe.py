@@ -257,6 +257,12 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                 f"validity or sizes that only {prev.stage.method} stages with the same options handle); make the later "
                 "stages the same, or move this stage before it"
             )
+        if prev and prev.options.get("compact"):
+            raise ConfigError(
+                f"Stage {s.method}@{s.after_block} follows {prev.stage.method}(compact=true)@{prev.stage.after_block}, "
+                "which must be the last stage (its token count depends on the input); drop compact=true there or "
+                "remove the later stages"
+            )
         reason = spec.validate(patches, k, s.options()) if spec.validate else None
         if not reason and spec.validate_place:  # e.g. HiPrune: an earlier anchor block, no stage before it
             reason = spec.validate_place(s.after_block, n, num_tokens, s.options())

@@ -2,6 +2,8 @@
 
 tokensieve::prune_topk -> Slice(scores) · TopK(K) · TopK(ascending indices) · Add(prefix)
                           · GatherND(x, idx, batch_dims=1) · Concat(prefix tokens, kept)
+tokensieve::compact_valid -> ReduceMax(ReduceSum(Cast(valid))) · Slice(x), Slice(valid)  (data-dependent S)
+tokensieve::pad_tokens -> Pad(x, [0.., length - Shape(x)[dim], 0..])
 
 Translating the op directly (instead of decomposing it in a second run_decompositions) keeps the
 ONNX conversion to one decomposition pass, and is where a target can later emit a plugin node.
@@ -33,4 +35,28 @@ def prune_topk(x, scores, keep: int, num_prefix_tokens: int):
     return op.Concat(prefix, kept, axis=1), pos
 
 
-TRANSLATIONS = {torch.ops.tokensieve.prune_topk.default: prune_topk}
+def compact_valid(x, valid, min_tokens: int):
+    """S = max_b Σ valid[b] (>= min_tokens by construction: the prefix + at least one token are valid); the first S
+    slots of x and valid. Targets match exactly this form (targets/tensorrt/compact_to_plugin.py swaps in
+    TokenCompact's data-dependent mode)."""
+    count = op.ReduceSum(op.Cast(valid, to=7), op.Constant(value_ints=[1]), keepdims=0)  # INT64
+    s = op.ReduceMax(count, keepdims=1)
+    zero, axis = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+    return op.Slice(x, zero, s, axis), op.Slice(valid, zero, s, axis)
+
+
+def pad_tokens(x, dim: int, length: int):
+    """Zero-pad axis `dim` to the static `length` (a compacted per-token output back to the capped shape)."""
+    rank = len(x.shape)  # the exporter's values carry their traced shapes
+    n = op.Shape(x, start=dim, end=dim + 1)
+    parts = [op.Constant(value_ints=[0] * (rank + dim)), op.Sub(op.Constant(value_ints=[length]), n)]
+    if rank - dim - 1:
+        parts.append(op.Constant(value_ints=[0] * (rank - dim - 1)))
+    return op.Pad(x, op.Concat(*parts, axis=0))
+
+
+TRANSLATIONS = {
+    torch.ops.tokensieve.prune_topk.default: prune_topk,
+    torch.ops.tokensieve.compact_valid.default: compact_valid,
+    torch.ops.tokensieve.pad_tokens.default: pad_tokens,
+}

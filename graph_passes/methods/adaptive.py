@@ -16,6 +16,10 @@ its input sequence) are the same numbers in eager and exported. kept_idx is -1 i
 
 Every select is static: TopK (K = cap) of the masked scores via `tokensieve::prune_topk`'s ascending TopK, then one
 TopK of distinct keys for the valid-first order. No NonZero, no data-dependent shape.
+
+`compact=true` (last stage only) trades the static shape for real savings: after the stage the sequence is cut to
+the largest valid count in the batch (graph_passes/fx/compact_token_axis.py), so latency follows the count, not the
+cap. TensorRT builds swap the cut for TokenCompact's data-dependent form when the plugin library is given.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from tokensieve.graph_passes.methods.topk import gather_tokens
 
 THRESHOLD = Param("threshold", 1.0, "keep patch tokens whose share of the patches' [CLS] attention is >= "
                   "threshold x the uniform share 1/n (1.0: above-average tokens); at least 1, at most the stage's budget (the cap)", float, 0.0, 1e4)
+COMPACT = Param("compact", False, "really drop the invalid slots: later blocks run on the largest valid count in the "
+                "batch (a data-dependent token axis; batch 1: exactly the kept tokens) instead of the cap; last stage only",
+                bool)
 
 
 def key_bias(valid: Tensor) -> Tensor:
@@ -95,6 +102,8 @@ def compact(x: Tensor, kept: Tensor, num_prefix_tokens: int = 1) -> Tensor:
 def adaptive_validate(num_patches: int, keep: int, options: dict) -> str | None:
     if keep < 1:
         return "adaptive needs a cap of at least 1 token"
+    if options.get("compact") and keep < 2:
+        return "compact=true needs a cap of at least 2 tokens (with 1 the count never varies); raise the budget"
     return None
 
 
@@ -105,7 +114,7 @@ METHODS: tuple = (
                 "compiled as K capped slots + a validity mask that later attention ignores",
         paper="adaptive-threshold token pruning (ATS, Fayyaz et al., ECCV 2022; ATP-LLaVA, Ye et al., 2025)",
         score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True,
-        params=(THRESHOLD,), reduce_fn=adaptive_prune, reduce_params=("threshold",), validate=adaptive_validate,
+        params=(THRESHOLD, COMPACT), reduce_fn=adaptive_prune, reduce_params=("threshold",), validate=adaptive_validate,
         carries_state=lambda options: True, state_mask=attention_key_mask, compacts=True,
     ),
 )

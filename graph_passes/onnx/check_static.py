@@ -35,8 +35,11 @@ def op_census(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
 
-def check_static(model: onnx.ModelProto, allowed_ops: frozenset[str] = frozenset()) -> dict:
-    """Raise ExportError if `model` has a forbidden op, or a size that stays unknown once the batch is fixed."""
+def check_static(model: onnx.ModelProto, allowed_ops: frozenset[str] = frozenset(), compacted: bool = False) -> dict:
+    """Raise ExportError if `model` has a forbidden op, or a size that stays unknown once the batch is fixed.
+
+    `compacted` (adaptive compact=true): the token axis after the compaction Slice is data-dependent by design;
+    only values computed from it may have unknown sizes, and the graph outputs must still be static."""
     census = op_census(model)
     bad = {op: why for op, why in FORBIDDEN_OPS.items() if census.get(op) and op not in allowed_ops}
     if bad:
@@ -46,8 +49,9 @@ def check_static(model: onnx.ModelProto, allowed_ops: frozenset[str] = frozenset
     for batch in (1, 2):
         values = _infer_with_batch(model, batch)
         checked = len(values)
+        allowed = _downstream_of_compaction(model) if compacted else set()
         dynamic = [(vi.name, d.dim_param or "?") for vi in values for d in vi.type.tensor_type.shape.dim
-                   if not d.HasField("dim_value")]
+                   if not d.HasField("dim_value") and vi.name not in allowed]
         if dynamic:
             name, dim = dynamic[0]
             raise ExportError(
@@ -55,3 +59,18 @@ def check_static(model: onnx.ModelProto, allowed_ops: frozenset[str] = frozenset
                 f"dim {dim!r}; only the batch axis may be dynamic"
             )
     return {"ops": dict(census), "num_values_checked": checked}
+
+
+def _downstream_of_compaction(model: onnx.ModelProto) -> set[str]:
+    """Names of the values computed from a compact_valid Slice (exporter/onnx_translations.py) - graph outputs
+    excluded, so those must stay static."""
+    frontier = {o for n in model.graph.node if n.op_type == "Slice" and _from_compact_valid(n) for o in n.output}
+    seen = set(frontier)
+    for n in model.graph.node:  # nodes are topologically sorted
+        if any(i in seen for i in n.input):
+            seen.update(n.output)
+    return seen - {o.name for o in model.graph.output}
+
+
+def _from_compact_valid(node: onnx.NodeProto) -> bool:
+    return any(p.key == "pkg.torch.onnx.fx_node" and "tokensieve.compact_valid" in p.value for p in node.metadata_props)

@@ -110,7 +110,7 @@ def test_adaptive_needs_cls():
 
 def test_recipe_shorthand_roundtrip():
     r = parse_recipe("adaptive(threshold=1.5)@2:0.5")
-    assert r.stages[0].options() == {"threshold": 1.5}
+    assert r.stages[0].options() == {"threshold": 1.5, "compact": False}
     assert parse_recipe(r.shorthand()) == r
 
 
