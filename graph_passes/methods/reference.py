@@ -6,6 +6,7 @@ output tokens), so exported and eager kept indices can be compared exactly. Like
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,15 @@ class HookStage:
     num_prefix_tokens: int
     options: tuple[tuple[str, object], ...] = ()
     grid: tuple[int, int] | None = None   # the patch grid (h, w), for scores that read 2D neighbours (HiPrune)
+    earlier_path: str | None = None       # dotted path of the earlier block a two-block score also reads (HiPrune)
+
+    @classmethod
+    def for_block(cls, block_paths: Sequence[str], after_block: int, method: str, keep: int, num_prefix_tokens: int,
+                  options: tuple[tuple[str, object], ...] = (), grid: tuple[int, int] | None = None) -> HookStage:
+        """The stage after block `after_block` of `block_paths`, with `earlier_path` filled if its method needs it."""
+        earlier = METHODS[method].earlier_block
+        earlier_path = block_paths[earlier(dict(options), after_block)] if earlier is not None else None
+        return cls(block_paths[after_block], method, keep, num_prefix_tokens, options, grid, earlier_path)
 
 
 def is_trivial_mask(mask) -> bool:
@@ -86,12 +96,13 @@ def _pad_tokens(out: Tensor, slots: int) -> Tensor:
 
 
 def _earlier_path(stage: HookStage) -> str | None:
-    """Path of the earlier sibling block a two-block score reads (blocks are `<prefix>.<index>`), else None."""
-    spec = METHODS[stage.method]
-    if spec.score_input is not ScoreInput.ATTENTION_QK_TWO_BLOCKS:
+    """Path of the earlier block a two-block score reads (HookStage.earlier_path), else None."""
+    if METHODS[stage.method].score_input is not ScoreInput.ATTENTION_QK_TWO_BLOCKS:
         return None
-    prefix, _, index = stage.block_path.rpartition(".")
-    return f"{prefix}.{spec.earlier_block(dict(stage.options), int(index))}"
+    if stage.earlier_path is None:
+        raise ValueError(f"{stage.method} reads an earlier block's attention: set HookStage.earlier_path "
+                         "(HookStage.for_block fills it)")
+    return stage.earlier_path
 
 
 def _run_hooked(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple[Tensor, list[Tensor]]:
