@@ -23,8 +23,8 @@ The final check times dense, the requested recipe and the snapped recipe in ONE 
 the requested recipe is kept): see `choose`.
 
 The backend is a runner factory `factory(onnx_path, name) -> runner` (a context manager with
-`infer(feeds)`): ONNX Runtime (`OrtRunnerFactory`) here; a TensorRT factory that builds an engine per
-ONNX file plugs in unchanged.
+`infer(feeds)`): ONNX Runtime (`OrtRunnerFactory`), or TensorRT (`TrtRunnerFactory`, one engine built per
+ONNX file; `tokensieve tune --backend tensorrt`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from tokensieve.errors import ConfigError, ExportError, first_line
 from tokensieve.fileio import write_bytes_atomic
 from tokensieve.recipe import Budget, Recipe, ResolvedStage, Stage, resolve_recipe
 
-__all__ = ["Step", "Snap", "find_steps", "snap_keep", "candidate_keeps", "OrtRunnerFactory", "TuneReport", "tune",
+__all__ = ["Step", "Snap", "find_steps", "snap_keep", "candidate_keeps", "OrtRunnerFactory", "TrtRunnerFactory", "TuneReport", "tune",
            "median_noise", "choose", "recipe_file_text", "check_recipe_path", "save_recipe", "format_tune"]
 
 DEFAULT_TOL = 0.02
@@ -181,6 +181,38 @@ class OrtRunnerFactory:
         from tokensieve.runtime.onnxruntime_runner import OrtRunner
 
         return OrtRunner(onnx_path, threads=self.threads, spinning=self.spinning, name=name)
+
+
+@dataclass(frozen=True)
+class TrtRunnerFactory:
+    """`factory(onnx_path, name)` -> a TrtRunner on an engine built next to the ONNX (`<stem>.engine` + metadata,
+    reused when it exists): `tune` on a GPU, the sweep's single blocks and the final models alike.
+
+    `target` local builds with standard TensorRT for this GPU; rtx-smXX with TensorRT-RTX (the build needs no
+    GPU, running it does). The profile covers batch 1..max_batch, so set it to tune's --batch.
+    """
+
+    target: str = "local"
+    precision: str = "fp32"
+    max_batch: int = 1
+    plugins: str | None = None
+    cuda_graph: bool = False
+
+    @property
+    def backend(self) -> str:
+        return f"tensorrt:{self.target} {self.precision}" + (" +plugins" if self.plugins else "") + (
+            " (CUDA graph)" if self.cuda_graph else "")
+
+    def __call__(self, onnx_path: Path, name: str):
+        from tokensieve.runtime.tensorrt_runner import TrtRunner
+        from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+        engine = Path(onnx_path).with_suffix(".engine")
+        if not engine.is_file():
+            spec = BuildSpec(target=self.target, precision=self.precision, max_batch=self.max_batch,
+                             plugin_library=self.plugins)
+            build_engine(onnx_path, engine, spec)
+        return TrtRunner(engine, plugins=self.plugins, cuda_graph=self.cuda_graph, name=name)
 
 
 def _measure(factory, models: dict[str, tuple[Path, dict]], *, blocks: int, iters: int, warmup: int, progress=None):

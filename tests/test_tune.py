@@ -260,3 +260,30 @@ def test_tune_bad_arguments_one_line(tmp_path, capsys, args, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokensieve tune: error: ") and match in err[0]
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("tensorrt_rtx"), reason="tensorrt-rtx is not installed")
+def test_tensorrt_factory_builds_an_engine_next_to_the_onnx_and_reuses_it(tmp_path):
+    """`tune --backend tensorrt`: one engine per ONNX file, built once; the runner binds from its metadata."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tokensieve.runtime import TrtRunner
+    from tokensieve.tune import TrtRunnerFactory
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["pixel_values", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    path = tmp_path / "block5.n99.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    factory = TrtRunnerFactory(target="rtx-sm86", max_batch=2)
+    assert factory.backend == "tensorrt:rtx-sm86 fp32"
+    runner = factory(path, "n99")
+    engine = tmp_path / "block5.n99.engine"
+    assert isinstance(runner, TrtRunner) and runner.engine_path == engine and runner.name == "n99"
+    assert runner.batch_range == (1, 2) and not runner.is_active
+    built = engine.stat().st_mtime_ns
+    factory(path, "again")
+    assert engine.stat().st_mtime_ns == built  # reused, not rebuilt
