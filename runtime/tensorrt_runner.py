@@ -89,6 +89,9 @@ class TrtRunner(BaseRunner):
                               f"(not embedded in the plan); {_PLUGIN_HINT}")
         if self.plugins is not None and not self.plugins.is_file():
             raise TargetError(f"Plugin library {str(self.plugins)!r} does not exist; {_PLUGIN_HINT}")
+        if cuda_graph and self.metadata.get("data_dependent_shapes") and self.flavor != RTX:
+            raise TargetError(f"Engine {str(self.engine_path)!r} has a data-dependent token axis (adaptive "
+                              "compact=true), which a CUDA graph cannot capture; run it without --cuda-graph")
         self.cuda_graph = bool(cuda_graph)
         self.name = name if name is not None else f"{self.flavor}:{self.engine_path.name}"
         self.inference_time: float | None = None

@@ -150,6 +150,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         "io_tensors": io,
         "optimization_profile": profile[1] if profile else {},
         "build_warnings": warnings[:20],
+        "data_dependent_shapes": _data_dependent(model),  # CUDA graphs cannot capture it (TrtRunner refuses)
     }
     if plugin_lib is not None:
         metadata["plugins"] = [{"file": plugin_lib.name, "sha256": sha256_file(plugin_lib), "embedded": spec.embed_plugins}]
@@ -176,8 +177,8 @@ def _tf32_enabled(trt: ModuleType, config) -> bool | None:
 
 
 def _prepare_for_tensorrt(onnx_path: Path, flavor: str, plugins: bool = False):
-    """With `plugins`, swap in plugin nodes (diversity_to_plugin); split TopKs above TensorRT's K limit, then refuse
-    (one line) any node the parser would reject.
+    """With `plugins`, swap in plugin nodes (diversity_to_plugin, compact_to_plugin); split TopKs above TensorRT's K
+    limit, then refuse (one line) any node the parser would reject.
 
     Returns the graph to parse (weights stay on disk), or None if the file does not load as ONNX.
     """
@@ -187,17 +188,35 @@ def _prepare_for_tensorrt(onnx_path: Path, flavor: str, plugins: bool = False):
         return None
     if plugins:
         from .diversity_to_plugin import diversity_to_plugin  # imports plugin_nodes, which imports this module
+        from .compact_to_plugin import compact_to_plugin
         substituted = diversity_to_plugin(model)
         model = ir.to_proto(substituted.model) if substituted.modified else model
+        compacted = compact_to_plugin(model)
+        model = ir.to_proto(compacted.model) if compacted.modified else model
     if any(issue.op == "TopK" for issue in lint_for_tensorrt(model, flavor)):
         model = ir.to_proto(split_large_topk(model).model)
     raise_on_lint(lint_for_tensorrt(model, flavor))
     return model
 
 
+def _data_dependent(model: onnx.ModelProto | None) -> bool:
+    """Does the graph compute a size from data: adaptive(compact=true)'s cut (standard form or TokenCompact's
+    data-dependent mode), or NonZero?"""
+    if model is None:
+        return False
+    for n in model.graph.node:
+        if n.op_type == "NonZero" or any(p.key == "pkg.torch.onnx.fx_node" and "tokensieve.compact_valid" in p.value
+                                         for p in n.metadata_props):
+            return True
+        if n.op_type == "TokenCompact" and any(a.name == "dynamic" and a.i for a in n.attribute):
+            return True
+    return False
+
+
 def _plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
+    from .compact_to_plugin import plugin_substitutions as compact_substitutions
     from .diversity_to_plugin import plugin_substitutions
-    return plugin_substitutions(model)
+    return plugin_substitutions(model) + compact_substitutions(model)
 
 
 def _convert_to_fp16(model: onnx.ModelProto, onnx_path: Path) -> onnx.ModelProto:

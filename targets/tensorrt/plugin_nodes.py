@@ -4,6 +4,8 @@ The TensorRT ONNX parser maps a node in domain "tokensieve" with attributes plug
 plugin_namespace="tokensieve" onto the plugin creator of the same op name (a PLUGIN_V3 layer); the other
 attributes become plugin fields. Ops (see plugin_src/*.h):
   TokenCompact(tokens [B,N,C] f32|f16, keep [B,N] int32|bool; capacity=K) -> compacted [B,K,C], count [B] int32
+  TokenCompact(...; capacity=K, dynamic=1, opt_count, min_count) -> compacted [B,S,C], count [B] int32, size S
+      (0-D int32 size tensor, S = max(max_b count_b, min_count) <= K, tuned for opt_count tokens)
   DiversitySelect(features [B,N,C] f32|f16[, importance [B,N] f32]; k, mode, lambda, num_prefix_tokens)
       -> indices [B,K] int32 ascending
 """
@@ -28,10 +30,25 @@ _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int32"
 
 
 def token_compact_node(tokens: str, keep: str, compacted: str, count: str, capacity: int,
-                       name: str | None = None) -> onnx.NodeProto:
-    """TokenCompact: the first `capacity` kept tokens in their original order (zero rows after), and their count."""
-    return helper.make_node("TokenCompact", [tokens, keep], [compacted, count], name=name, domain=PLUGIN_DOMAIN,
-                            plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, capacity=int(capacity))
+                       name: str | None = None, dynamic: bool = False, opt_count: int | None = None,
+                       size: str | None = None, min_count: int = 0) -> onnx.NodeProto:
+    """TokenCompact: the first `capacity` kept tokens in their original order (zero rows after), and their count.
+
+    `dynamic=True` cuts the token axis to S = max(max_b count_b, min_count) and adds the size tensor output `size`
+    (0-D int32); the builder tunes for `opt_count` tokens (default: capacity). The capped node has no such attributes.
+    """
+    if not dynamic:
+        if size is not None or opt_count is not None or min_count:
+            raise ConfigError("token_compact_node: size, opt_count and min_count need dynamic=True")
+        return helper.make_node("TokenCompact", [tokens, keep], [compacted, count], name=name, domain=PLUGIN_DOMAIN,
+                                plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE,
+                                capacity=int(capacity))
+    if not size:
+        raise ConfigError("token_compact_node(dynamic=True) needs the name of its size output (size=...)")
+    return helper.make_node("TokenCompact", [tokens, keep], [compacted, count, size], name=name, domain=PLUGIN_DOMAIN,
+                            plugin_version=PLUGIN_VERSION, plugin_namespace=PLUGIN_NAMESPACE, capacity=int(capacity),
+                            dynamic=1, opt_count=int(capacity if opt_count is None else opt_count),
+                            min_count=int(min_count))
 
 
 def diversity_select_node(features: str, indices: str, k: int, mode: int = 0, lam: float = 0.5,
@@ -45,13 +62,21 @@ def diversity_select_node(features: str, indices: str, k: int, mode: int = 0, la
 
 
 def write_token_compact_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17, channels: int = 8,
-                             capacity: int = 6, dtype: str = "float32", mask_dtype: str = "int32") -> Path:
-    """A one-node model x [B,N,C], keep [B,N] -> y [B,K,C], count [B]; batch=None makes B dynamic."""
+                             capacity: int = 6, dtype: str = "float32", mask_dtype: str = "int32",
+                             dynamic: bool = False, opt_count: int | None = None, min_count: int = 0) -> Path:
+    """A one-node model x [B,N,C], keep [B,N] -> y [B,K,C], count [B]; batch=None makes B dynamic.
+
+    dynamic=True: y [B,S,C] (S a symbolic dim), count [B] and size (0-D int32 holding S).
+    """
     b = batch if batch is not None else "batch"
-    node = token_compact_node("x", "keep", "y", "count", capacity)
-    return _save(path, [node],
-                 [_value("x", dtype, [b, tokens, channels]), _value("keep", mask_dtype, [b, tokens])],
-                 [_value("y", dtype, [b, capacity, channels]), _value("count", "int32", [b])])
+    inputs = [_value("x", dtype, [b, tokens, channels]), _value("keep", mask_dtype, [b, tokens])]
+    if not dynamic:
+        node = token_compact_node("x", "keep", "y", "count", capacity)
+        return _save(path, [node], inputs, [_value("y", dtype, [b, capacity, channels]), _value("count", "int32", [b])])
+    node = token_compact_node("x", "keep", "y", "count", capacity, dynamic=True, opt_count=opt_count, size="size",
+                              min_count=min_count)
+    return _save(path, [node], inputs, [_value("y", dtype, [b, "S", channels]), _value("count", "int32", [b]),
+                                        _value("size", "int32", [])])
 
 
 def write_diversity_select_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -114,4 +115,27 @@ def test_standard_form_builds_rtx_sm86_engine(exported, tmp_path, precision):
                      max_batch=4)
     shapes = {t["name"]: t["shape"] for t in info.metadata["io_tensors"]}
     assert shapes["last_hidden_state"] == [-1, 13, 48]
+    assert info.metadata["data_dependent_shapes"] is True  # TrtRunner refuses CUDA graphs on standard TensorRT
     assert info.size_bytes > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_engine_matches_onnxruntime_on_gpu(exported, tmp_path, batch):
+    """The standard-form engine (data-dependent Slice) vs ONNX Runtime: max |Δ| <= 1e-3 (fp32, TF32 on)."""
+    from tokensieve.runtime import OrtRunner, TrtRunner
+    from tokensieve.runtime.tensorrt_flavors import available_flavors, local_compute_capability
+
+    cc = local_compute_capability()
+    if cc is None:
+        pytest.skip("needs an NVIDIA GPU")
+    target = "local" if available_flavors()["tensorrt"] else "rtx-sm" + cc.replace(".", "")
+    _, result = exported
+    paths = api.save(result, tmp_path)
+    info = api.build(paths["model"], tmp_path / "model.engine", target=target, max_batch=4)
+    with OrtRunner(paths["model"]) as ref, TrtRunner(info.engine_path) as engine:
+        for seed in range(4):
+            feeds = ref.make_random_feeds(batch=batch, seed=seed)
+            (want,), (got,) = ref.infer(feeds).values(), engine.infer(feeds).values()
+            assert got.shape == want.shape
+            assert float(np.abs(got - want).max()) <= 1e-3

@@ -258,3 +258,21 @@ def test_reactivation_and_profile_limit(tiny_vit_gpu):
         with pytest.raises(ConfigError) as e:
             r.infer(r.make_random_feeds(batch=5))
         assert "--max-batch 5" in _one_line(e)
+
+
+def test_cuda_graph_refused_for_a_data_dependent_engine_on_standard_tensorrt(engine, monkeypatch):
+    """adaptive(compact=true) engines compute the token count on the device: stream capture cannot record that."""
+    import tokensieve.runtime.tensorrt_runner as runner_module
+
+    _edit_meta(engine, flavor="tensorrt", data_dependent_shapes=True)
+    monkeypatch.setattr(runner_module, "check_engine_compatible", lambda meta: None)  # no TensorRT 10 here
+    with pytest.raises(TargetError) as e:
+        TrtRunner(engine, cuda_graph=True)
+    assert "data-dependent token axis" in _one_line(e) and "without --cuda-graph" in str(e.value)
+    assert TrtRunner(engine).flavor == "tensorrt"  # without CUDA graphs it is accepted
+    _edit_meta(engine, data_dependent_shapes=False)
+    assert TrtRunner(engine, cuda_graph=True).cuda_graph
+
+
+def test_builder_records_data_dependent_shapes(built):
+    assert json.loads(engine_metadata.metadata_path_for(built).read_text())["data_dependent_shapes"] is False

@@ -124,6 +124,54 @@ def test_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtype, mask_
 
 @requires_rtx
 @requires_nvcc
+@pytest.mark.parametrize("dtype,mask_dtype,batch", [("float32", "bool", 2), ("float32", "int32", None),
+                                                    ("float16", "bool", 2), ("float16", "bool", None)])
+def test_dynamic_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtype, mask_dtype, batch):
+    """dynamic=1: the token axis of y is the size tensor (-1 in the engine), size is a 0-D int32 output."""
+    onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=batch, tokens=17, channels=8,
+                                                      capacity=6, dtype=dtype, mask_dtype=mask_dtype, dynamic=True,
+                                                      opt_count=4, min_count=2)
+    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    io = {t["name"]: (t["shape"], t["dtype"]) for t in info.metadata["io_tensors"]}
+    b = -1 if batch is None else batch
+    assert io == {"x": ([b, 17, 8], dtype), "keep": ([b, 17], mask_dtype), "y": ([b, -1, 8], dtype),
+                  "count": ([b], "int32"), "size": ([], "int32")}
+    assert not any("kOPT" in w for w in info.metadata["build_warnings"])
+
+
+@requires_rtx
+@requires_nvcc
+@pytest.mark.parametrize("attrs", [{"capacity": 0}, {"dynamic": 2}, {"opt_count": 7}, {"opt_count": -1},
+                                   {"min_count": 7}, {"capacity": 20, "min_count": 18}],
+                         ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+def test_invalid_token_compact_attributes_fail_the_build(plugin_lib, tmp_path, attrs):
+    """capacity 6 unless changed, N = 17 tokens; min_count=18 > N is only caught once the shapes are known."""
+    import onnx
+    path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", tokens=17, capacity=6, dynamic=True)
+    model = onnx.load(str(path))
+    for attr in model.graph.node[0].attribute:
+        if attr.name in attrs:
+            attr.i = attrs[attr.name]
+    onnx.save(model, str(path))
+    with pytest.raises(TargetError) as e:
+        plugin_nodes.build_plugin_engine(path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    _one_line(e)
+
+
+def test_token_compact_node_needs_dynamic_for_its_options():
+    from tokensieve.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        plugin_nodes.token_compact_node("x", "keep", "y", "count", 6, opt_count=3)
+    assert "dynamic=True" in _one_line(e)
+    with pytest.raises(ConfigError) as e:
+        plugin_nodes.token_compact_node("x", "keep", "y", "count", 6, dynamic=True)
+    assert "size=" in _one_line(e)
+    capped = plugin_nodes.token_compact_node("x", "keep", "y", "count", 6)
+    assert [a.name for a in capped.attribute] == ["capacity", "plugin_namespace", "plugin_version"]
+
+
+@requires_rtx
+@requires_nvcc
 @pytest.mark.parametrize("mode,dtype", [(0, "float32"), (1, "float16")])
 def test_diversity_select_engine_builds_rtx_sm86(plugin_lib, tmp_path, mode, dtype):
     onnx_path = plugin_nodes.write_diversity_select_onnx(tmp_path / "ds.onnx", batch=None, tokens=17, channels=8, k=6,
@@ -168,13 +216,19 @@ def test_second_library_copy_is_refused(plugin_lib, tmp_path):
 
 # --- GPU: plugin outputs against numpy references ---------------------------------------------------------------
 
-def token_compact_reference(x: np.ndarray, keep: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def token_compact_reference(x: np.ndarray, keep: np.ndarray, capacity: int, dynamic: bool = False,
+                            min_count: int = 0) -> tuple[np.ndarray, ...]:
+    """Capped: (compacted [B,K,C], count [B]). Dynamic: (compacted [B,S,C], count, S as a 0-D int32),
+    S = max(max_b count_b, min_count)."""
     B, _, C = x.shape
     out, count = np.zeros((B, capacity, C), x.dtype), np.zeros(B, np.int32)
     for b in range(B):
         rows = np.flatnonzero(keep[b])[:capacity]
         out[b, : len(rows)], count[b] = x[b, rows], len(rows)
-    return out, count
+    if not dynamic:
+        return out, count
+    size = max(int(count.max(initial=0)), min_count)
+    return out[:, :size], count, np.array(size, np.int32)
 
 
 def diversity_select_reference(x: np.ndarray, k: int, mode: int, lam: float, num_prefix_tokens: int,
@@ -211,21 +265,51 @@ def _run_engine(engine_path: Path, flavor: str, feeds: dict[str, np.ndarray], li
     plugins.load_plugins(trt, lib)
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     context = engine.create_execution_context()
-    buffers = {}
+    dtypes = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
+              "BOOL": torch.bool}
+
+    class Allocator(trt.IOutputAllocator):
+        """Outputs whose shape depends on the data (-1 until enqueue, e.g. TokenCompact dynamic=1): TensorRT asks
+        for their memory and reports their shape during execute_async_v3."""
+
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.memory, self.shapes = {}, {}
+
+        def reallocate_output(self, name, memory, size, alignment):
+            self.memory[name] = torch.empty(max(int(size), 1), dtype=torch.uint8, device="cuda")
+            return self.memory[name].data_ptr()
+
+        def reallocate_output_async(self, name, memory, size, alignment, stream):
+            return self.reallocate_output(name, memory, size, alignment)
+
+        def notify_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+
+    allocator, buffers = Allocator(), {}
     for name, value in feeds.items():
         buffers[name] = torch.from_numpy(value).cuda().contiguous()
         context.set_input_shape(name, value.shape)
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
-        if name not in buffers:
-            shape = tuple(context.get_tensor_shape(name))
-            dtype = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32}[engine.get_tensor_dtype(name).name]
-            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
-        context.set_tensor_address(name, buffers[name].data_ptr())
+        if name in buffers:
+            context.set_tensor_address(name, buffers[name].data_ptr())
+            continue
+        shape = tuple(context.get_tensor_shape(name))
+        if -1 in shape:
+            assert context.set_output_allocator(name, allocator)
+        else:
+            buffers[name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(name).name], device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
     stream = torch.cuda.Stream()
     assert context.execute_async_v3(stream.cuda_stream)
     stream.synchronize()
-    return {n: t.cpu().numpy() for n, t in buffers.items() if n not in feeds}
+    out = {n: t.cpu().numpy() for n, t in buffers.items() if n not in feeds}
+    for name, shape in allocator.shapes.items():
+        dtype = dtypes[engine.get_tensor_dtype(name).name]
+        n = int(np.prod(shape))
+        out[name] = allocator.memory[name].view(dtype)[:n].reshape(shape).cpu().numpy()
+    return out
 
 
 @pytest.mark.gpu
@@ -252,6 +336,23 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
     want_y, want_count = token_compact_reference(x, keep, K)
     np.testing.assert_array_equal(got["y"], want_y)
     np.testing.assert_array_equal(got["count"], want_count)
+
+    # dynamic=1: S below the capacity and counts that differ per sample (zero rows after each count), then
+    # min_count above every count (zero-only rows up to S); fp16 tokens and a bool mask on the second engine
+    sparse = rng.random((B, N)) < 0.15
+    sparse[:, 0], sparse[1, 1:] = True, False
+    for dtype, mask_dtype, min_count in (("float32", "int32", 0), ("float16", "bool", K - 1)):
+        xd, kd = x.astype(dtype), sparse.astype(mask_dtype)
+        onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tcd.onnx", batch=None, tokens=N, channels=C,
+                                                          capacity=K, dtype=dtype, mask_dtype=mask_dtype,
+                                                          dynamic=True, opt_count=K // 2, min_count=min_count)
+        plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tcd.engine", BuildSpec(target=target), lib)
+        got = _run_engine(tmp_path / "tcd.engine", flavor, {"x": xd, "keep": kd}, lib)
+        want_y, want_count, want_size = token_compact_reference(xd, kd, K, dynamic=True, min_count=min_count)
+        assert int(want_size) < K and len(set(want_count.tolist())) > 1  # the case this loop is for
+        assert got["size"].shape == () and int(got["size"]) == int(want_size)
+        np.testing.assert_array_equal(got["count"], want_count)
+        np.testing.assert_array_equal(got["y"], want_y)
 
     importance = rng.random((B, N)).astype(np.float32)
     for mode in (0, 1):
