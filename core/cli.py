@@ -303,8 +303,18 @@ class Bench(Tool):
 # ----------------------------------------------------------------------------------------- inspect
 
 
+def _engine_file_checked(meta: dict) -> str:
+    """What check_engine_file compared, for a metadata file it accepted."""
+    size, sha = meta.get("engine_size_bytes") is not None, meta.get("engine_sha256") is not None
+    if size and sha:
+        return "OK (size, sha256 match)"
+    if size or sha:
+        return f"OK ({'size' if size else 'sha256'} matches; the metadata records no {'sha256' if size else 'size'})"
+    return "not checked (the metadata records no size or sha256; rebuild with `tokensieve build` to add them)"
+
+
 class Inspect(Tool):
-    """Summarize an ONNX model (I/O, op census, pruning stages) or an engine's metadata.
+    """Summarize an ONNX model (I/O, op census, pruning stages) or an engine's metadata, checking the engine file.
 
         tokensieve inspect out/model.onnx
         tokensieve inspect out/model.engine
@@ -320,9 +330,12 @@ class Inspect(Tool):
         if not path.is_file():
             raise ConfigError(f"{str(path)!r} does not exist")
         if path.suffix == ".engine":
-            from tokensieve.targets.tensorrt import read_engine_metadata
+            from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
 
-            print(json.dumps(read_engine_metadata(path), indent=2))
+            meta = read_engine_metadata(path)
+            check_engine_file(path, meta)  # the same refusal as TrtRunner and `bench --backend tensorrt`
+            print(json.dumps(meta, indent=2))
+            _log(f"engine file: {_engine_file_checked(meta)}")  # stderr: stdout stays the metadata JSON
             return 0
         import onnx
 

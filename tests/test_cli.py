@@ -138,7 +138,9 @@ def test_inspect_onnx(exported, capsys):
 def test_inspect_engine(exported, capsys):
     out, _ = exported
     assert main(["inspect", str(out / "model.engine")]) == 0
-    meta = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    meta = json.loads(captured.out)  # stdout is the metadata JSON alone; the file check goes to stderr
+    assert captured.err == "engine file: OK (size, sha256 match)\n"
     assert meta["target"] == "rtx-sm86"
     assert meta["tokensieve"]["recipe"]["stages"][0]["after_block"] == 1
 
@@ -344,6 +346,42 @@ def test_inspect_garbage_engine(tmp_path, capsys):
     run_error(capsys, "inspect", tmp_path / "bad.engine", match="is unreadable (JSONDecodeError")
     (tmp_path / "bad.engine.json").write_text('{"some": "json"}')
     run_error(capsys, "inspect", tmp_path / "bad.engine", match="is not tokensieve engine metadata")
+
+
+def _fake_engine(tmp_path: Path, payload: bytes = b"plan bytes " * 100, **changes) -> Path:
+    """A stand-in engine file and the `<engine>.json` the builder would write for it (inspect never parses plans)."""
+    import hashlib
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(payload)
+    meta = {"schema": "tokensieve.tensorrt-engine/1", "flavor": "tensorrt_rtx", "tensorrt_version": "1.7.1.116",
+            "target": "rtx-sm86", "engine_size_bytes": len(payload),
+            "engine_sha256": hashlib.sha256(payload).hexdigest()} | changes
+    (tmp_path / "m.engine.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return engine
+
+
+def test_inspect_engine_checks_the_file_against_its_metadata(tmp_path, capsys):
+    engine = _fake_engine(tmp_path)
+    assert main(["inspect", str(engine)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["engine_size_bytes"] == 1100
+    assert captured.err == "engine file: OK (size, sha256 match)\n"
+
+    _fake_engine(tmp_path, engine_sha256=None)  # metadata from before engine_sha256 existed: size only
+    assert main(["inspect", str(engine)]) == 0
+    assert capsys.readouterr().err == "engine file: OK (size matches; the metadata records no sha256)\n"
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda e: e.write_bytes(e.read_bytes()[:-100]), "is 1000 bytes but its metadata records 1100"),  # truncated copy
+    (lambda e: e.write_bytes(b"P" + e.read_bytes()[1:]), "does not match the sha256 in its metadata"),  # same size
+])
+def test_inspect_engine_that_differs_from_its_metadata_is_a_one_line_error(tmp_path, capsys, corrupt, match):
+    engine = _fake_engine(tmp_path)
+    corrupt(engine)
+    line = run_error(capsys, "inspect", engine, match=match)
+    assert line.endswith("rebuild it with `tokensieve build --target rtx-sm86`"), line
 
 
 def test_error_in_a_subprocess(vit_dir, tmp_path):

@@ -4,14 +4,18 @@ End to end: each (model, recipe) below is exported once (module-scoped fixture) 
 reference on ONNX Runtime, including the CLS-free SigLIP and a later stage after the HiPrune stage. Unit level:
 `hiprune_select` against a plain-Python sort-and-fill reference (hypothesis: any grid, budget split, batch, many
 ties), the fill rule when the anchors have too few neighbours, the grid adjacency, the budget split, and the
-one-line errors of a bad split, a bad anchor block and an earlier stage.
+one-line errors of a bad split, a bad anchor block and an earlier stage. Eager reference: the anchor block is read
+at HookStage.earlier_path (not derived from the stage's own `<prefix>.<index>` path).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +27,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.hiprune import (
     anchor_block_of, grid_adjacency, hiprune_scores, hiprune_select, hiprune_split, tiered_top_mask,
 )
+from tokensieve.graph_passes.methods.reference import run_reference
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.onnx.check_static import check_static, op_census
 from tokensieve.recipe import parse_recipe, resolve_recipe
@@ -203,6 +208,61 @@ def test_hiprune_scores_are_the_kept_mask_with_prefix_tokens_at_zero():
     scores = hiprune_scores(q_a, k_a, None, q, k, None, keep=5, num_prefix_tokens=1, grid=(3, 3))
     assert scores.shape == (2, 10) and scores.dtype == torch.float32
     assert (scores[:, 0] == 0).all() and ((scores == 0) | (scores == 1)).all() and (scores.sum(-1) == 5).all()
+
+
+# --------------------------------------------------------------------------- eager reference: the anchor block's path
+
+
+def _inputs(plan: api.Plan, batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, *plan.input_shape[1:], generator=torch.Generator().manual_seed(5))
+
+
+def test_reference_reads_the_anchor_block_at_hookstage_earlier_path():
+    """The eager reference reads the anchor block's attention at `earlier_path`: pointing a stage built with
+    anchor_block=1 at block 0 reproduces anchor_block=0 exactly, and its kept tokens differ from anchor_block=1."""
+    model, example = build("vit")
+    one = api.plan(model, example, "hiprune(anchor_block=1)@2:0.5+cls-topk@3:0.5")
+    zero = api.plan(model, example, "hiprune(anchor_block=0)@2:0.5+cls-topk@3:0.5")
+    assert [h.earlier_path for h in one.hook_stages] == [one.block_paths[1], None]  # cls-topk reads one block
+    assert zero.hook_stages[0].earlier_path == zero.block_paths[0]
+    x = _inputs(one)
+    out_one, kept_one = one.reference(x)
+    out_zero, kept_zero = zero.reference(x)
+    moved = [dataclasses.replace(one.hook_stages[0], earlier_path=one.block_paths[0]), one.hook_stages[1]]
+    out_moved, kept_moved = run_reference(one.module, x, moved)
+    assert all(torch.equal(a, b) for a, b in zip(kept_moved, kept_zero))
+    torch.testing.assert_close(out_moved, out_zero, rtol=0, atol=0)
+    assert not torch.equal(kept_moved[0], kept_one[0])  # so the anchor block did change the selection
+    with pytest.raises(ValueError, match="set HookStage.earlier_path"):
+        run_reference(one.module, x, [dataclasses.replace(one.hook_stages[0], earlier_path=None)])
+
+
+class _Aliased(nn.Module):
+    """A model whose blocks are also registered as `anchor`, `deep` and `last` (no `<prefix>.<index>` path)."""
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        super().__init__()
+        self.model = model
+        self.anchor, self.deep, self.last = (model.get_submodule(p) for p in paths)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_reference_accepts_block_paths_that_are_not_prefix_dot_index():
+    """Stages addressed by plain names (the anchor block is not derived from the stage's own path) give the same
+    output and kept tokens as the discovered `<prefix>.<index>` paths."""
+    model, example = build("vit")
+    plan = api.plan(model, example, "hiprune(anchor_block=1)@2:0.5+cls-topk@3:0.5")
+    aliased = _Aliased(plan.module, plan.block_paths[1:4])
+    hiprune, cls_topk = plan.hook_stages
+    renamed = [dataclasses.replace(hiprune, block_path="deep", earlier_path="anchor"),
+               dataclasses.replace(cls_topk, block_path="last")]
+    x = _inputs(plan)
+    want_out, want_kept = plan.reference(x)
+    got_out, got_kept = run_reference(aliased, x, renamed)
+    assert all(torch.equal(a, b) for a, b in zip(got_kept, want_kept))
+    torch.testing.assert_close(got_out, want_out, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- recipe validation
