@@ -406,6 +406,13 @@ class Tune(Tool):
         p.add_argument("--tol", type=float, default=0.02, help="relative latency tolerance of one step (default 0.02)")
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                       help="time on ONNX Runtime (default) or on TensorRT engines built per candidate (needs a GPU)")
+        p.add_argument("--target", default="local", help="tensorrt backend: local (TensorRT, this GPU; default) or "
+                       "rtx-smXX (TensorRT-RTX for this GPU's SM)")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="tensorrt backend engine precision")
+        p.add_argument("--plugins", default=None, help="tensorrt backend: libtokensieve_plugins.so (plugin substitution)")
+        p.add_argument("--cuda-graph", action="store_true", help="tensorrt backend: replay CUDA graphs")
         p.add_argument("--sweep-blocks", type=int, default=4, help="alternating blocks of the per-stage sweep (default 4)")
         p.add_argument("--sweep-iters", type=int, default=20, help="timed runs per block in the sweep (default 20)")
         p.add_argument("--blocks", type=int, default=4, help="alternating blocks of the final run (default 4)")
@@ -421,18 +428,22 @@ class Tune(Tool):
         from tokensieve.fileio import write_json_atomic
         from tokensieve.models import load_model
         from tokensieve.recipe import parse_recipe
-        from tokensieve.tune import OrtRunnerFactory, check_recipe_path, format_tune, plot_tune, save_recipe
+        from tokensieve.tune import OrtRunnerFactory, TrtRunnerFactory, check_recipe_path, format_tune, plot_tune, save_recipe
 
         recipe = parse_recipe(args.prune)
         check_recipe_path(args.output)
+        if args.backend == "tensorrt":
+            factory = sweep_factory = _tensorrt_factory(args, TrtRunnerFactory)
+        else:
+            factory, sweep_factory = OrtRunnerFactory(args.threads), OrtRunnerFactory(args.threads, spinning=False)
         if args.plot:  # a missing matplotlib fails now, not after the sweep
             from tokensieve.benchmark import require_matplotlib
 
             require_matplotlib()
         model, shape = load_model(args.model)
         report = api.tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
-                          model_name=str(args.model), runner_factory=OrtRunnerFactory(args.threads),
-                          sweep_runner_factory=OrtRunnerFactory(args.threads, spinning=False), batch=args.batch,
+                          model_name=str(args.model), runner_factory=factory,
+                          sweep_runner_factory=sweep_factory, batch=args.batch,
                           window=args.window, max_candidates=args.candidates, tol=args.tol,
                           sweep_blocks=args.sweep_blocks, sweep_iters=args.sweep_iters, sweep_warmup=args.warmup,
                           blocks=args.blocks, iters=args.iters, warmup=args.warmup, progress=_log)
@@ -444,6 +455,22 @@ class Tune(Tool):
             plot_tune(d, args.plot)
         print(format_tune(d))
         return 0
+
+
+def _tensorrt_factory(args, factory_cls):
+    """Check the TensorRT options before the sweep: target, plugin file, and a GPU to run the engines on."""
+    from tokensieve.runtime.tensorrt_flavors import local_compute_capability
+    from tokensieve.targets.tensorrt import BuildSpec
+
+    BuildSpec(target=args.target, precision=args.precision, max_batch=max(args.batch, 1))  # one-line errors
+    if args.plugins and not Path(args.plugins).is_file():
+        raise ConfigError(f"--plugins {args.plugins!r} does not exist; build it with "
+                          "`python -m tokensieve.targets.tensorrt.plugins`")
+    if local_compute_capability() is None:
+        raise ConfigError("tune --backend tensorrt times engines on this machine's GPU and none was found; "
+                          "run it on the target GPU, or use --backend onnxruntime")
+    return factory_cls(target=args.target, precision=args.precision, max_batch=max(args.batch, 1),
+                       plugins=args.plugins, cuda_graph=args.cuda_graph)
 
 
 # ----------------------------------------------------------------------------------------- visualize

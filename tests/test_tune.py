@@ -287,3 +287,41 @@ def test_tensorrt_factory_builds_an_engine_next_to_the_onnx_and_reuses_it(tmp_pa
     built = engine.stat().st_mtime_ns
     factory(path, "again")
     assert engine.stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--target", "rtx-sm99"], "rtx-sm99"),
+    (["--plugins", "missing.so"], "does not exist"),
+    ([], "none was found"),
+])
+def test_tune_tensorrt_backend_refuses_before_the_sweep(tmp_path, capsys, extra, match):
+    """Without a GPU (this machine) `tune --backend tensorrt` stops at once with one line, nothing written."""
+    from tokensieve.cli import main
+    from tokensieve.runtime.tensorrt_flavors import local_compute_capability
+
+    if local_compute_capability() is not None and not extra:
+        pytest.skip("a GPU is present: the tensorrt backend would run")
+    out = tmp_path / "t.toml"
+    argv = ["tune", "--model", "tiny", "--prune", "cls-topk@1:0.5", "-o", str(out), "--backend", "tensorrt", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_tune_on_tensorrt_end_to_end(tmp_path, capsys):
+    from tokensieve.cli import main
+    from tokensieve.runtime.tensorrt_flavors import available_flavors, local_compute_capability
+
+    cc = local_compute_capability()
+    if cc is None:
+        pytest.skip("needs an NVIDIA GPU")
+    target = "local" if available_flavors()["tensorrt"] else "rtx-sm" + cc.replace(".", "")
+    js = tmp_path / "tune.json"
+    rc = main(["tune", "--model", "tiny", "--prune", "cls-topk@1:0.5", "-o", str(tmp_path / "t.toml"), "--json", str(js),
+               "--backend", "tensorrt", "--target", target, "--sweep-blocks", "2", "--sweep-iters", "5",
+               "--blocks", "2", "--iters", "5"])
+    assert rc == 0
+    report = json.loads(js.read_text())
+    assert report["backend"].startswith(f"tensorrt:{target}") and report["stages"][0]["steps"]
