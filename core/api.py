@@ -201,9 +201,13 @@ def _set_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> None:
 
 
 def _drop_outputs(model: onnx.ModelProto, keep: int) -> onnx.ModelProto:
+    """The first `keep` outputs, without the nodes only the dropped ones used (e.g. adaptive's -1 fill of kept_idx)."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
     m = copy.deepcopy(model)
     del m.graph.output[keep:]
-    return m
+    return ir.to_proto(RemoveUnusedNodesPass()(ir.from_proto(m)).model)
 
 
 # --------------------------------------------------------------------------- save

@@ -33,6 +33,14 @@ def assert_static_without_dynamic_ops(result: api.ExportResult, allowed: frozens
         census = op_census(model)
         bad = {op: census[op] for op in DYNAMIC_OPS - allowed if census[op]}
         assert not bad, bad
+    assert_no_dead_nodes(result.onnx_model)
+
+
+def assert_no_dead_nodes(model) -> None:
+    """Every node of the deployable ONNX feeds a graph output (dropping kept_idx leaves nothing behind)."""
+    used = {o.name for o in model.graph.output} | {i for n in model.graph.node for i in n.input}
+    dead = [n.name for n in model.graph.node if not any(o in used for o in n.output)]
+    assert not dead, dead
 
 
 def exported_cases(cases: dict):
