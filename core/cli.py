@@ -29,10 +29,6 @@ class Tool:
     def run(self, args: argparse.Namespace) -> int: ...
 
 
-def _tokens_line(tokens: list[int]) -> str:
-    return "→".join(str(t) for t in tokens)
-
-
 # ----------------------------------------------------------------------------------------- export
 
 
@@ -146,10 +142,13 @@ def raise_verification(ver) -> None:
 
 def format_report(r: dict, out: Path) -> str:
     lines = [f"tokensieve: {r['model']}  recipe {r['recipe_shorthand']}", ""]
-    lines.append(f"  tokens          {_tokens_line([r['layout']['num_tokens']] + [s['tokens_out'] for s in r['stages']])}"
-                 f"  (blocks {', '.join(str(s['after_block']) for s in r['stages']) or '-'} prune)")
+    compact = any(s.get("options", {}).get("compact") for s in r["stages"])
+    counts = [str(r['layout']['num_tokens'])] + [("≤" if s.get("options", {}).get("compact") else "") + str(s['tokens_out'])
+                                                 for s in r["stages"]]
+    lines.append(f"  tokens          {'→'.join(counts)}  (blocks {', '.join(str(s['after_block']) for s in r['stages']) or '-'}"
+                 f" prune{'; ≤: the input-dependent count of compact=true, at most the cap' if compact else ''})")
     lines.append(f"  MACs/sample     dense {r['macs_dense'] / 1e9:.3f} G, pruned {r['macs_pruned'] / 1e9:.3f} G,"
-                 f" ideal speedup {r['ideal_speedup']:.2f}x")
+                 f" ideal speedup {r['ideal_speedup']:.2f}x{' (at the cap)' if compact else ''}")
     v = r["verify"]
     status = "PASS" if v["passed"] else "FAIL"
     lines.append(f"  verify          {status}: {v['num_inputs']} inputs, kept indices identical at "

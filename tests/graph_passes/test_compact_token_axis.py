@@ -139,3 +139,19 @@ def test_engine_matches_onnxruntime_on_gpu(exported, tmp_path, batch):
             (want,), (got,) = ref.infer(feeds).values(), engine.infer(feeds).values()
             assert got.shape == want.shape
             assert float(np.abs(got - want).max()) <= 1e-3
+
+
+def test_export_summary_marks_the_compacted_count_as_an_upper_bound(tmp_path):
+    from tokensieve.cli import format_report
+
+    report = {"model": "tiny", "recipe_shorthand": "adaptive@1:0.75+adaptive(compact=true)@2:0.75",
+              "layout": {"num_tokens": 65}, "macs_dense": 1e9, "macs_pruned": 5e8, "ideal_speedup": 2.0,
+              "export_seconds": 1.0,
+              "verify": {"passed": True, "num_inputs": 8, "indices_match": [True, True], "max_abs_diff": 1e-7, "atol": 1e-4},
+              "stages": [{"after_block": 1, "options": {"compact": False}, "tokens_out": 49},
+                         {"after_block": 2, "options": {"compact": True}, "tokens_out": 37}]}
+    text = format_report(report, tmp_path)
+    assert "65→49→≤37" in text and "at most the cap" in text and "ideal speedup 2.00x (at the cap)" in text
+    report["stages"][1]["options"]["compact"] = False
+    text = format_report(report, tmp_path)
+    assert "65→49→37  (blocks 1, 2 prune)" in text and "(at the cap)" not in text
