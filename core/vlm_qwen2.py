@@ -1,0 +1,240 @@
+"""Qwen2-VL with visual-token pruning: export in parts, M-RoPE bookkeeping, greedy generation (eager or ORT).
+
+    pixel_values -> vision_prune -> (image_features (K, H), keep_idx (K,))
+    prompt (unpruned) -> get_rope_index -> position_ids (3, B, T) -> keep text columns + kept image columns
+    -> lm_prefill(pruned input_ids, image_features, pruned position_ids) -> lm_decode x steps
+
+M-RoPE: positions come from the *unpruned* prompt, so every kept image token keeps its original (t, h, w)
+position and the text after the image keeps its original position too; then the pruned prompt has
+T' = T - N_img + K tokens and the next decoded token (cache length L) gets position L + (max(pos) + 1 - T'),
+the same rope delta rule HF's generate uses (which is what breaks if positions are recomputed after pruning).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm.qwen2_vl import (
+    ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune, export_lm_parts, export_vision_prune,
+    image_layout,
+)
+from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
+from tokensieve.graph_passes.onnx.check_static import check_static
+
+__all__ = ["Qwen2VLExport", "export_qwen2_vl", "save_qwen2_vl", "image_prompt", "prompt_mrope_positions",
+           "kept_columns", "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx"]
+
+ARTIFACTS = {"vision": "vision_prune.onnx", "prefill": "lm_prefill.onnx", "decode": "lm_decode.onnx"}
+
+
+@dataclass
+class Qwen2VLExport:
+    """The exported parts of one static image layout and the eager modules they were traced from."""
+
+    layout: ImageLayout
+    method: str
+    options: dict
+    keep: int
+    vision: Qwen2VLVisionPrune = field(repr=False)       # eager reference of vision_prune.onnx
+    vision_onnx: onnx.ModelProto = field(repr=False)
+    prefill_onnx: onnx.ModelProto | None = field(default=None, repr=False)
+    decode_onnx: onnx.ModelProto | None = field(default=None, repr=False)
+    vision_ops: dict = field(default_factory=dict)       # op census of vision_prune.onnx (checked static)
+
+
+def export_qwen2_vl(model: nn.Module, grid_thw, method: str = "attn-mean", keep: int | None = None,
+                    options: dict | None = None, *, lm_parts: bool = True, prompt_len: int = 16) -> Qwen2VLExport:
+    """Export vision_prune (static shapes, checked) and, with `lm_parts`, lm_prefill / lm_decode.
+
+    `keep` defaults to every image token. `prompt_len` only sizes the example the LM parts are traced with
+    (their sequence and past axes are dynamic).
+    """
+    _check_model(model)
+    layout = image_layout(model.config.vision_config, grid_thw)
+    keep = layout.num_merged if keep is None else keep
+    vision = Qwen2VLVisionPrune(model.model.visual, layout, method, keep, options).eval()
+    vision_onnx = export_vision_prune(vision)
+    ops = check_static(vision_onnx)["ops"]
+    result = Qwen2VLExport(layout, method, vision.options, keep, vision, vision_onnx, vision_ops=ops)
+    if lm_parts:
+        result.prefill_onnx, result.decode_onnx = export_lm_parts(model, keep, max(prompt_len, keep + 2))
+    return result
+
+
+def save_qwen2_vl(result: Qwen2VLExport, out_dir: str | Path) -> dict[str, Path]:
+    """Write the ONNX parts and manifest.json into `out_dir`, each atomically."""
+    out = ensure_writable_dir(out_dir)
+    paths = {}
+    for key, proto in (("vision", result.vision_onnx), ("prefill", result.prefill_onnx), ("decode", result.decode_onnx)):
+        if proto is None:
+            continue
+        paths[key] = out / ARTIFACTS[key]
+        with atomic_path(paths[key]) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+    lay = result.layout
+    paths["manifest"] = write_json_atomic(out / "manifest.json", {
+        "model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
+        "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
+        "method": result.method, "options": result.options, "keep": result.keep,
+        "files": {k: p.name for k, p in paths.items()}, "vision_ops": result.vision_ops,
+    })
+    return paths
+
+
+def _check_model(model: nn.Module) -> None:
+    if getattr(getattr(model, "config", None), "model_type", None) != "qwen2_vl" or not hasattr(model, "lm_head"):
+        raise ConfigError(f"{type(model).__name__} is not a Qwen2VLForConditionalGeneration; load one with "
+                          "transformers' Qwen2VLForConditionalGeneration")
+
+
+# --------------------------------------------------------------------------- prompts and M-RoPE
+
+
+def image_prompt(config, layout: ImageLayout, before: list[int], after: list[int]) -> Tensor:
+    """(1, T) input_ids: before + <vision_start> + image_token x N_img + <vision_end> + after (the processor's layout)."""
+    ids = [*before, config.vision_start_token_id, *[config.image_token_id] * layout.num_merged,
+           config.vision_end_token_id, *after]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def prompt_mrope_positions(model: nn.Module, input_ids: Tensor, layout: ImageLayout) -> Tensor:
+    """HF's M-RoPE positions (3, B, T) of the unpruned prompt (one image per row, `layout`'s grid)."""
+    n_img = (input_ids == model.config.image_token_id).sum(dim=1)
+    if not bool((n_img == layout.num_merged).all()):
+        raise ConfigError(f"the prompt holds {n_img.tolist()} image tokens per row but grid "
+                          f"({layout.t}, {layout.h}, {layout.w}) gives {layout.num_merged}; build it with image_prompt()")
+    mm_token_type_ids = (input_ids == model.config.image_token_id).int()
+    grid = layout.grid_thw.expand(input_ids.shape[0], 3)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid,
+                                                 attention_mask=torch.ones_like(input_ids))
+    return position_ids
+
+
+def kept_columns(image_mask: Tensor, keep_idx: Tensor) -> Tensor:
+    """(B, T) image-token mask, keep_idx (K,) or (B, K) -> (B, T - N_img + K) prompt columns to keep, ascending.
+
+    Text columns all stay; image column j (the j-th image token of the row) stays iff j is in keep_idx.
+    """
+    if keep_idx.dim() == 1:
+        keep_idx = keep_idx.unsqueeze(0).expand(image_mask.shape[0], -1)
+    n_img = image_mask.sum(dim=1)
+    if not bool((n_img == n_img[0]).all()):
+        raise ConfigError(f"rows hold different image token counts {n_img.tolist()}; prune one layout per batch")
+    n = int(n_img[0])
+    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= n):
+        raise ConfigError(f"keep_idx values must lie in [0, {n}) image tokens, got [{int(keep_idx.min())}, "
+                          f"{int(keep_idx.max())}]; pass the keep_idx that vision_prune returned")
+    if keep_idx.shape[1] > 1 and not bool((keep_idx[:, 1:] > keep_idx[:, :-1]).all()):
+        raise ConfigError("keep_idx must be strictly ascending (no duplicates); pass the keep_idx that vision_prune returned")
+    rows = []
+    for mask, keep in zip(image_mask, keep_idx):
+        image_cols = mask.nonzero().squeeze(1)
+        keep_col = torch.zeros_like(mask)
+        keep_col[image_cols[keep]] = True
+        rows.append((~mask | keep_col).nonzero().squeeze(1))
+    return torch.stack(rows)
+
+
+def pruned_mrope_positions(position_ids: Tensor, image_mask: Tensor, keep_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unpruned M-RoPE positions (3, B, T) -> (pruned positions (3, B, T'), kept columns (B, T'), rope delta (B, 1)).
+
+    The kept columns are gathered with the same keep_idx as the image features; text positions are untouched.
+    rope delta = max(pos) + 1 - T': the token decoded at cache length L gets position L + delta.
+    """
+    if position_ids.dim() != 3 or position_ids.shape[0] != 3 or position_ids.shape[1:] != image_mask.shape:
+        raise ConfigError(f"position_ids must be (3, B, T) matching the (B, T) image mask {tuple(image_mask.shape)}, "
+                          f"got {tuple(position_ids.shape)}")
+    cols = kept_columns(image_mask, keep_idx)
+    pos = position_ids.gather(2, cols.unsqueeze(0).expand(3, -1, -1))
+    delta = position_ids.amax(dim=(0, 2)).unsqueeze(1) + 1 - cols.shape[1]
+    return pos, cols, delta
+
+
+def decode_position_ids(rope_delta: Tensor, cache_len: int) -> Tensor:
+    """(B, 1) rope delta -> (3, B, 1) position ids of the token decoded at cache length `cache_len`."""
+    return (rope_delta + cache_len).unsqueeze(0).expand(3, -1, -1)
+
+
+# --------------------------------------------------------------------------- greedy generation
+
+
+def _greedy(vision_fn, prefill_fn, decode_fn, position_ids: Tensor, image_mask: Tensor, input_ids: Tensor,
+            steps: int) -> tuple[list[int], Tensor]:
+    """The shared loop: prune -> pruned prompt + positions -> prefill -> `steps` greedy tokens (batch 1)."""
+    feats, keep_idx = vision_fn()
+    pos, cols, delta = pruned_mrope_positions(position_ids, image_mask, keep_idx)
+    ids = input_ids.gather(1, cols)
+    logits, past = prefill_fn(ids, feats, pos)
+    first_logits = logits
+    tokens, cache_len = [], ids.shape[1]
+    for _ in range(steps):
+        token = int(logits.argmax(-1)[0])
+        tokens.append(token)
+        if len(tokens) == steps:
+            break
+        logits, past = decode_fn(torch.tensor([[token]]), decode_position_ids(delta, cache_len), past)
+        cache_len += 1
+    return tokens, first_logits
+
+
+def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
+                 steps: int = 8) -> tuple[list[int], Tensor]:
+    """Eager reference: the torch vision_prune module + the torch LM parts -> (tokens, prefill's last logits)."""
+    layout = vision.layout
+    _check_pixels(pixel_values, layout)
+    prefill, decode = Qwen2VLPrefill(model).eval(), Qwen2VLDecode(model).eval()
+    position_ids = prompt_mrope_positions(model, input_ids, layout)
+
+    def prefill_fn(ids, feats, pos):
+        logits, *past = prefill(ids, feats, pos)
+        return logits, past
+
+    def decode_fn(token, pos, past):
+        logits, *past = decode(token, pos, *past)
+        return logits, past
+
+    with torch.no_grad():
+        return _greedy(lambda: vision(pixel_values), prefill_fn, decode_fn, position_ids,
+                       input_ids == model.config.image_token_id, input_ids, steps)
+
+
+def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
+                input_ids: Tensor, steps: int = 8, threads: int | None = None) -> tuple[list[int], Tensor]:
+    """ONNX Runtime pipeline: vision_prune -> lm_prefill -> lm_decode; `model` only supplies get_rope_index."""
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+
+    _check_pixels(pixel_values, layout)
+    position_ids = prompt_mrope_positions(model, input_ids, layout)
+    with OrtRunner(paths["vision"], threads=threads) as vis, OrtRunner(paths["prefill"], threads=threads) as pre, \
+            OrtRunner(paths["decode"], threads=threads) as dec:
+        past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]
+
+        def vision_fn():
+            out = vis.infer({"pixel_values": pixel_values.numpy().astype(np.float32)})
+            return torch.from_numpy(out["image_features"]), torch.from_numpy(out["keep_idx"])
+
+        def prefill_fn(ids, feats, pos):
+            out = list(pre.infer({"input_ids": ids.numpy(), "image_features": feats.numpy(),
+                                  "position_ids": pos.contiguous().numpy()}).values())
+            return torch.from_numpy(out[0]), out[1:]
+
+        def decode_fn(token, pos, past):
+            feeds = {"input_ids": token.numpy(), "position_ids": pos.contiguous().numpy()} | dict(zip(past_names, past))
+            out = list(dec.infer(feeds).values())
+            return torch.from_numpy(out[0]), out[1:]
+
+        return _greedy(vision_fn, prefill_fn, decode_fn, position_ids, input_ids == model.config.image_token_id,
+                       input_ids, steps)
+
+
+def _check_pixels(pixel_values: Tensor, layout: ImageLayout) -> None:
+    want = (layout.num_patches, layout.patch_dim)
+    if tuple(pixel_values.shape) != want:
+        raise ConfigError(f"pixel_values has shape {tuple(pixel_values.shape)} but grid ({layout.t}, {layout.h}, "
+                          f"{layout.w}) needs {want} (patches x C*T*P*P); export for this grid or resize the image")

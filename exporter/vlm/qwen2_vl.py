@@ -1,0 +1,266 @@
+"""Qwen2-VL in exportable parts, for one image with a static patch grid.
+
+vision_prune: pixel_values (N, C·T·P·P) -> patch embed -> vision blocks (one SDPA over the image) -> merger
+              -> score -> fixed-budget TopK -> sort -> Gather  =  features (K, H_lm), keep_idx (K,) ascending
+lm_prefill:   input_ids (1, T), image_features (K, H_lm), position_ids (3, 1, T) -> last logits (1, V) + flat K/V
+lm_decode:    input_ids (1, 1), position_ids (3, 1, 1), flat past K/V (1, kv_heads, P, D) -> logits (1, V) + K/V
+
+Why the vision tower is not traced as HF writes it: its forward derives rotary positions and `cu_seqlens` from
+`grid_thw` with `.tolist()` / `repeat_interleave`, which torch.export cannot trace even for a constant grid
+(data-dependent guards). For one image (t = 1) `cu_seqlens` is [0, N]: one attention segment, so one SDPA over
+all patches is exactly HF's attention, and the rotary cos/sin are a function of the grid alone: buffers.
+
+Pruning is "outer" (after the merger, before the LLM). Qwen2-VL has no [CLS], so only CLS-free methods apply;
+their math is the library's (graph_passes/methods): the score of a merged token is its method score on the
+merged features (TOKENS methods: divprune, random, uniform) or the mean over its merge group of the patch scores
+read from the last vision block (attn-mean: attention received; ttv: the block's hidden-state change).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids
+
+from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm.export_part import PartSpec, export_part
+from tokensieve.graph_passes.methods.registry import METHODS
+from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
+from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.ops import prune_topk_op  # the op the exporter lowers to TopK + Gather
+
+# Options that add tokens (EViT's fused token, PosPad markers) have no M-RoPE position of their own.
+_TOKEN_ADDING = ("fuse", "pospad")
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """A static image layout: grid (t, h, w) in patches as Qwen2-VL's processor gives `image_grid_thw`."""
+
+    t: int
+    h: int
+    w: int
+    merge: int           # spatial_merge_size
+    patch_dim: int       # C · temporal_patch_size · P · P, the width of one pixel_values row
+
+    @property
+    def num_patches(self) -> int:
+        return self.t * self.h * self.w
+
+    @property
+    def num_merged(self) -> int:
+        """Image tokens the LLM sees (before pruning)."""
+        return self.num_patches // (self.merge * self.merge)
+
+    @property
+    def grid_thw(self) -> Tensor:
+        return torch.tensor([[self.t, self.h, self.w]], dtype=torch.long)
+
+
+def image_layout(vision_config, grid_thw) -> ImageLayout:
+    """Check `grid_thw` (one image) against the vision config; a one-line ConfigError says what to change."""
+    grid = [int(v) for v in torch.as_tensor(grid_thw).reshape(-1).tolist()]
+    if len(grid) != 3:
+        raise ConfigError(f"grid_thw must describe one image as (t, h, w), got {grid}; export one image at a time")
+    t, h, w = grid
+    m = vision_config.spatial_merge_size
+    if t != 1:
+        raise ConfigError(f"grid_thw t={t}: only single images (t=1) export; videos need one attention segment per frame")
+    if h < m or w < m or h % m or w % m:
+        raise ConfigError(f"grid_thw (h, w)=({h}, {w}) must be positive multiples of spatial_merge_size={m}")
+    p = vision_config.patch_size
+    patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * p * p
+    return ImageLayout(t, h, w, m, patch_dim)
+
+
+def resolve_method(name: str, options: dict | None = None) -> tuple[PruneMethod, dict]:
+    """The registry entry + checked options of a CLS-free method usable after the merger, or a one-line ConfigError."""
+    usable = cls_free_methods()
+    spec = METHODS.get(name)
+    if spec is None:
+        raise ConfigError(f"Unknown pruning method {name!r}; Qwen2-VL takes one of: {', '.join(usable)}")
+    opts = spec.defaults() | dict(options or {})
+    unknown = set(opts) - {p.name for p in spec.params}
+    if unknown:
+        raise ConfigError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {[p.name for p in spec.params]}")
+    try:
+        opts = {k: spec.param(k).check(v, name) for k, v in opts.items()}
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if spec.needs_cls(opts):
+        raise ConfigError(f"{name} scores with the [CLS] token, which Qwen2-VL's vision tower does not have; "
+                          f"use a CLS-free method: {', '.join(usable)}")
+    if name not in usable:
+        raise ConfigError(f"{name} does not apply to Qwen2-VL's merged image tokens; use one of: {', '.join(usable)}")
+    if any(opts.get(k) for k in _TOKEN_ADDING):
+        raise ConfigError(f"{name}: fuse/pospad add tokens that have no M-RoPE position; turn them off for Qwen2-VL")
+    if opts.get("loop"):
+        raise ConfigError(f"{name}: loop=true exports an ONNX Loop; vision_prune must stay loop-free (use loop=false)")
+    return spec, opts
+
+
+def cls_free_methods() -> list[str]:
+    """Registry methods that need no [CLS] and select with TopK or a gather-type custom reduce (no merging/state)."""
+    out = []
+    for name, spec in METHODS.items():
+        if spec.requires_cls or spec.carries_state is not None or spec.compacts:
+            continue
+        if spec.score_input not in (ScoreInput.ATTENTION_QK, ScoreInput.HIDDEN, ScoreInput.TOKENS):
+            continue
+        if spec.reduce_fn is not None and name != "divprune":  # divprune's reduce gathers; the others merge
+            continue
+        out.append(name)
+    return out
+
+
+class Qwen2VLVisionPrune(nn.Module):
+    """pixel_values (N, patch_dim) -> (features (K, H_lm), keep_idx (K,) int64 ascending) for one static image.
+
+    The same module is the eager reference and what is exported. keep = layout.num_merged keeps every token
+    (in order), which reproduces HF's `get_image_features` exactly.
+    """
+
+    def __init__(self, visual: nn.Module, layout: ImageLayout, method: str, keep: int, options: dict | None = None):
+        super().__init__()
+        if not 1 <= keep <= layout.num_merged:
+            raise ConfigError(f"keep={keep} is outside [1, {layout.num_merged}] image tokens of grid "
+                              f"({layout.t}, {layout.h}, {layout.w}); lower keep or use a larger grid")
+        self.spec, self.options = resolve_method(method, options)
+        self.visual, self.layout, self.keep = visual, layout, keep
+        with torch.no_grad():
+            pos = get_vision_position_ids(layout.grid_thw, layout.merge)          # (N, 2) block-major (h, w)
+            cos, sin = visual.rotary_pos_emb(torch.empty(0), pos)                # (N, head_dim) each
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.visual.patch_embed(pixel_values)                                # (N, C)
+        blocks = self.visual.blocks
+        for blk in blocks[:-1]:
+            x, _ = self._block(blk, x)
+        x_in = x
+        x, (q, k, scale) = self._block(blocks[-1], x)
+        merged = self.visual.merger(x).unsqueeze(0)                              # (1, N_m, H_lm)
+        scores = self._scores(q, k, scale, x_in, x, merged)
+        if self.spec.reduce_fn is not None:
+            tokens, idx = self.spec.reduce_fn(merged, scores, self.keep, 0, **reduce_kwargs(self.spec, self.options))
+        else:
+            tokens, idx = prune_topk_op(merged, scores, self.keep, 0)
+        return tokens.squeeze(0), idx.squeeze(0)
+
+    def _block(self, blk: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
+        """HF's Qwen2VLVisionBlock with its attention as one SDPA over the image (cu_seqlens = [0, N])."""
+        attn = blk.attn
+        n = x.shape[0]
+        q, k, v = attn.qkv(blk.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, self.rope_cos, self.rope_sin)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))           # (1, heads, N, D)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+        x = x + attn.proj(o.squeeze(0).transpose(0, 1).reshape(n, -1))
+        x = x + blk.mlp(blk.norm2(x))
+        return x, (q, k, attn.scaling)
+
+    def _scores(self, q, k, scale, x_in, x_out, merged) -> Tensor:
+        """(1, N_m) scores of the merged tokens (a (1, N_m, N_m) similarity for divprune)."""
+        m2 = self.layout.merge ** 2
+        if self.spec.score_input is ScoreInput.TOKENS:
+            fn, args, kwargs = score_call(self.spec, self.options, self.keep, 0, x_out=merged)
+            return fn(*args, **kwargs)
+        fn, args, kwargs = score_call(self.spec, self.options, self.keep, 0, q=q, k=k, scale=scale,
+                                      x_in=x_in.unsqueeze(0), x_out=x_out.unsqueeze(0))
+        patch = fn(*args, **kwargs)                                              # (1, N) patch scores
+        return patch.reshape(1, -1, m2).mean(dim=-1)                             # merge groups are contiguous
+
+
+# --------------------------------------------------------------------------- LM parts
+
+
+class Qwen2VLPrefill(nn.Module):
+    """(input_ids (1, T), image_features (K, H), position_ids (3, 1, T)) -> (last logits (1, V), k0, v0, k1, ...).
+
+    Image placeholders in input_ids take the image features in order: the j-th placeholder gets row j (CumSum +
+    Gather + Where, no scatter). The cache is created inside and returned flat, so nothing cache-typed crosses
+    the graph boundary.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm, self.head = model.model.language_model, model.lm_head
+        self.image_token_id = model.config.image_token_id
+
+    def forward(self, input_ids: Tensor, image_features: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
+        embeds = self.lm.embed_tokens(input_ids)                                 # (1, T, H)
+        is_image = input_ids == self.image_token_id
+        row = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp_min(0)   # j-th placeholder -> row j
+        image = image_features.to(embeds.dtype)[row]                             # (1, T, H)
+        embeds = torch.where(is_image.unsqueeze(-1), image, embeds)
+        cache = DynamicCache(config=self.lm.config)
+        out = self.lm(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = self.head(out.last_hidden_state[:, -1])
+        return (logits, *flatten_cache(out.past_key_values))
+
+
+class Qwen2VLDecode(nn.Module):
+    """(input_ids (1, 1), position_ids (3, 1, 1), k0, v0, k1, v1, ...) -> (logits (1, V), k0, v0, ...) one step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.lm, self.head = model.model.language_model, model.lm_head
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        cache = DynamicCache(config=self.lm.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.lm(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = self.head(out.last_hidden_state[:, -1])
+        return (logits, *flatten_cache(out.past_key_values))
+
+
+def flatten_cache(cache) -> list[Tensor]:
+    """[k0, v0, k1, v1, ...] (each (B, kv_heads, T, D)) of a DynamicCache."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def cache_names(num_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_vision_prune(module: Qwen2VLVisionPrune):
+    """vision_prune ONNX: input `pixel_values` (N, patch_dim), outputs `image_features` (K, H_lm), `keep_idx` (K,)."""
+    layout = module.layout
+    spec = PartSpec((torch.zeros(layout.num_patches, layout.patch_dim),), (None,), ["pixel_values"],
+                    ["image_features", "keep_idx"], {})
+    return export_part(module, spec, what="Qwen2-VL vision_prune")
+
+
+def export_lm_parts(model: nn.Module, keep: int, prompt_len: int):
+    """lm_prefill and lm_decode ONNX for a pruned prompt holding `keep` image tokens (batch 1).
+
+    The prompt length (`sequence`) and the past length (`past_sequence`) are dynamic; `prompt_len` only sizes
+    the example. Dynamic axes are Dim.DYNAMIC: a strict Dim fails on the KV cat's guard min(16(P+1), 32(P+1)).
+    """
+    cfg = model.config.text_config
+    n_layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ids = torch.full((1, prompt_len), 1, dtype=torch.long)
+    ids[0, 1:1 + keep] = model.config.image_token_id
+    pos = torch.arange(prompt_len).view(1, 1, -1).expand(3, 1, -1).contiguous()
+    seq = torch.export.Dim.DYNAMIC
+    present = cache_names(n_layers, "present")
+    prefill = export_part(Qwen2VLPrefill(model), PartSpec(
+        (ids, torch.zeros(keep, cfg.hidden_size), pos), ({1: seq}, None, {2: seq}),
+        ["input_ids", "image_features", "position_ids"], ["logits", *present],
+        {"input_ids": {1: "sequence"}}), what="Qwen2-VL lm_prefill")
+    past = tuple(torch.zeros(1, kv_heads, prompt_len, head_dim) for _ in range(2 * n_layers))
+    past_names = cache_names(n_layers, "past")
+    decode = export_part(Qwen2VLDecode(model), PartSpec(
+        (torch.ones(1, 1, dtype=torch.long), pos[:, :, :1].contiguous(), *past), (None, None, tuple({2: seq} for _ in past)),
+        ["input_ids", "position_ids", *past_names], ["logits", *present],
+        {n: {2: "past_sequence"} for n in past_names}), what="Qwen2-VL lm_decode")
+    return prefill, decode

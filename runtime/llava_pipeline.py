@@ -1,0 +1,114 @@
+"""Greedy LLaVA generation from the exported parts on ONNX Runtime (numpy only).
+
+    with LlavaOrtPipeline("out/llava") as pipe:
+        gen = pipe.generate(input_ids, pixel_values, max_new_tokens=8)   # gen.tokens (B, 8)
+
+vision_prune.onnx gives K image features per image; the prompt carries exactly K image tokens per row (a static
+image-token layout), and their embeddings are replaced by the features in order. lm_prefill.onnx runs the prompt,
+lm_decode.onnx one token per step with the flat K/V carried between calls. Positions follow HF generate:
+cumsum(attention_mask) - 1 (1 on padding), then +1 per new token.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .onnxruntime_runner import OrtRunner
+
+MANIFEST = "llava_parts.json"
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray          # (B, steps) int64: the greedily chosen ids
+    logits: np.ndarray          # (steps, B, V) float32: the logits each id was chosen from
+    keep_idx: np.ndarray        # (B, K) int64: kept patch positions, ascending
+    image_features: np.ndarray  # (B, num_image_tokens, H)
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); pass the folder export_llava wrote") from e
+
+
+class LlavaOrtPipeline:
+    def __init__(self, out_dir: str | Path, *, threads: int | None = None):
+        self.out_dir = Path(out_dir)
+        self.manifest = m = read_manifest(self.out_dir)
+        files = m["files"]
+        self.vision = OrtRunner(self.out_dir / files["vision"], threads=threads)
+        self.prefill = OrtRunner(self.out_dir / files["prefill"], threads=threads)
+        self.decode = OrtRunner(self.out_dir / files["decode"], threads=threads)
+        self.embed_tokens = np.load(self.out_dir / files["embed"])
+        self.num_image_tokens, self.image_token_id = m["num_image_tokens"], m["image_token_id"]
+        self.num_layers = m["num_text_layers"]
+
+    def __enter__(self) -> "LlavaOrtPipeline":
+        for r in (self.vision, self.prefill, self.decode):
+            r.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in (self.vision, self.prefill, self.decode):
+            r.deactivate()
+
+    def image_features(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) float32 -> image features (B, num_image_tokens, H_lm), keep_idx (B, K)."""
+        out = self.vision.infer({"pixel_values": np.asarray(pixel_values, dtype=np.float32)})
+        return out["image_features"], out["keep_idx"]
+
+    def embed_prompt(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
+        """Token embeddings of `input_ids` (B, T) with row b's image tokens replaced, in order, by image_features[b]."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ConfigError(f"input_ids must be a 2-D integer array (B, T), got {ids.dtype} {ids.shape}")
+        vocab = self.embed_tokens.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ConfigError(f"input_ids hold ids outside the vocabulary 0..{vocab - 1}")
+        if image_features.shape[0] != ids.shape[0]:
+            raise ConfigError(f"{ids.shape[0]} prompts but {image_features.shape[0]} images; give one image per prompt")
+        is_image = ids == self.image_token_id
+        counts = is_image.sum(axis=1)
+        if (counts != self.num_image_tokens).any():
+            b = int(np.argmax(counts != self.num_image_tokens))
+            raise ConfigError(f"prompt {b} has {int(counts[b])} image tokens (id {self.image_token_id}); this export "
+                              f"needs exactly {self.num_image_tokens} per prompt (the kept K)")
+        embeds = self.embed_tokens[ids].astype(np.float32)
+        embeds[is_image] = image_features.reshape(-1, image_features.shape[-1])  # row-major: row b's tokens in order
+        return embeds
+
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, max_new_tokens: int = 8,
+                 attention_mask: np.ndarray | None = None) -> Generation:
+        """Greedy decoding of `max_new_tokens` ids after the prompt."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        features, keep_idx = self.image_features(pixel_values)
+        embeds = self.embed_prompt(ids, features)
+        mask = np.ones(ids.shape, dtype=np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if mask.shape != ids.shape:
+            raise ConfigError(f"attention_mask {mask.shape} must have the shape of input_ids {ids.shape}")
+        position_ids = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1).astype(np.int64)
+        out = self.prefill.infer({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids})
+        tokens, logits = [], []
+        position = position_ids[:, -1:]
+        for step in range(max_new_tokens):
+            step_logits = out["logits"]
+            token = step_logits.argmax(axis=-1).astype(np.int64)[:, None]
+            tokens.append(token)
+            logits.append(step_logits)
+            if step == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+            position = position + 1
+            past = {f"past.{i}.{kind}": out[f"present.{i}.{kind}"]
+                    for i in range(self.num_layers) for kind in ("key", "value")}
+            out = self.decode.infer({"input_ids": token, "attention_mask": mask, "position_ids": position, **past})
+        return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features)

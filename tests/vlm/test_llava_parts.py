@@ -1,0 +1,192 @@
+"""LLaVA in parts with outer (FasterVLM-style) pruning: ORT greedy generation vs the same pruning in eager torch.
+
+One tiny random-init LLaVA (CLIP 32 px / patch 8 = 16 patches, 3 layers; Llama 2 layers, vocab 128), exported
+once per module with cls-topk keeping 4 of 16 patches.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm.export_part import export_part
+from tokensieve.exporter.vlm.llava import VisionPrune, llava_layout, vision_spec
+from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static
+from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline
+from tokensieve.vlm_api import export_llava, llava_prompt, reference_generate, unpruned_generate, verify_llava
+
+NUM_PATCHES, KEEP, STEPS = 16, 4, 8
+
+
+def tiny_llava(strategy: str = "default") -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=127, projector_hidden_act="gelu",
+                      vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    return export_llava(model, tmp_path_factory.mktemp("llava"), f"cls-topk:{KEEP}")
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_export_layout(exported):
+    assert exported.keep == KEEP and exported.num_patches == NUM_PATCHES and exported.num_image_tokens == KEEP
+    assert exported.layout.feature_layer == 1  # vision_feature_layer -2 of 3 layers = the output of layer 1
+    assert all(p.is_file() for p in exported.paths.values())
+    assert all(exported.sizes[k] > 0 for k in ("vision", "prefill", "decode", "embed"))
+
+
+def test_ort_greedy_matches_eager(exported):
+    report = verify_llava(exported, batch=2, max_new_tokens=STEPS)
+    assert report.tokens_match and report.keep_idx_match, report.to_dict()
+    assert report.max_abs_diff_logits <= 1e-5 and report.max_abs_diff_features <= 1e-5, report.to_dict()
+    assert np.array(report.tokens).shape == (2, STEPS)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_is_dynamic(exported, model, pixels, batch):
+    """Exported at batch 2; batch 1 and 3 run and match eager."""
+    ids = llava_prompt(exported.layout, KEEP, batch, seed=batch)
+    with LlavaOrtPipeline(exported.out_dir) as pipe:
+        got = pipe.generate(ids.numpy(), pixels[:batch].numpy(), STEPS)
+    want = reference_generate(model, exported.vision, ids, pixels[:batch], STEPS)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.keep_idx, want.keep_idx)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
+
+
+def test_left_padded_prompt_matches_eager(exported, model, pixels):
+    """attention_mask with left padding: positions cumsum(mask) - 1 in both, same ids and logits."""
+    ids = llava_prompt(exported.layout, KEEP, 2, before=5, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, 0
+    with LlavaOrtPipeline(exported.out_dir) as pipe:
+        got = pipe.generate(ids.numpy(), pixels[:2].numpy(), STEPS, attention_mask=mask.numpy())
+    want = reference_generate(model, exported.vision, ids, pixels[:2], STEPS, attention_mask=mask)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=0)
+
+
+def test_keep_idx_is_fastervlm_selection(exported, model, pixels):
+    """Independent reference: HF's eager attention of the feature layer, [CLS] row, head mean, top-K, sorted. The
+    features are HF LLaVA's own projected features at those patches. Fails if the pruning were skipped (shape)."""
+    with LlavaOrtPipeline(exported.out_dir) as pipe:
+        features, keep_idx = pipe.image_features(pixels.numpy())
+    eager = copy.deepcopy(model)
+    eager.model.vision_tower.config._attn_implementation = "eager"
+    with torch.no_grad():
+        att = eager.model.vision_tower(pixels, output_attentions=True).attentions[exported.layout.feature_layer]
+        want_idx = att[:, :, 0, 1:].mean(1).topk(KEEP, dim=-1).indices.sort(dim=-1).values
+        full = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    assert full.shape[1] == NUM_PATCHES and features.shape == (3, KEEP, full.shape[-1])
+    np.testing.assert_array_equal(keep_idx, want_idx.numpy())
+    want = full.gather(1, want_idx[..., None].expand(-1, -1, full.shape[-1]))
+    np.testing.assert_allclose(features, want.numpy(), atol=1e-5, rtol=0)
+    assert not (keep_idx == np.arange(KEEP)).all(axis=1).all()  # a real selection, not the first K patches
+
+
+def test_vision_onnx_is_static(exported):
+    model = onnx.load(str(exported.paths["vision"]))
+    census = check_static(model)["ops"]  # raises on NonZero/ScatterND/If/Loop or any unknown size but batch
+    assert not set(census) & set(FORBIDDEN_OPS)
+    assert census.get("TopK", 0) >= 1
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert dims == {"image_features": ["batch", KEEP, 32], "keep_idx": ["batch", KEEP]}
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_all_patches_equal_unpruned(strategy, pixels):
+    """Control of the pruning path: K = every patch gives HF LLaVA's own generation ('full': + the [CLS] feature)."""
+    model = tiny_llava(strategy)
+    layout = llava_layout(model)
+    vision = VisionPrune(model, layout, "cls-topk", NUM_PATCHES, {})
+    ids = llava_prompt(layout, NUM_PATCHES + layout.keep_cls, 3, seed=2)
+    pruned = reference_generate(model, vision, ids, pixels, STEPS)
+    tokens, logits = unpruned_generate(model, ids, pixels, STEPS)
+    np.testing.assert_array_equal(pruned.keep_idx, np.arange(NUM_PATCHES)[None].repeat(3, 0))
+    np.testing.assert_array_equal(pruned.tokens, tokens)
+    np.testing.assert_allclose(pruned.logits, logits, atol=1e-6, rtol=0)
+    # and a real budget changes what the LLM sees: fewer image tokens, other logits
+    small = reference_generate(model, VisionPrune(model, layout, "cls-topk", KEEP, {}),
+                               llava_prompt(layout, KEEP + layout.keep_cls, 3, seed=2), pixels, STEPS)
+    assert small.image_features.shape[1] == KEEP + layout.keep_cls
+    assert np.abs(small.logits - logits).max() > 1e-3
+
+
+@pytest.mark.parametrize("method, options", [("divprune", {}), ("attn-mean", {})])
+def test_cls_free_method_exports(model, pixels, method, options):
+    """A CLS-free method in the same stage: ORT keep_idx and features equal eager, the graph stays static."""
+    layout = llava_layout(model)
+    vision = VisionPrune(model, layout, method, 5, options).eval()  # {}: VisionPrune fills in the defaults
+    proto = export_part(vision, vision_spec(layout), what=method)
+    check_static(proto)
+    got_features, got_idx = ort.InferenceSession(proto.SerializeToString()).run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        features, idx = vision(pixels)
+    np.testing.assert_array_equal(got_idx, idx.numpy())
+    np.testing.assert_allclose(got_features, features.numpy(), atol=1e-5, rtol=0)
+    assert (np.diff(got_idx, axis=1) > 0).all()  # ascending: original order kept
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ("cls-topk:17", "out of range"),
+    ("cls-topk:0", "out of range"),
+    ("cls-topk@0:4", "after CLIP layer 1"),
+    ("nope:4", "Unknown method"),
+    ("tome:4", "merges tokens"),
+    ("cls-topk(fuse=true):4", "fuse/pospad"),
+    ("cls-topk@1:0.5+divprune@2:0.5", "Two stages|exactly one stage"),
+])
+def test_bad_recipe_is_one_line(model, tmp_path, recipe, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        export_llava(model, tmp_path, recipe)
+    _one_line(e)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_not_llava_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="LlavaForConditionalGeneration") as e:
+        export_llava(torch.nn.Linear(2, 2), tmp_path, "cls-topk:4")
+    _one_line(e)
+
+
+def test_wrong_image_token_count_is_one_line(exported, pixels):
+    ids = llava_prompt(exported.layout, KEEP + 1, 2)
+    with LlavaOrtPipeline(exported.out_dir) as pipe, pytest.raises(ConfigError, match="exactly 4") as e:
+        pipe.generate(ids.numpy(), pixels[:2].numpy(), STEPS)
+    _one_line(e)
+
+
+def test_vision_engine_builds_for_rtx_sm86(exported, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    info = build_engine(exported.paths["vision"], tmp_path / "vision_prune.engine", BuildSpec(target="rtx-sm86", max_batch=4))
+    assert info.size_bytes > 0 and info.engine_path.is_file()
