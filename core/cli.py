@@ -510,7 +510,9 @@ class Visualize(Tool):
         return 0
 
 
-TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize()]
+from tokensieve.cli_vlm import ExportVlm  # noqa: E402 - kept beside its wiring
+
+TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), ExportVlm()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """Model sources: the bundled default (ViT-S/16-224, deterministic random init), a tiny ViT, or a local HF folder."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,10 +50,25 @@ def _load_hf_dir(path: Path) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         auto = AutoModelForImageClassification if getattr(config, "architectures", None) and any(
             a.endswith("ForImageClassification") for a in config.architectures) else AutoModel
-        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+        with quiet_loading():
+            model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No "Loading weights" progress bar on stderr: errors stay one line, summaries stay readable."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def input_shape(model: nn.Module) -> tuple[int, ...]:
