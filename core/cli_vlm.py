@@ -21,6 +21,7 @@ class ExportVlm:
     """Export a VLM in parts with outer visual-token pruning, then verify greedy decoding against eager.
 
         tokensieve export-vlm llava_dir --prune cls-topk:0.25 -o out_llava/          # FasterVLM
+        tokensieve export-vlm llava_dir --prune cls-topk:1.0 --inner fastv@1:0.5 -o out_fastv/   # FastV in the LLM
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
         # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (+ manifest); prints the kept image tokens,
         # the greedy tokens of ONNX Runtime vs eager, and the files
@@ -34,6 +35,9 @@ class ExportVlm:
                        "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...)")
         p.add_argument("-o", "--output", required=True, help="output folder")
         p.add_argument("--grid", default=None, help="Qwen2-VL: the static image grid t,h,w in patches, e.g. 1,28,28")
+        p.add_argument("--inner", default=None, help="LLaVA: inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
+                       "(drop image tokens after 0-based decoder LAYER by the last prompt position's attention; KEEP "
+                       "a ratio of the prompt's image tokens or a count), e.g. fastv@1:0.5")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
 
@@ -41,6 +45,14 @@ class ExportVlm:
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps} must be >= 1")
         kind = vlm_kind(args.model)  # check the arguments before loading any weights
+        if args.inner is not None:
+            from tokensieve.exporter.vlm.fastv import split_fastv
+
+            if kind != "llava":
+                raise ConfigError("--inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning")
+            if split_fastv(args.inner)[0]:
+                raise ConfigError("--inner fastv(debias=true) needs a calibrated bias; use the Python API "
+                                  "(export_llava(..., inner_bias=calibrate_fastv_bias(...)))")
         if kind == "llava":
             if args.grid:
                 raise ConfigError("--grid is for Qwen2-VL; a LLaVA's image size comes from its vision config")
@@ -89,17 +101,35 @@ def load_vlm(path: str | os.PathLike):
 def _llava(model, args) -> int:
     from tokensieve.vlm_api import export_llava, verify_llava
 
-    _log(f"[1/2] exporting LLaVA in parts with {args.prune}")
-    result = export_llava(model, args.output, args.prune)
-    lines = [f"tokensieve: {args.model}  (LLaVA)  {args.prune}", "",
+    inner = f" + {args.inner}" if args.inner else ""
+    if args.inner:  # range checks need the model; do them before the progress line and the export
+        from tokensieve.exporter.vlm.fastv import parse_fastv
+        from tokensieve.exporter.vlm.llava import llava_layout
+        from tokensieve.vlm_api import parse_outer_recipe
+
+        layout = llava_layout(model)
+        keep = parse_outer_recipe(args.prune, layout)[1]
+        parse_fastv(args.inner, layout.num_text_layers, keep + int(layout.keep_cls))
+    _log(f"[1/2] exporting LLaVA in parts with {args.prune}{inner}")
+    result = export_llava(model, args.output, args.prune, inner=args.inner)
+    lines = [f"tokensieve: {args.model}  (LLaVA)  {args.prune}{inner}", "",
              f"  image tokens    {result.num_patches} patches -> {result.keep} kept "
-             f"({result.num_image_tokens} image tokens per prompt)",
-             f"  export          {sum(result.seconds.values()):.1f} s"]
+             f"({result.num_image_tokens} image tokens per prompt)"]
+    if result.inner is not None:
+        from tokensieve.exporter.vlm.fastv import prefill_macs
+
+        spec, t = result.inner, result.num_image_tokens + 7  # the verify prompt: 4 text + image tokens + 3 text
+        ratio = prefill_macs(result.layout, model.config.text_config, t, spec) / \
+            prefill_macs(result.layout, model.config.text_config, t, None)
+        lines.append(f"  inner (FastV)   {spec.num_image_tokens} -> {spec.keep} image tokens after LLM layer "
+                     f"{spec.layer} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
+                     f"prefill MACs x{ratio:.2f} for a {t}-token prompt")
+    lines.append(f"  export          {sum(result.seconds.values()):.1f} s")
     if not args.no_verify:
         _log(f"[2/2] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
         rep = verify_llava(result, max_new_tokens=args.steps)
         lines.append(_verify_line(rep.passed, rep.tokens_match, rep.keep_idx_match, rep.max_abs_diff_logits,
-                                  rep.atol, args.steps, rep.batch))
+                                  rep.atol, args.steps, rep.batch, rep.inner_keep_idx_match))
     lines.append(_files_line(result.out_dir, result.paths.values()))
     print("\n".join(lines))
     return 0 if args.no_verify or rep.passed else 1
@@ -167,10 +197,12 @@ def _one_outer_stage(text: str):
     return stages[0]
 
 
-def _verify_line(passed, tokens_match, keep_match, diff, atol, steps, batch) -> str:
+def _verify_line(passed, tokens_match, keep_match, diff, atol, steps, batch, inner_match=None) -> str:
     parts = [f"{steps} greedy tokens {'identical' if tokens_match else 'DIFFER'}"]
     if keep_match is not None:
         parts.append(f"keep_idx {'identical' if keep_match else 'DIFFERS'}")
+    if inner_match is not None:
+        parts.append(f"FastV kept image tokens {'identical' if inner_match else 'DIFFER'}")
     parts.append(f"max |Δ logits| {diff:.1e} (atol {atol:g})")
     return f"  verify          {'PASS' if passed else 'FAIL'}: batch {batch}, " + ", ".join(parts) + \
         " vs eager, ONNX Runtime CPU"

@@ -7,6 +7,10 @@ vision_prune.onnx gives K image features per image; the prompt carries exactly K
 image-token layout), and their embeddings are replaced by the features in order. lm_prefill.onnx runs the prompt,
 lm_decode.onnx one token per step with the flat K/V carried between calls. Positions follow HF generate:
 cumsum(attention_mask) - 1 (1 on padding), then +1 per new token.
+
+Inner pruning (manifest "inner": FastV, exporter/vlm/fastv.py): the prefill also takes image_positions (B, N) and
+returns keep_idx (B, T'); the decode takes attention_mask_pruned (the mask at keep_idx, then one 1 per new token)
+for the layers after the pruning layer, whose caches are shorter. Prompts must be left-padded and end with text.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class Generation:
     logits: np.ndarray          # (steps, B, V) float32: the logits each id was chosen from
     keep_idx: np.ndarray        # (B, K) int64: kept patch positions, ascending
     image_features: np.ndarray  # (B, num_image_tokens, H)
+    inner_keep_idx: np.ndarray | None = None  # FastV: (B, R) kept image tokens (ordinals among the image tokens)
 
 
 def read_manifest(out_dir: str | Path) -> dict:
@@ -49,6 +54,7 @@ class LlavaOrtPipeline:
         self.embed_tokens = np.load(self.out_dir / files["embed"])
         self.num_image_tokens, self.image_token_id = m["num_image_tokens"], m["image_token_id"]
         self.num_layers = m["num_text_layers"]
+        self.inner = m.get("inner")
 
     def __enter__(self) -> "LlavaOrtPipeline":
         for r in (self.vision, self.prefill, self.decode):
@@ -96,7 +102,11 @@ class LlavaOrtPipeline:
         if mask.shape != ids.shape:
             raise ConfigError(f"attention_mask {mask.shape} must have the shape of input_ids {ids.shape}")
         position_ids = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1).astype(np.int64)
-        out = self.prefill.infer({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids})
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+        if self.inner:
+            feeds["image_positions"] = self._image_positions(ids, mask)
+        out = first = self.prefill.infer(feeds)
+        pruned = np.take_along_axis(mask, out["keep_idx"], axis=1) if self.inner else None
         tokens, logits = [], []
         position = position_ids[:, -1:]
         for step in range(max_new_tokens):
@@ -110,5 +120,16 @@ class LlavaOrtPipeline:
             position = position + 1
             past = {f"past.{i}.{kind}": out[f"present.{i}.{kind}"]
                     for i in range(self.num_layers) for kind in ("key", "value")}
+            if pruned is not None:
+                pruned = np.concatenate([pruned, np.ones_like(token)], axis=1)
+                past["attention_mask_pruned"] = pruned
             out = self.decode.infer({"input_ids": token, "attention_mask": mask, "position_ids": position, **past})
-        return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features)
+        inner_keep = first["image_keep_idx"] if self.inner else None
+        return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features, inner_keep)
+
+    def _image_positions(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(B, N) sequence indices of the image tokens (embed_prompt checked there are N per row)."""
+        if (ids[:, -1] == self.image_token_id).any() or (mask[:, -1] == 0).any():
+            raise ConfigError("FastV scores the image tokens with the last prompt position: every prompt must end "
+                              "with a text token and be left-padded")
+        return np.nonzero(ids == self.image_token_id)[1].reshape(ids.shape[0], -1).astype(np.int64)

@@ -220,8 +220,8 @@ def exported():
     cache = {}
     mp = pytest.MonkeyPatch()
 
-    def allow_loop(model, allowed_ops=frozenset()):
-        return check_static(model, allowed_ops=frozenset(allowed_ops) | {"Loop"})
+    def allow_loop(model, allowed_ops=frozenset(), **kwargs):
+        return check_static(model, allowed_ops=frozenset(allowed_ops) | {"Loop"}, **kwargs)
 
     def get(case: str):
         if case not in cache:

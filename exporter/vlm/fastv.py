@@ -1,0 +1,381 @@
+"""FastV: inner visual-token pruning inside LLaVA's LLM prefill, as exportable prefill / decode parts, and its eager
+reference.
+
+    result = export_llava(model, "out/llava", "cls-topk:1.0", inner="fastv@1:0.5")   # no outer pruning, FastV
+    report = verify_llava(result)              # ORT greedy ids == eager FastV reference, kept image tokens, logits
+
+Spec: `fastv@L:R` (optionally `fastv(debias=true)@L:R` with a per-position bias, see below). L is the 0-based
+decoder layer after which image tokens are dropped (0 <= L <= num_layers - 2); R is the number of image tokens
+kept, a ratio of the N image tokens the prompt carries (`0.5`, `1.0`) or a count (`8`), 1 <= R <= N.
+
+Prefill (`FastvPrefill`, lm_prefill.onnx):
+    inputs_embeds (B, T, H), attention_mask (B, T), position_ids (B, T), image_positions (B, N) int64 (the sequence
+    indices of the N image tokens of each row, ascending)
+    -> logits (B, V), present.i.key/value (B, kv, T, D) for layers 0..L and (B, kv, T', D) for layers L+1..,
+       keep_idx (B, T') int64 (the prompt positions kept, ascending), image_keep_idx (B, R) int64 (the kept image
+       tokens as ordinals 0..N-1 among the image tokens, ascending), with T' = T - (N - R).
+    Layers 0..L run over all T tokens. Score: the softmax row of the LAST prompt position at layer L (q of that
+    position from layer L's input, keys = layer L's cached keys after RoPE, padding keys masked), head mean; the
+    fused SDPA gives no probabilities, so this one row is recomputed. The R image tokens with the highest score are
+    kept (TopK -> sort: original order), every text token is kept; hidden states, position ids and the attention
+    mask are gathered at keep_idx for layers L+1... Kept tokens keep their ORIGINAL position ids (RoPE).
+Decode (`FastvDecode`, lm_decode.onnx):
+    input_ids (B, 1), attention_mask (B, P + 1), attention_mask_pruned (B, P' + 1), position_ids (B, 1),
+    past.i.key/value (B, kv, P, D) for layers 0..L, (B, kv, P', D) for layers L+1..
+    -> logits (B, V), present.i.* one longer. Each layer attends over its own cache with its own key mask, so
+    batch > 1 and left padding are exact (attention_mask_pruned = attention_mask gathered at keep_idx, then one 1
+    per generated token). Decode positions continue at the original prompt length (position_ids[:, -1] + 1).
+Masks are built by hand (causal & valid key, plus the diagonal so a padding row never has an empty softmax).
+Prompts must be left-padded and must end with a text token (the scoring position).
+
+debias (the "attention debiasing" variant): score = FastV score - bias, bias (N,) a per-image-position mean score
+(`calibrate_fastv_bias` averages the FastV score over calibration prompts/images); it removes the positional
+preference of the last query (RoPE recency) before TopK. Pure arithmetic on the score; the bias is a constant.
+
+The eager reference (`reference_fastv_generate`) is independent of the parts: HF's own eager attention
+probabilities (output_attentions) give the score, the image positions come from input_ids, and every greedy step
+re-runs HF's decoder layers by hand over the whole sequence (no cache): layers 0..L over every token, layers L+1..
+over the kept prompt tokens plus the generated ones.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from transformers.cache_utils import DynamicCache
+
+from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm.export_part import PartSpec
+from tokensieve.exporter.vlm.llava import LlavaLayout
+from tokensieve.exporter.vlm.lm_parts import EXAMPLE_BATCH, _cache_from, _flatten, kv_names
+
+_BATCH = Dim("batch", min=1, max=4096)
+_SEQ = Dim.DYNAMIC
+_SPEC = re.compile(r"^fastv(?:\((?P<params>[^)]*)\))?@(?P<layer>-?\d+):(?P<keep>\S+)$")
+
+
+@dataclass(frozen=True)
+class FastvSpec:
+    """The static FastV stage: drop N - R image tokens after decoder layer `layer`."""
+
+    layer: int                 # L, 0-based
+    keep: int                  # R image tokens kept
+    num_image_tokens: int      # N image tokens in every prompt
+    num_layers: int
+    bias: tuple[float, ...] | None = None   # debias: (N,) subtracted from the score
+
+    @property
+    def dropped(self) -> int:
+        return self.num_image_tokens - self.keep
+
+    def shorthand(self) -> str:
+        return f"fastv{'(debias=true)' if self.bias is not None else ''}@{self.layer}:{self.keep}"
+
+    def to_dict(self) -> dict:
+        return {"method": "fastv", "layer": self.layer, "keep": self.keep, "num_image_tokens": self.num_image_tokens,
+                "debias": self.bias is not None}
+
+
+def split_fastv(text: str) -> tuple[bool, int, str]:
+    """Syntax only (no model needed): `fastv(debias=true)@1:0.5` -> (debias, layer, keep text); ConfigError."""
+    m = _SPEC.match(str(text).strip())
+    if not m:
+        raise ConfigError(f"Cannot parse inner pruning {text!r}; write fastv@LAYER:KEEP, e.g. fastv@1:0.5 (ratio of "
+                          "the image tokens) or fastv@1:8 (count)")
+    debias = False
+    for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
+        key, _, value = item.partition("=")
+        if key.strip() != "debias" or value.strip().lower() not in ("true", "false"):
+            raise ConfigError(f"fastv has one parameter, debias=true|false; got {item!r}")
+        debias = value.strip().lower() == "true"
+    return debias, int(m["layer"]), m["keep"]
+
+
+def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) -> FastvSpec:
+    """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true)@1:8` -> FastvSpec; one-line ConfigError otherwise."""
+    debias, layer, keep_text = split_fastv(text)
+    if not 0 <= layer <= num_layers - 2:
+        raise ConfigError(f"fastv layer {layer} is out of range; the language model has {num_layers} layers, prune "
+                          f"after layer 0..{num_layers - 2} (later layers must remain to see fewer tokens)")
+    n = num_image_tokens
+    try:
+        if any(ch in keep_text for ch in ".eE"):
+            ratio = float(keep_text)
+            if not 0.0 < ratio <= 1.0:
+                raise ConfigError(f"fastv keep ratio {keep_text} is out of range; use 0 < ratio <= 1")
+            keep = max(1, math.ceil(ratio * n - 1e-9))
+        else:
+            keep = int(keep_text)
+    except ValueError:
+        raise ConfigError(f"fastv keep {keep_text!r} is not a number; use a ratio like 0.5 or a count like 8") from None
+    if not 1 <= keep <= n:
+        raise ConfigError(f"fastv keep={keep} is out of range; the prompt carries {n} image tokens, keep 1..{n}")
+    if debias and bias is None:
+        raise ConfigError("fastv(debias=true) needs the per-position bias: pass inner_bias= (see "
+                          "tokensieve.exporter.vlm.fastv.calibrate_fastv_bias)")
+    if bias is not None:
+        bias = np.asarray(bias, dtype=np.float64).reshape(-1)
+        if bias.shape != (n,) or not np.isfinite(bias).all():
+            raise ConfigError(f"inner_bias must be {n} finite floats (one per image token), got shape {bias.shape}")
+        bias = tuple(float(v) for v in bias)
+    return FastvSpec(layer, keep, n, num_layers, bias)
+
+
+# --------------------------------------------------------------------------- exported parts
+
+
+def _masks(valid: Tensor) -> Tensor:
+    """(B, S) bool key validity -> (B, 1, S, S) bool: causal & (valid key or the diagonal)."""
+    s = valid.shape[1]
+    ar = torch.arange(s, device=valid.device)
+    causal = ar[:, None] >= ar[None, :]
+    return ((causal[None] & valid[:, None, :]) | torch.eye(s, dtype=torch.bool, device=valid.device)[None])[:, None]
+
+
+def _rope_query(attn: nn.Module, h_last: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """q (B, heads, 1, D) of layer `attn` for the normed hidden state of one position, after RoPE."""
+    q = attn.q_proj(h_last).view(*h_last.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = q.shape[-1] // 2
+    return q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+
+
+def fastv_scores(attn: nn.Module, h_in_normed_last: Tensor, keys: Tensor, cos_last: Tensor, sin_last: Tensor,
+                 valid: Tensor) -> Tensor:
+    """(B, T) float32: the head-mean softmax row of the last position over every key (padding keys get 0)."""
+    q = _rope_query(attn, h_in_normed_last, cos_last, sin_last)
+    groups = q.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, heads, T)
+    logits = logits.masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+class FastvPrefill(nn.Module):
+    def __init__(self, model: nn.Module, spec: FastvSpec):
+        super().__init__()
+        lm = model.model.language_model
+        self.layers, self.norm, self.rotary_emb, self.lm_head = lm.layers, lm.norm, lm.rotary_emb, model.lm_head
+        self.spec = spec
+        bias = torch.tensor(spec.bias if spec.bias is not None else [0.0] * spec.num_image_tokens, dtype=torch.float32)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                image_positions: Tensor) -> tuple[Tensor, ...]:
+        spec, cache = self.spec, DynamicCache()
+        h, pos, valid = inputs_embeds, position_ids, attention_mask.bool()
+        mask, pe = _masks(valid), self.rotary_emb(inputs_embeds, position_ids)
+        for i, layer in enumerate(self.layers):
+            h_in = h
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, past_key_values=cache,
+                      use_cache=True)
+            if i != spec.layer:
+                continue
+            cos, sin = pe
+            scores = fastv_scores(layer.self_attn, layer.input_layernorm(h_in[:, -1:]), cache.layers[i].keys,
+                                  cos[:, -1:], sin[:, -1:], valid)
+            image_scores = scores.gather(1, image_positions)
+            if spec.bias is not None:
+                image_scores = image_scores - self.bias
+            image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values   # (B, R) ordinals
+            kept_pos = image_positions.gather(1, image_keep)                                # (B, R) sequence idx
+            t = h.shape[1]
+            ar = torch.arange(t, device=h.device)
+            dropped = (image_positions[:, :, None] == ar).any(1) & ~(kept_pos[:, :, None] == ar).any(1)
+            # kept positions sort first (in order), dropped ones after: the smallest T' keys are keep_idx, ascending
+            keep_idx = torch.topk(ar + dropped.long() * t, t - spec.dropped, dim=-1, largest=False).indices
+            h = h.gather(1, keep_idx[..., None].expand(-1, -1, h.shape[-1]))
+            pos, valid = pos.gather(1, keep_idx), valid.gather(1, keep_idx)
+            mask, pe = _masks(valid), self.rotary_emb(h, pos)
+        logits = self.lm_head(self.norm(h[:, -1]))
+        return (logits, *_flatten(cache), keep_idx, image_keep)
+
+
+class FastvDecode(nn.Module):
+    def __init__(self, model: nn.Module, spec: FastvSpec):
+        super().__init__()
+        lm = model.model.language_model
+        self.embed_tokens, self.layers, self.norm = lm.embed_tokens, lm.layers, lm.norm
+        self.rotary_emb, self.lm_head, self.spec = lm.rotary_emb, model.lm_head, spec
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, attention_mask_pruned: Tensor, position_ids: Tensor,
+                *past: Tensor) -> tuple[Tensor, ...]:
+        cache = _cache_from(past)
+        h = self.embed_tokens(input_ids)
+        pe = self.rotary_emb(h, position_ids)
+        full, pruned = attention_mask.bool()[:, None, None, :], attention_mask_pruned.bool()[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask=full if i <= self.spec.layer else pruned, position_embeddings=pe,
+                      position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return (self.lm_head(self.norm(h[:, -1])), *_flatten(cache))
+
+
+def fastv_prefill_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
+    b, n, before, after = EXAMPLE_BATCH, spec.num_image_tokens, 3, 4
+    t = before + n + after
+    args = (torch.randn(b, t, layout.text_hidden_size), torch.ones(b, t, dtype=torch.long),
+            torch.arange(t).expand(b, -1).clone(), (torch.arange(n) + before).expand(b, -1).clone())
+    names = ["inputs_embeds", "attention_mask", "position_ids", "image_positions"]
+    seq = {0: _BATCH, 1: _SEQ}
+    return PartSpec(args, (seq, seq, seq, {0: _BATCH}), names,
+                    ["logits", *kv_names("present", layout.num_text_layers), "keep_idx", "image_keep_idx"],
+                    {n_: {0: "batch", 1: "sequence"} for n_ in names[:3]} | {"image_positions": {0: "batch"}})
+
+
+def fastv_decode_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
+    b, p = EXAMPLE_BATCH, 12
+    q = p - max(spec.dropped, 1)  # a different example length for the pruned layers: two distinct symbols
+    shape = lambda length: (b, layout.num_kv_heads, length, layout.head_dim)  # noqa: E731
+    past = tuple(torch.randn(shape(p if i <= spec.layer else q)) for i in range(layout.num_text_layers) for _ in "kv")
+    args = (torch.zeros(b, 1, dtype=torch.long), torch.ones(b, p + 1, dtype=torch.long),
+            torch.ones(b, q + 1, dtype=torch.long), torch.full((b, 1), p), *past)
+    past_names = kv_names("past", layout.num_text_layers)
+    dims = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "attention_mask_pruned": {0: "batch", 1: "total_pruned_sequence"}, "position_ids": {0: "batch"}}
+    dims |= {name: {0: "batch", 2: "past_sequence" if int(name.split(".")[1]) <= spec.layer else "pruned_past_sequence"}
+             for name in past_names}
+    return PartSpec(args, ({0: _BATCH}, {0: _BATCH, 1: _SEQ}, {0: _BATCH, 1: _SEQ}, {0: _BATCH},
+                           tuple({0: _BATCH, 2: _SEQ} for _ in past)),
+                    ["input_ids", "attention_mask", "attention_mask_pruned", "position_ids", *past_names],
+                    ["logits", *kv_names("present", layout.num_text_layers)], dims)
+
+
+def prefill_macs(layout: LlavaLayout, cfg, prompt_length: int, spec: FastvSpec | None) -> int:
+    """Multiply-accumulates of the LM prefill for one prompt (projections, MLP, q·Kᵀ and attn·V; causal = half)."""
+    h, i_size, heads = layout.text_hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    d, kv = layout.head_dim, layout.num_kv_heads
+    per_token = h * heads * d * 2 + h * kv * d * 2 + 3 * h * i_size
+    total = 0
+    for layer in range(layout.num_text_layers):
+        t = prompt_length if spec is None or layer <= spec.layer else prompt_length - spec.dropped
+        total += t * per_token + heads * d * t * (t + 1)  # q·Kᵀ + attn·V over the causal half
+        if spec is not None and layer == spec.layer:
+            total += h * heads * d + heads * d * prompt_length  # the recomputed score row
+    return total + h * layout.vocab_size
+
+
+# --------------------------------------------------------------------------- eager reference
+
+
+@contextmanager
+def _eager_attention(model: nn.Module):
+    cfg = model.model.language_model.config
+    old = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+@dataclass
+class FastvReference:
+    tokens: Tensor          # (B, steps)
+    logits: Tensor          # (steps, B, V) float32
+    image_keep_idx: Tensor  # (B, R) kept image ordinals
+    keep_idx: Tensor        # (B, T') kept prompt positions
+
+
+def check_prompt(input_ids: Tensor, attention_mask: Tensor, image_token_id: int, num_image_tokens: int) -> None:
+    """One-line ConfigError unless every row has N image tokens, ends with a text token and is left-padded."""
+    counts = (input_ids == image_token_id).sum(1)
+    if (counts != num_image_tokens).any():
+        b = int(torch.nonzero(counts != num_image_tokens)[0, 0])
+        raise ConfigError(f"prompt {b} has {int(counts[b])} image tokens (id {image_token_id}); FastV needs exactly "
+                          f"{num_image_tokens} per prompt")
+    if (input_ids[:, -1] == image_token_id).any() or (attention_mask[:, -1] == 0).any():
+        raise ConfigError("FastV scores the image tokens with the last prompt position: every prompt must end with a "
+                          "text token and be left-padded")
+
+
+def _hand_mask(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive (B, 1, S, S) float mask for eager attention: 0 where causal & valid key (or the diagonal)."""
+    s = valid.shape[1]
+    i = torch.arange(s)
+    ok = (i[None, :, None] >= i[None, None, :]) & valid[:, None, :].bool()
+    ok = ok | (i[:, None] == i[None, :])[None]
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)[:, None]
+
+
+def fastv_score_reference(model: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                          layer: int) -> Tensor:
+    """(B, T): HF's own eager attention probabilities of layer `layer`, last row, head mean."""
+    lm = model.model.language_model
+    with torch.no_grad(), _eager_attention(model):
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                 output_attentions=True, use_cache=False)
+    return out.attentions[layer][:, :, -1].float().mean(1)
+
+
+def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features: Tensor, spec: FastvSpec,
+                             image_token_id: int, max_new_tokens: int = 8,
+                             attention_mask: Tensor | None = None) -> FastvReference:
+    """Eager FastV with HF LLaVA's language model: image features placed at the image tokens, score from HF's eager
+    attention probabilities, then greedy decoding re-running the decoder layers by hand with no cache."""
+    ids = input_ids.long()
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+    check_prompt(ids, mask, image_token_id, spec.num_image_tokens)
+    lm = model.model.language_model
+    is_image = ids == image_token_id
+    embeds = lm.embed_tokens(ids).detach().clone()
+    embeds[is_image] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    scores = fastv_score_reference(model, embeds, mask, pos, spec.layer)
+    b, t = ids.shape
+    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])       # (B, N)
+    image_scores = scores.gather(1, image_pos)
+    if spec.bias is not None:
+        image_scores = image_scores - torch.tensor(spec.bias, dtype=image_scores.dtype)
+    image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values
+    keep_rows = []
+    for r in range(b):
+        keep = ~is_image[r]
+        keep[image_pos[r, image_keep[r]]] = True
+        keep_rows.append(torch.nonzero(keep).flatten())
+    keep_idx = torch.stack(keep_rows)                                                  # (B, T')
+    tokens, logits = [], []
+    with torch.no_grad(), _eager_attention(model):
+        seq = embeds
+        for step in range(max_new_tokens):
+            s = seq.shape[1]
+            cols = torch.cat([keep_idx, torch.arange(t, s).expand(b, -1)], dim=1)      # kept prompt + generated
+            h, p, v = seq, pos, mask
+            for i, layer in enumerate(lm.layers):
+                if i == spec.layer + 1:
+                    h = torch.stack([h[r, cols[r]] for r in range(b)])
+                    p, v = p.gather(1, cols), v.gather(1, cols)
+                h = layer(h, attention_mask=_hand_mask(v, h.dtype), position_embeddings=lm.rotary_emb(h, p),
+                          position_ids=p)
+            step_logits = model.lm_head(lm.norm(h[:, -1])).float()
+            token = step_logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            logits.append(step_logits)
+            seq = torch.cat([seq, lm.embed_tokens(token)], dim=1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return FastvReference(torch.cat(tokens, 1), torch.stack(logits), image_keep, keep_idx)
+
+
+def calibrate_fastv_bias(model: nn.Module, input_ids: Tensor, image_features: Tensor, layer: int,
+                         image_token_id: int, attention_mask: Tensor | None = None) -> np.ndarray:
+    """(N,) float64: the FastV score of each image-token position at `layer`, averaged over a calibration batch
+    (the positional bias `fastv(debias=true)` subtracts)."""
+    ids = input_ids.long()
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
+    is_image = ids == image_token_id
+    counts = is_image.sum(1)
+    if counts.min() < 1 or (counts != counts[0]).any():
+        raise ConfigError("calibration prompts must all carry the same number (>= 1) of image tokens")
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(ids).detach().clone()
+    embeds[is_image] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    scores = fastv_score_reference(model, embeds, mask, pos, layer)
+    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])
+    return scores.gather(1, image_pos).double().mean(0).numpy()
