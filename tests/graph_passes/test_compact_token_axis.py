@@ -84,8 +84,10 @@ def test_only_the_compacted_axis_is_data_dependent(exported):
         check_static(result.onnx_model)
 
 
-def test_macs_count_the_cap_and_equal_the_capped_form():
-    compact = api.export(*build("vit"), "adaptive(compact=true)@1:0.75")
+def test_macs_count_the_cap_and_equal_the_capped_form(exported):
+    case, compact = exported
+    if case != "vit-one-stage":
+        pytest.skip("one case is enough")
     capped = api.export(*build("vit"), "adaptive@1:0.75")
     assert compact.macs_pruned == capped.macs_pruned < capped.macs_dense
 
