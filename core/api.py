@@ -321,8 +321,10 @@ def reference_from_report(report: dict):
 
 def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, target: str = "rtx-sm86",
           precision: str = "fp32", max_batch: int = 8, extra_metadata: dict | None = None,
-          plugin_library: str | Path | None = None, embed_plugins: bool = False):
-    """Build a TensorRT / TensorRT-RTX engine (+ .json metadata) from an ONNX file."""
+          plugin_library: str | Path | None = None, embed_plugins: bool = False,
+          dims: dict[str, tuple[int, int, int]] | None = None):
+    """Build a TensorRT / TensorRT-RTX engine (+ .json metadata) from an ONNX file; `dims` gives each dynamic dim
+    other than batch its (min, opt, max) by ONNX dim name, e.g. {"sequence": (1, 64, 512)} for lm_prefill.onnx."""
     from tokensieve.targets.tensorrt import BuildSpec, build_engine
 
     onnx_path = Path(onnx_path)
@@ -330,7 +332,8 @@ def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, targe
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; run `tokensieve export` first")
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     spec = BuildSpec(target=target, precision=precision, max_batch=max_batch,  # validate before creating folders
-                     plugin_library=str(plugin_library) if plugin_library else None, embed_plugins=embed_plugins)
+                     plugin_library=str(plugin_library) if plugin_library else None, embed_plugins=embed_plugins,
+                     dims=dict(dims or {}))
     ensure_writable_dir(engine_path.parent)
     return build_engine(onnx_path, engine_path, spec, extra_metadata)
 

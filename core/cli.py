@@ -223,6 +223,7 @@ class Build(Tool):
         tokensieve build out/model.onnx --target local          # standard TensorRT on this GPU
         tokensieve build out/model.onnx --precision fp16        # fp16 weights/activations, fp32 scores and norms
         tokensieve build compact.onnx --plugins libtokensieve_plugins.so --embed-plugins
+        tokensieve build vlm/lm_prefill.onnx --dims sequence=1:64:512,past_sequence=0:64:1024
     """
 
     name = "build"
@@ -236,12 +237,17 @@ class Build(Tool):
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for graphs with tokensieve plugin nodes "
                        "(build it with `python -m tokensieve.targets.tensorrt.plugins`)")
         p.add_argument("--embed-plugins", action="store_true", help="serialize the plugin library into the engine")
+        p.add_argument("--dims", default=None, help="ranges of dynamic dims other than batch, by ONNX dim name: "
+                       "NAME=MIN:OPT:MAX,... e.g. sequence=1:64:512,past_sequence=0:64:1024 (names no input has "
+                       "are ignored)")
 
     def run(self, args):
         from tokensieve import api
+        from tokensieve.targets.tensorrt.builder import parse_dims
 
+        dims = parse_dims(args.dims) if args.dims is not None else None
         info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch,
-                         plugin_library=args.plugins, embed_plugins=args.embed_plugins)
+                         plugin_library=args.plugins, embed_plugins=args.embed_plugins, dims=dims)
         m = info.metadata
         print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m.get('flavor')} {m.get('tensorrt_version')}"
               f" for {m.get('target')} ({m.get('precision')}) in {info.build_seconds:.1f} s; metadata {info.metadata_path}")

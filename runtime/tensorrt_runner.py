@@ -9,15 +9,22 @@ and the I/O tensors. The runner refuses, before deserializing and with one line 
 metadata does not match the installed TensorRT flavor/version or the local GPU's compute capability, whose file size
 or sha256 differs from the metadata, or that needs a plugin library which was not given (`--plugins`).
 
-Buffers are torch.cuda tensors sized for the profile's largest batch, with pinned host staging buffers; each call
-sets the batch (within the profile), copies inputs in on the runner's own stream, enqueues with `execute_async_v3`,
-copies outputs out and synchronizes. `cuda_graph=True` replays one CUDA graph per batch size (shapes are static for
-a given batch): standard TensorRT captures `execute_async_v3` with torch.cuda.graph after one warm-up call;
+Engines built with `--dims` (VLM lm_prefill / lm_decode) also take feeds whose other dynamic dims (sequence,
+past_sequence, ...) vary within the profile; a feed outside it, or two inputs that disagree on a named dim, is refused
+in one line before the engine is touched.
+
+Buffers are torch.cuda tensors sized for the profile's largest input shapes (outputs: the shapes TensorRT infers at
+those inputs, grown on demand if a smaller input gives a larger output), with pinned host staging buffers; each call
+sets the inputs' shapes from the feeds (within the profile), reads the output shapes back from the context, copies
+inputs in on the runner's own stream, enqueues with `execute_async_v3`, copies outputs out and synchronizes.
+`cuda_graph=True` replays one CUDA graph per set of input shapes: standard TensorRT captures `execute_async_v3` with
+torch.cuda.graph after one warm-up call;
 TensorRT-RTX uses its built-in whole-graph capture (IRuntimeConfig.cuda_graph_strategy), since capturing an RTX
 engine's stream from outside needs an engine built with user-managed allocations.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +38,9 @@ from .engine_metadata import check_engine_compatible, check_engine_file, read_en
 from .tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor
 from .tensorrt_logger import collecting_logger
 from .tensorrt_plugins import register_plugin_library
+
+# A dim the builder derived from another ("past_sequence + 1" from --dims past_sequence=...; targets/tensorrt/builder.py)
+_OFFSET_DIM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\+\s*(\d+)\s*")
 
 _PLUGIN_HINT = ("pass --plugins /path/to/libtokensieve_plugins.so (build it with "
                 "`python -m tokensieve.targets.tensorrt.plugins`)")
@@ -97,13 +107,14 @@ class TrtRunner(BaseRunner):
         self.inference_time: float | None = None
         self._io = _io_from_metadata(self.metadata, self.engine_path)
         self._profile: dict = self.metadata.get("optimization_profile") or {}
+        self._dim_names: dict = self.metadata.get("input_dim_names") or {}  # engines built with --dims
         self._trt = None
         self._runtime = self._engine = self._context = self._stream = None
-        self._device: dict = {}       # name -> flat torch.cuda tensor, sized for the largest batch
+        self._device: dict = {}       # name -> flat torch.cuda tensor, sized for the profile's largest shapes
         self._host: dict = {}         # name -> flat pinned host tensor of the same size
-        self._shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # batch -> every tensor's shape
-        self._batch: int | None = None  # batch the context's input shapes are set to
-        self._graphs: dict = {}       # batch -> torch.cuda.CUDAGraph (standard TensorRT with cuda_graph)
+        self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}  # input shapes -> every tensor's shape
+        self._set: tuple | None = None  # input shapes the context is set to
+        self._graphs: dict = {}       # input shapes -> torch.cuda.CUDAGraph (standard TensorRT with cuda_graph)
         self._free_before: int | None = None  # free device memory before activate(), for memory_usage()
 
     # ---- life cycle ----
@@ -165,7 +176,7 @@ class TrtRunner(BaseRunner):
         self._device.clear()
         self._host.clear()
         self._shapes.clear()
-        self._batch = None
+        self._set = None
         self._context = self._engine = self._runtime = self._stream = None
         if self._trt is not None:
             import torch
@@ -177,15 +188,28 @@ class TrtRunner(BaseRunner):
         return self._context if self._context is not None else self.activate()._context
 
     def _allocate(self, torch) -> None:
-        """One flat device buffer + pinned host buffer per tensor, sized for the profile's largest batch."""
-        largest = self._shapes_for(self.max_batch)
+        """One flat device buffer + pinned host buffer per tensor, sized for the profile's largest input shapes."""
+        largest = self._shapes_for(self._max_input_shapes(), strict=False)
         for t in self._io:
-            numel = int(np.prod(largest[t.name], dtype=np.int64))
-            dtype = _torch_dtype(torch, t.dtype)
-            self._device[t.name] = torch.empty(max(numel, 1), dtype=dtype, device="cuda")
-            self._host[t.name] = torch.empty(max(numel, 1), dtype=dtype, pin_memory=True)
-            if not self._context.set_tensor_address(t.name, self._device[t.name].data_ptr()):
-                raise TargetError(f"TensorRT refused the buffer of tensor {t.name!r} in {self.engine_path.name}")
+            shape = largest[t.name]  # -1s: an output TensorRT cannot size at the profile max grows on first use
+            self._reserve(torch, t, 1 if any(d < 0 for d in shape) else int(np.prod(shape, dtype=np.int64)))
+
+    def _reserve(self, torch, t: _Tensor, numel: int) -> None:
+        """Make tensor `t`'s buffers hold `numel` elements (reallocating, and dropping captured graphs, if smaller)."""
+        have = self._device.get(t.name)
+        if have is not None and have.numel() >= numel:
+            return
+        dtype = _torch_dtype(torch, t.dtype)
+        self._device[t.name] = torch.empty(max(numel, 1), dtype=dtype, device="cuda")
+        self._host[t.name] = torch.empty(max(numel, 1), dtype=dtype, pin_memory=True)
+        self._graphs.clear()  # they recorded the old addresses
+        if not self._context.set_tensor_address(t.name, self._device[t.name].data_ptr()):
+            raise TargetError(f"TensorRT refused the buffer of tensor {t.name!r} in {self.engine_path.name}")
+
+    def _max_input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's largest shape: the profile's max, or its static shape."""
+        return {t.name: tuple(self._profile[t.name]["max"]) if t.name in self._profile else t.shape
+                for t in self._io if t.is_input}
 
     # ---- metadata ----
     @property
@@ -200,12 +224,17 @@ class TrtRunner(BaseRunner):
     @property
     def batch_range(self) -> tuple[int, int]:
         """(min, max) batch of the engine's optimization profile; (B, B) for a static engine."""
-        if not self._profile:
+        dynamic = [self._profile[t.name] for t in self._io
+                   if t.is_input and t.shape and t.shape[0] < 0 and t.name in self._profile]
+        if not dynamic:
             static = [t.shape[0] for t in self._io if t.is_input and t.shape]
             return (static[0], static[0]) if static else (1, 1)
-        mins = [p["min"][0] for p in self._profile.values()]
-        maxs = [p["max"][0] for p in self._profile.values()]
-        return max(mins), min(maxs)
+        return max(p["min"][0] for p in dynamic), min(p["max"][0] for p in dynamic)
+
+    @property
+    def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """{dim name: (min, opt, max)} of the dynamic dims other than batch (engines built with --dims); else {}."""
+        return {name: (r["min"], r["opt"], r["max"]) for name, r in (self.metadata.get("dims") or {}).items()}
 
     @property
     def max_batch(self) -> int:
@@ -237,24 +266,33 @@ class TrtRunner(BaseRunner):
                 "io_bytes": int(io_bytes), "engine_bytes": self.engine_path.stat().st_size}
 
     # ---- inference ----
-    def _shapes_for(self, batch: int) -> dict[str, tuple[int, ...]]:
-        """Set the inputs' batch on the context (if it changed); every tensor's shape at that batch."""
+    def _shapes_for(self, inputs: Mapping[str, tuple[int, ...]], strict: bool = True) -> dict[str, tuple[int, ...]]:
+        """Set the inputs' shapes on the context (if they changed); every tensor's shape at those inputs.
+
+        Not `strict` (sizing buffers at the profile max): an output TensorRT cannot size comes back with -1s.
+        """
         ctx = self._context
-        if batch != self._batch:
+        key = tuple(tuple(inputs[t.name]) for t in self._io if t.is_input)
+        if key != self._set:
             for t in self._io:
-                if t.is_input and not ctx.set_input_shape(t.name, [batch if d < 0 else d for d in t.shape]):
-                    lo, hi = self.batch_range
-                    raise ConfigError(f"TensorRT rejected batch {batch} for input {t.name!r} of {self.name} "
-                                      f"(profile {lo}..{hi}); rebuild with `tokensieve build --max-batch {batch}`")
-            self._batch = batch
-        if batch not in self._shapes:
+                if t.is_input and not ctx.set_input_shape(t.name, list(inputs[t.name])):
+                    p = self._profile.get(t.name, {})
+                    raise ConfigError(f"TensorRT rejected shape {tuple(inputs[t.name])} for input {t.name!r} of "
+                                      f"{self.name} (profile {p.get('min')}..{p.get('max')}); rebuild with "
+                                      f"`tokensieve build` and a --max-batch/--dims profile that covers it")
+            self._set = key
+        if key not in self._shapes:
             shapes = {t.name: tuple(ctx.get_tensor_shape(t.name)) for t in self._io}
             dynamic = [n for n, s in shapes.items() if any(d < 0 for d in s)]
+            if dynamic and not strict:
+                return shapes
             if dynamic:
                 raise TargetError(f"Output(s) {dynamic} of {self.name} have data-dependent shapes, which TrtRunner "
                                   "does not support; export fixed-budget outputs")
-            self._shapes[batch] = shapes
-        return self._shapes[batch]
+            if len(self._shapes) >= 256:  # decode steps each bring a new past length: keep the cache bounded
+                self._shapes.clear()
+            self._shapes[key] = shapes
+        return self._shapes[key]
 
     def _feed_batch(self, feeds: Mapping[str, np.ndarray]) -> int:
         batches = {int(feeds[t.name].shape[0]) for t in self._io if t.is_input and t.shape and t.shape[0] < 0}
@@ -267,9 +305,58 @@ class TrtRunner(BaseRunner):
                               f"`tokensieve build --max-batch {batch}` (or export with --max-batch)")
         return batch
 
-    def _enqueue(self, batch: int, torch) -> None:
+    def _check_dims(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Every dynamic dim other than axis 0 (batch, `_feed_batch`) lies in the input's profile, and inputs that
+        share a dim name agree on its size."""
+        seen: dict[str, tuple[str, int]] = {}  # dim name -> (first input with it, its size)
+        batch_names = {n[0] for n in self._dim_names.values() if n and n[0]}  # e.g. Qwen2-VL position_ids [3, batch, T]
+        for t in self._io:
+            if not t.is_input or t.name not in self._profile:
+                continue
+            p, names = self._profile[t.name], self._dim_names.get(t.name) or [None] * len(t.shape)
+            for j, d in enumerate(t.shape):
+                if d >= 0:
+                    continue
+                size, name = int(feeds[t.name].shape[j]), names[j] if j < len(names) else None
+                label = repr(name) if name else f"axis {j}"
+                if name in seen and seen[name][1] != size:
+                    raise ConfigError(f"inputs of {self.name} disagree on dim {label}: {seen[name][0]!r} has "
+                                      f"{seen[name][1]}, {t.name!r} has {size}; give them one {name} length")
+                if name:
+                    seen.setdefault(name, (t.name, size))
+                lo, opt, hi = p["min"][j], p["opt"][j], p["max"][j]
+                if j > 0 and not lo <= size <= hi:  # axis 0: _feed_batch
+                    base, k = (m[1], int(m[2])) if name and (m := _OFFSET_DIM.fullmatch(name)) else (name, 0)
+                    fix = (f"--max-batch {size}" if name in batch_names
+                           else f"--dims {base}={min(lo, size) - k}:{opt - k}:{max(hi, size) - k}" if name
+                           else f"a --dims range for axis {j}")
+                    raise ConfigError(f"input {t.name!r} has {label} = {size}, outside the engine's profile {lo}..{hi} "
+                                      f"for {self.name}; rebuild with `tokensieve build {fix}`")
+
+    def make_random_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+        """As BaseRunner's (dynamic dims become `batch`), except that dims other than batch take the profile's opt."""
+        if not self._dim_names:
+            return super().make_random_feeds(batch, seed)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch={batch!r} must be a positive integer")
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self._io:
+            if not t.is_input:
+                continue
+            opt = self._profile.get(t.name, {}).get("opt", t.shape)
+            dims = tuple(d if d >= 0 else batch if j == 0 else int(opt[j]) for j, d in enumerate(t.shape))
+            if t.dtype.kind == "f":
+                feeds[t.name] = rng.standard_normal(dims).astype(t.dtype)
+            elif t.dtype.kind == "b":
+                feeds[t.name] = rng.integers(0, 2, dims).astype(t.dtype)
+            else:
+                feeds[t.name] = rng.integers(0, 10, dims).astype(t.dtype)
+        return feeds
+
+    def _enqueue(self, key: tuple, torch) -> None:
         stream = self._stream
-        graph = self._graphs.get(batch)
+        graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()
             return
@@ -283,15 +370,20 @@ class TrtRunner(BaseRunner):
             except RuntimeError as e:
                 raise TargetError(f"CUDA graph capture of {self.name} failed ({first_line(e)}); run without "
                                   "cuda_graph (--cuda-graph)") from e
-            self._graphs[batch] = graph
+            self._graphs[key] = graph
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check `feeds`, copy them in, run the engine, return {output name: array}; sets `inference_time` (s)."""
         self._check_feeds(feeds)  # from the metadata: a wrong feed fails before the engine is touched
-        batch = self._feed_batch(feeds)
+        self._feed_batch(feeds)
+        self._check_dims(feeds)
         self._ctx()
-        shapes = self._shapes_for(batch)
+        shapes = self._shapes_for({t.name: tuple(feeds[t.name].shape) for t in self._io if t.is_input})
         import torch
+
+        for t in self._io:  # an output can outgrow what its shape at the profile max needed
+            if not t.is_input:
+                self._reserve(torch, t, int(np.prod(shapes[t.name], dtype=np.int64)))
 
         start = time.perf_counter()
         with torch.cuda.stream(self._stream):
@@ -301,7 +393,7 @@ class TrtRunner(BaseRunner):
                     host = self._host[t.name][:n]
                     host.copy_(torch.from_numpy(np.ascontiguousarray(feeds[t.name]).reshape(-1)))
                     self._device[t.name][:n].copy_(host, non_blocking=True)
-            self._enqueue(batch, torch)
+            self._enqueue(self._set, torch)
             for t in self._io:
                 if not t.is_input:
                     n = int(np.prod(shapes[t.name], dtype=np.int64))

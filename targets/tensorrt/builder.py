@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +34,10 @@ PRECISIONS = ("fp32", "fp16")
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """How to build one engine. The batch profile applies to inputs whose dim 0 is dynamic."""
+    """How to build one engine. The batch profile applies to inputs whose dim 0 is dynamic (and to any other dim
+    named like one of those, e.g. Qwen2-VL's position_ids [3, batch, sequence]); `dims` gives every other dynamic dim
+    its (min, opt, max) by its ONNX dim_param name, e.g. {"sequence": (1, 64, 512), "past_sequence": (0, 64, 1024)}.
+    Names no input uses are ignored, so one `dims` serves lm_prefill and lm_decode alike."""
     target: str = "rtx-sm86"        # rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU needed) or local (TensorRT, this GPU)
     precision: str = "fp32"          # fp32 | fp16 (weights/activations fp16; scores, TopK inputs, norms, softmax fp32)
     min_batch: int = 1
@@ -42,9 +47,11 @@ class BuildSpec:
     workspace_mib: int | None = None
     plugin_library: str | None = None  # libtokensieve_plugins.so, registered before parsing (tokensieve plugin nodes)
     embed_plugins: bool = False        # serialize the library into the plan (VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME)
+    dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # dim_param -> (min, opt, max)
 
     def __post_init__(self) -> None:
         parse_target(self.target)
+        object.__setattr__(self, "dims", _checked_dims(self.dims))
         if self.precision not in PRECISIONS:
             raise ConfigError(f"Unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -58,6 +65,45 @@ class BuildSpec:
                               f"also finds it through ${PLUGIN_LIB_ENV})")
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
+
+
+def _checked_dims(dims) -> dict[str, tuple[int, int, int]]:
+    """{name: (min, opt, max)} with 0 <= min <= opt <= max (0: an empty past, which TensorRT accepts)."""
+    if not isinstance(dims, Mapping):
+        raise ConfigError(f"dims must map dim names to (min, opt, max), got {type(dims).__name__}; "
+                          "e.g. --dims sequence=1:64:512")
+    out = {}
+    for name, rng in dims.items():
+        try:
+            mn, op, mx = (int(v) for v in rng)
+            ok = isinstance(name, str) and bool(name) and all(not isinstance(v, bool) and int(v) == v for v in rng)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"dims[{name!r}] = {rng!r} is not three integers (min, opt, max); "
+                              f"e.g. --dims {name}=1:64:512")
+        if not 0 <= mn <= op <= mx or mx == 0:
+            raise ConfigError(f"dim {name!r} needs 0 <= min <= opt <= max and max >= 1, got min={mn} opt={op} "
+                              f"max={mx}; fix --dims {name}=MIN:OPT:MAX")
+        out[name] = (mn, op, mx)
+    return out
+
+
+def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
+    """`sequence=1:64:512,past_sequence=0:64:1024` -> {"sequence": (1, 64, 512), ...} (the --dims flag)."""
+    dims: dict[str, tuple[int, int, int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, rng = item.partition("=")
+        parts = rng.split(":")
+        if not eq or not name.strip() or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--dims entry {item!r} is not NAME=MIN:OPT:MAX with non-negative integers; "
+                              "e.g. --dims sequence=1:64:512,past_sequence=0:64:1024")
+        if name.strip() in dims:
+            raise ConfigError(f"--dims names {name.strip()!r} twice; give each dim once")
+        dims[name.strip()] = tuple(int(p) for p in parts)
+    if not dims:
+        raise ConfigError(f"--dims {text!r} names no dim; e.g. --dims sequence=1:64:512")
+    return _checked_dims(dims)
 
 
 @dataclass(frozen=True)
@@ -109,7 +155,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         if not parsed:
             raise TargetError(_parser_error(label, onnx_path, parser))
         config = builder.create_builder_config()
-        profile = _batch_profile(builder, network, spec)
+        profile = _profile(builder, network, spec)
         if profile:
             config.add_optimization_profile(profile[0])
         if flavor == RTX:
@@ -149,6 +195,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "io_tensors": io,
         "optimization_profile": profile[1] if profile else {},
+        **(profile[2] if profile else {}),  # "dims" + "input_dim_names", only when a non-batch dim is dynamic
         "build_warnings": warnings[:20],
         "data_dependent_shapes": _data_dependent(model),  # CUDA graphs cannot capture it (TrtRunner refuses)
     }
@@ -264,22 +311,82 @@ def _parser_error(label: str, onnx_path: Path, parser) -> str:
             f"rewrite or remove this op before building")
 
 
-def _batch_profile(builder, network, spec: BuildSpec):
-    """(profile, json) covering every input with a dynamic dim 0, or None when all inputs are static."""
-    profile, shapes = builder.create_optimization_profile(), {}
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
+def _dim_names(t) -> list[str | None]:
+    """The ONNX dim_param of each axis of a network input (the parser keeps them); None where unnamed or static."""
+    get = getattr(t, "get_dimension_name", None)
+    return [(get(j) or None) if get is not None and int(d) == -1 else None for j, d in enumerate(t.shape)]
+
+
+# torch.export names a dim derived from another as an expression, e.g. FastV decode's "pruned_past_sequence + 1"
+_OFFSET_DIM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\+\s*(\d+)\s*")
+
+
+def _dim_range(name: str, dims: Mapping[str, tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    """`dims[name]`, or for "NAME + K" (not given itself) NAME's range shifted by K; None if neither is given."""
+    if name in dims:
+        return dims[name]
+    m = _OFFSET_DIM.fullmatch(name)
+    if m and m[1] in dims:
+        return tuple(v + int(m[2]) for v in dims[m[1]])
+    return None
+
+
+def _profile(builder, network, spec: BuildSpec):
+    """(profile, json, dims json) covering every dynamic input, or None when all inputs are static.
+
+    Dim 0 (and any dim named like a dynamic dim 0) takes the batch range, every other dynamic dim its `spec.dims`
+    range by name. The dims json is empty unless some input has a dynamic dim other than batch.
+    """
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    names = {t.name: _dim_names(t) for t in inputs}
+    batch_names = {names[t.name][0] for t in inputs if len(t.shape) and int(t.shape[0]) == -1} - {None}
+    clash = sorted(batch_names & set(spec.dims))
+    if clash:
+        raise ConfigError(f"--dims {clash[0]}=...: {clash[0]!r} is the batch axis; set it with "
+                          f"--max-batch (BuildSpec min_batch/opt_batch/max_batch)")
+    batch = (spec.min_batch, spec.opt_batch, spec.max_batch)
+    profile, shapes, used, missing = builder.create_optimization_profile(), {}, {}, {}
+    for t in inputs:
         dims = [int(d) for d in t.shape]
-        if not dims or dims[0] != -1:
+        if -1 not in dims:
             continue
-        if -1 in dims[1:]:
-            raise TargetError(f"Input {t.name!r} has shape {dims}: only the batch axis (0) may be dynamic; "
-                              f"re-export with static token and channel sizes")
-        rest = dims[1:]
-        mn, op, mx = [spec.min_batch] + rest, [spec.opt_batch] + rest, [spec.max_batch] + rest
-        profile.set_shape(t.name, mn, op, mx)
-        shapes[t.name] = {"min": mn, "opt": op, "max": mx}
-    return (profile, shapes) if shapes else None
+        mn, op, mx = list(dims), list(dims), list(dims)
+        complete = True
+        for j, (d, name) in enumerate(zip(dims, names[t.name])):
+            if d != -1:
+                continue
+            if j == 0 or name in batch_names:
+                rng = batch
+            elif name is None:
+                raise ConfigError(f"Input {t.name!r} has shape {dims}: axis {j} is dynamic but unnamed; re-export "
+                                  f"with a named dynamic axis (dim_param) and give its range with --dims NAME=MIN:OPT:MAX")
+            elif _dim_range(name, spec.dims) is not None:
+                rng = used[name] = _dim_range(name, spec.dims)
+            else:  # collected, so that one message names every missing dim ("past_sequence + 1": past_sequence)
+                missing.setdefault(_OFFSET_DIM.fullmatch(name)[1] if _OFFSET_DIM.fullmatch(name) else name,
+                                   (t.name, j, name))
+                complete = False
+                continue
+            mn[j], op[j], mx[j] = rng
+        if complete:
+            try:
+                profile.set_shape(t.name, mn, op, mx)
+            except RuntimeError as e:
+                raise TargetError(f"TensorRT rejected the profile min={mn} opt={op} max={mx} of input {t.name!r}: "
+                                  f"{' '.join(str(e).split())}; fix --dims / --max-batch") from e
+            shapes[t.name] = {"min": mn, "opt": op, "max": mx}
+    if missing:
+        (where, j, name), more = next(iter(missing.values())), list(missing)[1:]
+        others = f" (and {', '.join(map(repr, more))})" if more else ""
+        flag = ",".join(f"{n}=MIN:OPT:MAX" for n in missing)
+        raise ConfigError(f"Input {where!r} axis {j} is the dynamic dim {name!r}{others} with no range; "
+                          f"give {'them' if more else 'it'} with --dims {flag} (BuildSpec.dims)")
+    if not shapes:
+        return None
+    extra = {} if not used else {
+        "dims": {n: {"min": r[0], "opt": r[1], "max": r[2]} for n, r in sorted(used.items())},
+        "input_dim_names": {t.name: names[t.name] for t in inputs if t.name in shapes}}
+    return profile, shapes, extra
 
 
 def _load_timing_cache(config, spec: BuildSpec):
