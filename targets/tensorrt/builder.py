@@ -236,10 +236,9 @@ def _prepare_for_tensorrt(onnx_path: Path, flavor: str, plugins: bool = False):
     if plugins:
         from .diversity_to_plugin import diversity_to_plugin  # imports plugin_nodes, which imports this module
         from .compact_to_plugin import compact_to_plugin
-        substituted = diversity_to_plugin(model)
-        model = ir.to_proto(substituted.model) if substituted.modified else model
-        compacted = compact_to_plugin(model)
-        model = ir.to_proto(compacted.model) if compacted.modified else model
+        graph = ir.from_proto(model)  # both passes edit one ir.Model in place; one conversion back
+        if diversity_to_plugin(graph).modified | compact_to_plugin(graph).modified:
+            model = ir.to_proto(graph)
     if any(issue.op == "TopK" for issue in lint_for_tensorrt(model, flavor)):
         model = ir.to_proto(split_large_topk(model).model)
     raise_on_lint(lint_for_tensorrt(model, flavor))

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from onnxscript.rewriter.pattern import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from .plugin_nodes import PLUGIN_DOMAIN
+from .plugin_nodes import PLUGIN_DOMAIN, substituted_nodes
 from .plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 OP_TYPE = "TokenCompact"
@@ -187,13 +187,7 @@ def compact_to_plugin(model: onnx.ModelProto | ir.Model) -> PassResult:
 
 def plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
     """The TokenCompact nodes this pass put into `model` (for the engine metadata), in graph order."""
-    out = []
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != OP_TYPE or node.domain != PLUGIN_DOMAIN or meta.get(PASS_TAG) != PASS_NAME:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        out.append({"node": node.name, "op": f"{PLUGIN_DOMAIN}::{OP_TYPE}", "method": "adaptive", "form": "dynamic",
-                    "capacity": attrs["capacity"], "opt_count": attrs["opt_count"], "min_count": attrs["min_count"],
-                    "tokens": node.input[0], "size": node.output[2], "replaced_nodes": int(meta.get(MATCHED_TAG, 0))})
-    return out
+    return [{"node": node.name, "op": f"{PLUGIN_DOMAIN}::{OP_TYPE}", "method": "adaptive", "form": "dynamic",
+             "capacity": attrs["capacity"], "opt_count": attrs["opt_count"], "min_count": attrs["min_count"],
+             "tokens": node.input[0], "size": node.output[2], "replaced_nodes": int(meta.get(MATCHED_TAG, 0))}
+            for node, meta, attrs in substituted_nodes(model, OP_TYPE, PASS_TAG, PASS_NAME)]

@@ -43,7 +43,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter.pattern import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from .plugin_nodes import PLUGIN_DOMAIN
+from .plugin_nodes import PLUGIN_DOMAIN, substituted_nodes
 from .plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 OP_TYPE = "DiversitySelect"
@@ -548,11 +548,7 @@ def diversity_to_plugin(model: onnx.ModelProto | ir.Model) -> PassResult:
 def plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
     """The DiversitySelect nodes this pass put into `model` (for the engine metadata), in graph order."""
     out = []
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != OP_TYPE or node.domain != PLUGIN_DOMAIN or meta.get(PASS_TAG) != PASS_NAME:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    for node, meta, attrs in substituted_nodes(model, OP_TYPE, PASS_TAG, PASS_NAME):
         entry = {"node": node.name, "op": f"{PLUGIN_DOMAIN}::{OP_TYPE}", "method": MODES.get(attrs["mode"]),
                  "form": meta.get(FORM_TAG), "k": attrs["k"], "num_prefix_tokens": attrs["num_prefix_tokens"],
                  "features": node.input[0], "replaced_nodes": int(meta.get(MATCHED_TAG, 0))}

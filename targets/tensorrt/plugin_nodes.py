@@ -61,6 +61,15 @@ def diversity_select_node(features: str, indices: str, k: int, mode: int = 0, la
                             num_prefix_tokens=int(num_prefix_tokens), **{"lambda": float(lam)})
 
 
+def substituted_nodes(model: onnx.ModelProto, op_type: str, pass_tag: str, pass_name: str):
+    """(node, metadata, attributes) of each `op_type` plugin node that the pass `pass_name` put into `model`
+    (metadata `pass_tag` = `pass_name`), in graph order: what the passes' `plugin_substitutions` report."""
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if node.op_type == op_type and node.domain == PLUGIN_DOMAIN and meta.get(pass_tag) == pass_name:
+            yield node, meta, {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def write_token_compact_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17, channels: int = 8,
                              capacity: int = 6, dtype: str = "float32", mask_dtype: str = "int32",
                              dynamic: bool = False, opt_count: int | None = None, min_count: int = 0) -> Path:
