@@ -311,13 +311,10 @@ def test_tune_tensorrt_backend_refuses_before_the_sweep(tmp_path, capsys, extra,
 
 @pytest.mark.gpu
 def test_tune_on_tensorrt_end_to_end(tmp_path, capsys):
+    from gpu_target import engine_target
     from tokensieve.cli import main
-    from tokensieve.runtime.tensorrt_flavors import available_flavors, local_compute_capability
 
-    cc = local_compute_capability()
-    if cc is None:
-        pytest.skip("needs an NVIDIA GPU")
-    target = "local" if available_flavors()["tensorrt"] else "rtx-sm" + cc.replace(".", "")
+    target = engine_target()
     js = tmp_path / "tune.json"
     rc = main(["tune", "--model", "tiny", "--prune", "cls-topk@1:0.5", "-o", str(tmp_path / "t.toml"), "--json", str(js),
                "--backend", "tensorrt", "--target", target, "--sweep-blocks", "2", "--sweep-iters", "5",

@@ -125,13 +125,10 @@ def test_standard_form_builds_rtx_sm86_engine(exported, tmp_path, precision):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_engine_matches_onnxruntime_on_gpu(exported, tmp_path, batch):
     """The standard-form engine (data-dependent Slice) vs ONNX Runtime: max |Δ| <= 1e-3 (fp32, TF32 on)."""
+    from gpu_target import engine_target
     from tokensieve.runtime import OrtRunner, TrtRunner
-    from tokensieve.runtime.tensorrt_flavors import available_flavors, local_compute_capability
 
-    cc = local_compute_capability()
-    if cc is None:
-        pytest.skip("needs an NVIDIA GPU")
-    target = "local" if available_flavors()["tensorrt"] else "rtx-sm" + cc.replace(".", "")
+    target = engine_target()
     _, result = exported
     paths = api.save(result, tmp_path)
     info = api.build(paths["model"], tmp_path / "model.engine", target=target, max_batch=4)

@@ -11,11 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from gpu_target import engine_target
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError, TargetError
 from tokensieve.runtime import RUNNERS, OrtRunner, TrtRunner
 from tokensieve.runtime import engine_metadata
-from tokensieve.runtime.tensorrt_flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
+from tokensieve.runtime.tensorrt_flavors import available_flavors, local_compute_capability
 
 trt = pytest.importorskip("tensorrt_rtx")
 
@@ -188,17 +189,6 @@ def test_activate_without_gpu_is_one_line(engine):
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def _local_target() -> str:
-    """A target that builds an engine this GPU runs: local TensorRT if installed, else TensorRT-RTX for this SM."""
-    if available_flavors()["tensorrt"] is not None:
-        return "local"
-    cc = local_compute_capability()
-    sm = "sm" + cc.replace(".", "") if cc else None
-    if sm not in RTX_COMPUTE_CAPABILITIES:
-        pytest.skip(f"needs standard TensorRT or a GPU TensorRT-RTX can target, found compute capability {cc}")
-    return f"rtx-{sm}"
-
-
 @pytest.fixture(scope="module")
 def tiny_vit_gpu(tmp_path_factory):
     """The tiny HF ViT exported with one pruning stage, and its engine for this GPU."""
@@ -209,7 +199,7 @@ def tiny_vit_gpu(tmp_path_factory):
     result = api.export(model, example, "cls-topk@1:0.5")
     out = tmp_path_factory.mktemp("vit")
     paths = api.save(result, out)
-    api.build(paths["model"], out / "model.engine", target=_local_target(), max_batch=4)
+    api.build(paths["model"], out / "model.engine", target=engine_target(), max_batch=4)
     return paths["model"], out / "model.engine"
 
 

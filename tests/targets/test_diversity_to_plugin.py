@@ -16,6 +16,7 @@ from onnx.reference.op_run import OpRun
 
 from test_plugins import diversity_select_reference
 from tiny_models import build
+from gpu_target import engine_target
 from tokensieve import api
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
@@ -23,7 +24,7 @@ from tokensieve.graph_passes.methods.diversity import cosine_similarity, divprun
 from tokensieve.runtime import OrtRunner
 from tokensieve.targets.tensorrt import BuildSpec, plugins
 from tokensieve.targets.tensorrt.diversity_to_plugin import OP_TYPE, diversity_to_plugin, plugin_substitutions
-from tokensieve.targets.tensorrt.flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
+from tokensieve.targets.tensorrt.flavors import available_flavors
 from tokensieve.targets.tensorrt.plugin_nodes import PLUGIN_DOMAIN
 
 # case -> (tiny model, recipe): both methods in both export forms, MMR with λ = 0.3 so that λ and 1 - λ differ;
@@ -270,15 +271,6 @@ def test_missing_plugin_library_is_one_line_naming_the_flag(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- GPU
 
 
-def _gpu_target() -> str:
-    if available_flavors()["tensorrt"] is not None:
-        return "local"
-    sm = "sm" + (local_compute_capability() or "?").replace(".", "")
-    if sm not in RTX_COMPUTE_CAPABILITIES:
-        pytest.skip(f"standard TensorRT is not installed and TensorRT-RTX cannot target {sm}")
-    return f"rtx-{sm}"
-
-
 @pytest.mark.gpu
 def test_plugin_engine_keeps_the_tokens_onnxruntime_keeps(case, plugin_lib, tmp_path):
     """The substituted engine's kept indices against ONNX Runtime on the standard form (debug ONNX: kept_idx outputs)."""
@@ -289,7 +281,7 @@ def test_plugin_engine_keeps_the_tokens_onnxruntime_keeps(case, plugin_lib, tmp_
     debug = tmp_path / "model.debug.onnx"
     shutil.copy(paths["debug"], debug)
     engine = tmp_path / "model.debug.engine"
-    api.build(debug, engine, target=_gpu_target(), max_batch=4, plugin_library=plugin_lib)
+    api.build(debug, engine, target=engine_target(), max_batch=4, plugin_library=plugin_lib)
     differ = []
     with OrtRunner(paths["debug"]) as ort_runner, TrtRunner(engine, plugins=plugin_lib) as trt_runner:
         for batch in (1, 4):

@@ -18,11 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 trt = pytest.importorskip("tensorrt_rtx")
 
+from gpu_target import engine_target  # noqa: E402
 from tokensieve.cli import main  # noqa: E402
 from tokensieve.errors import ConfigError, TargetError  # noqa: E402
 from tokensieve.runtime import OrtRunner, TrtRunner  # noqa: E402
-from tokensieve.runtime.tensorrt_flavors import (RTX_COMPUTE_CAPABILITIES, available_flavors,  # noqa: E402
-                                                 local_compute_capability)
+from tokensieve.runtime.tensorrt_flavors import local_compute_capability  # noqa: E402
 from tokensieve.targets.tensorrt import BuildSpec, build_engine  # noqa: E402
 from tokensieve.targets.tensorrt.builder import parse_dims  # noqa: E402
 
@@ -285,19 +285,9 @@ def test_feeds_inside_the_profile_pass_the_checks(llava_engines):
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def _local_target() -> str:
-    if available_flavors()["tensorrt"] is not None:
-        return "local"
-    cc = local_compute_capability()
-    sm = "sm" + cc.replace(".", "") if cc else None
-    if sm not in RTX_COMPUTE_CAPABILITIES:
-        pytest.skip(f"needs standard TensorRT or a GPU TensorRT-RTX can target, found compute capability {cc}")
-    return f"rtx-{sm}"
-
-
 @pytest.fixture(scope="module")
 def llava_gpu_engines(llava_parts, tmp_path_factory) -> dict[str, Path]:
-    out, target = tmp_path_factory.mktemp("gpu"), _local_target()
+    out, target = tmp_path_factory.mktemp("gpu"), engine_target()
     return {part: build_engine(path, out / f"{part}.engine", BuildSpec(target=target, max_batch=4, dims=LM_DIMS))
             .engine_path for part, path in llava_parts.items()}
 

@@ -14,13 +14,13 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from tiny_models import build  # noqa: E402
+from gpu_target import engine_target  # noqa: E402
 from tokensieve import api  # noqa: E402
 from tokensieve.cli import main  # noqa: E402
 from tokensieve.errors import ConfigError  # noqa: E402
 from tokensieve.graph_passes.methods.diversity import cosine_similarity, divprune  # noqa: E402
 from tokensieve.graph_passes.onnx.convert_to_fp16 import convert_to_fp16  # noqa: E402
-from tokensieve.targets.tensorrt import BuildSpec, available_flavors  # noqa: E402
-from tokensieve.targets.tensorrt.flavors import VALID_TARGETS, local_compute_capability  # noqa: E402
+from tokensieve.targets.tensorrt import BuildSpec  # noqa: E402
 
 FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 METHODS = ["cls-topk", "ttv", "tome", "divprune", "random"]  # one per family
@@ -208,23 +208,12 @@ def test_unknown_precision_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------ GPU
 
 
-def _gpu_target() -> str:
-    """Standard TensorRT when installed, else TensorRT-RTX for this GPU's SM (skip when it has none)."""
-    if available_flavors()["tensorrt"] is not None:
-        return "local"
-    cc = local_compute_capability() or ""
-    target = "rtx-sm" + cc.replace(".", "")
-    if target not in VALID_TARGETS:
-        pytest.skip(f"needs standard TensorRT or a GPU TensorRT-RTX can target, found compute capability {cc!r}")
-    return target
-
-
 def _engine_vs_onnxruntime_fp32(result: api.ExportResult, tmp_path: Path, inputs: int) -> float:
     """Lowest per-row cosine of the fp16 engine's output vs ONNX Runtime fp32 over seeded inputs."""
     from tokensieve.runtime import OrtRunner, TrtRunner
 
     onnx_path = _save(result.onnx_model, tmp_path / "model.onnx")
-    info = api.build(onnx_path, tmp_path / "fp16.engine", target=_gpu_target(), precision="fp16", max_batch=4)
+    info = api.build(onnx_path, tmp_path / "fp16.engine", target=engine_target(), precision="fp16", max_batch=4)
     worst = 1.0
     with OrtRunner(onnx_path) as fp32, TrtRunner(info.engine_path) as engine:
         for seed in range(inputs):
