@@ -11,9 +11,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from test_llava_parts import tiny_llava
+from test_llava_parts import _one_line, tiny_llava
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.fastv import (FastvPrefill, calibrate_fastv_bias, parse_fastv, prefill_macs,
@@ -27,19 +26,9 @@ N, R, LAYER, STEPS, ATOL = 16, 6, 1, 8, 1e-5
 IMAGE = 127
 
 
-def tiny_llava3() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, projector_hidden_act="gelu")
-    return LlavaForConditionalGeneration(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llava3()
+    return tiny_llava(text_layers=3)  # two full-length layers, one pruned
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +39,6 @@ def exported(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pixels():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def _one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 def _features(model, pixels):

@@ -24,11 +24,11 @@ from tokensieve.vlm_api import export_llava, llava_prompt, reference_generate, u
 NUM_PATCHES, KEEP, STEPS = 16, 4, 8
 
 
-def tiny_llava(strategy: str = "default") -> LlavaForConditionalGeneration:
+def tiny_llava(strategy: str = "default", text_layers: int = 2) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=127, projector_hidden_act="gelu",
                       vision_feature_select_strategy=strategy)
