@@ -14,20 +14,17 @@ from torch import fx
 aten = torch.ops.aten
 
 
-_UNBACKED = [1]  # what a data-dependent size (compact_token_axis's u0) counts as, set by count_macs
-
-
-def _dims(node) -> list[int] | None:
+def _dims(node, unbacked: int = 1) -> list[int] | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    return [d if isinstance(d, int) else _symbolic(d) for d in val.shape]
+    return [d if isinstance(d, int) else _symbolic(d, unbacked) for d in val.shape]
 
 
-def _symbolic(d) -> int:
-    """The batch symbol counts as 1 (per-sample MACs); an expression of data-dependent sizes at their bound."""
+def _symbolic(d, unbacked: int) -> int:
+    """The batch symbol counts as 1 (per-sample MACs); a data-dependent size (compact_token_axis's u0) as `unbacked`."""
     expr = d.node.expr
-    subs = {s: (_UNBACKED[0] if s.name.startswith("u") else 1) for s in expr.free_symbols}
+    subs = {s: (unbacked if s.name.startswith("u") else 1) for s in expr.free_symbols}
     return int(expr.subs(subs))
 
 
@@ -35,25 +32,26 @@ def _numel(dims) -> int:
     return math.prod(dims) if dims else 0
 
 
-def node_macs(node: fx.Node) -> int:
+def node_macs(node: fx.Node, unbacked_size: int = 1) -> int:
+    u = unbacked_size
     t = node.target
-    out = _dims(node)
+    out = _dims(node, u)
     if out is None:
         return 0
     if t in (aten.linear.default,):
-        w = _dims(node.args[1])
+        w = _dims(node.args[1], u)
         return _numel(out) * w[1]
     if t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
-        a = _dims(node.args[0])
+        a = _dims(node.args[0], u)
         return _numel(out) * a[-1]
     if t is aten.addmm.default:
-        a = _dims(node.args[1])
+        a = _dims(node.args[1], u)
         return _numel(out) * a[-1]
     if t in (aten.conv2d.default, aten.convolution.default):
-        w = _dims(node.args[1])
+        w = _dims(node.args[1], u)
         return _numel(out) * _numel(w[1:])
     if t is aten.scaled_dot_product_attention.default:
-        q, k, v = (_dims(a) for a in node.args[:3])
+        q, k, v = (_dims(a, u) for a in node.args[:3])
         *batch, nq, d = q
         nk, dv = k[-2], v[-1]
         return _numel(batch) * nq * nk * (d + dv)
@@ -63,8 +61,4 @@ def node_macs(node: fx.Node) -> int:
 def count_macs(gm: fx.GraphModule, unbacked_size: int = 1) -> int:
     """Per-sample MACs of every matrix product in `gm` (needs meta['val'] from a fresh trace). A data-dependent
     size counts as `unbacked_size` (the compacted token count's upper bound gives an upper bound of the MACs)."""
-    _UNBACKED[0] = unbacked_size
-    try:
-        return sum(node_macs(n) for n in gm.graph.nodes if n.op == "call_function")
-    finally:
-        _UNBACKED[0] = 1
+    return sum(node_macs(n, unbacked_size) for n in gm.graph.nodes if n.op == "call_function")
