@@ -74,6 +74,11 @@ class Stage:
             except ValueError as e:
                 raise ConfigError(f"{e}; see `tokensieve methods`") from None
         object.__setattr__(self, "params", tuple(sorted(checked)))
+        on = dict(checked)
+        if on.get("recycle") and (on.get("fuse") or on.get("pospad")):
+            other = "fuse" if on.get("fuse") else "pospad"
+            raise ConfigError(f"{self.method}: recycle=true merges the dropped tokens into the kept ones, so {other}=true "
+                              f"has nothing left to use; set only one of them")
 
     def options(self) -> dict:
         """The method's parameters with defaults filled in."""

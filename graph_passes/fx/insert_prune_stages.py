@@ -1,4 +1,5 @@
-"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [-> PosPad markers] [+ fused token].
+"""Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [-> recycled dropped tokens |
+PosPad markers, fused token] (methods/stage.py gather_options, the eager reference's own function).
 
 A stateful stage carries a token state to later stages: an adaptive stage (input-dependent count) the validity of
 its K capped slots, ToMe with prop_attn the token sizes. Every later attention op gets the state's additive key mask
@@ -21,10 +22,9 @@ from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block, token_layout
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
-from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.spec import TOKEN_REUSE
+from tokensieve.graph_passes.methods.stage import gather_options, reduce_kwargs, score_call
 from tokensieve.graph_passes.methods.adaptive import key_bias
-from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
-from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
 
 
 def _attention_inputs(block: Block, method: str) -> dict:
@@ -90,15 +90,11 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
                 state = graph.call_function(operator.getitem, (prune, 2))
                 mask = graph.call_function(spec.state_mask, (state,))
                 new += [state, mask]
-            if options.get("pospad"):
-                slots = pospad_slots(rs.tokens_in - rs.num_prefix_tokens, rs.keep)
-                padded = graph.call_function(pospad_tokens, (out, kept, slots, rs.num_prefix_tokens))
-                tokens = graph.call_function(operator.getitem, (padded, 0))
-                new += [padded, tokens]
-            if options.get("fuse"):
-                fused = graph.call_function(fuse_dropped_tokens, (out, score, kept, rs.num_prefix_tokens))
-                tokens = graph.call_function(torch.cat, ([tokens, fused], 1))
-                new += [fused, tokens]
+            reuse = {name: True for name in TOKEN_REUSE if options.get(name)}
+            if reuse:  # recycled / PosPad / fused tokens: the eager reference's own function, one node
+                tokens = graph.call_function(gather_options, (out, score, tokens, kept, rs.keep, rs.num_prefix_tokens,
+                                                              reuse))
+                new.append(tokens)
         # inserting_after(out) stacks each new node right after `out`: restore execution order.
         for prev, node in zip(new, new[1:]):
             prev.append(node)

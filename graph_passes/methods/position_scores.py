@@ -27,10 +27,15 @@ def random_scores(x: Tensor, seed: int = 0) -> Tensor:
     return h.to(torch.float32).unsqueeze(0).expand(x.shape[0], -1)
 
 
+def uniform_hits(num_tokens: int, count: int, num_prefix_tokens: int = 1, device=None) -> Tensor:
+    """(N,) bool: True on `count` evenly spaced patch positions (round(linspace) over the N - p patch tokens)."""
+    n = num_tokens - num_prefix_tokens
+    chosen = torch.linspace(0, n - 1, count, device=device).round().to(torch.int64) + num_prefix_tokens
+    pos = torch.arange(num_tokens, device=device, dtype=torch.int64)
+    return (pos.unsqueeze(1) == chosen.unsqueeze(0)).any(dim=1)
+
+
 def uniform_scores(x: Tensor, keep: int, num_prefix_tokens: int = 1) -> Tensor:
     """1 on `keep` evenly spaced patch positions (round(linspace)), 0 elsewhere -> (B, N)."""
-    n = x.shape[1] - num_prefix_tokens
-    chosen = torch.linspace(0, n - 1, keep, device=x.device).round().to(torch.int64) + num_prefix_tokens
-    pos = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
-    hit = (pos.unsqueeze(1) == chosen.unsqueeze(0)).any(dim=1)
+    hit = uniform_hits(x.shape[1], keep, num_prefix_tokens, x.device)
     return hit.to(torch.float32).unsqueeze(0).expand(x.shape[0], -1)

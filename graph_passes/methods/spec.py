@@ -50,6 +50,10 @@ class Param:
 FUSE = Param("fuse", False, "add EViT's extra token: the score-weighted mean of the dropped tokens", bool)
 POSPAD = Param("pospad", False, "PosPad: one marker token (mean of the run) per run of dropped tokens, at the run's "
                "last position; min(K+1, n-K) static marker slots, unused ones zero at the end", bool)
+RECYCLE = Param("recycle", False, "AIM / VFlowOpt-style recycling: average each dropped patch token into the kept "
+                "token most similar to it (cosine of hidden states), one K x n MatMul; not with fuse or pospad", bool)
+# Options that consume the dropped tokens; at most one of recycle and (fuse, pospad) per stage.
+TOKEN_REUSE = ("fuse", "pospad", "recycle")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""One pruning stage as plain function calls: score -> prune_topk -> optional PosPad markers -> optional fused token.
+"""One pruning stage as plain function calls: score -> prune_topk -> optional recycling of the dropped tokens, PosPad
+markers, fused token.
 
 The eager reference calls `run_stage`; the FX pass inserts the same calls as graph nodes
 (`score_call` gives the function and arguments for both).
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from tokensieve.graph_passes.methods.adaptive import compact
 from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
+from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
 from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
 
@@ -18,6 +20,8 @@ def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: i
                x_in=None, x_out=None, q_early=None, k_early=None, scale_early=None, grid=None) -> tuple:
     """(function, args, kwargs) computing the stage's (B, N) scores from what the method reads."""
     kwargs = {name: options[name] for name in spec.score_params}
+    if spec.needs_keep:  # fixed subsets (uniform, FEATHER's uniform share) need the budget
+        kwargs |= {"keep": keep, "num_prefix_tokens": num_prefix_tokens}
     if spec.score_input is ScoreInput.ATTENTION_QK:
         args = (q, k, scale)
     elif spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:  # + the earlier block's q/k and the patch grid
@@ -27,8 +31,6 @@ def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: i
         args = (x_in, x_out)
     else:
         args = (x_out,)
-        if spec.needs_keep:
-            kwargs |= {"keep": keep, "num_prefix_tokens": num_prefix_tokens}
     return spec.score, args, kwargs
 
 
@@ -55,7 +57,10 @@ def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: in
 
 def gather_options(x: Tensor, scores: Tensor, tokens: Tensor, idx: Tensor, keep: int, num_prefix_tokens: int,
                    options: dict) -> Tensor:
-    """A gather stage's options on its kept tokens: PosPad markers in place of the dropped runs, EViT's fused token."""
+    """A gather stage's options on its kept tokens: the dropped tokens recycled into the kept ones, or PosPad markers
+    in place of the dropped runs and/or EViT's fused token (recycle excludes the other two: core/recipe.py)."""
+    if options.get("recycle"):
+        tokens = recycle_dropped_tokens(x, idx, num_prefix_tokens)
     if options.get("pospad"):
         tokens, _ = pospad_tokens(x, idx, pospad_slots(x.shape[1] - num_prefix_tokens, keep), num_prefix_tokens)
     if options.get("fuse"):

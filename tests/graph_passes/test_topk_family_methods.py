@@ -322,11 +322,11 @@ def test_bad_method_parameters_are_one_line_config_errors(text, match):
 
 def test_good_method_parameters_are_typed_and_defaulted():
     a, b = parse_recipe("cls-topk(fuse=true)@1:0.5+ttv(direction_weight=0.5)@2:4").stages
-    assert a.options() == {"fuse": True, "pospad": False}
-    assert b.options() == {"direction_weight": 0.5, "fuse": False, "pospad": False}
-    assert parse_recipe("random(seed=3)@1:4").stages[0].options() == {"seed": 3, "pospad": False}
+    assert a.options() == {"fuse": True, "pospad": False, "recycle": False}
+    assert b.options() == {"direction_weight": 0.5, "fuse": False, "pospad": False, "recycle": False}
+    assert parse_recipe("random(seed=3)@1:4").stages[0].options() == {"seed": 3, "pospad": False, "recycle": False}
     assert parse_recipe("ttv(direction_weight=2)@1:4").stages[0].options()["direction_weight"] == 2.0
-    assert parse_recipe("uniform@1:4").stages[0].options() == {"pospad": False}
+    assert parse_recipe("uniform@1:4").stages[0].options() == {"pospad": False, "recycle": False}
 
 
 def test_cls_method_on_siglip_is_a_config_error_naming_cls():
