@@ -92,3 +92,23 @@ def test_static_batch_1_export():
     model, x = build("plain_vit")
     result = api.export(model, x[:1], "cls-topk@1:0.5", dynamic_batch=False)
     assert api.verify(result, num_inputs=1, batch=1).passed
+
+
+def test_dense_onnx_is_converted_on_first_use_and_equals_the_unpruned_model():
+    """The dense baseline converts lazily (verification and sweeps never need it), after the passes rewrote the
+    pruned graph in place: it must still be the unpruned model, equal to eager."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    model, x = build("vit")
+    result = api.export(model, x, RECIPE)
+    assert "onnx_dense" not in result.seconds
+    dense = result.dense_onnx
+    assert result.dense_onnx is dense and result.seconds["onnx_dense"] > 0
+    assert "TopK" not in op_census(dense)
+    batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    got = ort.InferenceSession(dense.SerializeToString()).run(None, {"pixel_values": batch.numpy()})[0]
+    with torch.no_grad():
+        want = result.module(batch).numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
