@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from tokensieve.errors import ConfigError, ModelError
-from tokensieve.recipe import parse_recipe
 
 SUPPORTED = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
 
 
 def _log(msg: str) -> None:
@@ -52,13 +52,16 @@ class ExportVlm:
                 raise ConfigError("--inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning")
             if split_fastv(args.inner)[0]:
                 raise ConfigError("--inner fastv(debias=true) needs a calibrated bias; use the Python API "
-                                  "(export_llava(..., inner_bias=calibrate_fastv_bias(...)))")
-        if kind == "llava":
-            if args.grid:
-                raise ConfigError("--grid is for Qwen2-VL; a LLaVA's image size comes from its vision config")
-            return _llava(load_vlm(args.model)[1], args)
-        grid, stage = _grid(args.grid), _one_outer_stage(args.prune)
-        return _qwen2_vl(load_vlm(args.model)[1], args, grid, stage)
+                                  "(export_vlm(..., inner_bias=calibrate_fastv_bias(...)))")
+        grid = None
+        if kind == "llava" and args.grid:
+            raise ConfigError("--grid is for Qwen2-VL; a LLaVA's image size comes from its vision config")
+        if kind == "qwen2_vl":
+            from tokensieve.vlm_api import parse_qwen2_vl_prune
+
+            grid = _grid(args.grid)
+            parse_qwen2_vl_prune(args.prune)
+        return _export(load_vlm(args.model)[1], args, kind, grid)
 
 
 def vlm_kind(path: str | os.PathLike) -> str:
@@ -98,23 +101,20 @@ def load_vlm(path: str | os.PathLike):
     return kind, model.eval()
 
 
-def _llava(model, args) -> int:
-    from tokensieve.vlm_api import export_llava, verify_llava
+def _export(model, args, kind: str, grid) -> int:
+    from tokensieve.vlm_api import export_vlm, plan_vlm, verify_vlm
 
+    plan_vlm(model, args.prune, grid=grid, inner=args.inner)  # range checks need the model: before the progress line
+    label = LABELS[kind]
     inner = f" + {args.inner}" if args.inner else ""
-    if args.inner:  # range checks need the model; do them before the progress line and the export
-        from tokensieve.exporter.vlm.fastv import parse_fastv
-        from tokensieve.exporter.vlm.llava import llava_layout
-        from tokensieve.vlm_api import parse_outer_recipe
-
-        layout = llava_layout(model)
-        keep = parse_outer_recipe(args.prune, layout)[1]
-        parse_fastv(args.inner, layout.num_text_layers, keep + int(layout.keep_cls))
-    _log(f"[1/2] exporting LLaVA in parts with {args.prune}{inner}")
-    result = export_llava(model, args.output, args.prune, inner=args.inner)
-    lines = [f"tokensieve: {args.model}  (LLaVA)  {args.prune}{inner}", "",
-             f"  image tokens    {result.num_patches} patches -> {result.keep} kept "
-             f"({result.num_image_tokens} image tokens per prompt)"]
+    _log(f"[1/2] exporting {label} in parts with {args.prune}{inner}" + (f" (grid {grid})" if grid else ""))
+    result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner)
+    lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
+    if kind == "llava":
+        lines.append(f"  image tokens    {result.num_tokens} patches -> {result.keep} kept "
+                     f"({result.num_image_tokens} image tokens per prompt)")
+    else:
+        lines.append(f"  image tokens    {result.num_tokens} merged tokens -> {result.keep} kept")
     if result.inner is not None:
         from tokensieve.exporter.vlm.fastv import prefill_macs
 
@@ -125,14 +125,16 @@ def _llava(model, args) -> int:
                      f"{spec.layer} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
                      f"prefill MACs x{ratio:.2f} for a {t}-token prompt")
     lines.append(f"  export          {sum(result.seconds.values()):.1f} s")
+    ok = True
     if not args.no_verify:
         _log(f"[2/2] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
-        rep = verify_llava(result, max_new_tokens=args.steps)
+        rep = verify_vlm(result, max_new_tokens=args.steps)
+        ok = rep.passed
         lines.append(_verify_line(rep.passed, rep.tokens_match, rep.keep_idx_match, rep.max_abs_diff_logits,
                                   rep.atol, args.steps, rep.batch, rep.inner_keep_idx_match))
     lines.append(_files_line(result.out_dir, result.paths.values()))
     print("\n".join(lines))
-    return 0 if args.no_verify or rep.passed else 1
+    return 0 if ok else 1
 
 
 def _grid(text: str | None) -> tuple[int, ...]:
@@ -145,56 +147,6 @@ def _grid(text: str | None) -> tuple[int, ...]:
     if len(grid) != 3:
         raise ConfigError(f"--grid {text!r} must be three integers t,h,w, e.g. 1,28,28")
     return grid
-
-
-def _qwen2_vl(model, args, grid, stage) -> int:
-    import torch
-
-    from tokensieve import vlm_qwen2 as q
-    from tokensieve.exporter.vlm.qwen2_vl import image_layout, resolve_method
-
-    layout = image_layout(model.config.vision_config, grid)
-    resolve_method(stage.method, stage.options())  # a [CLS] method fails here, before the export
-    keep = stage.keep.resolve(layout.num_merged)
-    _log(f"[1/2] exporting Qwen2-VL in parts with {args.prune} (grid {grid})")
-    import time
-
-    t0 = time.perf_counter()
-    result = q.export_qwen2_vl(model, grid, stage.method, keep, stage.options())
-    paths = q.save_qwen2_vl(result, args.output)
-    seconds = time.perf_counter() - t0
-    lines = [f"tokensieve: {args.model}  (Qwen2-VL)  {args.prune}", "",
-             f"  image tokens    {layout.num_merged} merged tokens -> {keep} kept",
-             f"  export          {seconds:.1f} s"]
-    ok = True
-    if not args.no_verify:
-        _log(f"[2/2] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
-        cfg = model.config
-        special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-                   getattr(cfg.text_config, "bos_token_id", None), getattr(cfg.text_config, "eos_token_id", None),
-                   getattr(cfg.text_config, "pad_token_id", None)}
-        text = [i for i in range(3, 64) if i not in special][:7]
-        prompt = q.image_prompt(cfg, result.layout, text[:3], text[3:])
-        pixels = torch.randn(layout.num_patches, layout.patch_dim, generator=torch.Generator().manual_seed(0))
-        want, want_logits = q.greedy_eager(model, result.vision, pixels, prompt, args.steps)
-        got, got_logits = q.greedy_onnx(model, paths, result.layout, pixels, prompt, args.steps)
-        diff = float((got_logits - want_logits).abs().max())
-        ok = list(got) == list(want) and diff <= 1e-4
-        lines.append(_verify_line(ok, list(got) == list(want), None, diff, 1e-4, args.steps, 1))
-    lines.append(_files_line(Path(args.output), paths.values()))
-    print("\n".join(lines))
-    return 0 if ok else 1
-
-
-def _one_outer_stage(text: str):
-    head, colon, keep = str(text).strip().rpartition(":")
-    if not colon or "@" in head:
-        raise ConfigError(f"--prune {text!r}: write METHOD[(options)]:KEEP for the one stage after the vision tower, "
-                          "e.g. attn-mean:0.5")
-    stages = parse_recipe(f"{head}@0:{keep}").stages
-    if len(stages) != 1:
-        raise ConfigError(f"--prune {text!r} must be one stage")
-    return stages[0]
 
 
 def _verify_line(passed, tokens_match, keep_match, diff, atol, steps, batch, inner_match=None) -> str:

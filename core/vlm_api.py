@@ -1,23 +1,31 @@
-"""The VLM API: LLaVA exported in parts with outer visual-token pruning, and its check against eager.
+"""The VLM API: a LLaVA or Qwen2-VL exported in parts with outer visual-token pruning, and its check against eager.
 
-    result = export_llava(model, "out/llava", "cls-topk:0.25")      # FasterVLM: keep 25% of the patches
-    report = verify_llava(result)                                   # ORT greedy ids == eager, keep_idx, logits
+    result = export_vlm(model, "out/llava", "cls-topk:0.25")                     # LLaVA, FasterVLM: keep 25%
+    result = export_vlm(model, "out/qwen", "attn-mean:0.5", grid=(1, 28, 28))    # Qwen2-VL: CLS-free, static grid
+    report = verify_vlm(result)             # ORT greedy ids == eager with the same pruning (keep_idx, logits)
 
-Recipe: `METHOD[(name=value,...)][@LAYER]:KEEP`, one stage after the CLIP layer LLaVA takes its features from
-(`vision_feature_layer`; @LAYER, if given, must name that 0-based layer). KEEP is a ratio of the patches (1.0 =
-all: the control that equals the unpruned model) or a count. Writes into out_dir, each file atomically:
-vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx, embed_tokens.npy (the pipeline's text embeddings) and
-llava_parts.json (the manifest runtime.llava_pipeline reads).
+Both write vision_prune.onnx, lm_prefill.onnx and lm_decode.onnx into out_dir, each atomically, plus the manifest
+their pipeline reads (LLaVA: llava_parts.json for runtime.llava_pipeline, with embed_tokens.npy, the pipeline's text
+embeddings; Qwen2-VL: manifest.json), and return one VlmExportResult; verify_vlm returns one VlmVerifyReport.
 
-Inner pruning: `export_llava(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM prefill
-(exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep R);
-lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_llava compares against the eager FastV
+prune: `METHOD[(name=value,...)]:KEEP`, one stage after the vision tower. KEEP is a ratio of the image tokens the
+tower gives (1.0 = all: the control that equals the unpruned model) or a count. LLaVA: the stage runs after the CLIP
+layer LLaVA takes its features from (`vision_feature_layer`; `METHOD@LAYER:KEEP` must name that 0-based layer).
+Qwen2-VL: after the merger, CLS-free methods only (attn-mean, divprune, ttv, ...); `grid=(t, h, w)` in patches fixes
+the image layout.
+
+Inner pruning (LLaVA): `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM
+prefill (exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep
+R); lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_vlm compares against the eager FastV
 reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias).
+
+export_llava / verify_llava are export_vlm / verify_vlm restricted to a LLaVA.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,53 +37,91 @@ from tokensieve.errors import ConfigError, ExportError
 from tokensieve.exporter.vlm.export_part import export_part
 from tokensieve.exporter.vlm.fastv import (FastvDecode, FastvPrefill, FastvSpec, fastv_decode_spec,
                                            fastv_prefill_spec, parse_fastv, reference_fastv_generate)
-from tokensieve.exporter.vlm.llava import LlavaLayout, VisionPrune, llava_layout, vision_spec
+from tokensieve.exporter.vlm.llava import (LlavaLayout, VisionPrune, check_outer_method, llava_layout,
+                                           vision_spec)
 from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill, decode_spec, prefill_spec
+from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLVisionPrune, check_keep, export_lm_decode,
+                                              export_lm_prefill, export_vision_prune, image_layout, resolve_method)
 from tokensieve.fileio import atomic_path, ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.recipe import Recipe, Stage, parse_recipe
 from tokensieve.runtime.llava_pipeline import MANIFEST, Generation, LlavaOrtPipeline
 
-__all__ = ["export_llava", "LlavaExportResult", "verify_llava", "LlavaVerifyReport", "parse_outer_recipe",
-           "llava_prompt", "reference_generate", "unpruned_generate"]
+__all__ = ["export_vlm", "verify_vlm", "plan_vlm", "VlmExportResult", "VlmVerifyReport", "VlmPlan", "VLM_TYPES",
+           "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe", "llava_prompt", "reference_generate",
+           "unpruned_generate"]
 
+# model_type -> what the messages call it
+VLM_TYPES = {"llava": "LLaVA (LlavaForConditionalGeneration)", "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)"}
 ARTIFACTS = {"vision": "vision_prune.onnx", "prefill": "lm_prefill.onnx", "decode": "lm_decode.onnx",
              "embed": "embed_tokens.npy"}
+QWEN2_VL_MANIFEST = "manifest.json"
+QWEN2_VL_PROMPT_LEN = 16  # only sizes the example the Qwen2-VL LM parts are traced with (their axes are dynamic)
 
 
-@dataclass
-class LlavaExportResult:
-    out_dir: Path
-    paths: dict[str, Path]
-    stage: Stage
-    keep: int                       # K: patches kept
-    num_patches: int
-    num_image_tokens: int           # image tokens a prompt must carry (K, +1 with select strategy 'full')
-    layout: LlavaLayout
-    vision_ops: dict[str, int]      # op census of vision_prune.onnx
-    sizes: dict[str, int]           # bytes per file
-    seconds: dict[str, float]
-    model: nn.Module = field(repr=False)
-    vision: VisionPrune = field(repr=False)   # the eager reference of vision_prune.onnx
-    inner: FastvSpec | None = None            # FastV inside the LLM prefill, if any
-    prefill_ops: dict[str, int] | None = None  # op census of lm_prefill.onnx
-
-    def summary(self) -> dict:
-        out = {"recipe": _shorthand(self.stage), "keep": self.keep, "num_patches": self.num_patches,
-               "num_image_tokens": self.num_image_tokens, "layout": asdict(self.layout),
-               "files": {k: p.name for k, p in self.paths.items()}, "sizes": self.sizes, "seconds": self.seconds,
-               "vision_ops": self.vision_ops}
-        if self.inner is not None:
-            out["inner"] = self.inner.to_dict()
-        return out
+def vlm_type(model: nn.Module) -> str:
+    """"llava" or "qwen2_vl" from the model's config; a one-line ConfigError naming the supported types otherwise."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in VLM_TYPES:
+        got = type(model).__name__ if kind is None else kind
+        raise ConfigError(f"export_vlm supports {' and '.join(VLM_TYPES.values())}, got {got!r}; export other models "
+                          "with tokensieve.api.export")
+    return kind
 
 
-def _shorthand(stage: Stage) -> str:
-    return Recipe((stage,)).shorthand()
+# --------------------------------------------------------------------------- plan: every check before any export
+
+
+@dataclass(frozen=True)
+class VlmPlan:
+    """The checked export of one model: which architecture, its layout, the outer stage and its static K."""
+
+    model_type: str                       # "llava" | "qwen2_vl"
+    layout: LlavaLayout | ImageLayout
+    stage: Stage                          # the outer stage (Qwen2-VL: after_block is unused)
+    keep: int                             # K: image tokens the outer stage keeps
+    num_tokens: int                       # what it keeps them from: LLaVA's patches, Qwen2-VL's merged image tokens
+    num_image_tokens: int                 # image tokens a prompt carries (K; LLaVA 'full': K + 1 for [CLS])
+    inner: FastvSpec | None = None        # FastV inside the LLM prefill (LLaVA)
+
+    @property
+    def prune(self) -> str:
+        """The outer stage written back in full: `cls-topk@1:4` (LLaVA) or `attn-mean:6` (Qwen2-VL, no layer)."""
+        text = Recipe((self.stage,)).shorthand()  # METHOD[(options)]@LAYER:KEEP
+        return text if self.model_type == "llava" else f"{text.rpartition('@')[0]}:{self.stage.keep}"
+
+
+def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner: str | None = None,
+             inner_bias=None) -> VlmPlan:
+    """Check export_vlm's arguments against `model` without exporting anything; one-line ConfigError otherwise."""
+    kind = vlm_type(model)
+    if inner_bias is not None and inner is None:
+        raise ConfigError("inner_bias is the calibrated bias of inner='fastv(debias=true)@L:R'; pass inner too")
+    if kind == "llava":
+        if grid is not None:
+            raise ConfigError("grid is for Qwen2-VL; a LLaVA's image size comes from its vision config, drop grid")
+        layout = llava_layout(model)
+        stage, keep = parse_outer_recipe(prune, layout)
+        check_outer_method(stage.method, stage.options(), layout.num_patches, keep)
+        num_image_tokens = keep + int(layout.keep_cls)
+        fastv = None if inner is None else parse_fastv(inner, layout.num_text_layers, num_image_tokens, inner_bias)
+        return VlmPlan(kind, layout, stage, keep, layout.num_patches, num_image_tokens, fastv)
+    if inner is not None:
+        raise ConfigError("inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning, drop inner")
+    if grid is None:
+        raise ConfigError("Qwen2-VL needs the static image grid: pass grid=(t, h, w) in patches, e.g. (1, 28, 28) "
+                          "for 392 px")
+    _check_qwen2_vl(model)
+    layout = image_layout(model.config.vision_config, grid)
+    stage = parse_qwen2_vl_prune(prune)
+    resolve_method(stage.method, stage.options())  # a [CLS] method fails here
+    keep = stage.keep.resolve(layout.num_merged)
+    check_keep(layout, keep)
+    return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep)
 
 
 def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
-    """`cls-topk:0.25` / `divprune@22:144` -> (the stage after LLaVA's feature layer, static K)."""
+    """LLaVA: `cls-topk:0.25` / `divprune@22:144` -> (the stage after LLaVA's feature layer, static K)."""
     head, colon, keep = str(text).strip().rpartition(":")
     if colon and "@" not in head:
         text = f"{head}@{layout.feature_layer}:{keep}"
@@ -94,54 +140,162 @@ def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
     return stage, k
 
 
-def export_llava(model: nn.Module, out_dir: str | Path, recipe: str = "cls-topk:0.25", *, inner: str | None = None,
-                 inner_bias=None) -> LlavaExportResult:
-    """Export `model` (LlavaForConditionalGeneration, eval mode is set) as three ONNX parts into `out_dir`;
-    `inner="fastv@L:R"` adds FastV inside the LLM prefill (R of the image tokens the prompt carries)."""
-    layout = llava_layout(model)
-    stage, keep = parse_outer_recipe(recipe, layout)
-    num_image_tokens = keep + int(layout.keep_cls)
-    fastv = None if inner is None else parse_fastv(inner, layout.num_text_layers, num_image_tokens, inner_bias)
+def parse_qwen2_vl_prune(text: str) -> Stage:
+    """Qwen2-VL: `attn-mean:0.5` -> the one stage after the merger (its after_block is a placeholder 0)."""
+    head, colon, keep = str(text).strip().rpartition(":")
+    if not colon or "@" in head:
+        raise ConfigError(f"prune {text!r}: write METHOD[(options)]:KEEP for the one stage after the vision tower, "
+                          "e.g. attn-mean:0.5")
+    stages = parse_recipe(f"{head}@0:{keep}").stages
+    if len(stages) != 1:
+        raise ConfigError(f"prune {text!r} must be one stage")
+    return stages[0]
+
+
+def _check_qwen2_vl(model: nn.Module) -> None:
+    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "visual"):
+        raise ConfigError(f"{type(model).__name__} is not a Qwen2VLForConditionalGeneration; load one with "
+                          "transformers' Qwen2VLForConditionalGeneration")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class VlmExportResult:
+    """What export_vlm wrote, and the eager modules verify_vlm compares the parts against (either architecture)."""
+
+    model_type: str                 # "llava" | "qwen2_vl"
+    out_dir: Path
+    paths: dict[str, Path]          # vision, prefill, decode, manifest (LLaVA: + embed, the text embeddings)
+    prune: str                      # the outer stage written back in full, e.g. cls-topk@1:4 / attn-mean:6
+    method: str
+    options: dict                   # the method's options, defaults filled in
+    keep: int                       # K: image tokens the outer stage keeps
+    num_tokens: int                 # what it keeps them from: LLaVA's patches, Qwen2-VL's merged image tokens
+    num_image_tokens: int           # image tokens a prompt must carry (K; LLaVA 'full': K + 1)
+    layout: LlavaLayout | ImageLayout
+    vision_ops: dict[str, int]      # op census of vision_prune.onnx (checked static)
+    prefill_ops: dict[str, int]     # op census of lm_prefill.onnx (checked free of data-dependent ops)
+    sizes: dict[str, int]           # bytes per file
+    seconds: dict[str, float]       # export seconds per part
+    model: nn.Module = field(repr=False)
+    vision: nn.Module = field(repr=False)     # the eager reference of vision_prune.onnx
+    inner: FastvSpec | None = None            # FastV inside the LLM prefill (LLaVA), if any
+
+    @property
+    def grid(self) -> tuple[int, int, int] | None:
+        """Qwen2-VL's static image grid (t, h, w) in patches; None for LLaVA."""
+        lay = self.layout
+        return (lay.t, lay.h, lay.w) if isinstance(lay, ImageLayout) else None
+
+    def to_dict(self) -> dict:
+        out = {"model_type": self.model_type, "prune": self.prune, "method": self.method, "options": self.options,
+               "keep": self.keep, "num_tokens": self.num_tokens, "num_image_tokens": self.num_image_tokens,
+               "layout": asdict(self.layout), "files": {k: p.name for k, p in self.paths.items()},
+               "sizes": self.sizes, "seconds": self.seconds, "vision_ops": self.vision_ops,
+               "prefill_ops": self.prefill_ops}
+        if self.grid is not None:
+            out["grid"] = list(self.grid)
+        if self.inner is not None:
+            out["inner"] = self.inner.to_dict()
+        return out
+
+
+def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.25", *, grid=None,
+               inner: str | None = None, inner_bias=None) -> VlmExportResult:
+    """Export `model` (LlavaForConditionalGeneration or Qwen2VLForConditionalGeneration; eval mode is set) as three
+    ONNX parts with `prune` after the vision tower into `out_dir`. Qwen2-VL needs `grid=(t, h, w)`; LLaVA takes
+    `inner="fastv@L:R"` (FastV inside the LLM prefill, R of the image tokens the prompt carries)."""
+    plan = plan_vlm(model, prune, grid=grid, inner=inner, inner_bias=inner_bias)  # every check before any write
     model.eval()
-    vision = VisionPrune(model, layout, stage.method, keep, stage.options()).eval()
+    if plan.model_type == "llava":
+        vision = VisionPrune(model, plan.layout, plan.stage.method, plan.keep, plan.stage.options()).eval()
+        options = vision.options
+        specs = {"vision": (vision, vision_spec(plan.layout)), "prefill": (LmPrefill(model), prefill_spec(plan.layout)),
+                 "decode": (LmDecode(model), decode_spec(plan.layout))}
+        if plan.inner is not None:
+            specs |= {"prefill": (FastvPrefill(model, plan.inner).eval(), fastv_prefill_spec(plan.layout, plan.inner)),
+                      "decode": (FastvDecode(model, plan.inner).eval(), fastv_decode_spec(plan.layout, plan.inner))}
+        parts = {key: partial(export_part, module, spec, what=ARTIFACTS[key]) for key, (module, spec) in specs.items()}
+    else:
+        vision = Qwen2VLVisionPrune(model.model.visual, plan.layout, plan.stage.method, plan.keep,
+                                    plan.stage.options()).eval()
+        options = vision.options
+        prompt_len = max(QWEN2_VL_PROMPT_LEN, plan.keep + 2)
+        parts = {"vision": lambda: export_vision_prune(vision),
+                 "prefill": lambda: export_lm_prefill(model, plan.keep, prompt_len),
+                 "decode": lambda: export_lm_decode(model, prompt_len)}
     out = ensure_writable_dir(out_dir)
-    paths = {k: out / name for k, name in ARTIFACTS.items()}
-    seconds, sizes = {}, {}
-    parts = {"vision": (vision, vision_spec(layout)), "prefill": (LmPrefill(model), prefill_spec(layout)),
-             "decode": (LmDecode(model), decode_spec(layout))}
-    if fastv is not None:
-        parts |= {"prefill": (FastvPrefill(model, fastv).eval(), fastv_prefill_spec(layout, fastv)),
-                  "decode": (FastvDecode(model, fastv).eval(), fastv_decode_spec(layout, fastv))}
-    protos: dict[str, onnx.ModelProto] = {}
-    for key, (module, spec) in parts.items():
+    protos, seconds = {}, {}
+    for key, make in parts.items():
         t0 = time.perf_counter()
-        protos[key] = export_part(module, spec, what=ARTIFACTS[key])
+        protos[key] = make()
         seconds[key] = time.perf_counter() - t0
-    census = check_static(protos["vision"])["ops"]  # ExportError if a data-dependent op or size slipped in
-    prefill_ops = dict(op_census(protos["prefill"]))  # its sequence axis is dynamic: the op census only
+    vision_ops, prefill_ops = _check_parts(protos)
+    paths, sizes = {}, {}
+    for key, proto in protos.items():
+        paths[key] = write_bytes_atomic(out / ARTIFACTS[key], proto.SerializeToString())
+        sizes[key] = paths[key].stat().st_size
+    if plan.model_type == "llava":
+        paths["embed"] = out / ARTIFACTS["embed"]
+        with atomic_path(paths["embed"]) as tmp, open(tmp, "wb") as f:
+            np.save(f, model.model.language_model.embed_tokens.weight.detach().float().cpu().numpy())
+        sizes["embed"] = paths["embed"].stat().st_size
+    result = VlmExportResult(plan.model_type, out, paths, plan.prune, plan.stage.method, dict(options), plan.keep,
+                             plan.num_tokens, plan.num_image_tokens, plan.layout, vision_ops, prefill_ops, sizes,
+                             seconds, model, vision, plan.inner)
+    if plan.model_type == "llava":
+        paths["manifest"] = write_json_atomic(out / MANIFEST, _llava_manifest(result))
+    else:
+        paths["manifest"] = write_json_atomic(out / QWEN2_VL_MANIFEST, _qwen2_vl_manifest(result))
+    return result
+
+
+def _check_parts(protos: dict[str, onnx.ModelProto]) -> tuple[dict[str, int], dict[str, int]]:
+    """(vision op census, prefill op census); ExportError if a part is data-dependent or too big to write."""
+    vision_ops = check_static(protos["vision"])["ops"]  # raises if a data-dependent op or size slipped in
+    prefill_ops = dict(op_census(protos["prefill"]))     # its sequence axis is dynamic: the op census only
     bad = sorted(set(prefill_ops) & set(FORBIDDEN_OPS))
     if bad:
-        raise ExportError(f"lm_prefill.onnx contains {bad[0]} ({FORBIDDEN_OPS[bad[0]]}); inner pruning must stay a "
-                          "fixed-budget TopK + Gather")
+        raise ExportError(f"lm_prefill.onnx contains {bad[0]} ({FORBIDDEN_OPS[bad[0]]}); the LM parts must stay free "
+                          "of data-dependent ops (inner pruning: a fixed-budget TopK + Gather)")
     too_big = [ARTIFACTS[k] for k, proto in protos.items() if proto.ByteSize() >= 2**31 - 1]
     if too_big:  # checked before any write: all parts or none
         raise ExportError(f"{too_big[0]} is over 2 GB; external-data ONNX for VLM parts is not supported yet, "
                           "export a smaller language model")
-    for key, proto in protos.items():
-        write_bytes_atomic(paths[key], proto.SerializeToString())
-        sizes[key] = paths[key].stat().st_size
-    with atomic_path(paths["embed"]) as tmp, open(tmp, "wb") as f:
-        np.save(f, model.model.language_model.embed_tokens.weight.detach().float().cpu().numpy())
-    sizes["embed"] = paths["embed"].stat().st_size
-    result = LlavaExportResult(out, paths, stage, keep, layout.num_patches, num_image_tokens, layout, census, sizes,
-                               seconds, model, vision, fastv, prefill_ops)
-    manifest = {**result.summary(), "image_token_id": layout.image_token_id,
-                "num_text_layers": layout.num_text_layers}
-    paths["manifest"] = write_json_atomic(out / MANIFEST, manifest)
-    return result
+    return dict(vision_ops), prefill_ops
 
 
-# --------------------------------------------------------------------------- eager reference
+def _llava_manifest(result: VlmExportResult) -> dict:
+    """llava_parts.json, read by runtime.llava_pipeline (its files: the parts and the embeddings)."""
+    lay = result.layout
+    out = {"recipe": result.prune, "keep": result.keep, "num_patches": result.num_tokens,
+           "num_image_tokens": result.num_image_tokens, "layout": asdict(lay),
+           "files": {k: p.name for k, p in result.paths.items()}, "sizes": result.sizes, "seconds": result.seconds,
+           "vision_ops": result.vision_ops}
+    if result.inner is not None:
+        out["inner"] = result.inner.to_dict()
+    return out | {"image_token_id": lay.image_token_id, "num_text_layers": lay.num_text_layers}
+
+
+def _qwen2_vl_manifest(result: VlmExportResult) -> dict:
+    lay = result.layout
+    return {"model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
+            "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
+            "method": result.method, "options": result.options, "keep": result.keep,
+            "files": {k: p.name for k, p in result.paths.items()}, "vision_ops": result.vision_ops}
+
+
+def export_llava(model: nn.Module, out_dir: str | Path, recipe: str = "cls-topk:0.25", *, inner: str | None = None,
+                 inner_bias=None) -> VlmExportResult:
+    """export_vlm for a LlavaForConditionalGeneration only (a one-line ConfigError for any other model)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "llava":
+        llava_layout(model)  # raises: names LlavaForConditionalGeneration and what it got
+    return export_vlm(model, out_dir, recipe, inner=inner, inner_bias=inner_bias)
+
+
+# --------------------------------------------------------------------------- LLaVA eager reference
 
 
 def llava_prompt(layout: LlavaLayout, num_image_tokens: int, batch: int = 2, *, before: int = 4, after: int = 3,
@@ -207,32 +361,49 @@ def unpruned_generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: t
 
 
 @dataclass
-class LlavaVerifyReport:
+class VlmVerifyReport:
+    """ONNX Runtime greedy decoding of the parts vs the eager model with the same pruning, on one batch."""
+
+    model_type: str                   # "llava" | "qwen2_vl"
     batch: int
     max_new_tokens: int
     atol: float
     tokens_match: bool
-    keep_idx_match: bool
-    max_abs_diff_logits: float
-    max_abs_diff_features: float
-    tokens: list[list[int]]
+    keep_idx_match: bool | None       # the kept image tokens of vision_prune; None where not compared (Qwen2-VL)
+    max_abs_diff_logits: float        # LLaVA: the logits of every step; Qwen2-VL: the prefill's last logits
+    max_abs_diff_features: float | None  # LLaVA: vision_prune's image features; None for Qwen2-VL
+    tokens: list[list[int]]           # the ORT greedy ids, (batch, max_new_tokens)
     seconds: float
     inner_keep_idx_match: bool | None = None   # FastV: the kept image tokens are the eager ones
 
     @property
     def passed(self) -> bool:
-        return (self.tokens_match and self.keep_idx_match and self.max_abs_diff_logits <= self.atol
+        return (self.tokens_match and self.max_abs_diff_logits <= self.atol and self.keep_idx_match is not False
                 and self.inner_keep_idx_match is not False)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
 
-def verify_llava(result: LlavaExportResult, input_ids: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 8, batch: int = 2, seed: int = 0,
-                 atol: float = 1e-4, threads: int | None = None) -> LlavaVerifyReport:
-    """ORT pipeline vs eager reference on one batch (seeded random prompt/images unless given): greedy ids,
-    keep_idx, and the logits every id was chosen from."""
+def verify_vlm(result: VlmExportResult, input_ids: torch.Tensor | None = None,
+               pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 8, batch: int | None = None,
+               seed: int = 0, atol: float = 1e-4, threads: int | None = None) -> VlmVerifyReport:
+    """ORT pipeline vs eager reference on one batch (seeded random images and a prompt unless given): greedy ids,
+    and the logits they were chosen from (LLaVA: also keep_idx and the image features).
+
+    batch defaults to 2 for LLaVA; the Qwen2-VL parts are batch 1 (`pixel_values` (N, patch_dim), `input_ids` (1, T)
+    with the image's placeholder tokens, as vlm_qwen2.image_prompt builds)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if result.model_type == "llava":
+        return _verify_llava(result, input_ids, pixel_values, max_new_tokens, 2 if batch is None else batch, seed,
+                             atol, threads)
+    if batch not in (None, 1):
+        raise ConfigError(f"batch={batch}: the Qwen2-VL parts are exported for batch 1; verify with batch=1")
+    return _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads)
+
+
+def _verify_llava(result, input_ids, pixel_values, max_new_tokens, batch, seed, atol, threads) -> VlmVerifyReport:
     if batch < 1:
         raise ConfigError(f"batch={batch} must be >= 1")
     t0 = time.perf_counter()
@@ -246,10 +417,38 @@ def verify_llava(result: LlavaExportResult, input_ids: torch.Tensor | None = Non
     want = reference_generate(result.model, result.vision, input_ids, pixel_values, max_new_tokens,
                               inner=result.inner)
     inner_match = None if result.inner is None else bool(np.array_equal(got.inner_keep_idx, want.inner_keep_idx))
-    return LlavaVerifyReport(
-        batch=int(pixel_values.shape[0]), max_new_tokens=max_new_tokens, atol=atol,
+    return VlmVerifyReport(
+        model_type="llava", batch=int(pixel_values.shape[0]), max_new_tokens=max_new_tokens, atol=atol,
         tokens_match=bool(np.array_equal(got.tokens, want.tokens)),
         keep_idx_match=got.keep_idx.shape == want.keep_idx.shape and bool((got.keep_idx == want.keep_idx).all()),
         max_abs_diff_logits=float(np.abs(got.logits - want.logits).max()),
         max_abs_diff_features=float(np.abs(got.image_features - want.image_features).max()),
         tokens=got.tokens.tolist(), seconds=time.perf_counter() - t0, inner_keep_idx_match=inner_match)
+
+
+def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads) -> VlmVerifyReport:
+    from tokensieve import vlm_qwen2 as q
+
+    t0 = time.perf_counter()
+    lay, model = result.layout, result.model
+    if pixel_values is None:
+        pixel_values = torch.randn(lay.num_patches, lay.patch_dim, generator=torch.Generator().manual_seed(seed))
+    if input_ids is None:
+        input_ids = q.sample_prompt(model.config, lay)
+    want, want_logits = q.greedy_eager(model, result.vision, pixel_values, input_ids, max_new_tokens)
+    got, got_logits = q.greedy_onnx(model, result.paths, lay, pixel_values, input_ids, max_new_tokens, threads)
+    return VlmVerifyReport(
+        model_type="qwen2_vl", batch=1, max_new_tokens=max_new_tokens, atol=atol,
+        tokens_match=list(got) == list(want), keep_idx_match=None,
+        max_abs_diff_logits=float((got_logits - want_logits).abs().max()), max_abs_diff_features=None,
+        tokens=[list(got)], seconds=time.perf_counter() - t0)
+
+
+def verify_llava(result: VlmExportResult, input_ids: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 8, batch: int = 2, seed: int = 0,
+                 atol: float = 1e-4, threads: int | None = None) -> VlmVerifyReport:
+    """verify_vlm for a LLaVA export (a one-line ConfigError for a Qwen2-VL one)."""
+    if result.model_type != "llava":
+        raise ConfigError(f"verify_llava got a {VLM_TYPES[result.model_type]} export; use verify_vlm")
+    return verify_vlm(result, input_ids, pixel_values, max_new_tokens=max_new_tokens, batch=batch, seed=seed,
+                      atol=atol, threads=threads)

@@ -1,4 +1,7 @@
-"""Qwen2-VL with visual-token pruning: export in parts, M-RoPE bookkeeping, greedy generation (eager or ORT).
+"""Qwen2-VL with visual-token pruning: M-RoPE bookkeeping and greedy generation (eager or ORT) of its parts.
+
+Export and verify go through tokensieve.vlm_api (export_vlm(model, out, "attn-mean:0.5", grid=(1, 28, 28)),
+verify_vlm); this module is what they run for Qwen2-VL:
 
     pixel_values -> vision_prune -> (image_features (K, H), keep_idx (K,))
     prompt (unpruned) -> get_rope_index -> position_ids (3, B, T) -> keep text columns + kept image columns
@@ -11,86 +14,17 @@ the same rope delta rule HF's generate uses (which is what breaks if positions a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import Tensor, nn
 
 from tokensieve.errors import ConfigError
-from tokensieve.exporter.vlm.qwen2_vl import (
-    ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune, export_lm_parts, export_vision_prune,
-    image_layout,
-)
-from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
-from tokensieve.graph_passes.onnx.check_static import check_static
+from tokensieve.exporter.vlm.qwen2_vl import ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune
 
-__all__ = ["Qwen2VLExport", "export_qwen2_vl", "save_qwen2_vl", "image_prompt", "prompt_mrope_positions",
-           "kept_columns", "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx"]
-
-ARTIFACTS = {"vision": "vision_prune.onnx", "prefill": "lm_prefill.onnx", "decode": "lm_decode.onnx"}
-
-
-@dataclass
-class Qwen2VLExport:
-    """The exported parts of one static image layout and the eager modules they were traced from."""
-
-    layout: ImageLayout
-    method: str
-    options: dict
-    keep: int
-    vision: Qwen2VLVisionPrune = field(repr=False)       # eager reference of vision_prune.onnx
-    vision_onnx: onnx.ModelProto = field(repr=False)
-    prefill_onnx: onnx.ModelProto | None = field(default=None, repr=False)
-    decode_onnx: onnx.ModelProto | None = field(default=None, repr=False)
-    vision_ops: dict = field(default_factory=dict)       # op census of vision_prune.onnx (checked static)
-
-
-def export_qwen2_vl(model: nn.Module, grid_thw, method: str = "attn-mean", keep: int | None = None,
-                    options: dict | None = None, *, lm_parts: bool = True, prompt_len: int = 16) -> Qwen2VLExport:
-    """Export vision_prune (static shapes, checked) and, with `lm_parts`, lm_prefill / lm_decode.
-
-    `keep` defaults to every image token. `prompt_len` only sizes the example the LM parts are traced with
-    (their sequence and past axes are dynamic).
-    """
-    _check_model(model)
-    layout = image_layout(model.config.vision_config, grid_thw)
-    keep = layout.num_merged if keep is None else keep
-    vision = Qwen2VLVisionPrune(model.model.visual, layout, method, keep, options).eval()
-    vision_onnx = export_vision_prune(vision)
-    ops = check_static(vision_onnx)["ops"]
-    result = Qwen2VLExport(layout, method, vision.options, keep, vision, vision_onnx, vision_ops=ops)
-    if lm_parts:
-        result.prefill_onnx, result.decode_onnx = export_lm_parts(model, keep, max(prompt_len, keep + 2))
-    return result
-
-
-def save_qwen2_vl(result: Qwen2VLExport, out_dir: str | Path) -> dict[str, Path]:
-    """Write the ONNX parts and manifest.json into `out_dir`, each atomically."""
-    out = ensure_writable_dir(out_dir)
-    paths = {}
-    for key, proto in (("vision", result.vision_onnx), ("prefill", result.prefill_onnx), ("decode", result.decode_onnx)):
-        if proto is None:
-            continue
-        paths[key] = out / ARTIFACTS[key]
-        with atomic_path(paths[key]) as tmp:
-            tmp.write_bytes(proto.SerializeToString())
-    lay = result.layout
-    paths["manifest"] = write_json_atomic(out / "manifest.json", {
-        "model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
-        "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
-        "method": result.method, "options": result.options, "keep": result.keep,
-        "files": {k: p.name for k, p in paths.items()}, "vision_ops": result.vision_ops,
-    })
-    return paths
-
-
-def _check_model(model: nn.Module) -> None:
-    if getattr(getattr(model, "config", None), "model_type", None) != "qwen2_vl" or not hasattr(model, "lm_head"):
-        raise ConfigError(f"{type(model).__name__} is not a Qwen2VLForConditionalGeneration; load one with "
-                          "transformers' Qwen2VLForConditionalGeneration")
+__all__ = ["image_prompt", "sample_prompt", "prompt_mrope_positions", "kept_columns", "pruned_mrope_positions",
+           "decode_position_ids", "greedy_eager", "greedy_onnx"]
 
 
 # --------------------------------------------------------------------------- prompts and M-RoPE
@@ -101,6 +35,14 @@ def image_prompt(config, layout: ImageLayout, before: list[int], after: list[int
     ids = [*before, config.vision_start_token_id, *[config.image_token_id] * layout.num_merged,
            config.vision_end_token_id, *after]
     return torch.tensor([ids], dtype=torch.long)
+
+
+def sample_prompt(config, layout: ImageLayout, num_text: int = 7) -> Tensor:
+    """(1, T) prompt for checks: the first `num_text` ids from 3 that are no special token (3 before the image)."""
+    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id,
+               *(getattr(config.text_config, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))}
+    text = [i for i in range(3, config.text_config.vocab_size) if i not in special][:num_text]
+    return image_prompt(config, layout, text[:3], text[3:])
 
 
 def prompt_mrope_positions(model: nn.Module, input_ids: Tensor, layout: ImageLayout) -> Tensor:

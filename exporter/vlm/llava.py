@@ -22,6 +22,7 @@ from torch.export import Dim
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec
 import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
+from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.methods.spec import Reduce, ScoreInput
 from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
@@ -52,7 +53,7 @@ def llava_layout(model: nn.Module) -> LlavaLayout:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) != "llava" or not hasattr(model, "model") or not hasattr(model, "lm_head"):
         kind = getattr(cfg, "model_type", type(model).__name__)
-        raise ConfigError(f"export_llava needs a transformers LlavaForConditionalGeneration, got {kind!r}; "
+        raise ConfigError(f"LLaVA export needs a transformers LlavaForConditionalGeneration, got {kind!r}; "
                           "export other models with tokensieve.api.export")
     tower = model.model.vision_tower
     if not all(hasattr(tower, a) for a in ("embeddings", "pre_layrnorm", "encoder")):
@@ -131,6 +132,8 @@ class VisionPrune(nn.Module):
             tokens, idx = spec.reduce_fn(x_out, scores, self.keep, p, **reduce_kwargs(spec, self.options))
         else:  # the FX pass's op: eager = methods.topk.prune_topk, ONNX = TopK + TopK + GatherND
             tokens, idx = torch.ops.tokensieve.prune_topk.default(x_out, scores, self.keep, p)
+            if self.options.get("recycle"):  # dropped patches averaged into their nearest kept one (VFlowOpt-style)
+                tokens = recycle_dropped_tokens(x_out, idx, p)
         if not self.layout.keep_cls:
             tokens = tokens[:, NUM_PREFIX_TOKENS:]
         return self.projector(tokens), idx - NUM_PREFIX_TOKENS

@@ -7,6 +7,11 @@
 
 A `DynamicCache` is built inside `forward` from the flat tensors and flattened again on the way out, so nothing
 cache-typed crosses the graph boundary. The token embedding of decode runs inside the graph.
+
+The ONNX axes are `sequence` (prefill: T), `past_sequence` (decode: P) and `past_sequence + 1` (decode's mask):
+each forward states the mask's length with torch._check, so torch.export derives the mask axis from T or P instead
+of giving it a symbol of its own (HF reads the mask by index, which ties nothing), and a TensorRT build takes the
+mask's range from `--dims sequence=...,past_sequence=...` ("NAME + K follows NAME").
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def decode_spec(layout: LlavaLayout) -> PartSpec:
     past = tuple(torch.randn(b, layout.num_kv_heads, p, layout.head_dim) for _ in range(2 * layout.num_text_layers))
     args = (torch.zeros(b, 1, dtype=torch.long), torch.ones(b, p + 1, dtype=torch.long), torch.full((b, 1), p), *past)
     past_names = kv_names("past", layout.num_text_layers)
-    dims = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "total_sequence"}, "position_ids": {0: "batch"}}
+    dims = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "position_ids": {0: "batch"}}  # mask: P + 1
     return PartSpec(args, ({0: _BATCH}, {0: _BATCH, 1: _SEQ}, {0: _BATCH}, tuple({0: _BATCH, 2: _SEQ} for _ in past)),
                     ["input_ids", "attention_mask", "position_ids", *past_names],
                     ["logits", *kv_names("present", layout.num_text_layers)],
@@ -76,6 +81,7 @@ class LmPrefill(nn.Module):
         self.language_model, self.lm_head = model.model.language_model, model.lm_head
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
+        torch._check(attention_mask.shape[1] == inputs_embeds.shape[1])  # one `sequence` axis, not two symbols
         cache = DynamicCache()
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
@@ -88,6 +94,8 @@ class LmDecode(nn.Module):
         self.language_model, self.lm_head = model.model.language_model, model.lm_head
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        if past:  # the mask axis becomes `past_sequence + 1`
+            torch._check(attention_mask.shape[1] == past[0].shape[2] + 1)
         cache = _cache_from(past)
         out = self.language_model(inputs_embeds=self.language_model.embed_tokens(input_ids),
                                   attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,

@@ -30,6 +30,7 @@ from tokensieve.exporter.vlm.export_part import PartSpec, export_part
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
 from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
 from tokensieve.graph_passes.methods.ops import prune_topk_op  # the op the exporter lowers to TopK + Gather
 
 # Options that add tokens (EViT's fused token, PosPad markers) have no M-RoPE position of their own.
@@ -74,6 +75,13 @@ def image_layout(vision_config, grid_thw) -> ImageLayout:
     p = vision_config.patch_size
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * p * p
     return ImageLayout(t, h, w, m, patch_dim)
+
+
+def check_keep(layout: ImageLayout, keep: int) -> None:
+    """One-line ConfigError unless 1 <= keep <= the grid's merged image tokens."""
+    if not 1 <= keep <= layout.num_merged:
+        raise ConfigError(f"keep={keep} is outside [1, {layout.num_merged}] image tokens of grid "
+                          f"({layout.t}, {layout.h}, {layout.w}); lower keep or use a larger grid")
 
 
 def resolve_method(name: str, options: dict | None = None) -> tuple[PruneMethod, dict]:
@@ -125,9 +133,7 @@ class Qwen2VLVisionPrune(nn.Module):
 
     def __init__(self, visual: nn.Module, layout: ImageLayout, method: str, keep: int, options: dict | None = None):
         super().__init__()
-        if not 1 <= keep <= layout.num_merged:
-            raise ConfigError(f"keep={keep} is outside [1, {layout.num_merged}] image tokens of grid "
-                              f"({layout.t}, {layout.h}, {layout.w}); lower keep or use a larger grid")
+        check_keep(layout, keep)
         self.spec, self.options = resolve_method(method, options)
         self.visual, self.layout, self.keep = visual, layout, keep
         with torch.no_grad():
@@ -149,6 +155,8 @@ class Qwen2VLVisionPrune(nn.Module):
             tokens, idx = self.spec.reduce_fn(merged, scores, self.keep, 0, **reduce_kwargs(self.spec, self.options))
         else:
             tokens, idx = prune_topk_op(merged, scores, self.keep, 0)
+            if self.options.get("recycle"):  # dropped tokens averaged into their nearest kept one (same positions)
+                tokens = recycle_dropped_tokens(merged, idx, 0)
         return tokens.squeeze(0), idx.squeeze(0)
 
     def _block(self, blk: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
@@ -239,28 +247,37 @@ def export_vision_prune(module: Qwen2VLVisionPrune):
     return export_part(module, spec, what="Qwen2-VL vision_prune")
 
 
-def export_lm_parts(model: nn.Module, keep: int, prompt_len: int):
-    """lm_prefill and lm_decode ONNX for a pruned prompt holding `keep` image tokens (batch 1).
-
-    The prompt length (`sequence`) and the past length (`past_sequence`) are dynamic; `prompt_len` only sizes
-    the example. Dynamic axes are Dim.DYNAMIC: a strict Dim fails on the KV cat's guard min(16(P+1), 32(P+1)).
-    """
+def _lm_example(model: nn.Module, prompt_len: int):
     cfg = model.config.text_config
-    n_layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pos = torch.arange(prompt_len).view(1, 1, -1).expand(3, 1, -1).contiguous()
+    return cfg, head_dim, pos
+
+
+def export_lm_prefill(model: nn.Module, keep: int, prompt_len: int):
+    """lm_prefill ONNX for a pruned prompt holding `keep` image tokens (batch 1).
+
+    The prompt length (`sequence`) is dynamic; `prompt_len` only sizes the example. Dynamic axes are Dim.DYNAMIC:
+    a strict Dim fails on the KV cat's guard min(16(P+1), 32(P+1)).
+    """
+    cfg, _, pos = _lm_example(model, prompt_len)
     ids = torch.full((1, prompt_len), 1, dtype=torch.long)
     ids[0, 1:1 + keep] = model.config.image_token_id
-    pos = torch.arange(prompt_len).view(1, 1, -1).expand(3, 1, -1).contiguous()
     seq = torch.export.Dim.DYNAMIC
-    present = cache_names(n_layers, "present")
-    prefill = export_part(Qwen2VLPrefill(model), PartSpec(
+    return export_part(Qwen2VLPrefill(model), PartSpec(
         (ids, torch.zeros(keep, cfg.hidden_size), pos), ({1: seq}, None, {2: seq}),
-        ["input_ids", "image_features", "position_ids"], ["logits", *present],
+        ["input_ids", "image_features", "position_ids"], ["logits", *cache_names(cfg.num_hidden_layers, "present")],
         {"input_ids": {1: "sequence"}}), what="Qwen2-VL lm_prefill")
-    past = tuple(torch.zeros(1, kv_heads, prompt_len, head_dim) for _ in range(2 * n_layers))
+
+
+def export_lm_decode(model: nn.Module, prompt_len: int):
+    """lm_decode ONNX (batch 1): one token on a past of dynamic length (`past_sequence`; the example has `prompt_len`)."""
+    cfg, head_dim, pos = _lm_example(model, prompt_len)
+    n_layers = cfg.num_hidden_layers
+    past = tuple(torch.zeros(1, cfg.num_key_value_heads, prompt_len, head_dim) for _ in range(2 * n_layers))
     past_names = cache_names(n_layers, "past")
-    decode = export_part(Qwen2VLDecode(model), PartSpec(
+    seq = torch.export.Dim.DYNAMIC
+    return export_part(Qwen2VLDecode(model), PartSpec(
         (torch.ones(1, 1, dtype=torch.long), pos[:, :, :1].contiguous(), *past), (None, None, tuple({2: seq} for _ in past)),
-        ["input_ids", "position_ids", *past_names], ["logits", *present],
+        ["input_ids", "position_ids", *past_names], ["logits", *cache_names(n_layers, "present")],
         {n: {2: "past_sequence"} for n in past_names}), what="Qwen2-VL lm_decode")
-    return prefill, decode

@@ -28,7 +28,7 @@ from tokensieve.targets.tensorrt.builder import parse_dims  # noqa: E402
 
 C = 4
 SEQ = (1, 8, 32)
-LM_DIMS = {"sequence": (1, 16, 64), "past_sequence": (0, 16, 64), "total_sequence": (1, 17, 65)}
+LM_DIMS = {"sequence": (1, 16, 64), "past_sequence": (0, 16, 64)}  # decode's mask axis is "past_sequence + 1"
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -199,9 +199,9 @@ def test_runner_checks_sequence_against_the_profile(seq_engine):
 def llava_parts(tmp_path_factory) -> dict[str, Path]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vlm"))
     from test_llava_parts import tiny_llava
-    from tokensieve.vlm_api import export_llava
+    from tokensieve.vlm_api import export_vlm
 
-    result = export_llava(tiny_llava(), tmp_path_factory.mktemp("llava"), "cls-topk:4")
+    result = export_vlm(tiny_llava(), tmp_path_factory.mktemp("llava"), "cls-topk:4")
     return {"prefill": result.paths["prefill"], "decode": result.paths["decode"]}
 
 
@@ -222,9 +222,11 @@ def test_llava_lm_parts_build_with_dims(llava_engines):
     dec = json.loads(Path(str(llava_engines["decode"][0]) + ".json").read_text())
     assert pre["dims"] == {"sequence": {"min": 1, "opt": 16, "max": 64}}
     assert pre["optimization_profile"]["inputs_embeds"]["max"] == [4, 64, 32]
-    assert dec["dims"] == {n: {"min": r[0], "opt": r[1], "max": r[2]} for n, r in LM_DIMS.items() if n != "sequence"}
+    assert dec["dims"] == {"past_sequence": {"min": 0, "opt": 16, "max": 64},
+                           "past_sequence + 1": {"min": 1, "opt": 17, "max": 65}}  # the mask follows past_sequence
     assert dec["optimization_profile"]["past.0.key"] == {"min": [1, 2, 0, 8], "opt": [1, 2, 16, 8], "max": [4, 2, 64, 8]}
-    assert dec["input_dim_names"]["attention_mask"] == ["batch", "total_sequence"]
+    assert dec["input_dim_names"]["attention_mask"] == ["batch", "past_sequence + 1"]
+    assert dec["optimization_profile"]["attention_mask"] == {"min": [1, 1], "opt": [1, 17], "max": [4, 65]}
 
 
 def test_llava_lm_parts_build_fp16(llava_parts, tmp_path):
@@ -237,7 +239,7 @@ def test_llava_lm_parts_build_fp16(llava_parts, tmp_path):
 def test_llava_decode_without_past_dims_is_one_line(llava_parts, tmp_path):
     with pytest.raises(ConfigError) as e:
         build_engine(llava_parts["decode"], tmp_path / "d.engine", BuildSpec(dims={"sequence": (1, 16, 64)}))
-    assert "--dims total_sequence=MIN:OPT:MAX,past_sequence=MIN:OPT:MAX" in _one_line(e)
+    assert "--dims past_sequence=MIN:OPT:MAX (BuildSpec.dims)" in _one_line(e)  # one name: the mask follows it
 
 
 def _prefill_feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -267,7 +269,7 @@ def test_runner_refuses_llava_feeds_outside_the_profile(llava_engines):
     assert "disagree on dim 'sequence'" in _one_line(e)
     past = {f"present.{i}.{kv}": np.zeros((2, 2, 70, 8), np.float32) for i in range(2) for kv in ("key", "value")}
     with pytest.raises(ConfigError) as e:
-        dec.infer(_decode_feeds(past, 64, 2))  # total_sequence 65 is in range, past_sequence 70 is not
+        dec.infer(_decode_feeds(past, 64, 2))  # the mask's 65 is in range, past_sequence 70 is not
     assert "'past_sequence' = 70, outside the engine's profile 0..64" in _one_line(e)
     assert not pre.is_active and not dec.is_active
 

@@ -6,6 +6,7 @@ once per module with cls-topk keeping 4 of 16 patches.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -19,7 +20,8 @@ from tokensieve.exporter.vlm.export_part import export_part
 from tokensieve.exporter.vlm.llava import VisionPrune, llava_layout, vision_spec
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static
 from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline
-from tokensieve.vlm_api import export_llava, llava_prompt, reference_generate, unpruned_generate, verify_llava
+from tokensieve.vlm_api import (export_llava, export_vlm, llava_prompt, reference_generate, unpruned_generate,
+                                verify_llava, verify_vlm)
 
 NUM_PATCHES, KEEP, STEPS = 16, 4, 8
 
@@ -42,7 +44,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    return export_llava(model, tmp_path_factory.mktemp("llava"), f"cls-topk:{KEEP}")
+    return export_vlm(model, tmp_path_factory.mktemp("llava"), f"cls-topk:{KEEP}")
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +59,21 @@ def _one_line(excinfo) -> str:
 
 
 def test_export_layout(exported):
-    assert exported.keep == KEEP and exported.num_patches == NUM_PATCHES and exported.num_image_tokens == KEEP
+    assert exported.model_type == "llava" and exported.grid is None and exported.inner is None
+    assert exported.keep == KEEP and exported.num_tokens == NUM_PATCHES and exported.num_image_tokens == KEEP
+    assert exported.prune == f"cls-topk@1:{KEEP}" and exported.method == "cls-topk"
     assert exported.layout.feature_layer == 1  # vision_feature_layer -2 of 3 layers = the output of layer 1
     assert all(p.is_file() for p in exported.paths.values())
     assert all(exported.sizes[k] > 0 for k in ("vision", "prefill", "decode", "embed"))
 
 
 def test_ort_greedy_matches_eager(exported):
-    report = verify_llava(exported, batch=2, max_new_tokens=STEPS)
+    report = verify_vlm(exported, max_new_tokens=STEPS)  # LLaVA: batch 2 by default
+    assert report.model_type == "llava" and report.batch == 2 and report.passed, report.to_dict()
     assert report.tokens_match and report.keep_idx_match, report.to_dict()
     assert report.max_abs_diff_logits <= 1e-5 and report.max_abs_diff_features <= 1e-5, report.to_dict()
     assert np.array(report.tokens).shape == (2, STEPS)
+    assert verify_llava(exported, batch=1, max_new_tokens=2).to_dict()["passed"]  # the wrapper = verify_vlm
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -140,9 +146,10 @@ def test_all_patches_equal_unpruned(strategy, pixels):
     assert np.abs(small.logits - logits).max() > 1e-3
 
 
-@pytest.mark.parametrize("method, options", [("divprune", {}), ("attn-mean", {})])
+@pytest.mark.parametrize("method, options", [("divprune", {}), ("attn-mean", {}), ("cls-topk", {"recycle": True})])
 def test_cls_free_method_exports(model, pixels, method, options):
-    """A CLS-free method in the same stage: ORT keep_idx and features equal eager, the graph stays static."""
+    """A CLS-free method (or recycling) in the same stage: ORT keep_idx and features equal eager, the graph stays
+    static; recycle keeps the same patches as without it but changes the features."""
     layout = llava_layout(model)
     vision = VisionPrune(model, layout, method, 5, options).eval()  # {}: VisionPrune fills in the defaults
     proto = export_part(vision, vision_spec(layout), what=method)
@@ -153,6 +160,11 @@ def test_cls_free_method_exports(model, pixels, method, options):
     np.testing.assert_array_equal(got_idx, idx.numpy())
     np.testing.assert_allclose(got_features, features.numpy(), atol=1e-5, rtol=0)
     assert (np.diff(got_idx, axis=1) > 0).all()  # ascending: original order kept
+    if options.get("recycle"):
+        with torch.no_grad():
+            plain, plain_idx = VisionPrune(model, layout, method, 5, {}).eval()(pixels)
+        np.testing.assert_array_equal(plain_idx.numpy(), got_idx)
+        assert np.abs(plain.numpy() - got_features).max() > 1e-3
 
 
 @pytest.mark.parametrize("recipe, match", [
@@ -166,7 +178,7 @@ def test_cls_free_method_exports(model, pixels, method, options):
 ])
 def test_bad_recipe_is_one_line(model, tmp_path, recipe, match):
     with pytest.raises(ConfigError, match=match) as e:
-        export_llava(model, tmp_path, recipe)
+        export_vlm(model, tmp_path, recipe)
     _one_line(e)
     assert not any(tmp_path.iterdir())  # nothing written
 
@@ -190,3 +202,30 @@ def test_vision_engine_builds_for_rtx_sm86(exported, tmp_path):
 
     info = build_engine(exported.paths["vision"], tmp_path / "vision_prune.engine", BuildSpec(target="rtx-sm86", max_batch=4))
     assert info.size_bytes > 0 and info.engine_path.is_file()
+
+
+def test_lm_axes_are_named_for_dims(exported, tmp_path):
+    """The LM parts' dynamic axes are `sequence` and `past_sequence`; decode's mask is `past_sequence + 1` (derived,
+    not a name of its own), so `tokensieve build lm_decode.onnx --dims sequence=...,past_sequence=...` sizes it."""
+    def dims(part):
+        proto = onnx.load(str(exported.paths[part]))
+        return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+
+    assert dims("prefill") == {"inputs_embeds": ["batch", "sequence", 32], "attention_mask": ["batch", "sequence"],
+                               "position_ids": ["batch", "sequence"]}
+    decode = dims("decode")
+    assert decode["attention_mask"] == ["batch", "past_sequence + 1"]
+    past = [f"past.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert all(decode[name] == ["batch", 2, "past_sequence", 8] for name in past)
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve.cli import main
+
+    engine = tmp_path / "lm_decode.engine"
+    assert main(["build", str(exported.paths["decode"]), "--max-batch", "4", "--dims",
+                 "sequence=1:16:64,past_sequence=0:16:64", "-o", str(engine)]) == 0
+    meta = json.loads(engine.with_name(engine.name + ".json").read_text())
+    assert meta["optimization_profile"]["attention_mask"] == {"min": [1, 1], "opt": [1, 17], "max": [4, 65]}
+    assert meta["optimization_profile"]["past.0.key"] == {"min": [1, 2, 0, 8], "opt": [1, 2, 16, 8],
+                                                          "max": [4, 2, 64, 8]}
+    assert meta["dims"] == {"past_sequence": {"min": 0, "opt": 16, "max": 64},
+                            "past_sequence + 1": {"min": 1, "opt": 17, "max": 65}}

@@ -5,7 +5,10 @@ A tiny random-init Qwen2VLForConditionalGeneration (transformers 5.x), one image
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,6 +19,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLPrefill, Qwen2VLVisionPrune, export_vision_prune, image_layout
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.runtime.onnxruntime_runner import OrtRunner
+from tokensieve.vlm_api import export_vlm, verify_llava, verify_vlm
 
 GRID = (1, 8, 8)
 KEEP = 6
@@ -62,20 +66,48 @@ def _pixels(layout, seed):
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    result = vlm.export_qwen2_vl(model, GRID, "attn-mean", KEEP)
-    return result, vlm.save_qwen2_vl(result, tmp_path_factory.mktemp("qwen2_vl"))
+    return export_vlm(model, tmp_path_factory.mktemp("qwen2_vl"), f"attn-mean:{KEEP}", grid=GRID)
+
+
+def test_export_result(exported):
+    """export_vlm's one result type, filled in for Qwen2-VL; the manifest keeps its keys."""
+    assert exported.model_type == "qwen2_vl" and exported.grid == GRID and exported.inner is None
+    assert exported.prune == f"attn-mean:{KEEP}" and exported.method == "attn-mean" and exported.keep == KEEP
+    assert exported.num_tokens == 16 and exported.num_image_tokens == KEEP
+    assert set(exported.seconds) == set(exported.sizes) == {"vision", "prefill", "decode"}
+    assert all(exported.sizes[k] == exported.paths[k].stat().st_size > 0 for k in exported.sizes)
+    d = json.loads(json.dumps(exported.to_dict()))
+    assert d["grid"] == list(GRID) and d["files"]["manifest"] == "manifest.json" and d["vision_ops"]["TopK"] == 2
+    manifest = json.loads(exported.paths["manifest"].read_text())
+    assert manifest["grid_thw"] == list(GRID) and manifest["keep"] == KEEP and manifest["method"] == "attn-mean"
+    assert manifest["files"] == dict(vision="vision_prune.onnx", prefill="lm_prefill.onnx", decode="lm_decode.onnx")
+
+
+def test_verify_vlm(exported):
+    """verify_vlm dispatches to the Qwen2-VL greedy pipeline (batch 1): ORT ids == eager, logits within atol."""
+    report = verify_vlm(exported, max_new_tokens=4)
+    assert report.model_type == "qwen2_vl" and report.batch == 1 and report.passed, report.to_dict()
+    assert report.tokens_match and np.array(report.tokens).shape == (1, 4)
+    assert report.keep_idx_match is None and report.max_abs_diff_features is None  # not compared for Qwen2-VL
+    assert report.max_abs_diff_logits <= 1e-4
+    for call, words in [(lambda: verify_vlm(exported, batch=2), "batch 1"),
+                        (lambda: verify_llava(exported), "use verify_vlm")]:
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert words in _one_line(e)
 
 
 # --------------------------------------------------------------------------- vision_prune
 
 
-@pytest.mark.parametrize("method", ["attn-mean", "ttv", "divprune"])
-def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, method):
+@pytest.mark.parametrize("method, options", [("attn-mean", {}), ("ttv", {}), ("divprune", {}),
+                                             ("attn-mean", {"recycle": True})])
+def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, method, options):
     """ORT reproduces the eager module's keep_idx exactly and its features to 1e-4, on new inputs; graph is static."""
-    if method == "attn-mean":
-        vision, path = exported[0].vision, exported[1]["vision"]
+    if method == "attn-mean" and not options:
+        vision, path = exported.vision, exported.paths["vision"]
     else:
-        vision = Qwen2VLVisionPrune(model.model.visual, layout, method, KEEP).eval()
+        vision = Qwen2VLVisionPrune(model.model.visual, layout, method, KEEP, options).eval()
         proto = export_vision_prune(vision)
         check_static(proto)
         path = tmp_path / "vision_prune.onnx"
@@ -91,18 +123,25 @@ def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, metho
             assert out["keep_idx"].tolist() == keep.tolist() == sorted(set(keep.tolist()))
             assert out["image_features"].shape == (KEEP, model.config.text_config.hidden_size)
             assert np.abs(out["image_features"] - feats.numpy()).max() <= 1e-4
+            if options.get("recycle"):  # same kept columns as plain attn-mean, other features
+                with torch.no_grad():
+                    plain, plain_keep = exported.vision(x)
+                assert plain_keep.tolist() == keep.tolist()
+                assert np.abs(plain.numpy() - feats.numpy()).max() > 1e-3
 
 
 def test_vision_prune_op_census(exported):
     """No data-dependent or control-flow ops; one fixed-budget TopK selection, every size static."""
-    result, _ = exported
-    census = op_census(result.vision_onnx)
+    result = exported
+    vision_onnx = onnx.load(str(result.paths["vision"]))
+    census = op_census(vision_onnx)
     assert not set(census) & set(FORBIDDEN_OPS)
     assert census["TopK"] == 2 and census["GatherND"] == 1          # TopK(K) + TopK(sort indices) -> Gather
     assert census["Softmax"] == len(result.vision.visual.blocks) + 1  # one per block + the attn-mean score row
-    check_static(result.vision_onnx)
-    for proto in (result.prefill_onnx, result.decode_onnx):
-        assert not set(op_census(proto)) & set(FORBIDDEN_OPS)
+    assert dict(census) == result.vision_ops
+    check_static(vision_onnx)
+    for part in ("prefill", "decode"):
+        assert not set(op_census(onnx.load(str(result.paths[part])))) & set(FORBIDDEN_OPS)
 
 
 def test_keep_all_reproduces_hf_image_features(model, layout):
@@ -194,7 +233,7 @@ def test_keep_all_reproduces_hf_logits_and_generate(model, layout, prompt):
 
 def test_one_d_positions_change_the_output(model, layout, prompt, exported, monkeypatch):
     """Control: the same pruned prompt with 1-D positions (0..T'-1, then T', T'+1, ...) changes logits and tokens."""
-    vision = exported[0].vision
+    vision = exported.vision
     x = _pixels(layout, 0)
     tokens, logits = vlm.greedy_eager(model, vision, x, prompt, steps=8)
 
@@ -211,7 +250,7 @@ def test_one_d_positions_change_the_output(model, layout, prompt, exported, monk
 
 def test_ort_greedy_pipeline_matches_eager(model, layout, prompt, exported):
     """vision_prune -> lm_prefill -> lm_decode on ORT: 8 greedy tokens identical to the eager parts, same pruning."""
-    result, paths = exported
+    result, paths = exported, exported.paths
     for seed in (0, 1):
         x = _pixels(layout, seed)
         want_tokens, want_logits = vlm.greedy_eager(model, result.vision, x, prompt, steps=8)
@@ -224,7 +263,7 @@ def test_ort_greedy_pipeline_matches_eager(model, layout, prompt, exported):
 
 def test_prefill_ignores_dropped_placeholders(model, layout, prompt, exported):
     """The pruned prompt's j-th image placeholder gets feature row j (CumSum + Gather): equal to inputs_embeds."""
-    result, _ = exported
+    result = exported
     with torch.no_grad():
         feats, keep = result.vision(_pixels(layout, 5))
         pos, cols, _ = vlm.pruned_mrope_positions(vlm.prompt_mrope_positions(model, prompt, layout),
@@ -288,7 +327,7 @@ def test_bad_grid(model, grid):
 
 
 def test_patch_count_and_prompt_mismatch(model, layout, prompt, exported):
-    result, paths = exported
+    result, paths = exported, exported.paths
     short = torch.zeros(layout.num_patches - 4, layout.patch_dim)
     with pytest.raises(ConfigError) as e:
         vlm.greedy_eager(model, result.vision, short, prompt)
@@ -305,10 +344,12 @@ def test_patch_count_and_prompt_mismatch(model, layout, prompt, exported):
     assert "image tokens" in _one_line(e)
 
 
-def test_not_a_qwen2_vl_model():
-    with pytest.raises(ConfigError) as e:
-        vlm.export_qwen2_vl(torch.nn.Linear(2, 2), GRID)
-    assert "Qwen2VLForConditionalGeneration" in _one_line(e)
+def test_not_a_qwen2_vl_model(model, tmp_path):
+    for not_one in (torch.nn.Linear(2, 2), model.model):  # no config / a Qwen2VLModel without lm_head
+        with pytest.raises(ConfigError) as e:
+            export_vlm(not_one, tmp_path, "attn-mean:6", grid=GRID)
+        assert "Qwen2VLForConditionalGeneration" in _one_line(e)
+    assert not any(tmp_path.iterdir())
 
 
 def test_vision_prune_builds_rtx_engine(exported, tmp_path):
@@ -316,7 +357,7 @@ def test_vision_prune_builds_rtx_engine(exported, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from tokensieve import api
 
-    info = api.build(exported[1]["vision"], tmp_path / "vision_prune.engine", target="rtx-sm86")
+    info = api.build(exported.paths["vision"], tmp_path / "vision_prune.engine", target="rtx-sm86")
     io = {t["name"]: t["shape"] for t in info.metadata["io_tensors"]}
     assert io == {"pixel_values": [64, 96], "image_features": [KEEP, 64], "keep_idx": [KEEP]}
     assert info.metadata["data_dependent_shapes"] is False
