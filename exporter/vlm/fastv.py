@@ -4,7 +4,7 @@ reference.
     result = export_llava(model, "out/llava", "cls-topk:1.0", inner="fastv@1:0.5")   # no outer pruning, FastV
     report = verify_llava(result)              # ORT greedy ids == eager FastV reference, kept image tokens, logits
 
-Spec: `fastv@L:R` (optionally `fastv(debias=true)@L:R` with a per-position bias, see below). L is the 0-based
+Spec: `fastv@L:R`, optionally with parameters `fastv(debias=true,uniform=0.5)@L:R` (see below). L is the 0-based
 decoder layer after which image tokens are dropped (0 <= L <= num_layers - 2); R is the number of image tokens
 kept, a ratio of the N image tokens the prompt carries (`0.5`, `1.0`) or a count (`8`), 1 <= R <= N.
 
@@ -17,8 +17,9 @@ Prefill (`FastvPrefill`, lm_prefill.onnx):
     Layers 0..L run over all T tokens. Score: the softmax row of the LAST prompt position at layer L (q of that
     position from layer L's input, keys = layer L's cached keys after RoPE, padding keys masked), head mean; the
     fused SDPA gives no probabilities, so this one row is recomputed. The R image tokens with the highest score are
-    kept (TopK -> sort: original order), every text token is kept; hidden states, position ids and the attention
-    mask are gathered at keep_idx for layers L+1... Kept tokens keep their ORIGINAL position ids (RoPE).
+    kept (TopK -> sort: original order; with uniform=S the U fixed ordinals first, see below), every text token is
+    kept; hidden states, position ids and the attention mask are gathered at keep_idx for layers L+1... Kept
+    tokens keep their ORIGINAL position ids (RoPE).
 Decode (`FastvDecode`, lm_decode.onnx):
     input_ids (B, 1), attention_mask (B, P + 1), attention_mask_pruned (B, P' + 1), position_ids (B, 1),
     past.i.key/value (B, kv, P, D) for layers 0..L, (B, kv, P', D) for layers L+1..
@@ -32,10 +33,18 @@ debias (the "attention debiasing" variant): score = FastV score - bias, bias (N,
 (`calibrate_fastv_bias` averages the FastV score over calibration prompts/images); it removes the positional
 preference of the last query (RoPE recency) before TopK. Pure arithmetic on the score; the bias is a constant.
 
+uniform=S (FEATHER, Endo et al. 2025, "Feather the Throttle"; 0 <= S < 1, default 0 = plain FastV): of the R kept
+image tokens, U = round(S * R) (Python round) are fixed, evenly spaced image ordinals round(linspace(0, N - 1, U))
+(graph_passes/methods/position_scores.uniform_scores), the other R - U are the highest-score image tokens among the
+rest: FastV's criterion plus uniform spatial coverage under the same total budget R. Static: score =
+Where(uniform_hit, +inf, score) before the same TopK, exact because every (debiased) score is finite, so TopK takes
+all U fixed ordinals and then the best R - U others. Combines with debias (the bias is subtracted first).
+
 The eager reference (`reference_fastv_generate`) is independent of the parts: HF's own eager attention
-probabilities (output_attentions) give the score, the image positions come from input_ids, and every greedy step
-re-runs HF's decoder layers by hand over the whole sequence (no cache): layers 0..L over every token, layers L+1..
-over the kept prompt tokens plus the generated ones.
+probabilities (output_attentions) give the score, the image positions come from input_ids, uniform=S is a TopK over
+the non-uniform ordinals only (united with the fixed ones, no +inf), and every greedy step re-runs HF's decoder
+layers by hand over the whole sequence (no cache): layers 0..L over every token, layers L+1.. over the kept prompt
+tokens plus the generated ones.
 """
 from __future__ import annotations
 
@@ -54,6 +63,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec
 from tokensieve.exporter.vlm.llava import LlavaLayout
 from tokensieve.exporter.vlm.lm_parts import EXAMPLE_BATCH, _cache_from, _flatten, kv_names
+from tokensieve.graph_passes.methods.position_scores import uniform_scores
 
 _BATCH = Dim("batch", min=1, max=4096)
 _SEQ = Dim.DYNAMIC
@@ -69,37 +79,74 @@ class FastvSpec:
     num_image_tokens: int      # N image tokens in every prompt
     num_layers: int
     bias: tuple[float, ...] | None = None   # debias: (N,) subtracted from the score
+    uniform: float = 0.0       # FEATHER: share S of the R kept tokens that are fixed evenly spaced ordinals
 
     @property
     def dropped(self) -> int:
         return self.num_image_tokens - self.keep
 
+    @property
+    def num_uniform(self) -> int:
+        """U = round(S * R): kept image tokens fixed at evenly spaced ordinals."""
+        return min(self.keep, int(round(self.uniform * self.keep)))
+
+    @property
+    def uniform_ordinals(self) -> tuple[int, ...]:
+        """The U fixed image ordinals, ascending: round(linspace(0, N - 1, U)), as uniform_scores picks them."""
+        hit = uniform_scores(torch.zeros(1, self.num_image_tokens), self.num_uniform, num_prefix_tokens=0)[0]
+        return tuple(int(i) for i in torch.nonzero(hit > 0).flatten())
+
     def shorthand(self) -> str:
-        return f"fastv{'(debias=true)' if self.bias is not None else ''}@{self.layer}:{self.keep}"
+        params = ["debias=true"] * (self.bias is not None) + [f"uniform={self.uniform:g}"] * (self.uniform > 0)
+        return f"fastv{'(' + ','.join(params) + ')' if params else ''}@{self.layer}:{self.keep}"
 
     def to_dict(self) -> dict:
         return {"method": "fastv", "layer": self.layer, "keep": self.keep, "num_image_tokens": self.num_image_tokens,
-                "debias": self.bias is not None}
+                "debias": self.bias is not None, "uniform": self.uniform, "num_uniform": self.num_uniform}
 
 
-def split_fastv(text: str) -> tuple[bool, int, str]:
-    """Syntax only (no model needed): `fastv(debias=true)@1:0.5` -> (debias, layer, keep text); ConfigError."""
+_PARAMS = "debias=true|false and uniform=S (0 <= S < 1)"
+
+
+def _split(text: str) -> tuple[bool, float, int, str]:
+    """`fastv(debias=true,uniform=0.5)@1:0.5` -> (debias, uniform share, layer, keep text); one-line ConfigError."""
     m = _SPEC.match(str(text).strip())
     if not m:
         raise ConfigError(f"Cannot parse inner pruning {text!r}; write fastv@LAYER:KEEP, e.g. fastv@1:0.5 (ratio of "
                           "the image tokens) or fastv@1:8 (count)")
-    debias = False
+    params: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
-        key, _, value = item.partition("=")
-        if key.strip() != "debias" or value.strip().lower() not in ("true", "false"):
-            raise ConfigError(f"fastv has one parameter, debias=true|false; got {item!r}")
-        debias = value.strip().lower() == "true"
-    return debias, int(m["layer"]), m["keep"]
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if key not in ("debias", "uniform") or not eq:
+            raise ConfigError(f"fastv parameters are {_PARAMS}; got {item!r}")
+        if key in params:
+            raise ConfigError(f"fastv parameter {key!r} is given twice in {text!r}")
+        params[key] = value
+    debias_text = params.get("debias", "false").lower()
+    if debias_text not in ("true", "false"):
+        raise ConfigError(f"fastv debias={params['debias']!r} must be true or false")
+    try:
+        uniform = float(params.get("uniform", "0"))
+    except ValueError:
+        raise ConfigError(f"fastv uniform={params['uniform']!r} is not a number; use a share 0 <= S < 1, e.g. "
+                          "uniform=0.5") from None
+    if not 0.0 <= uniform < 1.0:
+        raise ConfigError(f"fastv uniform={params['uniform']} is out of range; use a share 0 <= S < 1 of the kept "
+                          "image tokens (0 = plain FastV)")
+    return debias_text == "true", uniform, int(m["layer"]), m["keep"]
+
+
+def split_fastv(text: str) -> tuple[bool, int, str]:
+    """Syntax only (no model needed): `fastv(debias=true)@1:0.5` -> (debias, layer, keep text); ConfigError (every
+    parameter is checked, uniform=S too)."""
+    debias, _, layer, keep_text = _split(text)
+    return debias, layer, keep_text
 
 
 def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) -> FastvSpec:
-    """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true)@1:8` -> FastvSpec; one-line ConfigError otherwise."""
-    debias, layer, keep_text = split_fastv(text)
+    """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true,uniform=0.5)@1:8` -> FastvSpec; one-line ConfigError
+    otherwise."""
+    debias, uniform, layer, keep_text = _split(text)
     if not 0 <= layer <= num_layers - 2:
         raise ConfigError(f"fastv layer {layer} is out of range; the language model has {num_layers} layers, prune "
                           f"after layer 0..{num_layers - 2} (later layers must remain to see fewer tokens)")
@@ -121,10 +168,11 @@ def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) ->
                           "tokensieve.exporter.vlm.fastv.calibrate_fastv_bias)")
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float64).reshape(-1)
-        if bias.shape != (n,) or not np.isfinite(bias).all():
+        # float32-finite: the graph subtracts it in float32, and uniform=S relies on every score being finite
+        if bias.shape != (n,) or not (np.abs(bias) < np.finfo(np.float32).max).all():
             raise ConfigError(f"inner_bias must be {n} finite floats (one per image token), got shape {bias.shape}")
         bias = tuple(float(v) for v in bias)
-    return FastvSpec(layer, keep, n, num_layers, bias)
+    return FastvSpec(layer, keep, n, num_layers, bias, uniform)
 
 
 # --------------------------------------------------------------------------- exported parts
@@ -165,6 +213,9 @@ class FastvPrefill(nn.Module):
         self.spec = spec
         bias = torch.tensor(spec.bias if spec.bias is not None else [0.0] * spec.num_image_tokens, dtype=torch.float32)
         self.register_buffer("bias", bias, persistent=False)
+        hit = torch.zeros(spec.num_image_tokens, dtype=torch.bool)
+        hit[list(spec.uniform_ordinals)] = True
+        self.register_buffer("uniform_hit", hit, persistent=False)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 image_positions: Tensor) -> tuple[Tensor, ...]:
@@ -183,6 +234,8 @@ class FastvPrefill(nn.Module):
             image_scores = scores.gather(1, image_positions)
             if spec.bias is not None:
                 image_scores = image_scores - self.bias
+            if spec.num_uniform:  # FEATHER: every finite score < +inf, so TopK takes the U fixed ordinals first
+                image_scores = torch.where(self.uniform_hit, torch.inf, image_scores)
             image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values   # (B, R) ordinals
             kept_pos = image_positions.gather(1, image_keep)                                # (B, R) sequence idx
             t = h.shape[1]
@@ -332,7 +385,11 @@ def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features
     image_scores = scores.gather(1, image_pos)
     if spec.bias is not None:
         image_scores = image_scores - torch.tensor(spec.bias, dtype=image_scores.dtype)
-    image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values
+    uniform = spec.uniform_ordinals
+    fixed = torch.tensor(uniform, dtype=torch.long)
+    others = torch.tensor([i for i in range(spec.num_image_tokens) if i not in uniform], dtype=torch.long)
+    best = others[image_scores[:, others].topk(spec.keep - len(fixed), dim=-1).indices]   # (B, R - U) ordinals
+    image_keep = torch.cat([fixed.expand(b, -1), best], dim=1).sort(dim=-1).values
     keep_rows = []
     for r in range(b):
         keep = ~is_image[r]

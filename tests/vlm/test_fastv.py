@@ -3,9 +3,13 @@ FastV reference that runs HF's decoder layers by hand (HF eager attention probab
 
 One tiny random-init LLaVA with a 3-layer Llama (layers 0..1 keep every token, layer 2 sees the pruned sequence),
 no outer pruning (cls-topk:1.0 -> 16 image tokens), FastV after layer 1 keeping 6 of the 16 image tokens; exported
-once per module (~20 s). The CLI test exports the 2-layer `tiny_llava` once more (R = N control, ~18 s).
+once per module (~20 s). Three more exports of the same model (~20 s each): fastv(debias=true) with a calibrated bias,
+FEATHER (fastv(uniform=0.5)) and ToDRE (outer divprune + inner FastV). The CLI test exports the 2-layer
+`tiny_llava` once more (R = N control, ~18 s).
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -158,6 +162,115 @@ def test_debiased_score_is_exported_module_and_reference(model, pixels):
     assert (want.image_keep_idx.numpy() >= N - 2 * R).all()
 
 
+# --------------------------------------------------------------------------- debias, FEATHER, ToDRE exported
+
+
+def _verify_input(layout, batch=2, seed=0):
+    """The prompt and images verify_llava draws by default (its seed 0)."""
+    size = layout.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return llava_prompt(layout, N, batch, seed=seed), pixels
+
+
+def _inner_keep(out_dir, ids, pixels, mask=None):
+    with LlavaOrtPipeline(out_dir) as pipe:
+        got = pipe.generate(ids.numpy(), pixels.numpy(), 1, attention_mask=None if mask is None else mask.numpy())
+    return got.inner_keep_idx
+
+
+@pytest.fixture(scope="module")
+def debiased(model, tmp_path_factory):
+    """fastv(debias=true) with the bias calibrated on 8 other prompts/images."""
+    layout = llava_layout(model)
+    cal_pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    bias = calibrate_fastv_bias(model, llava_prompt(layout, N, 8, seed=11), _features(model, cal_pixels), LAYER, IMAGE)
+    return export_llava(model, tmp_path_factory.mktemp("fastv_debias"), "cls-topk:1.0",
+                        inner=f"fastv(debias=true)@{LAYER}:{R}", inner_bias=bias)
+
+
+def test_debiased_export_matches_eager_and_moves_selection(debiased, exported):
+    """The known gap: fastv(debias=true) through export_llava -> ORT greedy ids, kept image tokens and logits equal the
+    eager reference (which subtracts the same bias); control: on the same input the bias keeps other image tokens
+    than plain FastV (so the exported subtraction is live, not folded away)."""
+    assert debiased.inner.bias is not None and debiased.inner.shorthand() == f"fastv(debias=true)@{LAYER}:{R}"
+    report = verify_llava(debiased, batch=2, max_new_tokens=4)
+    assert report.tokens_match and report.inner_keep_idx_match and report.passed, report.to_dict()
+    assert report.max_abs_diff_logits <= ATOL, report.to_dict()
+    ids, pixels = _verify_input(debiased.layout)
+    got, plain = _inner_keep(debiased.out_dir, ids, pixels), _inner_keep(exported.out_dir, ids, pixels)
+    want = reference_generate(debiased.model, debiased.vision, ids, pixels, 1, inner=debiased.inner).inner_keep_idx
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, plain), (got, plain)
+
+
+@pytest.fixture(scope="module")
+def feather(model, tmp_path_factory):
+    return export_llava(model, tmp_path_factory.mktemp("feather"), "cls-topk:1.0",
+                        inner=f"fastv(uniform=0.5)@{LAYER}:{R}")
+
+
+def test_feather_export_matches_eager_and_keeps_uniform_ordinals(feather, exported, model, pixels):
+    """FEATHER (uniform=0.5, R = 6 -> U = 3 fixed ordinals round(linspace(0, 15, 3)) = 0, 8, 15): verify_llava passes;
+    on several inputs (one left-padded row) the ORT kept image tokens contain the 3 fixed ordinals, equal the eager
+    reference (a TopK over the other 13 ordinals, no +inf) and differ from plain FastV's on the same input."""
+    spec = feather.inner
+    assert spec.num_uniform == 3 and spec.uniform_ordinals == (0, 8, 15)
+    assert spec.shorthand() == f"fastv(uniform=0.5)@{LAYER}:{R}"
+    manifest = json.loads(feather.paths["manifest"].read_text())
+    assert manifest["inner"]["uniform"] == 0.5 and manifest["inner"]["num_uniform"] == 3
+    report = verify_llava(feather, batch=2, max_new_tokens=4)
+    assert report.tokens_match and report.inner_keep_idx_match and report.passed, report.to_dict()
+    assert report.max_abs_diff_logits <= ATOL, report.to_dict()
+    differs = 0
+    for seed in (0, 1, 2):
+        ids = llava_prompt(feather.layout, N, 3, before=5, seed=seed)
+        mask = torch.ones_like(ids)
+        mask[0, :2], ids[0, :2] = 0, 0
+        got = _inner_keep(feather.out_dir, ids, pixels, mask)
+        want = reference_generate(model, feather.vision, ids, pixels, 1, mask, inner=spec).inner_keep_idx
+        np.testing.assert_array_equal(got, want)
+        assert np.isin([0, 8, 15], got).all(axis=0).all() and (np.diff(got, axis=1) > 0).all(), got
+        differs += int((got != _inner_keep(exported.out_dir, ids, pixels, mask)).any(axis=1).sum())
+    assert differs >= 1  # plain FastV keeps other tokens on at least one of the 9 rows
+
+
+def test_feather_with_debias_is_exact_under_large_scores(model, pixels):
+    """uniform + debias in the prefill module and the eager reference: a bias of -1e6 * ramp lifts the debiased
+    scores far above any probability (a fixed 'large constant' such as 2 would lose the uniform ordinal 0 to the
+    late tokens); the kept set is still the 3 fixed ordinals + the top 3 others, identical in both, and differs from
+    uniform-only and from debias-only."""
+    layout = llava_layout(model)
+    features = _features(model, pixels)
+    ids = llava_prompt(layout, N, 3, seed=7)
+    ramp = -1e6 * np.linspace(0.0, 1.0, N)  # score - bias grows with the ordinal: the late ones win
+    both = parse_fastv(f"fastv(debias=true,uniform=0.5)@{LAYER}:{R}", 3, N, ramp)
+    assert both.shorthand() == f"fastv(debias=true,uniform=0.5)@{LAYER}:{R}"
+    want = reference_fastv_generate(model, ids, features, both, IMAGE, 1)
+    embeds = model.model.language_model.embed_tokens(ids).detach().clone()
+    embeds[ids == IMAGE] = features.reshape(-1, embeds.shape[-1])
+    t = ids.shape[1]
+    with torch.no_grad():
+        out = FastvPrefill(model, both).eval()(embeds, torch.ones_like(ids), torch.arange(t).expand(3, -1),
+                                               torch.nonzero(ids == IMAGE)[:, 1].view(3, N))
+    np.testing.assert_array_equal(out[-1].numpy(), want.image_keep_idx.numpy())
+    np.testing.assert_allclose(out[0].numpy(), want.logits[0].numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(want.image_keep_idx.numpy(), np.array([[0, 8, 12, 13, 14, 15]] * 3))
+    for other in (parse_fastv(f"fastv(uniform=0.5)@{LAYER}:{R}", 3, N),
+                  parse_fastv(f"fastv(debias=true)@{LAYER}:{R}", 3, N, ramp)):
+        alone = reference_fastv_generate(model, ids, features, other, IMAGE, 1)
+        assert not np.array_equal(alone.image_keep_idx.numpy(), want.image_keep_idx.numpy())
+
+
+def test_todre_divprune_outer_fastv_inner(model, tmp_path):
+    """ToDRE = diversity first (outer divprune keeps 8 of 16 patches), then task relevance (FastV after LLM layer 1
+    keeps 4 of those 8): ORT greedy ids, outer keep_idx, kept image tokens and logits equal the eager pipeline."""
+    result = export_llava(model, tmp_path, "divprune:0.5", inner=f"fastv@{LAYER}:0.5")
+    assert result.keep == result.num_image_tokens == 8 and result.inner.keep == 4
+    report = verify_llava(result, batch=2, max_new_tokens=4)
+    assert report.tokens_match and report.keep_idx_match and report.inner_keep_idx_match, report.to_dict()
+    assert report.passed and report.max_abs_diff_logits <= ATOL, report.to_dict()
+
+
 @pytest.mark.parametrize("inner, match", [
     ("fastv@2:6", "layer 2 is out of range"),     # 3 layers: prune after 0..1
     ("fastv@-1:6", "out of range"),
@@ -166,8 +279,12 @@ def test_debiased_score_is_exported_module_and_reference(model, pixels):
     ("fastv@1:1.5", "ratio 1.5 is out of range"),
     ("fastv@1:abc", "not a number"),
     ("fastv:6", "Cannot parse"),
-    ("fastv(foo=1)@1:6", "one parameter"),
+    ("fastv(foo=1)@1:6", "parameters are debias"),
     ("fastv(debias=true)@1:6", "needs the per-position bias"),
+    ("fastv(uniform=1.0)@1:6", "uniform=1.0 is out of range"),
+    ("fastv(uniform=-0.1)@1:6", "uniform=-0.1 is out of range"),
+    ("fastv(uniform=x)@1:6", "uniform='x' is not a number"),
+    ("fastv(uniform=0.5,uniform=0.2)@1:6", "given twice"),
 ])
 def test_bad_inner_is_one_line(model, tmp_path, inner, match):
     with pytest.raises(ConfigError, match=match) as e:
