@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor,
                       parse_target, rtx_compute_capability_enum)
 from .lint import lint_for_tensorrt, raise_on_lint
 from .plugins import LIBRARY_NAME, PLUGIN_LIB_ENV, load_plugins
+from tokensieve.runtime.tensorrt_plugins import loaded_plugin_library
 from .trt_logger import collecting_logger
 
 
@@ -137,7 +140,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
                               "use --target rtx-sm86 (or another rtx-smXX) to build without a GPU")
 
     logger = collecting_logger(trt)
-    with logger.capture():
+    plugin_log = _PluginLog(plugin_lib is not None or loaded_plugin_library(trt) is not None)
+    with logger.capture(), plugin_log:
         builder = trt.Builder(logger)
         if builder is None:
             raise TargetError(f"{label} could not create a builder: {logger.summary()}")
@@ -153,7 +157,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         else:  # the path lets the parser find external weights (model.onnx.data)
             parsed = parser.parse(model.SerializeToString(), str(onnx_path))
         if not parsed:
-            raise TargetError(_parser_error(label, onnx_path, parser))
+            raise TargetError(_parser_error(label, onnx_path, parser, plugin_log.reasons(logger)))
         config = builder.create_builder_config()
         profile = _profile(builder, network, spec)
         if profile:
@@ -174,7 +178,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         plan = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - t0
         if plan is None:
-            raise TargetError(f"{label} failed to build {onnx_path.name} for {spec.target}: {logger.summary()}")
+            reasons = plugin_log.reasons(logger)
+            why = f"the plugin says: {reasons[0]}; fix that node's attributes or inputs" if reasons else logger.summary()
+            raise TargetError(f"{label} failed to build {onnx_path.name} for {spec.target}: {why}")
         warnings = [m for sev, m in logger.messages if sev == "WARNING"]
         io = network_io(trt, network)
 
@@ -299,15 +305,70 @@ def fp32_layers(network, node_names: set[str], value_names: set[str]) -> list:
             or any(layer.get_output(j).name in value_names for j in range(layer.num_outputs))]
 
 
-def _parser_error(label: str, onnx_path: Path, parser) -> str:
-    """The first parser error as one line, naming the node and op."""
+def _parser_error(label: str, onnx_path: Path, parser, plugin_reasons: list[str] = ()) -> str:
+    """The first parser error as one line, naming the node and op (and the plugin's own reason, if it gave one)."""
     err, n = parser.get_error(0), parser.num_errors
     desc = " ".join(str(err.desc()).split())
     more = f" (+{n - 1} more)" if n > 1 else ""
     if err.node() < 0:  # file-level: unreadable, not ONNX, missing external data
         return f"{label} cannot read {str(onnx_path)!r}: {desc}{more}; check it loads with onnx.load"
-    return (f"{label} cannot parse {onnx_path.name}: node {err.node_name()!r} (op {err.node_operator()}): {desc}{more}; "
-            f"rewrite or remove this op before building")
+    where = f"{label} cannot parse {onnx_path.name}: node {err.node_name()!r} (op {err.node_operator()})"
+    if plugin_reasons:  # the parser only says "could not create the plugin"; the plugin said why
+        return f"{where}: the plugin says: {plugin_reasons[0]}{more}; fix that node's attributes"
+    return f"{where}: {desc}{more}; rewrite or remove this op before building"
+
+
+_PLUGIN_PREFIX = "[tokensieve plugins]"
+
+
+class _PluginLog:
+    """While active (only when a plugin library is loaded), collects the tokensieve plugins' error lines.
+
+    The plugins log through the logger TensorRT hands them via setLoggerFinder, and to stderr when there is none (the
+    Python bindings give none), so file descriptor 2 is redirected to a temporary file for the parse and build; every
+    line that is not the plugins' goes on to the real stderr unchanged."""
+
+    def __init__(self, active: bool):
+        self.active, self.lines = active, []
+
+    def __enter__(self):
+        if self.active:
+            sys.stderr.flush()
+            self._tmp = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.active:
+            return False
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        text = self._captured()
+        self._tmp.close()
+        self.active = False
+        for line in text.splitlines():
+            if line.startswith(_PLUGIN_PREFIX):
+                self.lines.append(line[len(_PLUGIN_PREFIX):].strip())
+            else:
+                sys.stderr.write(line + "\n")
+        return False
+
+    def _captured(self) -> str:
+        fd = self._tmp.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")  # pread: fd 2's offset stays put
+
+    def reasons(self, logger) -> list[str]:
+        """The plugins' messages so far: from the TensorRT logger if it got them, else from the captured stderr."""
+        if self.active:
+            sys.stderr.flush()
+            captured = [ln[len(_PLUGIN_PREFIX):].strip() for ln in self._captured().splitlines()
+                        if ln.startswith(_PLUGIN_PREFIX)]
+        else:
+            captured = list(self.lines)
+        logged = [m.split(_PLUGIN_PREFIX, 1)[1].strip() for _, m in logger.messages if _PLUGIN_PREFIX in m]
+        return logged + captured
 
 
 def _dim_names(t) -> list[str | None]:

@@ -141,11 +141,17 @@ def test_dynamic_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtyp
 
 @requires_rtx
 @requires_nvcc
-@pytest.mark.parametrize("attrs", [{"capacity": 0}, {"dynamic": 2}, {"opt_count": 7}, {"opt_count": -1},
-                                   {"min_count": 7}, {"capacity": 20, "min_count": 18}],
-                         ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
-def test_invalid_token_compact_attributes_fail_the_build(plugin_lib, tmp_path, attrs):
-    """capacity 6 unless changed, N = 17 tokens; min_count=18 > N is only caught once the shapes are known."""
+@pytest.mark.parametrize("attrs, reason", [
+    ({"capacity": 0}, "attribute 'capacity' must be >= 1, got 0"),
+    ({"dynamic": 2}, "attribute 'dynamic' must be 0 (capped) or 1"),
+    ({"opt_count": 7}, "attribute 'opt_count' must be in [0, capacity=6]"),
+    ({"opt_count": -1}, "attribute 'opt_count' must be in [0, capacity=6]"),
+    ({"min_count": 7}, "attribute 'min_count' must be in [0, capacity=6]"),
+    ({"capacity": 20, "min_count": 18}, "min_count=18 exceeds the 17"),
+], ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) if isinstance(a, dict) else "")
+def test_invalid_token_compact_attributes_fail_the_build(plugin_lib, tmp_path, attrs, reason):
+    """capacity 6 unless changed, N = 17 tokens; min_count=18 > N is only caught once the shapes are known. The
+    one-line error carries the plugin's own reason (it logs to stderr; the parser only says it could not create it)."""
     import onnx
     path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", tokens=17, capacity=6, dynamic=True)
     model = onnx.load(str(path))
@@ -155,7 +161,7 @@ def test_invalid_token_compact_attributes_fail_the_build(plugin_lib, tmp_path, a
     onnx.save(model, str(path))
     with pytest.raises(TargetError) as e:
         plugin_nodes.build_plugin_engine(path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
-    _one_line(e)
+    assert "the plugin says: TokenCompact" in _one_line(e) and reason in str(e.value), str(e.value)
 
 
 def test_token_compact_node_needs_dynamic_for_its_options():
@@ -183,8 +189,13 @@ def test_diversity_select_engine_builds_rtx_sm86(plugin_lib, tmp_path, mode, dty
 
 @requires_rtx
 @requires_nvcc
-@pytest.mark.parametrize("change,reason", [({"lambda": 1.5}, "parse"), ({"k": 17}, "k exceeds candidates"),
-                                           ({"mode": 1}, "MMR without importance")])
+@pytest.mark.parametrize("change,reason", [
+    ({"lambda": 1.5}, "cannot parse ds.onnx: node '' (op DiversitySelect): the plugin says: DiversitySelect node "
+                      "'node_of_idx': attribute 'lambda' must be in [0, 1], got 1.5"),
+    ({"k": 17}, "failed to build ds.onnx for rtx-sm86: the plugin says: DiversitySelect: k=17 exceeds the 16 "
+                "candidate tokens (N=17 minus num_prefix_tokens=1)"),
+    ({"mode": 1}, "the plugin says: DiversitySelect mode 1 (MMR) needs a second input, importance [B,N]"),
+])
 def test_invalid_plugin_attributes_fail_the_build(plugin_lib, tmp_path, change, reason):
     import onnx
     path = plugin_nodes.write_diversity_select_onnx(tmp_path / "ds.onnx", tokens=17, k=6, mode=0, num_prefix_tokens=1)
@@ -198,7 +209,7 @@ def test_invalid_plugin_attributes_fail_the_build(plugin_lib, tmp_path, change, 
     onnx.save(model, str(path))
     with pytest.raises(TargetError) as e:
         plugin_nodes.build_plugin_engine(path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
-    _one_line(e)
+    assert reason in _one_line(e), str(e.value)
 
 
 @requires_rtx
