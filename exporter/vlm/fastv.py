@@ -282,8 +282,10 @@ def fastv_prefill_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
 
 
 def fastv_decode_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
-    b, p = EXAMPLE_BATCH, 12
-    q = p - max(spec.dropped, 1)  # a different example length for the pruned layers: two distinct symbols
+    # Example cache lengths: the pruned layers' q = p - dropped must differ from p (two distinct symbols) and stay
+    # >= 2 (no 0/1 specialization) whatever the number dropped (hundreds at LLaVA-1.5 sizes).
+    b, p = EXAMPLE_BATCH, 12 + max(spec.dropped, 1)
+    q = p - max(spec.dropped, 1)
     shape = lambda length: (b, layout.num_kv_heads, length, layout.head_dim)  # noqa: E731
     past = tuple(torch.randn(shape(p if i <= spec.layer else q)) for i in range(layout.num_text_layers) for _ in "kv")
     args = (torch.zeros(b, 1, dtype=torch.long), torch.ones(b, p + 1, dtype=torch.long),

@@ -358,3 +358,18 @@ def test_cli_bad_inner_is_one_line(llava_dir, tmp_path, capsys, args, match):
     assert len(err) == 1 and err[0].startswith("tokensieve export-vlm: error: "), err
     assert match in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("num_image_tokens, keep", [(16, 6), (576, 144), (196, 195)])
+def test_decode_example_cache_lengths_fit_any_drop(model, num_image_tokens, keep):
+    """The decode part's example caches: full-length p and pruned q = p - dropped, distinct and >= 2 however many
+    image tokens FastV drops (a fixed p = 12 gave a negative q once more than 11 were dropped: LLaVA-1.5 sizes)."""
+    from tokensieve.exporter.vlm.fastv import fastv_decode_spec
+
+    layout = llava_layout(model)
+    spec = parse_fastv(f"fastv@{LAYER}:{keep}", layout.num_text_layers, num_image_tokens)
+    args = fastv_decode_spec(layout, spec).args
+    mask, pruned_mask, past = args[1], args[2], args[4:]
+    p, q = mask.shape[1] - 1, pruned_mask.shape[1] - 1
+    assert p - q == spec.dropped and q >= 2 and p != q
+    assert [t.shape[2] for t in past] == [p if i // 2 <= LAYER else q for i in range(len(past))]
