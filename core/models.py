@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -45,28 +46,59 @@ def _load_hf_dir(path: Path) -> nn.Module:
         raise ModelError(f"Model folder {str(path)!r} has no config.json; pass a folder written by save_pretrained()")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        import transformers
         from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        auto = AutoModelForImageClassification if getattr(config, "architectures", None) and any(
-            a.endswith("ForImageClassification") for a in config.architectures) else AutoModel
-        with quiet_loading():
-            model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
+    kind = getattr(config, "model_type", None)
+    if kind in VLM_TYPES:
+        raise ModelError(f"Model folder {str(path)!r} is a {VLM_TYPES[kind]} vision-language model; `tokensieve export` "
+                         f"takes a vision encoder, so export it in parts: tokensieve export-vlm {path} "
+                         "--prune cls-topk:0.25 -o OUT")
+    if kind in VISION_TOWERS:  # a dual encoder (image + text): its vision tower alone
+        auto = getattr(transformers, VISION_TOWERS[kind])
+    elif hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        raise ModelError(f"Model folder {str(path)!r} is a {kind!r} vision-language model, which tokensieve cannot "
+                         f"split yet; export-vlm supports {', '.join(sorted(VLM_TYPES))}, export supports vision "
+                         f"encoders (and the vision tower of {', '.join(sorted(VISION_TOWERS))})")
+    else:
+        auto = AutoModelForImageClassification if getattr(config, "architectures", None) and any(
+            a.endswith("ForImageClassification") for a in config.architectures) else AutoModel
+    try:
+        with quiet_loading():
+            model, info = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                               output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # randomly initialized weights: exportable, but the user should know (one line, not HF's table)
+        print(f"tokensieve: warning: {len(missing)} weight(s) of {type(model).__name__} are not in {str(path)!r} and "
+              f"stay randomly initialized (e.g. {missing[0]!r})", file=sys.stderr)
     return model.eval()
+
+
+# model_type -> what it is: checkpoints `tokensieve export-vlm` takes, not `export`
+VLM_TYPES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
+# model_type of a dual encoder -> the transformers class of its vision tower (loads from the full checkpoint)
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
 @contextlib.contextmanager
 def quiet_loading():
-    """No "Loading weights" progress bar on stderr: errors stay one line, summaries stay readable."""
+    """No "Loading weights" progress bar and no multi-line "LOAD REPORT" table on stderr: errors stay one line,
+    summaries stay readable (the loader reports missing weights itself, in one line)."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 
