@@ -22,7 +22,7 @@ from tokensieve.graph_passes.methods.spec import Param, PruneMethod, Reduce, Sco
 from tokensieve.graph_passes.methods.topk import gather_tokens
 
 
-def _normalize(x: Tensor) -> Tensor:
+def unit_vectors(x: Tensor) -> Tensor:
     """Unit vectors along the last dim, in float32 (a zero vector stays zero)."""
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -72,7 +72,7 @@ def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
     best B match by cosine similarity is dst, a local patch position (first on ties, as ONNX ArgMax); the r A
     tokens with the most similar match are merged (ties to the lowest position, like ToMe's stable argsort).
     """
-    m = _normalize(metric)
+    m = unit_vectors(metric)
     sim = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(-2, -1))               # (B, n_a, n_b)
     node_max, node_idx = sim.amax(dim=-1), sim.argmax(dim=-1)
     return top_mask(node_max, r), 2 * node_idx + 1
@@ -158,7 +158,7 @@ def transform_tokens(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: in
     idx = ascending_positions(top_mask(scores[:, p:], keep), keep) + p           # (B, keep) ascending
     xp = x[:, p:].float()
     anchors = gather_tokens(x, idx, 0).float()                                    # (B, keep, C)
-    sim = torch.matmul(_normalize(xp), _normalize(anchors).transpose(-2, -1))    # (B, n, keep)
+    sim = torch.matmul(unit_vectors(xp), unit_vectors(anchors).transpose(-2, -1))    # (B, n, keep)
     m = (sim / temperature).softmax(dim=-1)
     mass = m.sum(dim=1).unsqueeze(-1)                                             # (B, keep, 1)
     tokens = (torch.matmul(m.transpose(-2, -1), xp) / mass).to(x.dtype)

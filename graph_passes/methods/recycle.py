@@ -14,12 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokensieve.graph_passes.methods.merge import unit_vectors
 from tokensieve.graph_passes.methods.topk import gather_tokens
-
-
-def _normalize(x: Tensor) -> Tensor:
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def recycle_weights(x: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
@@ -32,7 +28,7 @@ def recycle_weights(x: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tenso
     own = (idx - p).unsqueeze(-1) == positions                                         # (B, K, n)
     dropped = ~own.any(dim=1)                                                          # (B, n)
     kept = gather_tokens(x, idx, 0)                                                    # (B, K, C)
-    sim = torch.matmul(_normalize(xp), _normalize(kept).transpose(-2, -1))            # (B, n, K)
+    sim = torch.matmul(unit_vectors(xp), unit_vectors(kept).transpose(-2, -1))            # (B, n, K)
     dst = sim.argmax(dim=-1)                                                           # (B, n)
     slots = torch.arange(K, device=x.device, dtype=dst.dtype)
     assigned = (dst.unsqueeze(1) == slots.view(1, K, 1)) & dropped.unsqueeze(1)        # (B, K, n)
