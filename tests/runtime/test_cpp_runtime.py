@@ -188,7 +188,8 @@ def test_help(runtime_build):
     p = _run(runtime_build, "--help")
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout.startswith("usage: tokensieve-run MODEL.engine")
-    for flag in ("--plugins", "--iters", "--warmup", "--batch", "--json", "TOKENSIEVE_TENSORRT_LIB"):
+    for flag in ("--plugins", "--iters", "--warmup", "--batch", "--dim NAME=VALUE", "--shape INPUT=D0xD1x...",
+                 "--json", "TOKENSIEVE_TENSORRT_LIB"):
         assert flag in p.stdout
 
 
@@ -245,6 +246,7 @@ def test_report_is_json(runtime_build):
     assert r["device"] == {"index": 0, "name": "Orin", "compute_capability": "8.7"}
     assert r["io_tensors"][0] == {"name": "pixel_values", "shape": [2, 3, 224, 224], "dtype": "float16", "mode": "input"}
     assert r["top5"] == [{"index": 7, "value": 1.5}, {"index": 3, "value": -0.25}]
+    assert r["dims"] == {"past_sequence": 128, "sequence": 1} and r["shapes"] == {"position_ids": [3, 2, 7]}
 
 
 def test_reads_metadata_written_by_the_rtx_builder(runtime_build, tmp_path):
@@ -387,6 +389,222 @@ def test_batch_against_static_input(runtime_build, tmp_path):
     _error_line(_run(runtime_build, engine, "--batch", "1"), "static shape [2, 8]", "--batch 2")
 
 
+# ---- check 5b: input shapes from --batch, --dim, --shape ---------------------------------------------------------
+
+C = 8
+
+
+def _decode_engine(tmp_path: Path) -> Path:
+    """Metadata shaped like an LM decode part built with `--max-batch 4 --dims past_sequence=0:16:64,sequence=1:8:32`
+    (`test_reads_dims_written_by_the_rtx_builder` proves the builder writes exactly these keys)."""
+    return _engine(tmp_path, name="decode.engine", io_tensors=[
+        {"name": "past", "shape": [-1, -1, C], "dtype": "float32", "mode": "input"},
+        {"name": "mask", "shape": [-1, -1], "dtype": "int64", "mode": "input"},
+        {"name": "position_ids", "shape": [3, -1, -1], "dtype": "int64", "mode": "input"},
+        {"name": "xs", "shape": [-1, C], "dtype": "float32", "mode": "output"},
+        {"name": "ms", "shape": [-1], "dtype": "float32", "mode": "output"},
+        {"name": "ps", "shape": [3, -1], "dtype": "float32", "mode": "output"}],
+        optimization_profile={"past": {"min": [1, 0, C], "opt": [1, 16, C], "max": [4, 64, C]},
+                              "mask": {"min": [1, 1], "opt": [1, 17], "max": [4, 65]},
+                              "position_ids": {"min": [3, 1, 1], "opt": [3, 1, 8], "max": [3, 4, 32]}},
+        dims={"past_sequence": {"min": 0, "opt": 16, "max": 64}, "past_sequence + 1": {"min": 1, "opt": 17, "max": 65},
+              "sequence": {"min": 1, "opt": 8, "max": 32}},
+        input_dim_names={"past": ["batch", "past_sequence", None], "mask": ["batch", "past_sequence + 1"],
+                         "position_ids": [None, "batch", "sequence"]})
+
+
+def _resolve(build: Build, engine: Path, *args: str) -> tuple[int, str]:
+    p = subprocess.run([str(build.exe.parent / "tokensieve-runtime-selftest"), "resolve", str(engine), *args],
+                       capture_output=True, text=True, timeout=60)
+    return p.returncode, p.stdout.strip()
+
+
+@pytest.mark.parametrize("texts, want", [
+    (["past_sequence=16", " sequence =3"], {"past_sequence": 16, "sequence": 3}),
+    (["x=0", "y=2147483647"], {"x": 0, "y": 2147483647}),
+])
+def test_dim_option_parses(runtime_build, texts, want):
+    assert json.loads(_selftest(runtime_build, "dim", *texts)) == want
+
+
+@pytest.mark.parametrize("texts, want", [
+    (["past.0.key=1x2x16x8", "x=3"], {"past.0.key": [1, 2, 16, 8], "x": [3]}),
+    (["a=b=1x0"], {"a=b": [1, 0]}),  # the last '=' splits: a shape never holds one
+])
+def test_shape_option_parses(runtime_build, texts, want):
+    assert json.loads(_selftest(runtime_build, "shape", *texts)) == want
+
+
+@pytest.mark.parametrize("kind, texts, needles", [
+    ("dim", ["abc"], ["--dim 'abc' is not NAME=VALUE"]),
+    ("dim", ["=3"], ["--dim '=3' is not NAME=VALUE"]),
+    ("dim", ["a=-1"], ["--dim 'a=-1'", "VALUE must be an integer in 0..2147483647"]),
+    ("dim", ["a=1.5"], ["VALUE must be an integer"]),
+    ("dim", ["a="], ["VALUE must be an integer"]),
+    ("dim", ["a=2147483648"], ["VALUE must be an integer in 0..2147483647"]),
+    ("dim", ["a=1", "a=2"], ["--dim a is given twice (1 and 2)"]),
+    ("shape", ["x"], ["--shape 'x' is not INPUT=D0xD1x..."]),
+    ("shape", ["x="], ["is not INPUT=D0xD1x..."]),
+    ("shape", ["=3"], ["is not INPUT=D0xD1x..."]),
+    ("shape", ["x=1x"], ["--shape x=1x: '' is not a dimension"]),
+    ("shape", ["x=1X2"], ["'1X2' is not a dimension", "joined by 'x'"]),
+    ("shape", ["x=1x-2"], ["'-2' is not a dimension"]),
+    ("shape", ["x=1", "x=2"], ["--shape 'x' is given twice (1 and 2)"]),
+])
+def test_malformed_dim_and_shape_are_refused(runtime_build, kind, texts, needles):
+    p = subprocess.run([str(runtime_build.exe.parent / "tokensieve-runtime-selftest"), kind, *texts],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout.startswith("error: ") and len(p.stdout.splitlines()) == 1, p.stdout
+    for needle in needles:
+        assert needle in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("args, want", [
+    # Nothing given: batch 1, every other dynamic axis at the profile's opt; position_ids' static 3 is not the batch.
+    ((), {"past": [1, 16, C], "mask": [1, 17], "position_ids": [3, 1, 8]}),
+    (("--batch", "4"), {"past": [4, 16, C], "mask": [4, 17], "position_ids": [3, 4, 8]}),
+    # The decode mask "past_sequence + 1" follows past_sequence; the axis named "batch" follows --batch.
+    (("--batch", "2", "--dim", "past_sequence=40"), {"past": [2, 40, C], "mask": [2, 41], "position_ids": [3, 2, 8]}),
+    (("--dim", "past_sequence=0", "--dim", "sequence=32"), {"past": [1, 0, C], "mask": [1, 1], "position_ids": [3, 1, 32]}),
+    (("--dim", "past_sequence=64"), {"past": [1, 64, C], "mask": [1, 65], "position_ids": [3, 1, 8]}),
+    # --shape overrides --batch and --dim for its input only (and takes it out of the --batch check).
+    (("--batch", "2", "--dim", "past_sequence=5", "--shape", "position_ids=3x1x9"),
+     {"past": [2, 5, C], "mask": [2, 6], "position_ids": [3, 1, 9]}),
+    (("--batch", "9", "--shape", "past=1x2x8", "--shape", "mask=1x3", "--shape", "position_ids=3x1x3"),
+     {"past": [1, 2, C], "mask": [1, 3], "position_ids": [3, 1, 3]}),
+])
+def test_resolve_input_shapes(runtime_build, tmp_path, args, want):
+    rc, out = _resolve(runtime_build, _decode_engine(tmp_path), *args)
+    assert rc == 0, out
+    assert json.loads(out) == want
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--dim", "foo=3"), ["--dim foo=3: the engine has no input axis named 'foo'",
+                          "named axes: past_sequence (0..64), sequence (1..32)", "the batch is --batch"]),
+    (("--dim", "batch=3"), ["'batch' is the batch axis; set it with --batch 3"]),
+    (("--dim", "past_sequence + 1=9"), ["the axis 'past_sequence + 1' follows 'past_sequence'",
+                                        "set --dim past_sequence=N instead"]),
+    (("--dim", "past_sequence=65"), ["--dim past_sequence=65 is outside the engine's profile",
+                                     "input 'past' axis 1 (past_sequence) allows 0..64",
+                                     "rebuild the engine with a wider `tokensieve build --dims past_sequence=MIN:OPT:MAX`",
+                                     "to go beyond"]),
+    (("--dim", "sequence=0"), ["input 'position_ids' axis 2 (sequence) allows 1..32"]),
+    (("--batch", "5"), ["--batch 5 is outside the engine's profile", "batch 1..4", "--max-batch"]),
+    (("--shape", "foo=3"), ["--shape foo=3: the engine has no input 'foo' (inputs: past, mask, position_ids)"]),
+    (("--shape", "mask=1x2x3"), ["input 'mask' has rank 2 (shape [-1, -1]), not 3"]),
+    (("--shape", "past=1x2x9"), ["axis 2 of input 'past' is static 8", "not 9"]),
+    (("--shape", "position_ids=2x1x1"), ["axis 0 of input 'position_ids' is static 3"]),
+    (("--shape", "past=1x65x8"), ["--shape past=1x65x8 is outside the engine's profile",
+                                  "axis 1 (past_sequence) allows 0..64", "--dims past_sequence=MIN:OPT:MAX"]),
+    (("--shape", "past=5x6x8"), ["axis 0 (batch) allows 1..4", "`tokensieve build --max-batch`"]),
+    (("--shape", "mask=1x0"), ["axis 1 (past_sequence + 1) allows 1..65", "--dims past_sequence=MIN:OPT:MAX"]),
+])
+def test_resolve_input_shapes_refuses(runtime_build, tmp_path, args, needles):
+    rc, out = _resolve(runtime_build, _decode_engine(tmp_path), *args)
+    assert rc == 1 and out.startswith("error: ") and "\n" not in out, out
+    for needle in needles:
+        assert needle in out, out
+
+
+def test_offset_axis_range_is_given_for_its_base(runtime_build, tmp_path):
+    """An axis named only "past + 1" (no input has "past" itself) is set by --dim past; its range is told in past's terms."""
+    engine = _engine(tmp_path, io_tensors=[{"name": "m", "shape": [-1, -1], "dtype": "int64", "mode": "input"},
+                                           {"name": "s", "shape": [-1], "dtype": "int64", "mode": "output"}],
+                     optimization_profile={"m": {"min": [1, 1], "opt": [1, 5], "max": [2, 17]}},
+                     dims={"past + 1": {"min": 1, "opt": 5, "max": 17}}, input_dim_names={"m": ["batch", "past + 1"]})
+    assert _resolve(runtime_build, engine, "--dim", "past=16") == (0, '{"m":[1,17]}')
+    rc, out = _resolve(runtime_build, engine, "--dim", "past=17")
+    assert rc == 1 and "input 'm' axis 1 (past + 1) allows 1..17, so past allows 0..16" in out, out
+
+
+def test_engines_without_named_axes_resolve_as_before(runtime_build, tmp_path):
+    engine = _engine(tmp_path)  # pixel_values [-1, 3, 224, 224], batch 1..8, no input_dim_names
+    assert json.loads(_resolve(runtime_build, engine)[1]) == {"pixel_values": [1, 3, 224, 224]}
+    assert json.loads(_resolve(runtime_build, engine, "--batch", "8")[1]) == {"pixel_values": [8, 3, 224, 224]}
+    rc, out = _resolve(runtime_build, engine, "--dim", "sequence=4")
+    assert rc == 1 and "no named dynamic axes besides the batch" in out and "`tokensieve build --dims`" in out, out
+
+
+def test_metadata_with_bad_dim_names_is_refused(runtime_build, tmp_path):
+    engine = _engine(tmp_path, input_dim_names={"pixel_values": ["batch", None]})
+    _error_line(_run(runtime_build, engine), "is malformed", "input_dim_names 'pixel_values' names 2 axes",
+                "[-1, 3, 224, 224]", "tokensieve build")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--dim", "past_sequence"), "--dim 'past_sequence' is not NAME=VALUE"),
+    (("--dim", "past_sequence=1e3"), "VALUE must be an integer"),
+    (("--dim",), "--dim needs a value"),
+    (("--shape", "past=1,2,8"), "'1,2,8' is not a dimension"),
+    (("--dims", "past_sequence=0:16:64"), "is for `tokensieve build`; here use --dim NAME=VALUE"),
+])
+def test_malformed_dim_is_refused_before_the_engine_is_read(runtime_build, tmp_path, args, needle):
+    _error_line(_run(runtime_build, tmp_path / "missing.engine", *args), needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--dim", "past_seq=16"), "named axes: past_sequence (0..64), sequence (1..32)"),
+    (("--dim", "past_sequence=100"), "allows 0..64"),
+    (("--shape", "mask=1x2x3"), "has rank 2"),
+])
+def test_dim_errors_come_before_tensorrt(runtime_build, tmp_path, args, needle):
+    """Check 5b fires before libnvinfer is looked for (check 6), with a TOKENSIEVE_TENSORRT_LIB that would fail."""
+    env = _env(TOKENSIEVE_TENSORRT_LIB=str(tmp_path / "nowhere.so"))
+    _error_line(_run(runtime_build, _decode_engine(tmp_path), *args, env=env), needle)
+
+
+def test_dims_in_range_pass_to_the_tensorrt_checks(runtime_build, tmp_path):
+    env = _env(TOKENSIEVE_TENSORRT_LIB=str(tmp_path / "nowhere.so"))
+    _error_line(_run(runtime_build, _decode_engine(tmp_path), "--batch", "4", "--dim", "past_sequence=64", "--dim",
+                     "sequence=1", "--shape", "mask=4x65", env=env), "libnvinfer not found")
+
+
+def _decode_onnx(path: Path) -> Path:
+    """past [batch, past_sequence, C], mask [batch, past_sequence + 1], position_ids [3, batch, sequence] -> sums."""
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", "past_sequence", C]),
+           helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "past_sequence + 1"]),
+           helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, "batch", "sequence"])]
+    outs = [helper.make_tensor_value_info("xs", TensorProto.FLOAT, ["batch", C]),
+            helper.make_tensor_value_info("ms", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("ps", TensorProto.FLOAT, [3, "batch"])]
+    axes = [numpy_helper.from_array(np.array([1], np.int64), "a1"), numpy_helper.from_array(np.array([2], np.int64), "a2")]
+    nodes = [helper.make_node("ReduceSum", ["past", "a1"], ["xs"], keepdims=0),  # int64 inputs: reduced as float
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["mf", "a1"], ["ms"], keepdims=0),
+             helper.make_node("Cast", ["position_ids"], ["pf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["pf", "a2"], ["ps"], keepdims=0)]
+    model = helper.make_model(helper.make_graph(nodes, "decode", ins, outs, initializer=axes),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+DECODE_DIMS = {"past_sequence": (0, 16, 64), "sequence": (1, 8, 32)}
+
+
+def test_reads_dims_written_by_the_rtx_builder(runtime_build, tmp_path):
+    """The builder's real "dims"/"input_dim_names" parse in C++ as written and resolve like _decode_engine's."""
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    info = build_engine(_decode_onnx(tmp_path / "decode.onnx"), tmp_path / "decode.engine",
+                        BuildSpec(target="rtx-sm86", max_batch=4, dims=DECODE_DIMS))
+    got = json.loads(_selftest(runtime_build, "metadata", info.engine_path))
+    assert got["dims"] == info.metadata["dims"] and got["input_dim_names"] == info.metadata["input_dim_names"]
+    (tmp_path / "fake").mkdir()
+    fake = json.loads(Path(str(_decode_engine(tmp_path / "fake")) + ".json").read_text())
+    for key in ("io_tensors", "optimization_profile", "dims", "input_dim_names"):
+        assert fake[key] == info.metadata[key], key
+    rc, out = _resolve(runtime_build, info.engine_path, "--batch", "2", "--dim", "past_sequence=40")
+    assert rc == 0 and json.loads(out) == {"past": [2, 40, C], "mask": [2, 41], "position_ids": [3, 2, 8]}, out
+
+
 # ---- checks 6-8: libnvinfer and the GPU ---------------------------------------------------------------------------
 
 def test_libnvinfer_not_found(runtime_build, tmp_path):
@@ -437,6 +655,15 @@ def _lcg_inputs(count: int, seed: int) -> list[float]:
     return out
 
 
+def _tensorrt_env(trt) -> dict[str, str]:
+    """Point tokensieve-run at the pip `tensorrt` wheel's libnvinfer (or the caller's / the system's)."""
+    lib_dir = Path(trt.__file__).resolve().parent.parent / "tensorrt_libs"
+    env = _env(TOKENSIEVE_TENSORRT_LIB=os.environ.get("TOKENSIEVE_TENSORRT_LIB", str(lib_dir)))
+    if not lib_dir.is_dir() and "TOKENSIEVE_TENSORRT_LIB" not in os.environ:
+        env.pop("TOKENSIEVE_TENSORRT_LIB")  # system TensorRT: the loader path finds it
+    return env
+
+
 @pytest.mark.gpu
 def test_runs_a_real_engine_on_gpu(runtime_build, tmp_path):
     if not _has_gpu():
@@ -461,10 +688,7 @@ def test_runs_a_real_engine_on_gpu(runtime_build, tmp_path):
     onnx.save(model, str(onnx_path))
     info = build_engine(onnx_path, tmp_path / "tiny.engine", BuildSpec(target="local", max_batch=4))
 
-    lib_dir = Path(trt.__file__).resolve().parent.parent / "tensorrt_libs"
-    env = _env(TOKENSIEVE_TENSORRT_LIB=os.environ.get("TOKENSIEVE_TENSORRT_LIB", str(lib_dir)))
-    if not lib_dir.is_dir() and "TOKENSIEVE_TENSORRT_LIB" not in os.environ:
-        env.pop("TOKENSIEVE_TENSORRT_LIB")  # system TensorRT: the loader path finds it
+    env = _tensorrt_env(trt)
     report = tmp_path / "run.json"
     p = _run(runtime_build, info.engine_path, "--iters", "50", "--warmup", "5", "--batch", "2", "--json", report,
              env=env)
@@ -481,3 +705,36 @@ def test_runs_a_real_engine_on_gpu(runtime_build, tmp_path):
     top = np.argsort(-want, kind="stable")[:5]
     assert [t["index"] for t in r["top5"]] == top.tolist()
     np.testing.assert_allclose([t["value"] for t in r["top5"]], want[top], rtol=1e-2, atol=1e-2)  # TF32
+
+
+@pytest.mark.gpu
+def test_runs_a_decode_engine_at_a_chosen_cache_length_on_gpu(runtime_build, tmp_path):
+    """--dim past_sequence=40 runs the cache axes at 40 and the "past_sequence + 1" mask at 41; --shape sets one input."""
+    if not _has_gpu():
+        pytest.skip("needs an NVIDIA GPU")
+    trt = pytest.importorskip("tensorrt")
+    np = pytest.importorskip("numpy")
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    info = build_engine(_decode_onnx(tmp_path / "decode.onnx"), tmp_path / "decode.engine",
+                        BuildSpec(target="local", max_batch=4, dims=DECODE_DIMS))
+    env = _tensorrt_env(trt)
+    report = tmp_path / "run.json"
+    p = _run(runtime_build, info.engine_path, "--iters", "5", "--warmup", "1", "--batch", "2", "--dim",
+             "past_sequence=40", "--shape", "position_ids=3x2x5", "--json", report, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "inputs   past[2x40x8] mask[2x41] position_ids[3x2x5]" in p.stdout, p.stdout
+    r = json.loads(report.read_text())
+    assert {t["name"]: t["shape"] for t in r["io_tensors"]} == {
+        "past": [2, 40, C], "mask": [2, 41], "position_ids": [3, 2, 5], "xs": [2, C], "ms": [2], "ps": [3, 2]}
+    assert r["dims"] == {"past_sequence": 40} and r["shapes"] == {"position_ids": [3, 2, 5]}
+
+    # xs = past summed over its 40 cache rows, from tokensieve-run's deterministic input (seed = tensor index + 1).
+    assert r["first_output"] == "xs"
+    seed = [t["name"] for t in r["io_tensors"]].index("past") + 1
+    want = np.array(_lcg_inputs(2 * 40 * C, seed=seed), dtype=np.float32).reshape(2, 40, C)[0].sum(0)
+    top = np.argsort(-want, kind="stable")[:5]
+    assert [t["index"] for t in r["top5"]] == top.tolist()
+    np.testing.assert_allclose([t["value"] for t in r["top5"]], want[top], rtol=1e-4, atol=1e-4)
+
+    _error_line(_run(runtime_build, info.engine_path, "--dim", "past_sequence=65", env=env), "allows 0..64")

@@ -256,7 +256,8 @@ BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log) {
     TrtPtr<nvinfer1::IExecutionContext> context(engine->createExecutionContext());
     if (!context) throw RuntimeFailure("TensorRT could not create an execution context: " + logger.last_error());
 
-    // Resolve input shapes: dim 0 is the batch, other dynamic dims take the profile's opt value.
+    // Input shapes: preflight resolved them from the metadata (check 5b: --shape, --batch, --dim, else the profile's
+    // opt value). An input the metadata does not list: dim 0 is the batch, other dynamic dims the profile's opt value.
     int32_t n = engine->getNbIOTensors();
     std::vector<nvinfer1::DataType> types(n);
     for (int32_t i = 0; i < n; ++i) {
@@ -272,6 +273,13 @@ BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log) {
             if (engine->isShapeInferenceIO(name))
                 throw UsageError("Input '" + b.name + "' is a shape tensor, which tokensieve-run does not feed");
             nvinfer1::Dims d = engine->getTensorShape(name);
+            if (auto r = pf.input_shapes.find(b.name); r != pf.input_shapes.end()) {
+                if (static_cast<int64_t>(r->second.size()) != d.nbDims)
+                    throw UsageError("Input '" + b.name + "' has rank " + std::to_string(d.nbDims) + " in the engine but " +
+                                     std::to_string(r->second.size()) + " in its metadata '" + pf.metadata.path +
+                                     "'; rebuild the engine with `tokensieve build`");
+                for (int32_t k = 0; k < d.nbDims; ++k) d.d[k] = r->second[k];
+            }
             for (int32_t k = 0; k < d.nbDims; ++k) {
                 if (d.d[k] >= 0) continue;
                 if (k == 0) {

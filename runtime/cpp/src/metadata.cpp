@@ -1,6 +1,7 @@
-// Checks 1, 2, 4, 5: the engine file and its `<engine>.json`, before anything touches TensorRT or CUDA.
+// Checks 1, 2, 4, 5a: the engine file and its `<engine>.json`, before anything touches TensorRT or CUDA.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -117,6 +118,35 @@ EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t eng
                 meta.optimization_profile[name] = std::move(p);
             }
         }
+        // Written only for engines with a dynamic axis other than batch (`tokensieve build --dims`).
+        if (const json::Value* names = root.find("input_dim_names"); names && !names->is_null()) {
+            for (const auto& [name, list] : names->as_object()) {
+                auto t = std::find_if(meta.io_tensors.begin(), meta.io_tensors.end(),
+                                      [&](const TensorMeta& m) { return m.is_input && m.name == name; });
+                if (t == meta.io_tensors.end()) continue;  // TensorRT's view (io_tensors) is authoritative
+                std::vector<std::string> dn;
+                for (const auto& v : list.as_array()) {
+                    if (!v.is_null() && !v.is_string())
+                        throw std::runtime_error("input_dim_names " + q(name) + " has a name that is not a string");
+                    dn.push_back(v.is_null() ? "" : v.as_string());
+                }
+                if (dn.size() != t->shape.size())
+                    throw std::runtime_error("input_dim_names " + q(name) + " names " + std::to_string(dn.size()) +
+                                             " axes but the input has shape " + dims_str(t->shape));
+                t->dim_names = std::move(dn);
+            }
+        }
+        if (const json::Value* dr = root.find("dims"); dr && !dr->is_null()) {
+            for (const auto& [name, r] : dr->as_object()) {
+                DimRange range;
+                for (auto [key, field] : {std::pair{"min", &range.min}, {"opt", &range.opt}, {"max", &range.max}}) {
+                    const json::Value* v = r.find(key);
+                    if (!v || !v->is_integer()) throw std::runtime_error("dims " + q(name) + " has no integer '" + key + "'");
+                    *field = v->as_int();
+                }
+                meta.dims[name] = range;
+            }
+        }
     } catch (const UsageError&) {
         throw;
     } catch (const std::exception& e) {
@@ -141,11 +171,14 @@ void check_flavor(const EngineMetadata& meta) {
                      " (expected 'tensorrt'); " + kRebuild);
 }
 
-void check_batch(const EngineMetadata& meta, int batch) {
+void check_batch(const EngineMetadata& meta, int batch, const std::map<std::string, std::vector<int64_t>>& shapes) {
     if (batch < 1) throw UsageError("--batch must be >= 1, got " + std::to_string(batch));
     for (const auto& t : meta.io_tensors) {
-        if (!t.is_input || t.shape.empty()) continue;
+        if (!t.is_input || t.shape.empty() || shapes.count(t.name)) continue;
         if (t.shape[0] >= 0) {
+            // With dim names recorded, the batch axes are the ones named like a dynamic dim 0 (Qwen2-VL's
+            // position_ids [3, batch, sequence]); resolve_input_shapes checks those.
+            if (!t.dim_names.empty()) continue;
             if (t.shape[0] != batch)
                 throw UsageError("--batch " + std::to_string(batch) + " does not match input " + q(t.name) +
                                  " with static shape " + dims_str(t.shape) + "; use --batch " +

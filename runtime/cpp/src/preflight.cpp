@@ -43,7 +43,8 @@ Preflight preflight(const RunOptions& options) {
     pf.metadata = read_engine_metadata(options.engine_path, pf.engine_size);        // 2
     if (!options.plugin_path.empty()) pf.plugins = open_plugin_library(options.plugin_path);  // 3
     check_flavor(pf.metadata);                                                      // 4
-    check_batch(pf.metadata, options.batch);                                        // 5
+    check_batch(pf.metadata, options.batch, options.shapes);                        // 5a
+    pf.input_shapes = resolve_input_shapes(pf.metadata, options.batch, options.dims, options.shapes);  // 5b
     pf.tensorrt = open_tensorrt_library();                                          // 6
     check_tensorrt_version(pf.metadata, pf.tensorrt);                               // 7
     pf.device = check_cuda_device(pf.metadata, options.device);                     // 8

@@ -77,6 +77,20 @@ std::string report_json(const Preflight& pf, const BenchmarkResult& r) {
     s += "  \"device\": {\"index\": " + std::to_string(r.device.index) + ", \"name\": " + json::quote(r.device.name) +
          ", \"compute_capability\": " + json::quote(r.device.compute_capability()) + "},\n";
     s += "  \"batch\": " + std::to_string(o.batch) + ",\n";
+    // The options as given; the shape every input ran at is io_tensors[].shape.
+    s += "  \"dims\": {";
+    bool first = true;
+    for (const auto& [name, v] : o.dims) {
+        s += (first ? "" : ", ") + json::quote(name) + ": " + std::to_string(v);
+        first = false;
+    }
+    s += "},\n  \"shapes\": {";
+    first = true;
+    for (const auto& [name, shape] : o.shapes) {
+        s += (first ? "" : ", ") + json::quote(name) + ": " + dims(shape);
+        first = false;
+    }
+    s += "},\n";
     s += "  \"warmup\": " + std::to_string(o.warmup) + ",\n";
     s += "  \"iters\": " + std::to_string(o.iters) + ",\n";
     s += "  \"latency_ms\": {\"mean\": " + num(l.mean) + ", \"median\": " + num(l.median) + ", \"p90\": " + num(l.p90) +

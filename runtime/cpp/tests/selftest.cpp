@@ -4,6 +4,11 @@
 //   tokensieve-runtime-selftest parse FILE       -> the document re-serialized (canonical), or exit 1 + message
 //   tokensieve-runtime-selftest metadata ENGINE  -> the fields read_engine_metadata extracted, as JSON
 //   tokensieve-runtime-selftest report           -> report_json() of a synthetic run
+//   tokensieve-runtime-selftest dim TEXT...      -> {"NAME": VALUE, ...} from parse_dim_option (in order)
+//   tokensieve-runtime-selftest shape TEXT...    -> {"INPUT": [D0, ...], ...} from parse_shape_option
+//   tokensieve-runtime-selftest resolve ENGINE [--batch N] [--dim T]... [--shape T]...
+//                                                -> {"INPUT": [D0, ...], ...}: check_batch + resolve_input_shapes
+// Errors (UsageError included): "error: MESSAGE" on stdout, exit 1.
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -53,6 +58,16 @@ std::string ints(const std::vector<int64_t>& d) {
     return s + "]";
 }
 
+std::string shape_map(const std::map<std::string, std::vector<int64_t>>& m) {
+    std::string s = "{";
+    bool first = true;
+    for (const auto& [name, d] : m) {
+        s += (first ? "" : ",") + json::quote(name) + ":" + ints(d);
+        first = false;
+    }
+    return s + "}";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -95,11 +110,34 @@ int main(int argc, char** argv) {
                      ",\"max\":" + ints(p.max) + "}";
                 first = false;
             }
-            std::printf("%s}}\n", s.c_str());
+            s += "}";
+            if (!m.dims.empty()) {  // only engines built with --dims have these keys
+                s += ",\"dims\":{";
+                first = true;
+                for (const auto& [name, r] : m.dims) {
+                    s += (first ? "" : ",") + json::quote(name) + ":{\"min\":" + std::to_string(r.min) + ",\"opt\":" +
+                         std::to_string(r.opt) + ",\"max\":" + std::to_string(r.max) + "}";
+                    first = false;
+                }
+                s += "},\"input_dim_names\":{";
+                first = true;
+                for (const auto& t : m.io_tensors) {
+                    if (t.dim_names.empty()) continue;
+                    s += std::string(first ? "" : ",") + json::quote(t.name) + ":[";
+                    for (size_t i = 0; i < t.dim_names.size(); ++i)
+                        s += std::string(i ? "," : "") + (t.dim_names[i].empty() ? "null" : json::quote(t.dim_names[i]));
+                    s += "]";
+                    first = false;
+                }
+                s += "}";
+            }
+            std::printf("%s}\n", s.c_str());
         } else if (cmd == "report") {
             Preflight pf;
             pf.options.engine_path = "dir/\"quoted\".engine";
             pf.options.batch = 2;
+            pf.options.dims = {{"past_sequence", 128}, {"sequence", 1}};
+            pf.options.shapes = {{"position_ids", {3, 2, 7}}};
             pf.metadata.tensorrt_version = "10.3.0.30";
             BenchmarkResult r;
             r.latency = summarize_latencies({1.0, 2.0, 3.0});
@@ -111,6 +149,37 @@ int main(int argc, char** argv) {
             r.first_output = "logits";
             r.top5 = {{7, 1.5}, {3, -0.25}};
             std::fputs(report_json(pf, r).c_str(), stdout);
+        } else if (cmd == "dim" || cmd == "shape") {
+            std::map<std::string, int64_t> dims;
+            std::map<std::string, std::vector<int64_t>> shapes;
+            for (int i = 2; i < argc; ++i) {
+                if (cmd == "dim") parse_dim_option(argv[i], dims);
+                else parse_shape_option(argv[i], shapes);
+            }
+            if (cmd == "shape") {
+                std::printf("%s\n", shape_map(shapes).c_str());
+            } else {
+                std::string s = "{";
+                bool first = true;
+                for (const auto& [name, v] : dims) {
+                    s += (first ? "" : ",") + json::quote(name) + ":" + std::to_string(v);
+                    first = false;
+                }
+                std::printf("%s}\n", s.c_str());
+            }
+        } else if (cmd == "resolve" && argc >= 3) {
+            RunOptions o;
+            for (int i = 3; i + 1 < argc; i += 2) {
+                std::string flag = argv[i], value = argv[i + 1];
+                if (flag == "--batch") o.batch = std::stoi(value);
+                else if (flag == "--dim") parse_dim_option(value, o.dims);
+                else if (flag == "--shape") parse_shape_option(value, o.shapes);
+                else return 2;
+            }
+            if ((argc - 3) % 2) return 2;
+            EngineMetadata m = read_engine_metadata(argv[2], check_engine_file(argv[2]));
+            check_batch(m, o.batch, o.shapes);
+            std::printf("%s\n", shape_map(resolve_input_shapes(m, o.batch, o.dims, o.shapes)).c_str());
         } else {
             return 2;
         }

@@ -15,7 +15,7 @@ namespace {
 
 const char* const kUsage =
     "usage: tokensieve-run MODEL.engine [--plugins LIB.so] [--iters N] [--warmup N] [--batch N] [--device N]\n"
-    "                      [--json OUT.json] [--verbose]\n"
+    "                      [--dim NAME=VALUE ...] [--shape INPUT=D0xD1x... ...] [--json OUT.json] [--verbose]\n"
     "\n"
     "Run an engine written by `tokensieve build` (MODEL.engine + MODEL.engine.json) on standard TensorRT 10.x and\n"
     "print latency percentiles (enqueueV3, CUDA events) and the top-5 of the first output.\n"
@@ -24,8 +24,15 @@ const char* const kUsage =
     "  --iters N         timed iterations (default 200)\n"
     "  --warmup N        untimed warm-up iterations (default 20)\n"
     "  --batch N         batch size for inputs with a dynamic batch dimension (default 1)\n"
+    "  --dim NAME=VALUE  run every input axis whose ONNX dim name is NAME at VALUE (repeatable), e.g.\n"
+    "                    --dim past_sequence=512; an axis named \"NAME + K\" runs at VALUE + K. The names and their\n"
+    "                    ranges are in MODEL.engine.json (set by `tokensieve build --dims`); dynamic axes not set run\n"
+    "                    at the profile's opt value. The batch axis is --batch\n"
+    "  --shape INPUT=D0xD1x...\n"
+    "                    the whole shape of one input (repeatable), e.g. --shape input_ids=1x128; overrides --batch\n"
+    "                    and --dim for that input\n"
     "  --device N        CUDA device index (default 0)\n"
-    "  --json OUT.json   also write the results as JSON\n"
+    "  --json OUT.json   also write the results as JSON (with the shape every tensor ran at)\n"
     "  --verbose         print TensorRT warnings and the bound tensors\n"
     "\n"
     "libnvinfer is loaded at run time from $TOKENSIEVE_TENSORRT_LIB (file or folder), $TENSORRT_LIB_DIR, the\n"
@@ -45,6 +52,11 @@ int parse_int(const std::string& flag, const std::string& v) {
     if (v.empty() || *end != '\0' || errno == ERANGE || x < -1000000000L || x > 1000000000L)
         throw tokensieve::UsageError(flag + " expects an integer, got '" + v + "'");
     return static_cast<int>(x);
+}
+
+// `tokensieve build --dims` sets the ranges an engine accepts; tokensieve-run picks one value per name.
+std::string hint(const std::string& flag) {
+    return flag == "--dims" ? " (--dims NAME=MIN:OPT:MAX is for `tokensieve build`; here use --dim NAME=VALUE)" : "";
 }
 
 struct Args {
@@ -72,8 +84,8 @@ Args parse_args(int argc, char** argv) {
                 value = arg.substr(eq + 1);
             } else {
                 if (flag != "--plugins" && flag != "--iters" && flag != "--warmup" && flag != "--batch" &&
-                    flag != "--device" && flag != "--json")
-                    throw tokensieve::UsageError("unknown option '" + arg + "'; see --help");
+                    flag != "--device" && flag != "--json" && flag != "--dim" && flag != "--shape")
+                    throw tokensieve::UsageError("unknown option '" + arg + "'" + hint(flag) + "; see --help");
                 if (i + 1 >= argc) throw tokensieve::UsageError(flag + " needs a value");
                 value = argv[++i];
             }
@@ -84,10 +96,12 @@ Args parse_args(int argc, char** argv) {
             else if (flag == "--warmup") a.options.warmup = parse_int(flag, value);
             else if (flag == "--batch") a.options.batch = parse_int(flag, value);
             else if (flag == "--device") a.options.device = parse_int(flag, value);
+            else if (flag == "--dim") tokensieve::parse_dim_option(value, a.options.dims);
+            else if (flag == "--shape") tokensieve::parse_shape_option(value, a.options.shapes);
             else if (flag == "--json") {
                 if (value.empty()) throw tokensieve::UsageError("--json needs an output path");
                 a.options.json_path = value;
-            } else throw tokensieve::UsageError("unknown option '" + flag + "'; see --help");
+            } else throw tokensieve::UsageError("unknown option '" + flag + "'" + hint(flag) + "; see --help");
             continue;
         }
         if (!engine.empty()) throw tokensieve::UsageError("unexpected argument '" + arg + "' (one engine at a time)");
@@ -110,6 +124,18 @@ void print_result(const tokensieve::Preflight& pf, const tokensieve::BenchmarkRe
     std::printf("engine   %s (TensorRT %s, %s %s)\n", pf.options.engine_path.c_str(), r.tensorrt_version.c_str(),
                 r.device.name.c_str(), r.device.compute_capability().c_str());
     std::printf("batch %d, warm-up %d, iterations %zu\n", pf.options.batch, pf.options.warmup, l.count);
+    bool named = !pf.options.dims.empty() || !pf.options.shapes.empty();
+    for (const auto& t : pf.metadata.io_tensors) named = named || !t.dim_names.empty();
+    if (named) {  // engines with axes other than batch: the shapes this run used
+        std::printf("inputs  ");
+        for (const auto& b : r.bindings) {
+            if (!b.is_input) continue;
+            std::printf(" %s[", b.name.c_str());
+            for (size_t i = 0; i < b.shape.size(); ++i) std::printf("%s%lld", i ? "x" : "", static_cast<long long>(b.shape[i]));
+            std::printf("]");
+        }
+        std::printf("\n");
+    }
     std::printf("latency  mean %.4f ms  median %.4f ms  p90 %.4f ms  p99 %.4f ms  (min %.4f, max %.4f)\n", l.mean,
                 l.median, l.p90, l.p99, l.min, l.max);
     std::printf("throughput %.1f samples/s, device memory %.1f MiB\n", r.throughput,

@@ -7,7 +7,7 @@
 //   2. `<engine>.json` exists, parses, is tokensieve engine metadata, and its engine_size_bytes equals the file size
 //   3. --plugins library exists, dlopen()s, and exports getCreators (or the V2 getPluginCreators)
 //   4. metadata flavor is standard TensorRT (TensorRT-RTX engines need the RTX runtime)
-//   5. --batch fits the engine's optimization profile (from the metadata)
+//   5. --batch, --dim and --shape fit the engine's inputs and optimization profile (from the metadata)
 //   6. libnvinfer is found (TOKENSIEVE_TENSORRT_LIB / TENSORRT_LIB_DIR / loader path) and exports the entry points
 //   7. libnvinfer's version equals the metadata's tensorrt_version (plans are tied to the TensorRT build)
 //   8. a CUDA device is present and its compute capability matches the metadata
@@ -43,10 +43,17 @@ struct TensorMeta {
     std::vector<int64_t> shape;  // -1 = dynamic
     std::string dtype;           // ONNX/numpy spelling: float32, float16, int64, ...
     bool is_input = false;
+    // ONNX dim name (dim_param) of each axis, "" where static or unnamed; from "input_dim_names", which the builder
+    // writes only when some input has a dynamic axis other than batch. Empty vector: not recorded.
+    std::vector<std::string> dim_names;
 };
 
 struct ProfileShapes {
     std::vector<int64_t> min, opt, max;
+};
+
+struct DimRange {
+    int64_t min = 0, opt = 0, max = 0;
 };
 
 struct EngineMetadata {
@@ -55,6 +62,7 @@ struct EngineMetadata {
     int64_t engine_size_bytes = -1;  // -1 = not recorded
     std::vector<TensorMeta> io_tensors;
     std::map<std::string, ProfileShapes> optimization_profile;  // input name -> min/opt/max
+    std::map<std::string, DimRange> dims;  // "dims": dim name -> the range it was built with (`tokensieve build --dims`)
 };
 
 constexpr const char* kMetadataSchema = "tokensieve.tensorrt-engine/1";
@@ -69,8 +77,30 @@ uint64_t check_engine_file(const std::string& engine_path);
 EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t engine_size);
 // Check 4.
 void check_flavor(const EngineMetadata& meta);
-// Check 5: batch >= 1, within min..max of every dynamic-batch input's profile; equal to dim 0 of static inputs.
-void check_batch(const EngineMetadata& meta, int batch);
+// Check 5a: batch >= 1, within min..max of every dynamic-batch input's profile; equal to dim 0 of static inputs.
+// Inputs named in `shapes` (--shape) are skipped: their dim 0 comes from there. So are static-dim-0 inputs with recorded
+// dim names: their batch axes are the named ones, which resolve_input_shapes checks.
+void check_batch(const EngineMetadata& meta, int batch,
+                 const std::map<std::string, std::vector<int64_t>>& shapes = {});
+
+// ---- input shapes (--batch, --dim, --shape) -----------------------------------------------------------------------
+
+// `--dim NAME=VALUE` -> dims[NAME] = VALUE (VALUE a non-negative integer). UsageError when malformed or NAME repeats.
+void parse_dim_option(const std::string& text, std::map<std::string, int64_t>& dims);
+// `--shape INPUT=D0xD1x...` -> shapes[INPUT] = {D0, D1, ...}. UsageError when malformed or INPUT repeats.
+void parse_shape_option(const std::string& text, std::map<std::string, std::vector<int64_t>>& shapes);
+
+// Check 5b: the shape each input listed in the metadata's io_tensors runs at.
+//   --shape INPUT=...   that input's whole shape (rank and static axes must match, dynamic axes fit the profile)
+//   otherwise, per dynamic axis: dim 0, or an axis named like a dynamic dim 0 ("batch") -> `batch`;
+//   an axis named NAME with --dim NAME=V -> V; an axis named "NAME + K" -> V + K (as the Python builder names
+//   derived dims); any other dynamic axis -> the profile's opt value (1 without a profile).
+// UsageError for an unknown dim or input name, a batch-axis name given to --dim, a wrong rank or static axis, or a value
+// outside the profile's [min, max] for an axis (the fix: a value in range, or a wider `tokensieve build --dims`).
+// Returns {} when the metadata lists no io_tensors (and then refuses any --dim/--shape).
+std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
+    const EngineMetadata& meta, int batch, const std::map<std::string, int64_t>& dims,
+    const std::map<std::string, std::vector<int64_t>>& shapes);
 
 // ---- shared libraries ---------------------------------------------------------------------------------------------
 
@@ -129,6 +159,8 @@ struct RunOptions {
     int iters = 200;
     int warmup = 20;
     int batch = 1;
+    std::map<std::string, int64_t> dims;                 // --dim NAME=VALUE: every input axis named NAME
+    std::map<std::string, std::vector<int64_t>> shapes;  // --shape INPUT=D0xD1x...: one input's whole shape
     int device = 0;
     std::string json_path;  // empty: no JSON report
     bool verbose = false;   // print TensorRT warnings
@@ -178,6 +210,7 @@ struct Preflight {
     SharedLibrary plugins;
     TensorRTLibrary tensorrt;
     CudaDevice device;
+    std::map<std::string, std::vector<int64_t>> input_shapes;  // check 5b, by input name
 };
 
 // Runs checks 1-8 in order; throws UsageError on the first failure.
