@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 
 from tokensieve.errors import ConfigError
+from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
 from tokensieve.fileio import atomic_path, ensure_writable_dir
@@ -241,13 +242,7 @@ def save(result: ExportResult, out_dir: str | Path) -> dict[str, Path]:
 
 
 def _save_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else None
-    if data is None:  # > 2 GB: weights go to a side file next to the model
-        with atomic_path(path.with_name(path.name + ".data")) as tmp_data:
-            onnx.save_model(proto, str(path), save_as_external_data=True, location=tmp_data.name)
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    save_onnx(proto, path)  # > 2 GB: weights in model.onnx.data next to it (the .onnx names its final name)
 
 
 # --------------------------------------------------------------------------- verify

@@ -1,5 +1,5 @@
 """`tokensieve export-vlm`: a local LLaVA or Qwen2-VL checkpoint -> pruned vision part + LM prefill/decode ONNX,
-verified by greedy decoding against the eager model with the same pruning."""
+verified by greedy decoding against the eager model with the same pruning, then one TensorRT engine per part."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tokensieve.errors import ConfigError, ModelError
+from tokensieve.errors import ConfigError, ModelError, TargetError
 
 SUPPORTED = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
@@ -18,13 +18,17 @@ def _log(msg: str) -> None:
 
 
 class ExportVlm:
-    """Export a VLM in parts with outer visual-token pruning, then verify greedy decoding against eager.
+    """Export a VLM in parts with outer visual-token pruning, verify greedy decoding against eager, build engines.
 
         tokensieve export-vlm llava_dir --prune cls-topk:0.25 -o out_llava/          # FasterVLM
         tokensieve export-vlm llava_dir --prune cls-topk:1.0 --inner fastv@1:0.5 -o out_fastv/   # FastV in the LLM
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
-        # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (+ manifest); prints the kept image tokens,
-        # the greedy tokens of ONNX Runtime vs eager, and the files
+        tokensieve export-vlm llava_dir -o out/ --target rtx-sm89 --precision fp16 --max-batch 4 --max-sequence 2048
+        tokensieve export-vlm llava_dir -o out/ --no-build            # ONNX only
+        # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (a part over 1.5 GiB of weights: + <part>.onnx.data)
+        # and the manifest; prints the kept image tokens, the greedy tokens of ONNX Runtime vs eager, then builds
+        # vision_prune.engine, lm_prefill.engine, lm_decode.engine (profiles: batch 1..B, sequence 1..S, opt = the
+        # verify prompt) and prints their sizes and build times
     """
 
     name = "export-vlm"
@@ -40,10 +44,22 @@ class ExportVlm:
                        "a ratio of the prompt's image tokens or a count), e.g. fastv@1:0.5")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
+        p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
+                       "no GPU needed) or local (TensorRT, this GPU) (default rtx-sm86)")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                       help="engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default fp32)")
+        p.add_argument("--max-batch", type=int, default=1, help="largest batch of the engines' profiles (default 1; "
+                       "the Qwen2-VL parts are batch 1)")
+        p.add_argument("--max-sequence", type=int, default=None, help="longest sequence (prompt + generated tokens) "
+                       "of the LM engines: prefill sequence 1..S, decode past_sequence 0..S (default: the language "
+                       "model's max_position_embeddings; FastV: at most 3840 + the dropped image tokens)")
+        p.add_argument("--no-build", action="store_true", help="skip the TensorRT engines")
 
     def run(self, args: argparse.Namespace) -> int:
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps} must be >= 1")
+        if not args.no_build:  # a bad --target/--precision/--max-batch, or no TensorRT, fails now, not after the export
+            _check_build_args(args)
         kind = vlm_kind(args.model)  # check the arguments before loading any weights
         if args.inner is not None:
             from tokensieve.exporter.vlm.fastv import split_fastv
@@ -62,6 +78,19 @@ class ExportVlm:
             grid = _grid(args.grid)
             parse_qwen2_vl_prune(args.prune)
         return _export(load_vlm(args.model)[1], args, kind, grid)
+
+
+def _check_build_args(args: argparse.Namespace) -> None:
+    from tokensieve.targets.tensorrt import BuildSpec
+    from tokensieve.targets.tensorrt.flavors import import_flavor, parse_target
+
+    if args.max_sequence is not None and args.max_sequence < 1:
+        raise ConfigError(f"--max-sequence {args.max_sequence} must be a positive integer")
+    BuildSpec(target=args.target, precision=args.precision, max_batch=args.max_batch)
+    try:
+        import_flavor(parse_target(args.target).flavor)
+    except TargetError as e:
+        raise TargetError(f"{e}; or pass --no-build to export the ONNX parts only") from e
 
 
 def vlm_kind(path: str | os.PathLike) -> str:
@@ -102,12 +131,14 @@ def load_vlm(path: str | os.PathLike):
 
 
 def _export(model, args, kind: str, grid) -> int:
-    from tokensieve.vlm_api import export_vlm, plan_vlm, verify_vlm
+    from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm, vlm_profiles
 
-    plan_vlm(model, args.prune, grid=grid, inner=args.inner)  # range checks need the model: before the progress line
+    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner)  # range checks need the model: before the export
+    build = not args.no_build
+    profiles = vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence) if build else None
     label = LABELS[kind]
     inner = f" + {args.inner}" if args.inner else ""
-    _log(f"[1/2] exporting {label} in parts with {args.prune}{inner}" + (f" (grid {grid})" if grid else ""))
+    _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}" + (f" (grid {grid})" if grid else ""))
     result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner)
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     if kind == "llava":
@@ -124,17 +155,48 @@ def _export(model, args, kind: str, grid) -> int:
         lines.append(f"  inner (FastV)   {spec.num_image_tokens} -> {spec.keep} image tokens after LLM layer "
                      f"{spec.layer} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
                      f"prefill MACs x{ratio:.2f} for a {t}-token prompt")
-    lines.append(f"  export          {sum(result.seconds.values()):.1f} s")
+    external = f" (external data: {', '.join(p.name for p in result.external_data.values())})" \
+        if result.external_data else ""
+    lines.append(f"  export          {sum(result.seconds.values()):.1f} s{external}")
     ok = True
     if not args.no_verify:
-        _log(f"[2/2] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
+        _log(f"[2/3] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
         rep = verify_vlm(result, max_new_tokens=args.steps)
         ok = rep.passed
         lines.append(_verify_line(rep.passed, rep.tokens_match, rep.keep_idx_match, rep.max_abs_diff_logits,
                                   rep.atol, args.steps, rep.batch, rep.inner_keep_idx_match))
-    lines.append(_files_line(result.out_dir, result.paths.values()))
+    else:
+        _log("[2/3] verification skipped (--no-verify)")
+    engines = []
+    if build and ok:
+        _log(f"[3/3] building engines for {args.target} ({args.precision})")
+        infos = build_vlm(result, target=args.target, precision=args.precision, max_batch=args.max_batch,
+                          max_sequence=profiles.max_sequence, progress=lambda m: _log(f"      {m}"))
+        lines += _engine_lines(infos, profiles)
+        engines = [p for info in infos.values() for p in (info.engine_path, info.metadata_path)]
+    elif build:
+        _log("[3/3] engines not built: verification failed")
+        lines.append("  engines         not built: verification failed")
+    else:
+        _log("[3/3] engine build skipped (--no-build)")
+    lines.append(_files_line(result.out_dir, [*result.paths.values(), *engines]))
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+def _engine_lines(infos: dict, profiles) -> list[str]:
+    """`engine` (flavor, target, precision; per part: size, build seconds) and `profile` (batch, per-part dims)."""
+    from tokensieve.vlm_api import ARTIFACTS
+
+    m = next(iter(infos.values())).metadata
+    built = ", ".join(f"{info.engine_path.stem} {info.size_bytes / 2**20:.1f} MiB in {info.build_seconds:.1f} s"
+                      for info in infos.values())
+    lo, _, hi = profiles.batch
+    dims = "; ".join(f"{ARTIFACTS[k].removesuffix('.onnx')} " + ", ".join(f"{n} {a}..{c} (opt {b})"
+                                                                          for n, (a, b, c) in d.items())
+                     for k, d in profiles.dims.items() if d)
+    return [f"  engine          {m.get('flavor')} {m.get('tensorrt_version')} {m.get('target')} {m.get('precision')}: "
+            f"{built}", f"  profile         batch {lo}..{hi}; {dims}"]
 
 
 def _grid(text: str | None) -> tuple[int, ...]:

@@ -8,6 +8,20 @@ Both write vision_prune.onnx, lm_prefill.onnx and lm_decode.onnx into out_dir, e
 their pipeline reads (LLaVA: llava_parts.json for runtime.llava_pipeline, with embed_tokens.npy, the pipeline's text
 embeddings; Qwen2-VL: manifest.json), and return one VlmExportResult; verify_vlm returns one VlmVerifyReport.
 
+Parts over 2 GB (a real LLaVA-1.5-7B or Qwen2-VL-2B language model): a part whose weights reach
+`external_data_threshold` bytes (default EXTERNAL_DATA_THRESHOLD, 1.5 GiB, torch.onnx's own switch) is written as
+`<part>.onnx` + one `<part>.onnx.data` next to it, straight from the module's torch tensors (the exporter's onnx_ir
+model; no proto of the weights is built in memory). Every file is staged under a temporary name and renamed into place
+only once all parts passed their checks (check_static / op census, on the graph without its weights). ONNX Runtime,
+the pipelines and `tokensieve build` (TensorRT-RTX: the parser reads the weights next to the file) load them as they
+are. `external_data_threshold=0` writes every part that way.
+
+Engines: `build_vlm(result, target="rtx-sm86", max_batch=1, max_sequence=S)` builds one engine per part
+(vision_prune.engine, lm_prefill.engine, lm_decode.engine, each with its `.json`) with the optimization profiles
+`vlm_profiles` derives from the parts (batch 1..B; prefill `sequence` 1..S, opt = the example prompt; decode
+`past_sequence` 0..S; FastV: `pruned_past_sequence` 0..S - dropped and a prompt of at least N + 1 tokens), and records
+them in the manifest under "engines" (`LlavaPipeline(out_dir, backend="tensorrt")` runs them).
+
 prune: `METHOD[(name=value,...)]:KEEP`, one stage after the vision tower. KEEP is a ratio of the image tokens the
 tower gives (1.0 = all: the control that equals the unpruned model) or a count. LLaVA: the stage runs after the CLIP
 layer LLaVA takes its features from (`vision_feature_layer`; `METHOD@LAYER:KEEP` must name that 0-based layer).
@@ -24,17 +38,20 @@ export_llava / verify_llava are export_vlm / verify_vlm restricted to a LLaVA.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
-from tokensieve.errors import ConfigError, ExportError
-from tokensieve.exporter.vlm.export_part import export_part
+from tokensieve.errors import ConfigError, ExportError, TargetError
+from tokensieve.exporter.onnx_files import data_path, stage_onnx
+from tokensieve.exporter.vlm.export_part import export_part, initializer_bytes
 from tokensieve.exporter.vlm.fastv import (FastvDecode, FastvPrefill, FastvSpec, fastv_decode_spec,
                                            fastv_prefill_spec, parse_fastv, reference_fastv_generate)
 from tokensieve.exporter.vlm.llava import (LlavaLayout, VisionPrune, check_outer_method, llava_layout,
@@ -42,14 +59,14 @@ from tokensieve.exporter.vlm.llava import (LlavaLayout, VisionPrune, check_outer
 from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill, decode_spec, prefill_spec
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLVisionPrune, check_keep, export_lm_decode,
                                               export_lm_prefill, export_vision_prune, image_layout, resolve_method)
-from tokensieve.fileio import atomic_path, ensure_writable_dir, write_bytes_atomic, write_json_atomic
+from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.recipe import Recipe, Stage, parse_recipe
-from tokensieve.runtime.llava_pipeline import MANIFEST, Generation, LlavaOrtPipeline
+from tokensieve.runtime.llava_pipeline import MANIFEST, Generation, LlavaPipeline
 
-__all__ = ["export_vlm", "verify_vlm", "plan_vlm", "VlmExportResult", "VlmVerifyReport", "VlmPlan", "VLM_TYPES",
-           "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe", "llava_prompt", "reference_generate",
-           "unpruned_generate"]
+__all__ = ["export_vlm", "verify_vlm", "plan_vlm", "build_vlm", "vlm_profiles", "VlmExportResult", "VlmVerifyReport",
+           "VlmPlan", "VlmProfiles", "VLM_TYPES", "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe",
+           "llava_prompt", "reference_generate", "unpruned_generate", "write_parts", "EXTERNAL_DATA_THRESHOLD"]
 
 # model_type -> what the messages call it
 VLM_TYPES = {"llava": "LLaVA (LlavaForConditionalGeneration)", "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)"}
@@ -57,6 +74,9 @@ ARTIFACTS = {"vision": "vision_prune.onnx", "prefill": "lm_prefill.onnx", "decod
              "embed": "embed_tokens.npy"}
 QWEN2_VL_MANIFEST = "manifest.json"
 QWEN2_VL_PROMPT_LEN = 16  # only sizes the example the Qwen2-VL LM parts are traced with (their axes are dynamic)
+# A part whose weights reach this many bytes gets external data (torch.onnx's ONNXProgram.save switches at 1.5 GiB too:
+# protobuf refuses to serialize over 2 GB and the graph itself needs headroom).
+EXTERNAL_DATA_THRESHOLD = 1536 << 20
 
 
 def vlm_type(model: nn.Module) -> str:
@@ -83,6 +103,7 @@ class VlmPlan:
     num_tokens: int                       # what it keeps them from: LLaVA's patches, Qwen2-VL's merged image tokens
     num_image_tokens: int                 # image tokens a prompt carries (K; LLaVA 'full': K + 1 for [CLS])
     inner: FastvSpec | None = None        # FastV inside the LLM prefill (LLaVA)
+    max_positions: int | None = None      # the language model's max_position_embeddings (default --max-sequence)
 
     @property
     def prune(self) -> str:
@@ -105,7 +126,7 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
         check_outer_method(stage.method, stage.options(), layout.num_patches, keep)
         num_image_tokens = keep + int(layout.keep_cls)
         fastv = None if inner is None else parse_fastv(inner, layout.num_text_layers, num_image_tokens, inner_bias)
-        return VlmPlan(kind, layout, stage, keep, layout.num_patches, num_image_tokens, fastv)
+        return VlmPlan(kind, layout, stage, keep, layout.num_patches, num_image_tokens, fastv, _max_positions(model))
     if inner is not None:
         raise ConfigError("inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning, drop inner")
     if grid is None:
@@ -117,7 +138,13 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
     resolve_method(stage.method, stage.options())  # a [CLS] method fails here
     keep = stage.keep.resolve(layout.num_merged)
     check_keep(layout, keep)
-    return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep)
+    return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep, None, _max_positions(model))
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = getattr(model.config, "text_config", model.config)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
@@ -167,7 +194,8 @@ class VlmExportResult:
 
     model_type: str                 # "llava" | "qwen2_vl"
     out_dir: Path
-    paths: dict[str, Path]          # vision, prefill, decode, manifest (LLaVA: + embed, the text embeddings)
+    paths: dict[str, Path]          # vision, prefill, decode, manifest (LLaVA: + embed, the text embeddings); a part
+                                    # written with external data also has "<part>_data" (<part>.onnx.data)
     prune: str                      # the outer stage written back in full, e.g. cls-topk@1:4 / attn-mean:6
     method: str
     options: dict                   # the method's options, defaults filled in
@@ -177,11 +205,18 @@ class VlmExportResult:
     layout: LlavaLayout | ImageLayout
     vision_ops: dict[str, int]      # op census of vision_prune.onnx (checked static)
     prefill_ops: dict[str, int]     # op census of lm_prefill.onnx (checked free of data-dependent ops)
-    sizes: dict[str, int]           # bytes per file
+    sizes: dict[str, int]           # bytes per file (same keys as paths, but the manifest)
     seconds: dict[str, float]       # export seconds per part
     model: nn.Module = field(repr=False)
     vision: nn.Module = field(repr=False)     # the eager reference of vision_prune.onnx
     inner: FastvSpec | None = None            # FastV inside the LLM prefill (LLaVA), if any
+    max_positions: int | None = None          # the language model's max_position_embeddings
+    engines: dict[str, dict] = field(default_factory=dict)  # build_vlm: part -> its manifest "engines" entry
+
+    @property
+    def external_data(self) -> dict[str, Path]:
+        """{part: its `<part>.onnx.data`} for the parts written with external data."""
+        return {k[:-len("_data")]: p for k, p in self.paths.items() if k.endswith("_data")}
 
     @property
     def grid(self) -> tuple[int, int, int] | None:
@@ -199,14 +234,22 @@ class VlmExportResult:
             out["grid"] = list(self.grid)
         if self.inner is not None:
             out["inner"] = self.inner.to_dict()
+        if self.engines:
+            out["engines"] = self.engines
         return out
 
 
 def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.25", *, grid=None,
-               inner: str | None = None, inner_bias=None) -> VlmExportResult:
+               inner: str | None = None, inner_bias=None,
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> VlmExportResult:
     """Export `model` (LlavaForConditionalGeneration or Qwen2VLForConditionalGeneration; eval mode is set) as three
     ONNX parts with `prune` after the vision tower into `out_dir`. Qwen2-VL needs `grid=(t, h, w)`; LLaVA takes
-    `inner="fastv@L:R"` (FastV inside the LLM prefill, R of the image tokens the prompt carries)."""
+    `inner="fastv@L:R"` (FastV inside the LLM prefill, R of the image tokens the prompt carries). A part whose weights
+    reach `external_data_threshold` bytes is written with its weights in `<part>.onnx.data` (0: every part)."""
+    if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
+            or external_data_threshold < 0:
+        raise ConfigError(f"external_data_threshold={external_data_threshold!r} must be a byte count >= 0 "
+                          f"(0 writes every part with external data; default {EXTERNAL_DATA_THRESHOLD})")
     plan = plan_vlm(model, prune, grid=grid, inner=inner, inner_bias=inner_bias)  # every check before any write
     model.eval()
     if plan.model_type == "llava":
@@ -227,44 +270,69 @@ def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.2
                  "prefill": lambda: export_lm_prefill(model, plan.keep, prompt_len),
                  "decode": lambda: export_lm_decode(model, prompt_len)}
     out = ensure_writable_dir(out_dir)
-    protos, seconds = {}, {}
+    models, seconds = {}, {}
     for key, make in parts.items():
         t0 = time.perf_counter()
-        protos[key] = make()
+        models[key] = make()  # onnx_ir models whose weights are still the module's tensors
         seconds[key] = time.perf_counter() - t0
-    vision_ops, prefill_ops = _check_parts(protos)
-    paths, sizes = {}, {}
-    for key, proto in protos.items():
-        paths[key] = write_bytes_atomic(out / ARTIFACTS[key], proto.SerializeToString())
-        sizes[key] = paths[key].stat().st_size
+    paths, ops = write_parts(models, out, external_data_threshold)
     if plan.model_type == "llava":
         paths["embed"] = out / ARTIFACTS["embed"]
         with atomic_path(paths["embed"]) as tmp, open(tmp, "wb") as f:
             np.save(f, model.model.language_model.embed_tokens.weight.detach().float().cpu().numpy())
-        sizes["embed"] = paths["embed"].stat().st_size
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
     result = VlmExportResult(plan.model_type, out, paths, plan.prune, plan.stage.method, dict(options), plan.keep,
-                             plan.num_tokens, plan.num_image_tokens, plan.layout, vision_ops, prefill_ops, sizes,
-                             seconds, model, vision, plan.inner)
-    if plan.model_type == "llava":
-        paths["manifest"] = write_json_atomic(out / MANIFEST, _llava_manifest(result))
-    else:
-        paths["manifest"] = write_json_atomic(out / QWEN2_VL_MANIFEST, _qwen2_vl_manifest(result))
+                             plan.num_tokens, plan.num_image_tokens, plan.layout, ops["vision"], ops["prefill"], sizes,
+                             seconds, model, vision, plan.inner, plan.max_positions)
+    _write_manifest(result)
     return result
 
 
-def _check_parts(protos: dict[str, onnx.ModelProto]) -> tuple[dict[str, int], dict[str, int]]:
-    """(vision op census, prefill op census); ExportError if a part is data-dependent or too big to write."""
-    vision_ops = check_static(protos["vision"])["ops"]  # raises if a data-dependent op or size slipped in
-    prefill_ops = dict(op_census(protos["prefill"]))     # its sequence axis is dynamic: the op census only
-    bad = sorted(set(prefill_ops) & set(FORBIDDEN_OPS))
+def _write_manifest(result: VlmExportResult) -> Path:
+    """Write the manifest the pipeline reads (llava_parts.json / manifest.json) atomically; sets paths["manifest"]."""
+    if result.model_type == "llava":
+        path, content = result.out_dir / MANIFEST, _llava_manifest(result)
+    else:
+        path, content = result.out_dir / QWEN2_VL_MANIFEST, _qwen2_vl_manifest(result)
+    result.paths["manifest"] = write_json_atomic(path, content)
+    return path
+
+
+def write_parts(models: dict[str, ir.Model], out: Path,
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Write the parts {"vision"|"prefill"|"decode": model} into `out` (emptying `models`, so each part's proto is freed
+    once written) -> (paths, op census per part). A part whose weights reach `external_data_threshold` bytes gets
+    `<part>.onnx.data` (paths["<part>_data"]). All files are staged and renamed into place only once every part passed
+    its check (ExportError otherwise: nothing changes on disk); a part now inline deletes the stale .data of an earlier
+    export."""
+    paths, ops = {}, {}
+    with ExitStack() as staged:  # nothing is renamed into place before every part passed its check
+        for key in list(models):
+            model = models.pop(key)
+            paths[key] = out / ARTIFACTS[key]
+            external = initializer_bytes(model) >= external_data_threshold
+            proto = stage_onnx(model, paths[key], external, staged)
+            del model
+            ops[key] = _check_part(key, proto)  # on the graph as written: external weights are not loaded
+            del proto
+            if external:
+                paths[f"{key}_data"] = data_path(paths[key])
+    for key in ARTIFACTS:
+        if key in paths and f"{key}_data" not in paths:
+            data_path(paths[key]).unlink(missing_ok=True)
+    return paths, ops
+
+
+def _check_part(key: str, proto: onnx.ModelProto) -> dict[str, int]:
+    """The part's op census; ExportError if it is data-dependent (vision: every size static but batch)."""
+    if key == "vision":
+        return dict(check_static(proto)["ops"])  # raises if a data-dependent op or size slipped in
+    census = dict(op_census(proto))  # the LM parts' sequence axes are dynamic: the op census only
+    bad = sorted(set(census) & set(FORBIDDEN_OPS))
     if bad:
-        raise ExportError(f"lm_prefill.onnx contains {bad[0]} ({FORBIDDEN_OPS[bad[0]]}); the LM parts must stay free "
+        raise ExportError(f"{ARTIFACTS[key]} contains {bad[0]} ({FORBIDDEN_OPS[bad[0]]}); the LM parts must stay free "
                           "of data-dependent ops (inner pruning: a fixed-budget TopK + Gather)")
-    too_big = [ARTIFACTS[k] for k, proto in protos.items() if proto.ByteSize() >= 2**31 - 1]
-    if too_big:  # checked before any write: all parts or none
-        raise ExportError(f"{too_big[0]} is over 2 GB; external-data ONNX for VLM parts is not supported yet, "
-                          "export a smaller language model")
-    return dict(vision_ops), prefill_ops
+    return census
 
 
 def _llava_manifest(result: VlmExportResult) -> dict:
@@ -276,15 +344,18 @@ def _llava_manifest(result: VlmExportResult) -> dict:
            "vision_ops": result.vision_ops}
     if result.inner is not None:
         out["inner"] = result.inner.to_dict()
+    if result.engines:
+        out["engines"] = result.engines
     return out | {"image_token_id": lay.image_token_id, "num_text_layers": lay.num_text_layers}
 
 
 def _qwen2_vl_manifest(result: VlmExportResult) -> dict:
     lay = result.layout
-    return {"model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
-            "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
-            "method": result.method, "options": result.options, "keep": result.keep,
-            "files": {k: p.name for k, p in result.paths.items()}, "vision_ops": result.vision_ops}
+    out = {"model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
+           "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
+           "method": result.method, "options": result.options, "keep": result.keep,
+           "files": {k: p.name for k, p in result.paths.items()}, "vision_ops": result.vision_ops}
+    return out | ({"engines": result.engines} if result.engines else {})
 
 
 def export_llava(model: nn.Module, out_dir: str | Path, recipe: str = "cls-topk:0.25", *, inner: str | None = None,
@@ -293,6 +364,122 @@ def export_llava(model: nn.Module, out_dir: str | Path, recipe: str = "cls-topk:
     if getattr(getattr(model, "config", None), "model_type", None) != "llava":
         llava_layout(model)  # raises: names LlavaForConditionalGeneration and what it got
     return export_vlm(model, out_dir, recipe, inner=inner, inner_bias=inner_bias)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+ENGINES = {"vision": "vision_prune.engine", "prefill": "lm_prefill.engine", "decode": "lm_decode.engine"}
+LLAVA_PROMPT_TEXT = (4, 3)  # llava_prompt's text tokens before / after the image tokens: verify_vlm's prompt
+QWEN2_VL_PROMPT_EXTRA = 9   # vlm_qwen2.sample_prompt: 7 text tokens + <vision_start> + <vision_end> around the image
+
+
+@dataclass(frozen=True)
+class VlmProfiles:
+    """The optimization profile of each part's engine: one batch range for all, and per part its named dims'
+    (min, opt, max), as BuildSpec.dims takes them. A dim derived from one given here ("past_sequence + 1", decode's
+    mask) follows it (targets/tensorrt/builder.py)."""
+
+    batch: tuple[int, int, int]
+    max_sequence: int                                   # S: the longest sequence (prompt + generated) an engine takes
+    prompt_length: int                                  # opt of the sequence axes: the example prompt, as pruned
+    dims: dict[str, dict[str, tuple[int, int, int]]]    # part -> {dim name: (min, opt, max)}
+
+    def to_dict(self) -> dict:
+        return {"batch": list(self.batch), "max_sequence": self.max_sequence, "prompt_length": self.prompt_length,
+                "dims": {k: {n: list(r) for n, r in d.items()} for k, d in self.dims.items()}}
+
+
+def vlm_profiles(export: VlmPlan | VlmExportResult, *, max_batch: int = 1,
+                 max_sequence: int | None = None) -> VlmProfiles:
+    """The engine profiles of an export's parts (from its plan or its result); one-line ConfigError if they cannot
+    hold: batch 1..B (Qwen2-VL's parts are batch 1); prefill `sequence` 1..S, opt = the example prompt (the one
+    verify_vlm uses, pruned); decode `past_sequence` 0..S. FastV: the prefill takes at least N + 1 tokens (N image
+    tokens, then text) and its keep TopK takes K = sequence - (N - R) <= 3840 (TensorRT's TopK limit), so S defaults
+    to at most 3840 + N - R; decode's `pruned_past_sequence` is 0..S - (N - R). S defaults to the language model's
+    max_position_embeddings."""
+    from tokensieve.targets.tensorrt.lint import TOPK_MAX_K
+
+    for flag, value in (("--max-batch", max_batch), ("--max-sequence", max_sequence)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{flag} {value!r} must be a positive integer")
+    if export.model_type == "qwen2_vl" and max_batch != 1:
+        raise ConfigError(f"--max-batch {max_batch}: the Qwen2-VL parts are exported for batch 1; build them with "
+                          "--max-batch 1")
+    spec = export.inner
+    dropped = spec.dropped if spec is not None else 0
+    if export.model_type == "llava":
+        prompt, what = export.num_image_tokens + sum(LLAVA_PROMPT_TEXT), f"{sum(LLAVA_PROMPT_TEXT)} text tokens"
+    else:
+        prompt, what = export.keep + QWEN2_VL_PROMPT_EXTRA, f"{QWEN2_VL_PROMPT_EXTRA} text and vision-marker tokens"
+    cap = TOPK_MAX_K + dropped if spec is not None else None  # FastV's keep TopK: K = sequence - dropped
+    if max_sequence is None:
+        if export.max_positions is None:
+            raise ConfigError("the language model's config has no max_position_embeddings; give the longest "
+                              "sequence with --max-sequence S")
+        max_sequence = export.max_positions if cap is None else min(export.max_positions, cap)
+    if max_sequence < prompt:
+        raise ConfigError(f"--max-sequence {max_sequence} is shorter than the example prompt ({prompt} tokens: "
+                          f"{export.num_image_tokens} image tokens + {what}); raise it to {prompt} or more")
+    if cap is not None and max_sequence > cap:
+        raise ConfigError(f"{ARTIFACTS['prefill']} ({spec.shorthand()}): at --max-sequence {max_sequence} its keep "
+                          f"TopK takes K = sequence - {dropped} = {max_sequence - dropped} tokens, over TensorRT's TopK "
+                          f"limit of {TOPK_MAX_K}; use --max-sequence {cap} or less")
+    first = export.num_image_tokens + 1 if spec is not None else 1
+    dims = {"vision": {}, "prefill": {"sequence": (first, prompt, max_sequence)},
+            "decode": {"past_sequence": (0, prompt, max_sequence)}}
+    if spec is not None:
+        dims["decode"]["pruned_past_sequence"] = (0, prompt - dropped, max_sequence - dropped)
+    return VlmProfiles((1, 1, max_batch), max_sequence, prompt, dims)
+
+
+def build_vlm(result: VlmExportResult, *, target: str = "rtx-sm86", precision: str = "fp32", max_batch: int = 1,
+              max_sequence: int | None = None, progress=None) -> dict:
+    """Build one engine per part (vision_prune.engine, lm_prefill.engine, lm_decode.engine + their .json) into the
+    export folder with vlm_profiles' profiles, and record them in the manifest under "engines" (also
+    `result.engines`). Returns {part: EngineInfo}; a part that does not build is a one-line TargetError naming it."""
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+
+    profiles = vlm_profiles(result, max_batch=max_batch, max_sequence=max_sequence)
+    specs = {key: BuildSpec(target=target, precision=precision, min_batch=profiles.batch[0],
+                            opt_batch=profiles.batch[1], max_batch=profiles.batch[2], dims=profiles.dims[key])
+             for key in ENGINES}  # every spec checked before the first build
+    infos = {}
+    for key, spec in specs.items():
+        if progress is not None:
+            progress(f"{ENGINES[key]} ({target}, {precision})")
+        extra = {"tokensieve": {"vlm_part": key, "model_type": result.model_type, "prune": result.prune,
+                                "inner": result.inner.shorthand() if result.inner is not None else None}}
+        engine = result.out_dir / ENGINES[key]
+        try:
+            info = build_engine(result.paths[key], engine, spec, extra)
+        except (TargetError, ConfigError) as e:  # name the part: the builder's message names only its file or input
+            raise type(e)(f"{ARTIFACTS[key]}: {e}") from e
+        _refuse_inconsistent_profile(key, info)
+        infos[key] = info
+    result.engines = {key: _engine_entry(info) for key, info in infos.items()}
+    _write_manifest(result)
+    return infos
+
+
+def _refuse_inconsistent_profile(key: str, info) -> None:
+    """TensorRT builds a plan whose profile it cannot run at its max/min/opt shapes (e.g. a TopK whose runtime K
+    exceeds 3840) with only a warning: delete that engine and fail in one line naming the part instead."""
+    bad = [w for w in info.metadata.get("build_warnings", []) if "values are not self-consistent" in w]
+    if bad:
+        for path in (info.engine_path, info.metadata_path):
+            path.unlink(missing_ok=True)
+        raise TargetError(f"{ARTIFACTS[key]}: TensorRT cannot run its profile: {' '.join(bad[0].split())[:300]}; "
+                          "narrow --max-sequence / --max-batch")
+
+
+def _engine_entry(info) -> dict:
+    """The manifest's record of one engine: its files, what it was built for, and its profile."""
+    m = info.metadata
+    return {"file": info.engine_path.name, "metadata": info.metadata_path.name, "target": m["target"],
+            "precision": m["precision"], "flavor": m["flavor"], "tensorrt_version": m["tensorrt_version"],
+            "size_bytes": info.size_bytes, "seconds": round(info.build_seconds, 3),
+            "profile": m.get("optimization_profile", {}), "dims": m.get("dims", {})}
 
 
 # --------------------------------------------------------------------------- LLaVA eager reference
@@ -362,7 +549,8 @@ def unpruned_generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: t
 
 @dataclass
 class VlmVerifyReport:
-    """ONNX Runtime greedy decoding of the parts vs the eager model with the same pruning, on one batch."""
+    """Greedy decoding of the parts (ONNX Runtime, or the TensorRT engines) vs the eager model with the same pruning,
+    on one batch."""
 
     model_type: str                   # "llava" | "qwen2_vl"
     batch: int
@@ -372,9 +560,10 @@ class VlmVerifyReport:
     keep_idx_match: bool | None       # the kept image tokens of vision_prune; None where not compared (Qwen2-VL)
     max_abs_diff_logits: float        # LLaVA: the logits of every step; Qwen2-VL: the prefill's last logits
     max_abs_diff_features: float | None  # LLaVA: vision_prune's image features; None for Qwen2-VL
-    tokens: list[list[int]]           # the ORT greedy ids, (batch, max_new_tokens)
+    tokens: list[list[int]]           # the parts' greedy ids, (batch, max_new_tokens)
     seconds: float
     inner_keep_idx_match: bool | None = None   # FastV: the kept image tokens are the eager ones
+    backend: str = "onnxruntime"               # what ran the parts: "onnxruntime" | "tensorrt"
 
     @property
     def passed(self) -> bool:
@@ -387,9 +576,11 @@ class VlmVerifyReport:
 
 def verify_vlm(result: VlmExportResult, input_ids: torch.Tensor | None = None,
                pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 8, batch: int | None = None,
-               seed: int = 0, atol: float = 1e-4, threads: int | None = None) -> VlmVerifyReport:
-    """ORT pipeline vs eager reference on one batch (seeded random images and a prompt unless given): greedy ids,
-    and the logits they were chosen from (LLaVA: also keep_idx and the image features).
+               seed: int = 0, atol: float = 1e-4, threads: int | None = None,
+               backend: str = "onnxruntime") -> VlmVerifyReport:
+    """The parts' pipeline (ONNX Runtime; backend="tensorrt": the engines build_vlm recorded) vs the eager reference
+    on one batch (seeded random images and a prompt unless given): greedy ids, and the logits they were chosen from
+    (LLaVA: also keep_idx and the image features).
 
     batch defaults to 2 for LLaVA; the Qwen2-VL parts are batch 1 (`pixel_values` (N, patch_dim), `input_ids` (1, T)
     with the image's placeholder tokens, as vlm_qwen2.image_prompt builds)."""
@@ -397,13 +588,14 @@ def verify_vlm(result: VlmExportResult, input_ids: torch.Tensor | None = None,
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if result.model_type == "llava":
         return _verify_llava(result, input_ids, pixel_values, max_new_tokens, 2 if batch is None else batch, seed,
-                             atol, threads)
+                             atol, threads, backend)
     if batch not in (None, 1):
         raise ConfigError(f"batch={batch}: the Qwen2-VL parts are exported for batch 1; verify with batch=1")
-    return _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads)
+    return _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads, backend)
 
 
-def _verify_llava(result, input_ids, pixel_values, max_new_tokens, batch, seed, atol, threads) -> VlmVerifyReport:
+def _verify_llava(result, input_ids, pixel_values, max_new_tokens, batch, seed, atol, threads,
+                  backend) -> VlmVerifyReport:
     if batch < 1:
         raise ConfigError(f"batch={batch} must be >= 1")
     t0 = time.perf_counter()
@@ -412,7 +604,7 @@ def _verify_llava(result, input_ids, pixel_values, max_new_tokens, batch, seed, 
         pixel_values = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     if input_ids is None:
         input_ids = llava_prompt(result.layout, result.num_image_tokens, pixel_values.shape[0], seed=seed)
-    with LlavaOrtPipeline(result.out_dir, threads=threads) as pipe:
+    with LlavaPipeline(result.out_dir, backend=backend, threads=threads) as pipe:
         got = pipe.generate(input_ids.numpy(), pixel_values.numpy(), max_new_tokens)  # checks the prompt first
     want = reference_generate(result.model, result.vision, input_ids, pixel_values, max_new_tokens,
                               inner=result.inner)
@@ -423,10 +615,12 @@ def _verify_llava(result, input_ids, pixel_values, max_new_tokens, batch, seed, 
         keep_idx_match=got.keep_idx.shape == want.keep_idx.shape and bool((got.keep_idx == want.keep_idx).all()),
         max_abs_diff_logits=float(np.abs(got.logits - want.logits).max()),
         max_abs_diff_features=float(np.abs(got.image_features - want.image_features).max()),
-        tokens=got.tokens.tolist(), seconds=time.perf_counter() - t0, inner_keep_idx_match=inner_match)
+        tokens=got.tokens.tolist(), seconds=time.perf_counter() - t0, inner_keep_idx_match=inner_match,
+        backend=backend)
 
 
-def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads) -> VlmVerifyReport:
+def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol, threads,
+                     backend) -> VlmVerifyReport:
     from tokensieve import vlm_qwen2 as q
 
     t0 = time.perf_counter()
@@ -436,12 +630,13 @@ def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol
     if input_ids is None:
         input_ids = q.sample_prompt(model.config, lay)
     want, want_logits = q.greedy_eager(model, result.vision, pixel_values, input_ids, max_new_tokens)
-    got, got_logits = q.greedy_onnx(model, result.paths, lay, pixel_values, input_ids, max_new_tokens, threads)
+    got, got_logits = q.greedy_onnx(model, result.paths, lay, pixel_values, input_ids, max_new_tokens, threads,
+                                    backend=backend)
     return VlmVerifyReport(
         model_type="qwen2_vl", batch=1, max_new_tokens=max_new_tokens, atol=atol,
         tokens_match=list(got) == list(want), keep_idx_match=None,
         max_abs_diff_logits=float((got_logits - want_logits).abs().max()), max_abs_diff_features=None,
-        tokens=[list(got)], seconds=time.perf_counter() - t0)
+        tokens=[list(got)], seconds=time.perf_counter() - t0, backend=backend)
 
 
 def verify_llava(result: VlmExportResult, input_ids: torch.Tensor | None = None,

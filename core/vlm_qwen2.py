@@ -147,14 +147,29 @@ def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Ten
 
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
-                input_ids: Tensor, steps: int = 8, threads: int | None = None) -> tuple[list[int], Tensor]:
-    """ONNX Runtime pipeline: vision_prune -> lm_prefill -> lm_decode; `model` only supplies get_rope_index."""
+                input_ids: Tensor, steps: int = 8, threads: int | None = None,
+                backend: str = "onnxruntime") -> tuple[list[int], Tensor]:
+    """The exported pipeline: vision_prune -> lm_prefill -> lm_decode on ONNX Runtime (the files in `paths`, external
+    data next to them) or on TensorRT (backend="tensorrt": the engines the manifest `paths["manifest"]` lists);
+    `model` only supplies get_rope_index."""
+    from contextlib import ExitStack
+
+    from tokensieve.runtime.llava_pipeline import PARTS, part_runners, read_manifest
     from tokensieve.runtime.onnxruntime_runner import OrtRunner
 
     _check_pixels(pixel_values, layout)
     position_ids = prompt_mrope_positions(model, input_ids, layout)
-    with OrtRunner(paths["vision"], threads=threads) as vis, OrtRunner(paths["prefill"], threads=threads) as pre, \
-            OrtRunner(paths["decode"], threads=threads) as dec:
+    if backend == "onnxruntime":
+        runners = {k: OrtRunner(paths[k], threads=threads) for k in PARTS}
+    else:  # one-line errors for an unknown backend or a folder without engines
+        manifest = paths.get("manifest")
+        if manifest is None:
+            raise ConfigError(f"backend={backend!r} reads the engines from the export's manifest; pass the paths "
+                              "export_vlm returned (they include 'manifest')")
+        runners = part_runners(manifest.parent, read_manifest(manifest.parent, manifest.name), backend,
+                               threads=threads, manifest_name=manifest.name)
+    with ExitStack() as active:
+        vis, pre, dec = (active.enter_context(runners[k]) for k in PARTS)
         past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]
 
         def vision_fn():

@@ -1,7 +1,12 @@
-"""Greedy LLaVA generation from the exported parts on ONNX Runtime (numpy only).
+"""Greedy LLaVA generation from the exported parts on ONNX Runtime or TensorRT (numpy only).
 
-    with LlavaOrtPipeline("out/llava") as pipe:
+    with LlavaPipeline("out/llava") as pipe:                        # backend="onnxruntime": the three ONNX files
         gen = pipe.generate(input_ids, pixel_values, max_new_tokens=8)   # gen.tokens (B, 8)
+    with LlavaPipeline("out/llava", backend="tensorrt") as pipe:   # the engines `export-vlm` built (needs a GPU)
+        gen = pipe.generate(input_ids, pixel_values, max_new_tokens=8)
+
+Both backends run the same loop; only the runners differ (OrtRunner on the manifest's "files", TrtRunner on its
+"engines", which `tokensieve export-vlm --target ...` / vlm_api.build_vlm record). LlavaOrtPipeline is the same class.
 
 vision_prune.onnx gives K image features per image; the prompt carries exactly K image tokens per row (a static
 image-token layout), and their embeddings are replaced by the features in order. lm_prefill.onnx runs the prompt,
@@ -20,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TargetError
+from .base import BaseRunner
 from .onnxruntime_runner import OrtRunner
 
 MANIFEST = "llava_parts.json"
+PARTS = ("vision", "prefill", "decode")
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -35,30 +43,69 @@ class Generation:
     inner_keep_idx: np.ndarray | None = None  # FastV: (B, R) kept image tokens (ordinals among the image tokens)
 
 
-def read_manifest(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / MANIFEST
+def read_manifest(out_dir: str | Path, name: str = MANIFEST) -> dict:
+    """The manifest export_vlm wrote into `out_dir` (LLaVA: llava_parts.json, Qwen2-VL: manifest.json)."""
+    path = Path(out_dir) / name
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); pass the folder export_llava wrote") from e
+        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); pass the folder export_vlm wrote") from e
 
 
-class LlavaOrtPipeline:
-    def __init__(self, out_dir: str | Path, *, threads: int | None = None):
+def part_runners(out_dir: str | Path, manifest: dict, backend: str = "onnxruntime", *, threads: int | None = None,
+                 manifest_name: str = MANIFEST) -> dict[str, BaseRunner]:
+    """{part: runner} for vision / prefill / decode of an export folder: OrtRunner on the ONNX files (their
+    external data, if any, next to them), or TrtRunner on the engines the manifest lists under "engines". A folder
+    without engines is a one-line TargetError naming the command that builds them."""
+    out_dir = Path(out_dir)
+    if backend == "onnxruntime":
+        return {k: OrtRunner(out_dir / manifest["files"][k], threads=threads) for k in PARTS}
+    if backend != "tensorrt":
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if threads is not None:
+        raise ConfigError("threads is an ONNX Runtime option; drop it with backend='tensorrt'")
+    from .tensorrt_runner import TrtRunner
+
+    engines = manifest.get("engines") or {}
+    fix = (f"build them with `tokensieve export-vlm MODEL -o {out_dir} --target rtx-smXX` (TensorRT-RTX, e.g. "
+           "rtx-sm86; `--target local` on the GPU with standard TensorRT)")
+    missing = [k for k in PARTS if not isinstance(engines.get(k), dict) or "file" not in engines[k]]
+    if missing:
+        onnx = manifest.get("files", {}).get(missing[0], missing[0])
+        raise TargetError(f"{str(out_dir / manifest_name)!r} lists no TensorRT engine for {onnx}; {fix}")
+    runners = {}
+    for k in PARTS:
+        path = out_dir / engines[k]["file"]
+        if not path.is_file():
+            target = engines[k].get("target", "rtx-smXX")
+            raise TargetError(f"TensorRT engine {str(path)!r} listed in {manifest_name} does not exist; rebuild it "
+                              f"with `tokensieve export-vlm MODEL -o {out_dir} --target {target}`")
+        runners[k] = TrtRunner(path)
+    return runners
+
+
+class LlavaPipeline:
+    """Greedy LLaVA decoding over the three parts of an export folder on `backend` ("onnxruntime" or "tensorrt")."""
+
+    def __init__(self, out_dir: str | Path, *, backend: str = "onnxruntime", threads: int | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = m = read_manifest(self.out_dir)
         files = m["files"]
-        self.vision = OrtRunner(self.out_dir / files["vision"], threads=threads)
-        self.prefill = OrtRunner(self.out_dir / files["prefill"], threads=threads)
-        self.decode = OrtRunner(self.out_dir / files["decode"], threads=threads)
+        self.backend = backend
+        runners = part_runners(self.out_dir, m, backend, threads=threads)
+        self.vision, self.prefill, self.decode = (runners[k] for k in PARTS)
         self.embed_tokens = np.load(self.out_dir / files["embed"])
         self.num_image_tokens, self.image_token_id = m["num_image_tokens"], m["image_token_id"]
         self.num_layers = m["num_text_layers"]
         self.inner = m.get("inner")
 
-    def __enter__(self) -> "LlavaOrtPipeline":
-        for r in (self.vision, self.prefill, self.decode):
-            r.activate()
+    def __enter__(self) -> "LlavaPipeline":
+        try:
+            for r in (self.vision, self.prefill, self.decode):
+                r.activate()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,3 +180,6 @@ class LlavaOrtPipeline:
             raise ConfigError("FastV scores the image tokens with the last prompt position: every prompt must end "
                               "with a text token and be left-padded")
         return np.nonzero(ids == self.image_token_id)[1].reshape(ids.shape[0], -1).astype(np.int64)
+
+
+LlavaOrtPipeline = LlavaPipeline  # the name the ONNX Runtime-only pipeline had; backend="onnxruntime" is the default

@@ -112,3 +112,33 @@ def test_dense_onnx_is_converted_on_first_use_and_equals_the_unpruned_model():
     with torch.no_grad():
         want = result.module(batch).numpy()
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+
+
+def test_save_over_the_proto_limit_writes_external_data_that_loads(exported, tmp_path, monkeypatch):
+    """A model over protobuf's 2 GB limit (forced: limit 0) is written as model.onnx + model.onnx.data; the .onnx
+    names the data file's final name (not the temporary one), ORT runs it to the same outputs, the proto in memory
+    keeps its weights, and a later inline save removes the stale .data."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from tokensieve.exporter import onnx_files
+
+    _, result = exported
+    monkeypatch.setattr(onnx_files, "PROTO_LIMIT", 0)
+    paths = api.save(result, tmp_path)
+    data = tmp_path / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > 0
+    stub = onnx.load(str(paths["model"]), load_external_data=False)
+    locations = {e.value for t in stub.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+    assert any(t.raw_data for t in result.onnx_model.graph.initializer)  # not moved out of the proto in memory
+    x = torch.randn(2, *result.input_shape[1:], generator=torch.Generator().manual_seed(0)).numpy()
+    got = ort.InferenceSession(str(paths["model"])).run(None, {"pixel_values": x})[0]
+    want = ort.InferenceSession(result.onnx_model.SerializeToString()).run(None, {"pixel_values": x})[0]
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(onnx_files, "PROTO_LIMIT", 2**31 - 1)
+    api.save(result, tmp_path)
+    assert not data.exists()

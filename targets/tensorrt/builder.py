@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ from .trt_logger import collecting_logger
 
 
 PRECISIONS = ("fp32", "fp16")
+PROTO_LIMIT = 2**31 - 1  # protobuf serializes no larger message: a model over it reaches the parser as a file
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
 
     logger = collecting_logger(trt)
     plugin_log = _PluginLog(plugin_lib is not None or loaded_plugin_library(trt) is not None)
-    with logger.capture(), plugin_log:
+    with logger.capture(), plugin_log, ExitStack() as scratch:
         builder = trt.Builder(logger)
         if builder is None:
             raise TargetError(f"{label} could not create a builder: {logger.summary()}")
@@ -154,8 +156,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             model = _convert_to_fp16(model, onnx_path)
         if model is None:  # unreadable as ONNX: let the parser say why
             parsed = parser.parse_from_file(str(onnx_path))
-        else:  # the path lets the parser find external weights (model.onnx.data)
-            parsed = parser.parse(model.SerializeToString(), str(onnx_path))
+        else:
+            parsed = _parse(parser, model, onnx_path, engine_path.parent, scratch)
         if not parsed:
             raise TargetError(_parser_error(label, onnx_path, parser, plugin_log.reasons(logger)))
         config = builder.create_builder_config()
@@ -274,11 +276,19 @@ def _plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
 def _convert_to_fp16(model: onnx.ModelProto, onnx_path: Path) -> onnx.ModelProto:
     """Strongly typed flavors take precision from the ONNX: fp32 -> mixed fp16 (weights inline, fp16-sized)."""
     onnx.load_external_data_for_model(model, str(onnx_path.parent))  # no-op without external data
-    converted = ir.to_proto(convert_to_fp16(model).model)
-    if converted.ByteSize() >= 2**31:
-        raise TargetError(f"{onnx_path.name} is over 2 GB even in fp16, too large to hand to the parser in memory; "
-                          f"build it with --precision fp32")
-    return converted
+    return ir.to_proto(convert_to_fp16(model).model)
+
+
+def _parse(parser, model: onnx.ModelProto, onnx_path: Path, scratch_dir: Path, scratch: ExitStack) -> bool:
+    """Parse `model`; the path lets the parser find the external weights of `onnx_path` (model.onnx.data). A model
+    with its weights in memory over protobuf's limit (the fp16 conversion of a > 2 GB part) is saved with external data
+    into a temporary folder in `scratch_dir` (deleted when `scratch` closes, after the build) and parsed from there."""
+    if model.ByteSize() < PROTO_LIMIT:
+        return parser.parse(model.SerializeToString(), str(onnx_path))
+    tmp = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=".tokensieve-build-", dir=scratch_dir)))
+    path = tmp / onnx_path.name
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return parser.parse_from_file(str(path))
 
 
 def _fp16_flag_with_fp32_layers(trt: ModuleType, config, network, model: onnx.ModelProto) -> int:

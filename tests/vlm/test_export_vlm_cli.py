@@ -1,5 +1,6 @@
 """`tokensieve export-vlm`: one command from a saved LLaVA / Qwen2-VL folder to the three ONNX parts, verified by
-greedy decoding against eager; bad input is one line with exit code 2."""
+greedy decoding against eager, then one TensorRT-RTX engine per part (unless --no-build); bad input is one line with
+exit code 2, before anything is written."""
 from __future__ import annotations
 
 import json
@@ -26,22 +27,36 @@ def qwen_dir(tmp_path_factory):
 
 
 def test_llava_one_command(llava_dir, tmp_path, capsys):
+    """Export, verify, then engines (default target rtx-sm86) with the derived profiles, printed and in the manifest."""
+    pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "out"
-    assert main(["export-vlm", str(llava_dir), "--prune", "cls-topk:0.25", "-o", str(out), "--steps", "4"]) == 0
+    assert main(["export-vlm", str(llava_dir), "--prune", "cls-topk:0.25", "-o", str(out), "--steps", "4",
+                 "--max-batch", "2", "--max-sequence", "40"]) == 0
     text = capsys.readouterr().out
     assert "16 patches -> 4 kept" in text and "verify          PASS" in text and "4 greedy tokens identical" in text
     assert "keep_idx identical" in text
-    assert {"vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx"} <= {p.name for p in out.iterdir()}
+    engine_line = next(line for line in text.splitlines() if line.startswith("  engine "))
+    assert "rtx-sm86 fp32: vision_prune " in engine_line and " MiB in " in engine_line and "lm_decode" in engine_line
+    assert "profile         batch 1..2; lm_prefill sequence 1..40 (opt 11); lm_decode past_sequence 0..40 (opt 11)" \
+        in text
+    names = {p.name for p in out.iterdir()}
+    assert {"vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx"} <= names
+    parts = ("vision_prune", "lm_prefill", "lm_decode")
+    assert {f"{part}.engine{ext}" for part in parts for ext in ("", ".json")} <= names
+    engines = json.loads((out / "llava_parts.json").read_text())["engines"]
+    assert engines["decode"]["dims"]["past_sequence"] == {"min": 0, "opt": 11, "max": 40}
 
 
 def test_qwen2_vl_one_command(qwen_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["export-vlm", str(qwen_dir), "--prune", "attn-mean:6", "--grid", "1,8,8", "-o", str(out), "--steps", "4"])
+    rc = main(["export-vlm", str(qwen_dir), "--prune", "attn-mean:6", "--grid", "1,8,8", "-o", str(out), "--steps", "4",
+               "--no-build"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "16 merged tokens -> 6 kept" in text and "verify          PASS" in text
+    assert "16 merged tokens -> 6 kept" in text and "verify          PASS" in text and "  engine " not in text
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["keep"] == 6 and manifest["method"] == "attn-mean"
+    assert manifest["keep"] == 6 and manifest["method"] == "attn-mean" and "engines" not in manifest
+    assert not list(out.glob("*.engine"))
 
 
 @pytest.mark.parametrize("args,match", [
@@ -50,6 +65,10 @@ def test_qwen2_vl_one_command(qwen_dir, tmp_path, capsys):
     (["--prune", "cls-topk:6", "--grid", "1,8,8"], "[CLS]"),
     (["--prune", "attn-mean@3:6", "--grid", "1,8,8"], "METHOD[(options)]:KEEP"),
     (["--prune", "attn-mean:6", "--grid", "1,8,8", "--steps", "0"], "--steps"),
+    (["--prune", "attn-mean:6", "--grid", "1,8,8", "--target", "rtx-sm90"], "Unknown TensorRT target 'rtx-sm90'"),
+    (["--prune", "attn-mean:6", "--grid", "1,8,8", "--max-batch", "2"], "exported for batch 1"),
+    (["--prune", "attn-mean:6", "--grid", "1,8,8", "--max-sequence", "14"], "shorter than the example prompt"),
+    (["--prune", "attn-mean:6", "--grid", "1,8,8", "--max-sequence", "0"], "--max-sequence 0"),
 ])
 def test_qwen2_vl_bad_input_is_one_line(qwen_dir, tmp_path, capsys, args, match):
     out = tmp_path / "out"
@@ -66,3 +85,20 @@ def test_not_a_vlm_folder_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "not a supported VLM" in err[0] and "tokensieve export --model" in err[0]
     assert main(["export-vlm", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_no_tensorrt_names_no_build(llava_dir, tmp_path, capsys, monkeypatch):
+    """Without the TensorRT flavor the target needs, the command stops before loading anything: one line naming
+    --no-build."""
+    from tokensieve.errors import TargetError
+    from tokensieve.targets.tensorrt import flavors
+
+    def not_installed(flavor):
+        raise TargetError("TensorRT-RTX is not installed; pip install 'tokensieve[rtx]' (package tensorrt-rtx)")
+
+    monkeypatch.setattr(flavors, "import_flavor", not_installed)
+    out = tmp_path / "out"
+    assert main(["export-vlm", str(llava_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TensorRT-RTX is not installed" in err[0] and "--no-build" in err[0], err
+    assert not out.exists()

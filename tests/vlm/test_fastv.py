@@ -18,13 +18,14 @@ import torch
 
 from test_llava_parts import _one_line, tiny_llava
 from tokensieve.cli import main
-from tokensieve.errors import ConfigError
+from tokensieve.errors import ConfigError, TargetError
 from tokensieve.exporter.vlm.fastv import (FastvPrefill, calibrate_fastv_bias, parse_fastv, prefill_macs,
                                            reference_fastv_generate)
 from tokensieve.exporter.vlm.llava import llava_layout
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS
-from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline
-from tokensieve.vlm_api import export_llava, llava_prompt, reference_generate, unpruned_generate, verify_llava
+from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline, LlavaPipeline
+from tokensieve.vlm_api import (build_vlm, export_llava, llava_prompt, reference_generate, unpruned_generate,
+                                verify_llava, vlm_profiles)
 
 N, R, LAYER, STEPS, ATOL = 16, 6, 1, 8, 1e-5
 IMAGE = 127
@@ -316,6 +317,64 @@ def test_bad_prompts_are_one_line(exported, model, pixels):
     _one_line(e)
 
 
+# --------------------------------------------------------------------------- engines
+
+
+def test_fastv_parts_build_engines(exported):
+    """The known gap, settled: the FastV prefill's keep TopK takes a K computed at run time (sequence - (N - R)) and
+    TensorRT-RTX builds it; the profiles follow FastV: the prompt holds at least N + 1 tokens, decode's pruned layers
+    get pruned_past_sequence = past_sequence - (N - R) (their masks: NAME + 1)."""
+    pytest.importorskip("tensorrt_rtx")
+    infos = build_vlm(exported, max_batch=2, max_sequence=64)
+    engines = json.loads(exported.paths["manifest"].read_text())["engines"]
+    d = N - R
+    assert engines["prefill"]["dims"] == {"sequence": {"min": N + 1, "opt": N + 7, "max": 64}}
+    assert engines["decode"]["dims"]["pruned_past_sequence"] == {"min": 0, "opt": N + 7 - d, "max": 64 - d}
+    assert engines["decode"]["profile"]["attention_mask_pruned"]["max"] == [2, 64 - d + 1]
+    assert engines["decode"]["profile"]["past.2.key"]["max"] == [2, 2, 64 - d, 8]  # layer 2: after the pruning
+    assert engines["decode"]["profile"]["past.1.key"]["max"] == [2, 2, 64, 8]
+    assert all(i.size_bytes > 0 for i in infos.values())
+    assert not [w for i in infos.values() for w in i.metadata["build_warnings"] if "self-consistent" in w]
+
+
+def test_fastv_sequence_is_bounded_by_the_topk_limit(exported, tmp_path):
+    """K = S - (N - R) must stay <= 3840 (TensorRT's TopK limit): S defaults to at most 3840 + N - R, a larger
+    --max-sequence is one line naming lm_prefill.onnx; an engine whose profile TensorRT flags as inconsistent is
+    deleted and refused in one line."""
+    d = N - R
+    assert vlm_profiles(exported, max_sequence=3840 + d).max_sequence == 3840 + d
+    with pytest.raises(ConfigError, match=f"lm_prefill.onnx .fastv@1:6.: at --max-sequence 5000 its keep TopK takes "
+                                          f"K = sequence - {d} = {5000 - d} tokens") as e:
+        vlm_profiles(exported, max_sequence=5000)
+    assert f"use --max-sequence {3840 + d} or less" in _one_line(e)
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve import api
+    from tokensieve.vlm_api import _refuse_inconsistent_profile
+
+    info = api.build(exported.paths["prefill"], tmp_path / "p.engine", max_batch=1,
+                     dims={"sequence": (N + 1, N + 7, 5000)})
+    with pytest.raises(TargetError, match="lm_prefill.onnx: TensorRT cannot run its profile: .*K exceeds") as e:
+        _refuse_inconsistent_profile("prefill", info)
+    _one_line(e)
+    assert not info.engine_path.exists() and not info.metadata_path.exists()
+
+
+@pytest.mark.gpu
+def test_fastv_tensorrt_greedy_equals_onnxruntime(exported, pixels):
+    """On the GPU: the FastV engines keep the same image tokens and give ORT's greedy ids (logits within 1e-3)."""
+    from gpu_target import engine_target
+
+    build_vlm(exported, target=engine_target(), max_batch=2, max_sequence=64)
+    ids = llava_prompt(exported.layout, N, 2, seed=3)
+    with LlavaPipeline(exported.out_dir) as pipe:
+        want = pipe.generate(ids.numpy(), pixels[:2].numpy(), STEPS)
+    with LlavaPipeline(exported.out_dir, backend="tensorrt") as pipe:
+        got = pipe.generate(ids.numpy(), pixels[:2].numpy(), STEPS)
+    np.testing.assert_array_equal(got.inner_keep_idx, want.inner_keep_idx)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-3, rtol=0)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -331,7 +390,7 @@ def test_cli_inner_fastv_all_tokens_equals_unpruned(llava_dir, tmp_path, capsys,
     LLaVA's unpruned greedy generation exactly."""
     out = tmp_path / "out"
     assert main(["export-vlm", str(llava_dir), "--prune", "cls-topk:1.0", "--inner", f"fastv@0:{N}", "-o", str(out),
-                 "--steps", "4"]) == 0
+                 "--steps", "4", "--no-build"]) == 0  # the FastV engines: test_fastv_parts_build_engines
     text = capsys.readouterr().out
     assert "inner (FastV)   16 -> 16 image tokens after LLM layer 0" in text and "verify          PASS" in text
     assert "FastV kept image tokens identical" in text

@@ -1,7 +1,9 @@
 """LLaVA in parts with outer (FasterVLM-style) pruning: ORT greedy generation vs the same pruning in eager torch.
 
 One tiny random-init LLaVA (CLIP 32 px / patch 8 = 16 patches, 3 layers; Llama 2 layers, vocab 128), exported
-once per module with cls-topk keeping 4 of 16 patches.
+once per module with cls-topk keeping 4 of 16 patches, every part with external data (external_data_threshold=0,
+the layout of a > 2 GB real-size part), so each test below also runs on `<part>.onnx` + `<part>.onnx.data`; the
+FastV and Qwen2-VL exports (test_fastv, test_export_vlm_cli) write inline parts. Engines: one build_vlm of it (~2 s).
 """
 from __future__ import annotations
 
@@ -10,18 +12,19 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from tokensieve.errors import ConfigError
+from tokensieve.errors import ConfigError, TargetError
 from tokensieve.exporter.vlm.export_part import export_part
 from tokensieve.exporter.vlm.llava import VisionPrune, llava_layout, vision_spec
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static
-from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline
-from tokensieve.vlm_api import (export_llava, export_vlm, llava_prompt, reference_generate, unpruned_generate,
-                                verify_llava, verify_vlm)
+from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline, LlavaPipeline
+from tokensieve.vlm_api import (build_vlm, export_llava, export_vlm, llava_prompt, reference_generate,
+                                unpruned_generate, verify_llava, verify_vlm, vlm_profiles)
 
 NUM_PATCHES, KEEP, STEPS = 16, 4, 8
 
@@ -44,7 +47,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    return export_vlm(model, tmp_path_factory.mktemp("llava"), f"cls-topk:{KEEP}")
+    return export_vlm(model, tmp_path_factory.mktemp("llava"), f"cls-topk:{KEEP}", external_data_threshold=0)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_cls_free_method_exports(model, pixels, method, options):
     static; recycle keeps the same patches as without it but changes the features."""
     layout = llava_layout(model)
     vision = VisionPrune(model, layout, method, 5, options).eval()  # {}: VisionPrune fills in the defaults
-    proto = export_part(vision, vision_spec(layout), what=method)
+    proto = ir.to_proto(export_part(vision, vision_spec(layout), what=method))
     check_static(proto)
     got_features, got_idx = ort.InferenceSession(proto.SerializeToString()).run(None, {"pixel_values": pixels.numpy()})
     with torch.no_grad():
@@ -229,3 +232,149 @@ def test_lm_axes_are_named_for_dims(exported, tmp_path):
                                                           "max": [4, 2, 64, 8]}
     assert meta["dims"] == {"past_sequence": {"min": 0, "opt": 16, "max": 64},
                             "past_sequence + 1": {"min": 1, "opt": 17, "max": 65}}
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def test_parts_are_written_with_external_data(exported):
+    """external_data_threshold=0: each part is <part>.onnx + one <part>.onnx.data next to it, listed in the manifest;
+    the .onnx holds no weight bytes of its own (every initializer of 1 KiB or more points into the .data file by its
+    final name), and no temporary file is left behind. ORT, the pipeline and verify run on them (the tests above)."""
+    assert set(exported.external_data) == {"vision", "prefill", "decode"}
+    manifest = json.loads(exported.paths["manifest"].read_text())
+    for part, data in exported.external_data.items():
+        onnx_path = exported.paths[part]
+        assert data == onnx_path.with_name(onnx_path.name + ".data") and data.is_file()
+        assert manifest["files"][f"{part}_data"] == data.name and exported.sizes[f"{part}_data"] == data.stat().st_size
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        assert external and all(len(t.raw_data) < 1024 for t in inline)
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {data.name}
+        end = max(int(e.value) for t in external for e in t.external_data if e.key == "offset")
+        assert end < data.stat().st_size  # the offsets point into the file written
+    assert not list(exported.out_dir.glob(".*.tmp"))
+
+
+def test_external_data_threshold_is_checked(model, tmp_path):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="external_data_threshold") as e:
+            export_vlm(model, tmp_path, f"cls-topk:{KEEP}", external_data_threshold=bad)
+        _one_line(e)
+    assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@pytest.fixture(scope="module")
+def engines(exported):
+    """One engine per part of the external-data export, batch 1..2, sequence up to 64 (TensorRT-RTX, SM86)."""
+    pytest.importorskip("tensorrt_rtx")
+    return build_vlm(exported, target="rtx-sm86", max_batch=2, max_sequence=64)
+
+
+def test_profiles_follow_the_parts(exported):
+    """batch 1..B; prefill sequence 1..S with opt = verify's prompt (4 text + K image + 3 text); decode past 0..S."""
+    prof = vlm_profiles(exported, max_batch=2, max_sequence=64)
+    assert prof.batch == (1, 1, 2) and prof.prompt_length == KEEP + 7
+    assert prof.dims == {"vision": {}, "prefill": {"sequence": (1, KEEP + 7, 64)},
+                         "decode": {"past_sequence": (0, KEEP + 7, 64)}}
+    assert vlm_profiles(exported).max_sequence == 256  # default: the Llama config's max_position_embeddings
+    for kwargs, words in [({"max_sequence": KEEP + 6}, "shorter than the example prompt"),
+                          ({"max_batch": 0}, "--max-batch 0"), ({"max_sequence": 0}, "--max-sequence 0")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            vlm_profiles(exported, **kwargs)
+        _one_line(e)
+
+
+def test_build_vlm_builds_every_part_from_external_data(exported, engines):
+    """Three engines next to the parts, each with its .json; the manifest lists file, target and profile of each;
+    the LM engines' profiles are the derived ones (decode's mask axis follows past_sequence + 1)."""
+    assert set(engines) == {"vision", "prefill", "decode"}
+    manifest = json.loads(exported.paths["manifest"].read_text())
+    for part, info in engines.items():
+        assert info.engine_path.parent == exported.out_dir and info.engine_path.is_file() and info.size_bytes > 0
+        entry = manifest["engines"][part]
+        assert entry["file"] == info.engine_path.name and entry["target"] == "rtx-sm86"
+        assert entry["precision"] == "fp32" and entry["size_bytes"] == info.size_bytes
+        assert info.metadata["tokensieve"]["vlm_part"] == part
+        assert info.metadata["onnx"]["file"] == exported.paths[part].name
+    assert manifest["engines"]["vision"]["profile"]["pixel_values"]["max"] == [2, 3, 32, 32]
+    prefill, decode = manifest["engines"]["prefill"], manifest["engines"]["decode"]
+    assert prefill["dims"] == {"sequence": {"min": 1, "opt": KEEP + 7, "max": 64}}
+    assert prefill["profile"]["inputs_embeds"] == {"min": [1, 1, 32], "opt": [1, KEEP + 7, 32], "max": [2, 64, 32]}
+    assert decode["profile"]["attention_mask"] == {"min": [1, 1], "opt": [1, KEEP + 8], "max": [2, 65]}
+    assert decode["profile"]["past.1.value"]["max"] == [2, 2, 64, 8]
+    assert exported.engines == manifest["engines"]
+
+
+def test_tensorrt_pipeline_finds_the_engines(exported, engines):
+    """backend="tensorrt" opens the manifest's engines (TrtRunner per part); without a GPU, entering it is one line."""
+    pipe = LlavaPipeline(exported.out_dir, backend="tensorrt")
+    assert [r.engine_path for r in (pipe.vision, pipe.prefill, pipe.decode)] == \
+        [engines[k].engine_path for k in ("vision", "prefill", "decode")]
+    assert pipe.prefill.dim_ranges["sequence"] == (1, KEEP + 7, 64)
+    if not torch.cuda.is_available():  # what TrtRunner needs to deserialize an engine
+        with pytest.raises(TargetError, match="needs an NVIDIA GPU") as e:
+            with pipe:
+                pass
+        _one_line(e)
+    assert LlavaOrtPipeline is LlavaPipeline
+
+
+def test_missing_engines_name_the_build_command(exported, tmp_path):
+    """A folder exported with --no-build, or whose engine file is gone: one line naming `export-vlm --target`."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exported.out_dir, folder, ignore=shutil.ignore_patterns("*.engine", "*.engine.json"))
+    manifest = json.loads((folder / "llava_parts.json").read_text())
+    engines = manifest.pop("engines", None)
+    (folder / "llava_parts.json").write_text(json.dumps(manifest))
+    with pytest.raises(TargetError, match="lists no TensorRT engine for vision_prune.onnx") as e:
+        LlavaPipeline(folder, backend="tensorrt")
+    assert "tokensieve export-vlm MODEL -o" in _one_line(e) and "--target rtx-smXX" in str(e.value)
+    if engines is not None:  # listed, but the file is missing
+        (folder / "llava_parts.json").write_text(json.dumps(manifest | {"engines": engines}))
+        with pytest.raises(TargetError, match="does not exist") as e:
+            LlavaPipeline(folder, backend="tensorrt")
+        assert "--target rtx-sm86" in _one_line(e)
+    with pytest.raises(ConfigError, match="not one of onnxruntime, tensorrt") as e:
+        LlavaPipeline(folder, backend="openvino")
+    _one_line(e)
+
+
+def test_fp16_build_of_a_part_over_the_proto_limit(exported, tmp_path, monkeypatch):
+    """The fp16 conversion loads the weights into memory; one over protobuf's 2 GB limit is handed to the parser as a
+    temporary external-data copy (here: the limit forced to 0) that is gone after the build."""
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve.targets.tensorrt import BuildSpec, build_engine, builder
+
+    monkeypatch.setattr(builder, "PROTO_LIMIT", 0)
+    info = build_engine(exported.paths["prefill"], tmp_path / "lm_prefill.fp16.engine",
+                        BuildSpec(max_batch=1, precision="fp16", dims={"sequence": (1, 11, 32)}))
+    assert info.size_bytes > 0 and info.metadata["precision"] == "fp16"
+    assert {p.name for p in tmp_path.iterdir()} == {"lm_prefill.fp16.engine", "lm_prefill.fp16.engine.json"}
+
+
+@pytest.mark.gpu
+def test_tensorrt_greedy_equals_onnxruntime(exported, pixels):
+    """On the GPU: the fp32 engines give ORT's greedy ids on batch 1..2 and its logits within 1e-3 (TF32), and
+    verify_vlm(backend="tensorrt") passes against eager."""
+    from gpu_target import engine_target
+
+    target = engine_target()
+    build_vlm(exported, target=target, max_batch=2, max_sequence=64)
+    for batch in (1, 2):
+        ids = llava_prompt(exported.layout, KEEP, batch, seed=batch)
+        with LlavaPipeline(exported.out_dir) as ort_pipe:
+            want = ort_pipe.generate(ids.numpy(), pixels[:batch].numpy(), STEPS)
+        with LlavaPipeline(exported.out_dir, backend="tensorrt") as trt_pipe:
+            got = trt_pipe.generate(ids.numpy(), pixels[:batch].numpy(), STEPS)
+        np.testing.assert_array_equal(got.keep_idx, want.keep_idx)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-3, rtol=0)
+    report = verify_vlm(exported, max_new_tokens=STEPS, backend="tensorrt", atol=1e-3)
+    assert report.passed and report.backend == "tensorrt", report.to_dict()

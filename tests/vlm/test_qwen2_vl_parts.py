@@ -1,7 +1,8 @@
 """Qwen2-VL exported in parts: vision_prune (CLS-free pruning after the merger), M-RoPE positions, LM prefill/decode.
 
 A tiny random-init Qwen2VLForConditionalGeneration (transformers 5.x), one image of grid (1, 8, 8) patches
--> 16 merged image tokens, pruned to K = 6.
+-> 16 merged image tokens, pruned to K = 6; every part written with external data (external_data_threshold=0, as a
+real Qwen2-VL-2B language model is), so the ORT greedy pipeline and the engine builds below run on <part>.onnx.data.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,7 +21,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLPrefill, Qwen2VLVisionPrune, export_vision_prune, image_layout
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.runtime.onnxruntime_runner import OrtRunner
-from tokensieve.vlm_api import export_vlm, verify_llava, verify_vlm
+from tokensieve.vlm_api import build_vlm, export_vlm, verify_llava, verify_vlm
 
 GRID = (1, 8, 8)
 KEEP = 6
@@ -66,7 +68,8 @@ def _pixels(layout, seed):
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    return export_vlm(model, tmp_path_factory.mktemp("qwen2_vl"), f"attn-mean:{KEEP}", grid=GRID)
+    return export_vlm(model, tmp_path_factory.mktemp("qwen2_vl"), f"attn-mean:{KEEP}", grid=GRID,
+                      external_data_threshold=0)
 
 
 def test_export_result(exported):
@@ -74,13 +77,17 @@ def test_export_result(exported):
     assert exported.model_type == "qwen2_vl" and exported.grid == GRID and exported.inner is None
     assert exported.prune == f"attn-mean:{KEEP}" and exported.method == "attn-mean" and exported.keep == KEEP
     assert exported.num_tokens == 16 and exported.num_image_tokens == KEEP
-    assert set(exported.seconds) == set(exported.sizes) == {"vision", "prefill", "decode"}
+    parts = {"vision", "prefill", "decode"}
+    assert set(exported.seconds) == parts and set(exported.external_data) == parts
+    assert set(exported.sizes) == parts | {f"{k}_data" for k in parts}
     assert all(exported.sizes[k] == exported.paths[k].stat().st_size > 0 for k in exported.sizes)
     d = json.loads(json.dumps(exported.to_dict()))
     assert d["grid"] == list(GRID) and d["files"]["manifest"] == "manifest.json" and d["vision_ops"]["TopK"] == 2
     manifest = json.loads(exported.paths["manifest"].read_text())
     assert manifest["grid_thw"] == list(GRID) and manifest["keep"] == KEEP and manifest["method"] == "attn-mean"
-    assert manifest["files"] == dict(vision="vision_prune.onnx", prefill="lm_prefill.onnx", decode="lm_decode.onnx")
+    assert manifest["files"] == dict(vision="vision_prune.onnx", vision_data="vision_prune.onnx.data",
+                                     prefill="lm_prefill.onnx", prefill_data="lm_prefill.onnx.data",
+                                     decode="lm_decode.onnx", decode_data="lm_decode.onnx.data")
 
 
 def test_verify_vlm(exported):
@@ -108,7 +115,7 @@ def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, metho
         vision, path = exported.vision, exported.paths["vision"]
     else:
         vision = Qwen2VLVisionPrune(model.model.visual, layout, method, KEEP, options).eval()
-        proto = export_vision_prune(vision)
+        proto = ir.to_proto(export_vision_prune(vision))
         check_static(proto)
         path = tmp_path / "vision_prune.onnx"
         path.write_bytes(proto.SerializeToString())
@@ -257,7 +264,8 @@ def test_ort_greedy_pipeline_matches_eager(model, layout, prompt, exported):
         tokens, logits = vlm.greedy_onnx(model, paths, layout, x, prompt, steps=8)
         assert tokens == want_tokens
         assert (logits - want_logits).abs().max() <= 1e-4
-    assert {p.name for p in paths.values()} == {"vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx", "manifest.json"}
+    parts = ("vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx")
+    assert {p.name for p in paths.values()} == {*parts, *(f"{p}.data" for p in parts), "manifest.json"}
     assert not list(paths["vision"].parent.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
@@ -361,3 +369,30 @@ def test_vision_prune_builds_rtx_engine(exported, tmp_path):
     io = {t["name"]: t["shape"] for t in info.metadata["io_tensors"]}
     assert io == {"pixel_values": [64, 96], "image_features": [KEEP, 64], "keep_idx": [KEEP]}
     assert info.metadata["data_dependent_shapes"] is False
+
+
+def test_build_vlm_builds_the_lm_parts(exported):
+    """build_vlm: the external-data LM parts build too (batch 1; prefill `sequence` 1..S with opt = the K + 9 token
+    verify prompt, its position_ids [3, 1, sequence] on the same axis; decode `past_sequence` 0..S); the manifest
+    lists them for greedy_onnx(backend="tensorrt")."""
+    pytest.importorskip("tensorrt_rtx")
+    infos = build_vlm(exported, max_sequence=48)
+    assert set(infos) == {"vision", "prefill", "decode"}
+    engines = json.loads(exported.paths["manifest"].read_text())["engines"]
+    assert engines["prefill"]["profile"]["position_ids"] == {"min": [3, 1, 1], "opt": [3, 1, KEEP + 9],
+                                                             "max": [3, 1, 48]}
+    assert engines["decode"]["dims"]["past_sequence"] == {"min": 0, "opt": KEEP + 9, "max": 48}
+    assert all((exported.out_dir / e["file"]).is_file() for e in engines.values())
+
+
+@pytest.mark.gpu
+def test_tensorrt_greedy_equals_onnxruntime(model, layout, prompt, exported):
+    """On the GPU: the engines' greedy ids equal ORT's, the prefill logits within 1e-3 (fp32 with TF32)."""
+    from gpu_target import engine_target
+
+    build_vlm(exported, target=engine_target(), max_sequence=48)
+    x = _pixels(layout, 0)
+    want, want_logits = vlm.greedy_onnx(model, exported.paths, layout, x, prompt, steps=8)
+    got, got_logits = vlm.greedy_onnx(model, exported.paths, layout, x, prompt, steps=8, backend="tensorrt")
+    assert got == want
+    assert (got_logits - want_logits).abs().max() <= 1e-3

@@ -1,20 +1,26 @@
 """export_vlm / verify_vlm dispatch on the model type: what each architecture takes, and one-line errors for the rest.
 
 The exports themselves (both architectures through export_vlm and verify_vlm) are the module fixtures of
-test_llava_parts.py and test_qwen2_vl_parts.py; the checks here stop before any export (plan_vlm runs first).
+test_llava_parts.py and test_qwen2_vl_parts.py; the checks here stop before any export (plan_vlm runs first), and
+write_parts (how export_vlm writes the parts: staged, external data past a threshold) runs on hand-built graphs.
 """
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from transformers import ViTConfig, ViTModel
 
 from test_llava_parts import tiny_llava
 from test_qwen2_vl_parts import _tiny_qwen2_vl
-from tokensieve.errors import ConfigError
+from tokensieve.errors import ConfigError, ExportError
 from tokensieve.exporter.vlm.llava import LlavaLayout
 from tokensieve.exporter.vlm.qwen2_vl import ImageLayout
-from tokensieve.vlm_api import export_llava, export_vlm, plan_vlm, vlm_type
+from tokensieve.runtime.onnxruntime_runner import OrtRunner
+from tokensieve.vlm_api import export_llava, export_vlm, plan_vlm, vlm_profiles, vlm_type, write_parts
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +87,60 @@ def test_export_llava_refuses_a_qwen2_vl(qwen, tmp_path):
     with pytest.raises(ConfigError) as e:
         export_llava(qwen, tmp_path, "attn-mean:4")
     assert "LlavaForConditionalGeneration" in _one_line(e) and "'qwen2_vl'" in str(e.value)
+
+
+def test_plan_gives_the_engine_profiles(llava, qwen):
+    """vlm_profiles works from the plan (before any export): the CLI checks --max-batch / --max-sequence there. Qwen2-VL
+    parts are batch 1 and their example prompt is K + 9 tokens (7 text, <vision_start>, <vision_end>)."""
+    prof = vlm_profiles(plan_vlm(qwen, "attn-mean:6", grid=(1, 8, 8)), max_sequence=100)
+    assert prof.batch == (1, 1, 1) and prof.prompt_length == 6 + 9
+    assert prof.dims["prefill"] == {"sequence": (1, 15, 100)} and prof.dims["decode"] == {"past_sequence": (0, 15, 100)}
+    with pytest.raises(ConfigError, match="exported for batch 1") as e:
+        vlm_profiles(plan_vlm(qwen, "attn-mean:6", grid=(1, 8, 8)), max_batch=2)
+    _one_line(e)
+    assert vlm_profiles(plan_vlm(llava, "cls-topk:4"), max_batch=3).batch == (1, 1, 3)
+
+
+def _matmul_part(extra: str | None = None) -> ir.Model:
+    """y = x @ w with a 16x64 float weight (4 KiB: external at threshold 0) and a 2-element bias (stays inline)."""
+    w = numpy_helper.from_array(np.arange(16 * 64, dtype=np.float32).reshape(16, 64) / 1000, "w")
+    b = numpy_helper.from_array(np.array([1.0, 2.0], dtype=np.float32).reshape(2, 1), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])]
+    if extra:
+        nodes.append(helper.make_node(extra, ["x"], ["nz"]))
+        outputs.append(helper.make_tensor_value_info("nz", TensorProto.INT64, [2, None]))
+    graph = helper.make_graph(nodes, "part", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                              outputs, [w, b])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_write_parts_external_data_staging_and_stale_files(tmp_path):
+    """threshold 0: each part is <part>.onnx + <part>.onnx.data (the bias stays inline) and runs on ONNX Runtime; a part
+    failing its check changes nothing on disk (no part renamed in, no temp file); an inline rewrite deletes the
+    now-stale .data files."""
+    parts = ("vision", "prefill", "decode")
+    x = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    want = x @ (np.arange(16 * 64, dtype=np.float32).reshape(16, 64) / 1000) + np.array([[1.0], [2.0]], np.float32)
+    models = {k: _matmul_part() for k in parts}
+    paths, ops = write_parts(models, tmp_path, external_data_threshold=0)
+    assert not models  # handed over: each proto is freed once written
+    assert set(paths) == {*parts, *(f"{k}_data" for k in parts)} and ops["vision"] == {"MatMul": 1, "Add": 1}
+    proto = onnx.load(str(paths["prefill"]), load_external_data=False)
+    assert [t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL] == ["w"]
+    assert paths["prefill_data"].stat().st_size == 16 * 64 * 4
+    with OrtRunner(paths["decode"]) as runner:
+        np.testing.assert_allclose(runner.infer({"x": x})["y"], want, rtol=1e-6)
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = {"vision": _matmul_part(), "prefill": _matmul_part(), "decode": _matmul_part("NonZero")}
+    with pytest.raises(ExportError, match="lm_decode.onnx contains NonZero") as e:
+        write_parts(bad, tmp_path, external_data_threshold=10**9)  # inline this time: would replace every file
+    _one_line(e)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    paths, _ = write_parts({k: _matmul_part() for k in parts}, tmp_path)  # default threshold: inline
+    assert set(paths) == set(parts) and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx"])
+    with OrtRunner(paths["prefill"]) as runner:
+        np.testing.assert_allclose(runner.infer({"x": x})["y"], want, rtol=1e-6)

@@ -1,0 +1,68 @@
+"""Writing ONNX files atomically, inline or with external data (models over protobuf's 2 GB limit).
+
+    with ExitStack() as staged:
+        proto = stage_onnx(ir_model, Path("out/model.onnx"), external=True, staged=staged)
+        ...  # check `proto` (external weights not loaded); an exception here leaves nothing on disk
+    # on a clean exit: out/model.onnx.data, then out/model.onnx, renamed into place
+
+The weights are streamed from the model's tensors by onnx_ir (no 2 GB proto is ever built), written under a
+temporary name, and the .onnx then points at the data file's FINAL name.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from tokensieve.fileio import atomic_path
+
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller initializers (shape constants) stay inline, where shape inference reads them
+PROTO_LIMIT = 2**31 - 1            # protobuf refuses to serialize a message this large
+
+
+def data_path(onnx_path: Path) -> Path:
+    """Where the external weights of `onnx_path` go: `<name>.onnx.data` next to it."""
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def stage_onnx(model: ir.Model, path: Path, external: bool, staged: ExitStack) -> onnx.ModelProto:
+    """Write `model` under temporary names next to `path`, renamed into place when `staged` closes (deleted if it
+    closes on an error). Inline, or with every initializer of EXTERNAL_TENSOR_MIN_BYTES or more in `<path>.data`,
+    streamed from the tensors by onnx_ir. Returns the proto as written (external weights not loaded)."""
+    tmp = staged.enter_context(atomic_path(path))
+    if not external:
+        proto = ir.to_proto(model)
+        tmp.write_bytes(proto.SerializeToString())
+        return proto
+    data = data_path(path)
+    tmp_data = staged.enter_context(atomic_path(data))  # entered last: renamed before the .onnx that points to it
+    ir.save(model, tmp, format="protobuf", external_data=tmp_data.name, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+    proto = onnx.load(str(tmp), load_external_data=False)
+    for tensor in _initializers(proto.graph):  # the data file's final name, not the temporary one it was written as
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    tmp.write_bytes(proto.SerializeToString())
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
+    """Write `proto` to `path` atomically; over the protobuf limit, with its weights in `<path>.data` (the proto in
+    memory is not changed). A stale `.data` of an earlier, larger model is removed when the model is written inline."""
+    external = proto.ByteSize() >= PROTO_LIMIT
+    with ExitStack() as staged:
+        stage_onnx(ir.from_proto(proto), path, external, staged)
+    if not external:
+        data_path(path).unlink(missing_ok=True)
+    return path
+
+
+def _initializers(graph: onnx.GraphProto):
+    """Every initializer of `graph` and of its subgraphs (where onnx_ir puts external data)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield from _initializers(sub)
