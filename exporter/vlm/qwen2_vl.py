@@ -100,7 +100,8 @@ def resolve_method(name: str, options: dict | None = None) -> tuple[PruneMethod,
         raise ConfigError(str(e)) from e
     if spec.needs_cls(opts):
         raise ConfigError(f"{name} scores with the [CLS] token, which Qwen2-VL's vision tower does not have; "
-                          f"use a CLS-free method: {', '.join(usable)}")
+                          f"use a CLS-free method: {', '.join(usable)}"
+                          + (" (or mean_attention=true)" if any(p.name == "mean_attention" for p in spec.params) else ""))
     if name not in usable:
         raise ConfigError(f"{name} does not apply to Qwen2-VL's merged image tokens; use one of: {', '.join(usable)}")
     if any(opts.get(k) for k in _TOKEN_ADDING):
@@ -114,7 +115,8 @@ def cls_free_methods() -> list[str]:
     """Registry methods that need no [CLS] and select with TopK or a gather-type custom reduce (no merging/state)."""
     out = []
     for name, spec in METHODS.items():
-        if spec.requires_cls or spec.carries_state is not None or spec.compacts:
+        cls_free_option = any(p.name == "mean_attention" for p in spec.params)  # e.g. feather(mean_attention=true)
+        if (spec.requires_cls and not cls_free_option) or spec.carries_state is not None or spec.compacts:
             continue
         if spec.score_input not in (ScoreInput.ATTENTION_QK, ScoreInput.HIDDEN, ScoreInput.TOKENS):
             continue

@@ -108,7 +108,7 @@ def test_verify_vlm(exported):
 
 
 @pytest.mark.parametrize("method, options", [("attn-mean", {}), ("ttv", {}), ("divprune", {}),
-                                             ("attn-mean", {"recycle": True})])
+                                             ("attn-mean", {"recycle": True}), ("feather", {"mean_attention": True})])
 def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, method, options):
     """ORT reproduces the eager module's keep_idx exactly and its features to 1e-4, on new inputs; graph is static."""
     if method == "attn-mean" and not options:
@@ -293,12 +293,13 @@ def _one_line(exc_info) -> str:
     return msg
 
 
-@pytest.mark.parametrize("method", ["cls-topk", "mmr"])
+@pytest.mark.parametrize("method", ["cls-topk", "mmr", "feather"])
 def test_cls_method_is_rejected_naming_cls_free_ones(model, layout, method):
     with pytest.raises(ConfigError) as e:
         Qwen2VLVisionPrune(model.model.visual, layout, method, KEEP)
     msg = _one_line(e)
     assert "[CLS]" in msg and "attn-mean" in msg and "divprune" in msg
+    assert ("(or mean_attention=true)" in msg) == (method == "feather")  # feather has a CLS-free score
 
 
 @pytest.mark.parametrize("method, options, words", [
