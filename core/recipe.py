@@ -199,6 +199,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
+    if isinstance(data, dict) and "diffrate" in data:
+        return recipe_from_diffrate(data["diffrate"], where)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table with a `stage` list")
     stages = data.get("stage", data.get("stages"))
@@ -221,6 +223,39 @@ def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
             raise ConfigError(f"{where}: stage {i} params must be a table")
         out.append(Stage(str(s["method"]), s["after_block"], _parse_keep(s["keep"], f"{where} stage {i}"), tuple(sorted(params.items()))))
     return Recipe(tuple(out))
+
+
+def recipe_from_diffrate(table: object, where: str = "recipe") -> Recipe:
+    """A DiffRate-style budget table -> one `diffrate(prune_keep=P)@i:M` stage per block whose count drops.
+
+    table = {"patches": n, "prune": [P_0, P_1, ...], "merge": [M_0, M_1, ...]}: PATCH-token counts (prefix tokens such
+    as [CLS] not included) entering block 0, and left after block i's pruning and after its merging; each list has
+    one entry per block from block 0 (the rest of the blocks keep their tokens). Needs n >= P_0 >= M_0 >= P_1 >= ...
+    """
+    if not isinstance(table, dict) or not {"patches", "prune", "merge"} <= set(table):
+        raise ConfigError(f"{where}: diffrate needs patches (patch tokens entering block 0), prune and merge (patch "
+                          "tokens after each block's pruning and merging), e.g. {\"patches\": 196, \"prune\": [196, 180], "
+                          "\"merge\": [190, 170]}")
+    n, prune, merge = table["patches"], table["prune"], table["merge"]
+    counts = [n, *(prune if isinstance(prune, list) else [None]), *(merge if isinstance(merge, list) else [None])]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        raise ConfigError(f"{where}: diffrate patches, prune and merge must be positive integer token counts (lists)")
+    if len(prune) != len(merge) or not prune:
+        raise ConfigError(f"{where}: diffrate prune and merge need one count per block each, got {len(prune)} and "
+                          f"{len(merge)}")
+    stages, entering = [], n
+    for i, (p, m) in enumerate(zip(prune, merge)):
+        if not entering >= p >= m:
+            raise ConfigError(f"{where}: diffrate block {i}: {entering} patch tokens enter, prune leaves {p}, merge "
+                              f"{m}; counts must not grow ({entering} >= prune >= merge)")
+        if m < entering:
+            if p == 1 and m == 1 and entering > 1:
+                raise ConfigError(f"{where}: diffrate block {i}: prune to 1 token cannot be told from the ratio 1.0; "
+                                  "use prune = the entering count (merge everything into one) instead")
+            prune_keep = 1.0 if p == entering else float(p)
+            stages.append(Stage("diffrate", i, Budget(count=m), (("prune_keep", prune_keep),)))
+        entering = m
+    return Recipe(tuple(stages))
 
 
 @dataclass(frozen=True)
