@@ -22,7 +22,7 @@ from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.models import load_model
 
 # Methods that score with attention or hidden states must stay under 2 % overhead, greedy ones under 5 %.
-OVERHEAD_TARGET = {"divprune": 5.0, "mmr": 5.0, "tome": 5.0, "token-transforming": 5.0}
+OVERHEAD_TARGET = {"divprune": 5.0, "mmr": 5.0, "tome": 5.0, "token-transforming": 5.0, "diffrate": 5.0}
 CHEAP = {"cls-topk", "attn-mean", "ttv", "random", "uniform", "adaptive", "feather"}
 # Every method with its defaults, plus the options that change the graph: ToMe's proportional attention, PosPad,
 # recycling of the dropped tokens.
