@@ -557,9 +557,9 @@ class VlmVerifyReport:
     max_new_tokens: int
     atol: float
     tokens_match: bool
-    keep_idx_match: bool | None       # the kept image tokens of vision_prune; None where not compared (Qwen2-VL)
+    keep_idx_match: bool | None       # the kept image tokens of vision_prune equal the eager module's
     max_abs_diff_logits: float        # LLaVA: the logits of every step; Qwen2-VL: the prefill's last logits
-    max_abs_diff_features: float | None  # LLaVA: vision_prune's image features; None for Qwen2-VL
+    max_abs_diff_features: float | None  # vision_prune's image features vs the eager module's
     tokens: list[list[int]]           # the parts' greedy ids, (batch, max_new_tokens)
     seconds: float
     inner_keep_idx_match: bool | None = None   # FastV: the kept image tokens are the eager ones
@@ -630,12 +630,17 @@ def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol
     if input_ids is None:
         input_ids = q.sample_prompt(model.config, lay)
     want, want_logits = q.greedy_eager(model, result.vision, pixel_values, input_ids, max_new_tokens)
+    vision = {}
     got, got_logits = q.greedy_onnx(model, result.paths, lay, pixel_values, input_ids, max_new_tokens, threads,
-                                    backend=backend)
+                                    backend=backend, vision_out=vision)
+    with torch.no_grad():
+        features, keep_idx = result.vision(pixel_values)  # the eager vision_prune on the same image
     return VlmVerifyReport(
         model_type="qwen2_vl", batch=1, max_new_tokens=max_new_tokens, atol=atol,
-        tokens_match=list(got) == list(want), keep_idx_match=None,
-        max_abs_diff_logits=float((got_logits - want_logits).abs().max()), max_abs_diff_features=None,
+        tokens_match=list(got) == list(want),
+        keep_idx_match=bool(np.array_equal(vision["keep_idx"], keep_idx.numpy())),
+        max_abs_diff_logits=float((got_logits - want_logits).abs().max()),
+        max_abs_diff_features=float(np.abs(vision["image_features"] - features.numpy()).max()),
         tokens=[list(got)], seconds=time.perf_counter() - t0, backend=backend)
 
 

@@ -148,10 +148,11 @@ def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Ten
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
                 input_ids: Tensor, steps: int = 8, threads: int | None = None,
-                backend: str = "onnxruntime") -> tuple[list[int], Tensor]:
+                backend: str = "onnxruntime", vision_out: dict | None = None) -> tuple[list[int], Tensor]:
     """The exported pipeline: vision_prune -> lm_prefill -> lm_decode on ONNX Runtime (the files in `paths`, external
     data next to them) or on TensorRT (backend="tensorrt": the engines the manifest `paths["manifest"]` lists);
-    `model` only supplies get_rope_index."""
+    `model` only supplies get_rope_index. `vision_out` (a dict) receives vision_prune's "image_features" and
+    "keep_idx", for verification."""
     from contextlib import ExitStack
 
     from tokensieve.runtime.llava_pipeline import PARTS, part_runners, read_manifest
@@ -174,6 +175,8 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
 
         def vision_fn():
             out = vis.infer({"pixel_values": pixel_values.numpy().astype(np.float32)})
+            if vision_out is not None:
+                vision_out.update(image_features=out["image_features"], keep_idx=out["keep_idx"])
             return torch.from_numpy(out["image_features"]), torch.from_numpy(out["keep_idx"])
 
         def prefill_fn(ids, feats, pos):

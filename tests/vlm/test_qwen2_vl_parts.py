@@ -6,6 +6,8 @@ real Qwen2-VL-2B language model is), so the ORT greedy pipeline and the engine b
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -90,13 +92,17 @@ def test_export_result(exported):
                                      decode="lm_decode.onnx", decode_data="lm_decode.onnx.data")
 
 
-def test_verify_vlm(exported):
-    """verify_vlm dispatches to the Qwen2-VL greedy pipeline (batch 1): ORT ids == eager, logits within atol."""
+def test_verify_vlm(exported, model, layout):
+    """verify_vlm dispatches to the Qwen2-VL greedy pipeline (batch 1): ORT ids == eager, logits within atol, and
+    vision_prune's keep_idx and features == the eager module's; control: against another selection it fails."""
     report = verify_vlm(exported, max_new_tokens=4)
     assert report.model_type == "qwen2_vl" and report.batch == 1 and report.passed, report.to_dict()
     assert report.tokens_match and np.array(report.tokens).shape == (1, 4)
-    assert report.keep_idx_match is None and report.max_abs_diff_features is None  # not compared for Qwen2-VL
+    assert report.keep_idx_match is True and report.max_abs_diff_features <= 1e-4
     assert report.max_abs_diff_logits <= 1e-4
+    other = dataclasses.replace(exported, vision=Qwen2VLVisionPrune(model.model.visual, layout, "uniform", KEEP).eval())
+    bad = verify_vlm(other, max_new_tokens=1)
+    assert bad.keep_idx_match is False and not bad.passed
     for call, words in [(lambda: verify_vlm(exported, batch=2), "batch 1"),
                         (lambda: verify_llava(exported), "use verify_vlm")]:
         with pytest.raises(ConfigError) as e:
