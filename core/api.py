@@ -15,7 +15,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
-from tokensieve.fileio import atomic_path, ensure_writable_dir
+from tokensieve.fileio import ensure_writable_dir
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages, kept_index_nodes
@@ -237,12 +237,8 @@ def save(result: ExportResult, out_dir: str | Path) -> dict[str, Path]:
     paths = {}
     for key, proto in (("model", result.onnx_model), ("debug", result.debug_onnx), ("dense", result.dense_onnx)):
         paths[key] = out / ARTIFACTS[key]
-        _save_onnx(proto, paths[key])
+        save_onnx(proto, paths[key])
     return paths
-
-
-def _save_onnx(proto: onnx.ModelProto, path: Path) -> None:
-    save_onnx(proto, path)  # > 2 GB: weights in model.onnx.data next to it (the .onnx names its final name)
 
 
 # --------------------------------------------------------------------------- verify
@@ -279,7 +275,7 @@ def verify(result: ExportResult, onnx_path: str | Path | None = None, *, num_inp
 
     with tempfile.TemporaryDirectory(prefix="tokensieve-verify-") as tmp:
         path = Path(tmp) / "model.debug.onnx"
-        _save_onnx(result.debug_onnx, path)
+        save_onnx(result.debug_onnx, path)
         return verify(result, path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads)
 
 
@@ -406,7 +402,7 @@ def bench_stage(result: ExportResult, stage_index: int = 0, *, threads: int | No
                               grid=result.layout.grid)
     with tempfile.TemporaryDirectory(prefix="tokensieve-stage-") as tmp:
         path = Path(tmp) / "stage.onnx"
-        _save_onnx(model, path)
+        save_onnx(model, path)
         with OrtRunner(path, threads=threads, name="stage") as runner:
             np_feeds = {k: v.numpy() for k, v in feeds.items()}
             stats = measure_alternating({"stage": lambda: runner.infer(np_feeds)}, blocks=blocks, iters=iters, warmup=warmup)

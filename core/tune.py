@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensieve.errors import ConfigError, ExportError, first_line
+from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.fileio import write_bytes_atomic
 from tokensieve.recipe import Budget, Recipe, ResolvedStage, Stage, resolve_recipe
 
@@ -439,7 +440,7 @@ def tune(model, example, recipe: Recipe, *, model_name: str = "model", runner_fa
             protos["snapped"] = snapped.onnx_model if snapped else requested.dense_onnx
         models = {}
         for name, proto in protos.items():
-            api._save_onnx(proto, tmpdir / f"{name}.onnx")  # noqa: SLF001 - handles > 2 GB models (.data file)
+            save_onnx(proto, tmpdir / f"{name}.onnx")  # > 2 GB models: a .data file next to it
             models[name] = (tmpdir / f"{name}.onnx", pixel)
         t0 = time.perf_counter()
         say("timing dense, requested and snapped in one alternating run" + ("" if "snapped" in protos else

@@ -26,6 +26,13 @@ def assert_matches_eager(result: api.ExportResult, num_inputs: int = 20, batch: 
     return report
 
 
+def assert_exported_case(result: api.ExportResult, tokens: list[int]) -> None:
+    """A method test's end-to-end check: the token counts per stage, ORT == eager, a static graph."""
+    assert result.tokens == tokens
+    assert_matches_eager(result)
+    assert_static_without_dynamic_ops(result)
+
+
 def assert_static_without_dynamic_ops(result: api.ExportResult, allowed: frozenset = frozenset()) -> None:
     """Both the deployable and the debug ONNX have static shapes (batch fixed) and none of DYNAMIC_OPS - allowed."""
     for model in (result.onnx_model, result.debug_onnx):

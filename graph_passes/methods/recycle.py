@@ -51,8 +51,12 @@ def recycle_weights(x: Tensor, idx: Tensor, num_prefix_tokens: int = 1, sources:
 def recycle_dropped_tokens(x: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     """x (B, p + n, C), kept positions idx (B, K) ascending -> (B, p + K, C): the prefix tokens, then each kept token
     averaged with the dropped tokens most similar to it."""
+    return merge_by_weights(x, recycle_weights(x, idx, num_prefix_tokens), num_prefix_tokens)
+
+
+def merge_by_weights(x: Tensor, w: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """x (B, p + n, C), 0/1 weights W (B, K, n) -> (B, p + K, C): the prefix tokens, then each row's mean."""
     p = num_prefix_tokens
-    w = recycle_weights(x, idx, p)
     merged = (torch.matmul(w, x[:, p:].float()) / w.sum(dim=-1, keepdim=True)).to(x.dtype)
     return torch.cat([x[:, :p], merged], dim=1) if p else merged
 
@@ -82,9 +86,7 @@ def diffrate_reduce(x: Tensor, scores: tuple[Tensor, Tensor], keep: int, num_pre
     # By ranks (merge.top_mask: exact ties to the lowest position, as TopK), not a stable sort: no ONNX lowering.
     idx = ascending_positions(top_mask(importance[:, p:], keep), keep) + p            # the merge destinations
     sources = top_mask(importance[:, p:], k1)                                          # (B, n): pruning survivors
-    w = recycle_weights(x, idx, p, sources=sources, metric=metric)
-    merged = (torch.matmul(w, x[:, p:].float()) / w.sum(dim=-1, keepdim=True)).to(x.dtype)
-    return (torch.cat([x[:, :p], merged], dim=1) if p else merged), idx
+    return merge_by_weights(x, recycle_weights(x, idx, p, sources=sources, metric=metric), p), idx
 
 
 def diffrate_validate(num_patches: int, keep: int, options: dict) -> str | None:

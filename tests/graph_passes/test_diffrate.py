@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from method_checks import assert_matches_eager, assert_static_without_dynamic_ops, exported_cases
+from method_checks import assert_exported_case, exported_cases
 from tiny_models import build
 from tokensieve import api
 from tokensieve.errors import ConfigError
@@ -28,9 +28,7 @@ exported = exported_cases(CASES)
 
 def test_export_matches_eager_and_is_static(exported):
     case, result = exported
-    assert result.tokens == CASES[case][2]
-    assert_matches_eager(result)
-    assert_static_without_dynamic_ops(result)
+    assert_exported_case(result, CASES[case][2])
 
 
 def _naive(x, importance, metric, keep, k1, p):
