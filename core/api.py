@@ -27,7 +27,8 @@ from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.onnx.check_static import check_static
 from tokensieve.recipe import Recipe, ResolvedStage, parse_recipe, resolve_recipe
 
-__all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "save", "build", "bench", "BenchReport"]
+__all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "save", "remove_stale_engines", "build",
+           "bench", "BenchReport"]
 
 
 @dataclass
@@ -229,16 +230,40 @@ def _drop_outputs(model: onnx.ModelProto, keep: int) -> onnx.ModelProto:
 
 ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense.onnx", "report": "report.json",
              "engine": "model.engine"}
+# The engines tokensieve itself writes into an export folder (each with its .json metadata): model.engine
+# (`tokensieve export` / `build`) and dense.engine (`tokensieve bench --backend tensorrt`, built once from dense.onnx).
+ENGINES = (ARTIFACTS["engine"], "dense.engine")
 
 
 def save(result: ExportResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write model.onnx, model.debug.onnx and dense.onnx into `out_dir`, each atomically."""
+    """Write model.onnx, model.debug.onnx and dense.onnx into `out_dir`, each atomically. Engines an earlier export
+    left there are not touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does)."""
     out = ensure_writable_dir(out_dir)
     paths = {}
     for key, proto in (("model", result.onnx_model), ("debug", result.debug_onnx), ("dense", result.dense_onnx)):
         paths[key] = out / ARTIFACTS[key]
         save_onnx(proto, paths[key])
     return paths
+
+
+def remove_stale_engines(folder: str | Path, names, keep=()) -> list[str]:
+    """Delete the engines `names` in `folder` (each with its `<name>.json` metadata) but those in `keep`: they were
+    built from ONNX files a re-export just replaced. Only these tokensieve-named files are touched (a folder or any
+    other file stays); returns the names of the files removed, in order. One-line ConfigError if one cannot be."""
+    removed = []
+    for name in names:
+        if name in keep:
+            continue
+        for file in (Path(folder) / name, Path(folder) / f"{name}.json"):
+            if not (file.is_file() or file.is_symlink()):
+                continue
+            try:
+                file.unlink()
+            except OSError as e:
+                raise ConfigError(f"Cannot remove the stale engine file {str(file)!r} of an earlier export: "
+                                  f"{e.strerror}; delete it by hand") from e
+            removed.append(file.name)
+    return removed
 
 
 # --------------------------------------------------------------------------- verify

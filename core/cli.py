@@ -36,7 +36,8 @@ class Export(Tool):
     """Export a token-pruned model: ONNX (pruned + dense), verification, engine, benchmark.
 
     Writes OUT/model.onnx, OUT/model.debug.onnx (+ kept_idx.<block> outputs), OUT/dense.onnx,
-    OUT/model.engine(+.json) and OUT/report.json, then prints a summary table.
+    OUT/model.engine(+.json) and OUT/report.json, then prints a summary table. Re-exporting into a folder
+    removes the engines an earlier export left there (model.engine, dense.engine and their .json; no other file).
 
         tokensieve export --model default --prune cls-topk@3,6,9:0.7 -o out/
         tokensieve export --model ./my-hf-vit --prune recipe.toml -o out/ --target rtx-sm89 --no-bench
@@ -56,7 +57,8 @@ class Export(Tool):
         p.add_argument("--verify-inputs", type=int, default=8, help="random inputs compared with eager (default 8)")
         p.add_argument("--atol", type=float, default=1e-4, help="max abs output difference vs eager (default 1e-4)")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for verify/bench")
-        p.add_argument("--no-build", action="store_true", help="skip the TensorRT engine")
+        p.add_argument("--no-build", action="store_true", help="skip the TensorRT engine (a re-export still "
+                       "removes model.engine / dense.engine an earlier one built in the folder)")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so: the engine uses tokensieve's plugins "
                        "(DiversitySelect for divprune/mmr) in place of their standard-op forms")
         p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
@@ -97,6 +99,11 @@ class Export(Tool):
         result = api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
         paths = api.save(result, out)
         export_s = time.perf_counter() - t0
+        # Engines built from the ONNX files just replaced would run the old model: the report lists only what this
+        # export builds, so remove model.engine / dense.engine (+ .json) of an earlier export (no other file).
+        removed = api.remove_stale_engines(out, api.ENGINES)
+        if removed:
+            _log(f"      removed stale engines of an earlier export: {', '.join(removed)}")
         report = {"model": str(args.model), **result.summary(), "export_seconds": export_s,
                   "files": {k: str(v) for k, v in paths.items()}}
         _log(f"[3/5] verifying against eager on {args.verify_inputs} random inputs")
@@ -381,7 +388,9 @@ class Methods(Tool):
         for m in METHODS.values():
             w = max(len(n) for n in METHODS) + 2
             print(f"{m.name:<{w}}{m.summary}")
-            print(f"{'':<{w}}paper: {m.paper}; needs [CLS]: {'yes' if m.requires_cls else 'no'}; reduce: {m.reduce.value}")
+            where = "; video only (Qwen2-VL export-vlm --grid T,H,W)" if m.video else ""
+            print(f"{'':<{w}}paper: {m.paper}; needs [CLS]: {'yes' if m.requires_cls else 'no'}; reduce: {m.reduce.value}"
+                  f"{where}")
             for prm in m.params:
                 print(f"{'':<{w}}{prm.name} = {prm.default!r}: {prm.help}")
         print(f"\nrecipe shorthand: METHOD@BLOCKS:KEEP, e.g. {DEFAULT_RECIPE} (0-based blocks; KEEP ratio 0<r<=1 or a count)")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,33 @@ def test_build(exported, capsys):
     assert "built" in capsys.readouterr().out
     assert (out / "other.engine").stat().st_size > 0
     assert json.loads((out / "other.engine.json").read_text())["optimization_profile"]["pixel_values"]["max"][0] == 2
+
+
+@pytest.mark.skipif(not HAVE_RTX, reason="needs tensorrt_rtx (builds engines without a GPU)")
+def test_reexport_without_build_removes_stale_engines(exported, vit_dir, tmp_path, capsys):
+    """A --no-build re-export into a folder holding an earlier export's model.engine and a dense.engine (`tokensieve
+    build` of dense.onnx, as `bench --backend tensorrt` makes it) deletes both with their .json (built from the ONNX it
+    replaces), says so in one line, and keeps every other file, engines under other names included."""
+    out = tmp_path / "out"
+    shutil.copytree(exported[0], out)
+    assert main(["build", str(out / "dense.onnx"), "--max-batch", "2"]) == 0  # -> out/dense.engine(+.json)
+    stale = ["model.engine", "model.engine.json", "dense.engine", "dense.engine.json"]
+    assert all((out / name).stat().st_size > 0 for name in stale)
+    (out / "notes.txt").write_text("mine")
+    (out / "mine.engine").write_bytes(b"a user's engine")
+    capsys.readouterr()
+    assert main(["export", "--model", str(vit_dir), "--prune", "cls-topk@1:0.5", "-o", str(out), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert [ln for ln in captured.err.splitlines() if "removed" in ln] == [
+        "      removed stale engines of an earlier export: " + ", ".join(stale)], captured.err
+    names = {p.name for p in out.iterdir()}
+    assert not set(stale) & names, sorted(names)
+    assert {"notes.txt", "mine.engine", "model.onnx", "dense.onnx", "report.json"} <= names
+    assert (out / "mine.engine").read_bytes() == b"a user's engine"
+    report = json.loads((out / "report.json").read_text())
+    assert "build" not in report and report["recipe_shorthand"] == "cls-topk@1:0.5"
+    assert "model.engine" not in captured.out  # the summary's file list names no engine
+    assert "removed" not in exported[1].stderr  # the first export into a fresh folder removed nothing
 
 
 def test_methods(capsys):

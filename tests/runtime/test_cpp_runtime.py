@@ -191,6 +191,7 @@ def test_help(runtime_build):
     for flag in ("--plugins", "--iters", "--warmup", "--batch", "--dim NAME=VALUE", "--shape INPUT=D0xD1x...",
                  "--json", "TOKENSIEVE_TENSORRT_LIB"):
         assert flag in p.stdout
+    assert "The batch reported (and throughput = batch x iterations / s) is the one the run used" in p.stdout
 
 
 # ---- GPU-free parts of the library (tokensieve-runtime-selftest) -------------------------------------------------
@@ -247,6 +248,7 @@ def test_report_is_json(runtime_build):
     assert r["io_tensors"][0] == {"name": "pixel_values", "shape": [2, 3, 224, 224], "dtype": "float16", "mode": "input"}
     assert r["top5"] == [{"index": 7, "value": 1.5}, {"index": 3, "value": -0.25}]
     assert r["dims"] == {"past_sequence": 128, "sequence": 1} and r["shapes"] == {"position_ids": [3, 2, 7]}
+    assert r["batch"] == 2  # the run's batch (from that --shape), not the --batch 1 the options hold
 
 
 def test_reads_metadata_written_by_the_rtx_builder(runtime_build, tmp_path):
@@ -468,8 +470,8 @@ def test_malformed_dim_and_shape_are_refused(runtime_build, kind, texts, needles
     (("--dim", "past_sequence=0", "--dim", "sequence=32"), {"past": [1, 0, C], "mask": [1, 1], "position_ids": [3, 1, 32]}),
     (("--dim", "past_sequence=64"), {"past": [1, 64, C], "mask": [1, 65], "position_ids": [3, 1, 8]}),
     # --shape overrides --batch and --dim for its input only (and takes it out of the --batch check).
-    (("--batch", "2", "--dim", "past_sequence=5", "--shape", "position_ids=3x1x9"),
-     {"past": [2, 5, C], "mask": [2, 6], "position_ids": [3, 1, 9]}),
+    (("--batch", "2", "--dim", "past_sequence=5", "--shape", "position_ids=3x2x9"),
+     {"past": [2, 5, C], "mask": [2, 6], "position_ids": [3, 2, 9]}),
     (("--batch", "9", "--shape", "past=1x2x8", "--shape", "mask=1x3", "--shape", "position_ids=3x1x3"),
      {"past": [1, 2, C], "mask": [1, 3], "position_ids": [3, 1, 3]}),
 ])
@@ -499,12 +501,67 @@ def test_resolve_input_shapes(runtime_build, tmp_path, args, want):
                                   "axis 1 (past_sequence) allows 0..64", "--dims past_sequence=MIN:OPT:MAX"]),
     (("--shape", "past=5x6x8"), ["axis 0 (batch) allows 1..4", "`tokensieve build --max-batch`"]),
     (("--shape", "mask=1x0"), ["axis 1 (past_sequence + 1) allows 1..65", "--dims past_sequence=MIN:OPT:MAX"]),
+    # One batch per run: a --shape whose batch axis differs from --batch (or from another --shape) is refused.
+    (("--batch", "2", "--shape", "position_ids=3x1x9"),
+     ["The inputs' batch axes disagree: input 'past' at batch 2 (axis 0, from --batch 2) but input 'position_ids' at "
+      "batch 1 (axis 1, from --shape position_ids=3x1x9)", "make --batch and every --shape agree"]),
+    (("--shape", "past=2x4x8", "--shape", "mask=3x5", "--shape", "position_ids=3x2x1"),
+     ["input 'past' at batch 2 (axis 0, from --shape past=2x4x8) but input 'mask' at batch 3 (axis 0, from --shape "
+      "mask=3x5)"]),
 ])
 def test_resolve_input_shapes_refuses(runtime_build, tmp_path, args, needles):
     rc, out = _resolve(runtime_build, _decode_engine(tmp_path), *args)
     assert rc == 1 and out.startswith("error: ") and "\n" not in out, out
     for needle in needles:
         assert needle in out, out
+
+
+def _static_batch_engine(tmp_path: Path) -> Path:
+    """A Qwen2-VL-like decode part built for batch 1 only: no dynamic batch axis, named axes besides, and position_ids
+    [3, 1, T] first, whose dim 0 is not the batch."""
+    return _engine(tmp_path, name="static.engine", io_tensors=[
+        {"name": "position_ids", "shape": [3, 1, -1], "dtype": "int64", "mode": "input"},
+        {"name": "input_ids", "shape": [1, -1], "dtype": "int64", "mode": "input"},
+        {"name": "past", "shape": [1, -1, C], "dtype": "float32", "mode": "input"},
+        {"name": "xs", "shape": [1, C], "dtype": "float32", "mode": "output"}],
+        optimization_profile={"position_ids": {"min": [3, 1, 1], "opt": [3, 1, 8], "max": [3, 1, 32]},
+                              "input_ids": {"min": [1, 1], "opt": [1, 8], "max": [1, 32]},
+                              "past": {"min": [1, 0, C], "opt": [1, 16, C], "max": [1, 64, C]}},
+        dims={"past_sequence": {"min": 0, "opt": 16, "max": 64}, "sequence": {"min": 1, "opt": 8, "max": 32}},
+        input_dim_names={"position_ids": [None, None, "sequence"], "input_ids": [None, "sequence"],
+                         "past": [None, "past_sequence", None]})
+
+
+def _static_engine(tmp_path: Path) -> Path:
+    return _engine(tmp_path, io_tensors=[{"name": "x", "shape": [2, 8], "dtype": "float32", "mode": "input"},
+                                         {"name": "y", "shape": [2, 8], "dtype": "float32", "mode": "output"}],
+                   optimization_profile={})
+
+
+@pytest.mark.parametrize("make, args, batch", [
+    # --shape sets the batch of every input: the run is batch 1 whatever --batch says (the old report: 9, 45/s).
+    (_decode_engine, ("--batch", "9", "--shape", "past=1x2x8", "--shape", "mask=1x3", "--shape", "position_ids=3x1x3"),
+     1),
+    # ... or batch 3 at the default --batch 1, through position_ids' named batch axis (axis 1) too.
+    (_decode_engine, ("--shape", "past=3x2x8", "--shape", "mask=3x3", "--shape", "position_ids=3x3x3"), 3),
+    (_decode_engine, ("--batch", "4", "--shape", "mask=4x9"), 4),  # a --shape that agrees with --batch
+    (_decode_engine, ("--batch", "4"), 4),
+    (_engine, ("--shape", "pixel_values=8x3x224x224"), 8),
+    (_engine, ("--batch", "5"), 5),
+    # No dynamic batch axis: the static batch (check_batch holds --batch to it when no dim names are recorded).
+    (_static_engine, ("--batch", "2"), 2),
+    # With dim names check_batch leaves --batch unchecked on static inputs: the run is still batch 1, the dim 0 most
+    # inputs share (not position_ids' 3, though it comes first; not the --batch 4 the old report used).
+    (_static_batch_engine, ("--batch", "4"), 1),
+    # Metadata listing no tensors: every dynamic dim 0 runs at --batch.
+    (lambda t: _engine(t, io_tensors=[], optimization_profile={}), ("--batch", "3"), 3),
+])
+def test_reported_batch_is_the_run_batch(runtime_build, tmp_path, make, args, batch):
+    """tokensieve-run reports (and counts throughput by) the batch its inputs run at, not --batch as given."""
+    p = subprocess.run([str(runtime_build.exe.parent / "tokensieve-runtime-selftest"), "batch", str(make(tmp_path)),
+                        *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout
+    assert json.loads(p.stdout) == {"batch": batch, "samples_per_s": batch * 10 / 2.0}
 
 
 def test_offset_axis_range_is_given_for_its_base(runtime_build, tmp_path):
@@ -547,6 +604,7 @@ def test_malformed_dim_is_refused_before_the_engine_is_read(runtime_build, tmp_p
     (("--dim", "past_seq=16"), "named axes: past_sequence (0..64), sequence (1..32)"),
     (("--dim", "past_sequence=100"), "allows 0..64"),
     (("--shape", "mask=1x2x3"), "has rank 2"),
+    (("--batch", "2", "--shape", "position_ids=3x1x9"), "batch axes disagree"),
 ])
 def test_dim_errors_come_before_tensorrt(runtime_build, tmp_path, args, needle):
     """Check 5b fires before libnvinfer is looked for (check 6), with a TOKENSIEVE_TENSORRT_LIB that would fail."""
@@ -698,6 +756,15 @@ def test_runs_a_real_engine_on_gpu(runtime_build, tmp_path):
     lat = r["latency_ms"]
     assert 0 < lat["min"] <= lat["median"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert r["iters"] == 50 and r["batch"] == 2
+    assert r["throughput_samples_per_s"] == pytest.approx(2 * 50 / r["wall_seconds"], rel=1e-4)
+    # --shape sets the batch the run uses: reported (and counted in the throughput) as 3, not --batch 2.
+    p = _run(runtime_build, info.engine_path, "--iters", "20", "--warmup", "2", "--batch", "2", "--shape", "x=3x16",
+             "--json", report, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "batch 3, warm-up 2, iterations 20" in p.stdout
+    r = json.loads(report.read_text())
+    assert r["batch"] == 3 and r["io_tensors"][0]["shape"] == [3, 16]
+    assert r["throughput_samples_per_s"] == pytest.approx(3 * 20 / r["wall_seconds"], rel=1e-4)
     assert [t["shape"] for t in r["io_tensors"]] == [[2, 16], [2, 32]]
 
     x = np.array(_lcg_inputs(2 * 16, seed=1), dtype=np.float32).reshape(2, 16)

@@ -257,7 +257,8 @@ BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log) {
     if (!context) throw RuntimeFailure("TensorRT could not create an execution context: " + logger.last_error());
 
     // Input shapes: preflight resolved them from the metadata (check 5b: --shape, --batch, --dim, else the profile's
-    // opt value). An input the metadata does not list: dim 0 is the batch, other dynamic dims the profile's opt value.
+    // opt value). An input the metadata does not list: dim 0 is the run's batch (check 5c), other dynamic dims the
+    // profile's opt value.
     int32_t n = engine->getNbIOTensors();
     std::vector<nvinfer1::DataType> types(n);
     for (int32_t i = 0; i < n; ++i) {
@@ -283,7 +284,7 @@ BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log) {
             for (int32_t k = 0; k < d.nbDims; ++k) {
                 if (d.d[k] >= 0) continue;
                 if (k == 0) {
-                    d.d[k] = opt.batch;
+                    d.d[k] = pf.batch;
                     continue;
                 }
                 // Only dynamic inputs have profile shapes; asking for a static one logs a TensorRT error.
@@ -362,7 +363,7 @@ BenchmarkResult run_benchmark(Preflight& pf, const LogFn& log) {
         ms.push_back(e);
     }
     result.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    result.throughput = result.wall_seconds > 0 ? opt.batch * static_cast<double>(opt.iters) / result.wall_seconds : 0;
+    result.throughput = samples_per_second(pf.batch, opt.iters, result.wall_seconds);  // the batch the run used
     result.latency = summarize_latencies(std::move(ms));
 
     for (int32_t i = 0; i < n; ++i) {

@@ -45,6 +45,7 @@ Preflight preflight(const RunOptions& options) {
     check_flavor(pf.metadata);                                                      // 4
     check_batch(pf.metadata, options.batch, options.shapes);                        // 5a
     pf.input_shapes = resolve_input_shapes(pf.metadata, options.batch, options.dims, options.shapes);  // 5b
+    pf.batch = resolve_batch(pf.metadata, options.batch, options.shapes, pf.input_shapes);            // 5c
     pf.tensorrt = open_tensorrt_library();                                          // 6
     check_tensorrt_version(pf.metadata, pf.tensorrt);                               // 7
     pf.device = check_cuda_device(pf.metadata, options.device);                     // 8

@@ -76,7 +76,9 @@ std::string report_json(const Preflight& pf, const BenchmarkResult& r) {
     s += "  \"engine_tensorrt_version\": " + json::quote(pf.metadata.tensorrt_version) + ",\n";
     s += "  \"device\": {\"index\": " + std::to_string(r.device.index) + ", \"name\": " + json::quote(r.device.name) +
          ", \"compute_capability\": " + json::quote(r.device.compute_capability()) + "},\n";
-    s += "  \"batch\": " + std::to_string(o.batch) + ",\n";
+    // The batch the run used (--batch, or the batch axis a --shape set; an engine without a dynamic batch axis: its
+    // static one), which throughput_samples_per_s counts.
+    s += "  \"batch\": " + std::to_string(pf.batch) + ",\n";
     // The options as given; the shape every input ran at is io_tensors[].shape.
     s += "  \"dims\": {";
     bool first = true;

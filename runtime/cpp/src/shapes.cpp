@@ -1,5 +1,6 @@
-// Check 5b: --batch, --dim NAME=VALUE and --shape INPUT=D0xD1x... -> the shape each input runs at. Pure (metadata in,
-// shapes out), so the selftest covers it without a GPU. Dim names are the ONNX dim_params the builder records in
+// Check 5b: --batch, --dim NAME=VALUE and --shape INPUT=D0xD1x... -> the shape each input runs at; check 5c: the batch
+// those shapes run (what tokensieve-run reports and counts samples by). Pure (metadata in, shapes out), so the selftest
+// covers it without a GPU. Dim names are the ONNX dim_params the builder records in
 // `<engine>.json` ("input_dim_names"); TensorRT keeps them on the network's tensors but not on a deserialized engine.
 #include <algorithm>
 #include <cctype>
@@ -70,6 +71,30 @@ std::string join(const std::vector<std::string>& items) {
     return s;
 }
 
+std::vector<const TensorMeta*> input_tensors(const EngineMetadata& meta) {
+    std::vector<const TensorMeta*> inputs;
+    for (const auto& t : meta.io_tensors)
+        if (t.is_input) inputs.push_back(&t);
+    return inputs;
+}
+
+const std::string& dim_name(const TensorMeta& t, size_t j) {
+    static const std::string none;
+    return j < t.dim_names.size() ? t.dim_names[j] : none;
+}
+
+// The builder's rule: dim 0, and any axis named like a dynamic dim 0, is the batch (one --batch for all).
+std::set<std::string> batch_axis_names(const std::vector<const TensorMeta*>& inputs) {
+    std::set<std::string> names;
+    for (const TensorMeta* t : inputs)
+        if (!t->shape.empty() && t->shape[0] < 0 && !dim_name(*t, 0).empty()) names.insert(dim_name(*t, 0));
+    return names;
+}
+
+bool is_batch_axis(const TensorMeta& t, size_t j, const std::set<std::string>& batch_names) {
+    return j < t.shape.size() && t.shape[j] < 0 && (j == 0 || batch_names.count(dim_name(t, j)));
+}
+
 }  // namespace
 
 void parse_dim_option(const std::string& text, std::map<std::string, int64_t>& dims) {
@@ -115,27 +140,17 @@ void parse_shape_option(const std::string& text, std::map<std::string, std::vect
 std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
     const EngineMetadata& meta, int batch, const std::map<std::string, int64_t>& dims,
     const std::map<std::string, std::vector<int64_t>>& shapes) {
-    std::vector<const TensorMeta*> inputs;
-    for (const auto& t : meta.io_tensors)
-        if (t.is_input) inputs.push_back(&t);
+    std::vector<const TensorMeta*> inputs = input_tensors(meta);
     if (inputs.empty()) {
         if (!dims.empty() || !shapes.empty())
             throw UsageError("Engine metadata " + q(meta.path) + " records no input tensors, so --dim/--shape cannot "
                              "be checked; rebuild the engine with `tokensieve build`");
         return {};
     }
-    auto name_of = [](const TensorMeta& t, size_t j) -> const std::string& {
-        static const std::string none;
-        return j < t.dim_names.size() ? t.dim_names[j] : none;
-    };
-
-    // The builder's rule: dim 0, and any axis named like a dynamic dim 0, is the batch (one --batch for all).
-    std::set<std::string> batch_names, known;
-    for (const TensorMeta* t : inputs)
-        if (!t->shape.empty() && t->shape[0] < 0 && !name_of(*t, 0).empty()) batch_names.insert(name_of(*t, 0));
+    std::set<std::string> batch_names = batch_axis_names(inputs), known;
     for (const TensorMeta* t : inputs) {
         for (size_t j = 0; j < t->shape.size(); ++j) {
-            const std::string& nm = name_of(*t, j);
+            const std::string& nm = dim_name(*t, j);
             if (t->shape[j] >= 0 || nm.empty() || batch_names.count(nm)) continue;
             std::string base;
             int64_t k = 0;
@@ -198,7 +213,7 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
             if (!prof || j >= prof->min.size() || j >= prof->max.size()) return;
             int64_t lo = prof->min[j], hi = prof->max[j];
             if (value >= lo && value <= hi) return;
-            const std::string& nm = name_of(t, j);
+            const std::string& nm = dim_name(t, j);
             std::string base = nm;  // "past_sequence + 1" -> past_sequence: the name `tokensieve build --dims` takes
             int64_t k = 0;
             split_offset(nm, base, k);
@@ -222,7 +237,7 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
                                          "), not " + std::to_string(s->second[j]));
                     continue;
                 }
-                check_range(j, s->second[j], what, 0, j == 0 || batch_names.count(name_of(t, j)));
+                check_range(j, s->second[j], what, 0, j == 0 || batch_names.count(dim_name(t, j)));
             }
             out[t.name] = s->second;
             continue;
@@ -230,7 +245,7 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
         std::vector<int64_t> shape = t.shape;
         for (size_t j = 0; j < shape.size(); ++j) {
             if (shape[j] >= 0) continue;
-            const std::string& nm = name_of(t, j);
+            const std::string& nm = dim_name(t, j);
             std::string base;
             int64_t k = 0;
             bool offset = split_offset(nm, base, k);
@@ -253,6 +268,58 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
         out[t.name] = std::move(shape);
     }
     return out;
+}
+
+int64_t resolve_batch(const EngineMetadata& meta, int batch, const std::map<std::string, std::vector<int64_t>>& shapes,
+                      const std::map<std::string, std::vector<int64_t>>& input_shapes) {
+    std::vector<const TensorMeta*> inputs = input_tensors(meta);
+    if (inputs.empty()) return batch;
+    std::set<std::string> batch_names = batch_axis_names(inputs);
+    // "input 'x' at batch 2 (axis 0, from --batch 2)": where a batch axis got its value, for the disagreement message.
+    auto where = [&](const TensorMeta& t, size_t j, int64_t v) {
+        auto s = shapes.find(t.name);
+        return "input " + q(t.name) + " at batch " + std::to_string(v) + " (axis " + std::to_string(j) + ", from " +
+               (s == shapes.end() ? "--batch " + std::to_string(batch)
+                                  : "--shape " + t.name + "=" + shape_text(s->second)) + ")";
+    };
+    bool found = false;
+    int64_t run_batch = 0;
+    std::string first;
+    for (const TensorMeta* t : inputs) {
+        auto r = input_shapes.find(t->name);
+        if (r == input_shapes.end()) continue;
+        for (size_t j = 0; j < t->shape.size() && j < r->second.size(); ++j) {
+            if (!is_batch_axis(*t, j, batch_names)) continue;
+            int64_t v = r->second[j];
+            if (!found) {
+                found = true;
+                run_batch = v;
+                first = where(*t, j, v);
+            } else if (v != run_batch) {
+                throw UsageError("The inputs' batch axes disagree: " + first + " but " + where(*t, j, v) +
+                                 "; an engine runs at one batch, so make --batch and every --shape agree on it");
+            }
+        }
+    }
+    if (found) return run_batch;
+    // No dynamic batch axis: the engine's static batch, the dim 0 most inputs share (the earliest on a tie), so that
+    // Qwen2-VL's position_ids [3, 1, T] does not count as batch 3 next to input_ids [1, T] and the cache [1, ...].
+    std::map<int64_t, int> count;
+    int64_t best = 1;
+    int best_count = 0;
+    for (const TensorMeta* t : inputs) {
+        if (t->shape.empty()) continue;
+        int c = ++count[t->shape[0]];
+        if (c > best_count) {
+            best = t->shape[0];
+            best_count = c;
+        }
+    }
+    return best;
+}
+
+double samples_per_second(int64_t batch, int iters, double seconds) {
+    return seconds > 0 ? static_cast<double>(batch) * static_cast<double>(iters) / seconds : 0;
 }
 
 }  // namespace tokensieve

@@ -8,6 +8,10 @@
 //   tokensieve-runtime-selftest shape TEXT...    -> {"INPUT": [D0, ...], ...} from parse_shape_option
 //   tokensieve-runtime-selftest resolve ENGINE [--batch N] [--dim T]... [--shape T]...
 //                                                -> {"INPUT": [D0, ...], ...}: check_batch + resolve_input_shapes
+//                                                   (+ resolve_batch, which preflight runs next)
+//   tokensieve-runtime-selftest batch ENGINE [--batch N] [--dim T]... [--shape T]...
+//                                                -> {"batch": B, "samples_per_s": S}: preflight's batch (checks 5a-5c)
+//                                                   and the throughput run_benchmark reports for 10 iterations in 2 s
 // Errors (UsageError included): "error: MESSAGE" on stdout, exit 1.
 #include <cstdio>
 #include <cstdlib>
@@ -135,7 +139,8 @@ int main(int argc, char** argv) {
         } else if (cmd == "report") {
             Preflight pf;
             pf.options.engine_path = "dir/\"quoted\".engine";
-            pf.options.batch = 2;
+            pf.options.batch = 1;  // --batch as given; the run's batch (pf.batch) came from the --shape below
+            pf.batch = 2;
             pf.options.dims = {{"past_sequence", 128}, {"sequence", 1}};
             pf.options.shapes = {{"position_ids", {3, 2, 7}}};
             pf.metadata.tensorrt_version = "10.3.0.30";
@@ -167,7 +172,7 @@ int main(int argc, char** argv) {
                 }
                 std::printf("%s}\n", s.c_str());
             }
-        } else if (cmd == "resolve" && argc >= 3) {
+        } else if ((cmd == "resolve" || cmd == "batch") && argc >= 3) {
             RunOptions o;
             for (int i = 3; i + 1 < argc; i += 2) {
                 std::string flag = argv[i], value = argv[i + 1];
@@ -179,7 +184,13 @@ int main(int argc, char** argv) {
             if ((argc - 3) % 2) return 2;
             EngineMetadata m = read_engine_metadata(argv[2], check_engine_file(argv[2]));
             check_batch(m, o.batch, o.shapes);
-            std::printf("%s\n", shape_map(resolve_input_shapes(m, o.batch, o.dims, o.shapes)).c_str());
+            auto shapes = resolve_input_shapes(m, o.batch, o.dims, o.shapes);
+            int64_t batch = resolve_batch(m, o.batch, o.shapes, shapes);
+            if (cmd == "resolve")
+                std::printf("%s\n", shape_map(shapes).c_str());
+            else
+                std::printf("{\"batch\":%lld,\"samples_per_s\":%s}\n", static_cast<long long>(batch),
+                            num(samples_per_second(batch, 10, 2.0)).c_str());
         } else {
             return 2;
         }

@@ -23,7 +23,11 @@ const char* const kUsage =
     "  --plugins LIB.so  tokensieve TensorRT plugin library (libtokensieve_plugins.so), loaded before the engine\n"
     "  --iters N         timed iterations (default 200)\n"
     "  --warmup N        untimed warm-up iterations (default 20)\n"
-    "  --batch N         batch size for inputs with a dynamic batch dimension (default 1)\n"
+    "  --batch N         batch size for inputs with a dynamic batch dimension (default 1).\n"
+    "                    The batch reported (and throughput = batch x iterations / s) is the one the run used:\n"
+    "                    --batch, or the batch axis a --shape gives (all inputs' batch axes must agree). An engine\n"
+    "                    without a dynamic batch axis runs at its static batch: the dim 0 most of its inputs share\n"
+    "                    (the earliest input's on a tie)\n"
     "  --dim NAME=VALUE  run every input axis whose ONNX dim name is NAME at VALUE (repeatable), e.g.\n"
     "                    --dim past_sequence=512; an axis named \"NAME + K\" runs at VALUE + K. The names and their\n"
     "                    ranges are in MODEL.engine.json (set by `tokensieve build --dims`); dynamic axes not set run\n"
@@ -123,7 +127,8 @@ void print_result(const tokensieve::Preflight& pf, const tokensieve::BenchmarkRe
     const auto& l = r.latency;
     std::printf("engine   %s (TensorRT %s, %s %s)\n", pf.options.engine_path.c_str(), r.tensorrt_version.c_str(),
                 r.device.name.c_str(), r.device.compute_capability().c_str());
-    std::printf("batch %d, warm-up %d, iterations %zu\n", pf.options.batch, pf.options.warmup, l.count);
+    std::printf("batch %lld, warm-up %d, iterations %zu\n", static_cast<long long>(pf.batch), pf.options.warmup,
+                l.count);  // the run's batch (check 5c), which the throughput counts
     bool named = !pf.options.dims.empty() || !pf.options.shapes.empty();
     for (const auto& t : pf.metadata.io_tensors) named = named || !t.dim_names.empty();
     if (named) {  // engines with axes other than batch: the shapes this run used

@@ -7,7 +7,8 @@
 //   2. `<engine>.json` exists, parses, is tokensieve engine metadata, and its engine_size_bytes equals the file size
 //   3. --plugins library exists, dlopen()s, and exports getCreators (or the V2 getPluginCreators)
 //   4. metadata flavor is standard TensorRT (TensorRT-RTX engines need the RTX runtime)
-//   5. --batch, --dim and --shape fit the engine's inputs and optimization profile (from the metadata)
+//   5. --batch, --dim and --shape fit the engine's inputs and optimization profile (from the metadata), and the
+//      inputs' batch axes agree on one batch
 //   6. libnvinfer is found (TOKENSIEVE_TENSORRT_LIB / TENSORRT_LIB_DIR / loader path) and exports the entry points
 //   7. libnvinfer's version equals the metadata's tensorrt_version (plans are tied to the TensorRT build)
 //   8. a CUDA device is present and its compute capability matches the metadata
@@ -102,6 +103,18 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
     const EngineMetadata& meta, int batch, const std::map<std::string, int64_t>& dims,
     const std::map<std::string, std::vector<int64_t>>& shapes);
 
+// Check 5c: the batch the run uses (the reported batch, and the throughput's), from `input_shapes` (what
+// resolve_input_shapes returned for `batch` and the --shape options `shapes`): the value of the inputs' batch axes
+// (dynamic dim 0, or an axis named like one, as resolve_input_shapes defines them). --batch sets them all, and a
+// --shape can set one input's: UsageError when two inputs' batch axes differ. An engine with no dynamic batch axis runs
+// at its static batch: the dim 0 most of its inputs share, the earliest input's on a tie (1 when all are scalars).
+// Metadata without io_tensors: `batch` (run_benchmark then runs every dynamic dim 0 at it).
+int64_t resolve_batch(const EngineMetadata& meta, int batch, const std::map<std::string, std::vector<int64_t>>& shapes,
+                      const std::map<std::string, std::vector<int64_t>>& input_shapes);
+
+// Samples per second: `iters` inferences of `batch` samples in `seconds` (0 when seconds <= 0).
+double samples_per_second(int64_t batch, int iters, double seconds);
+
 // ---- shared libraries ---------------------------------------------------------------------------------------------
 
 class SharedLibrary {
@@ -193,7 +206,7 @@ struct TensorBinding {
 struct BenchmarkResult {
     LatencyStats latency;
     double wall_seconds = 0;  // timed loop, host clock
-    double throughput = 0;    // batch * iters / wall_seconds (samples/s)
+    double throughput = 0;    // samples_per_second(Preflight::batch, iters, wall_seconds)
     std::vector<TensorBinding> bindings;
     std::string first_output;
     std::vector<TopEntry> top5;  // of the first output, batch item 0, flattened
@@ -211,6 +224,7 @@ struct Preflight {
     TensorRTLibrary tensorrt;
     CudaDevice device;
     std::map<std::string, std::vector<int64_t>> input_shapes;  // check 5b, by input name
+    int64_t batch = 1;  // check 5c: the batch the run uses (reported, and the throughput's), not always --batch
 };
 
 // Runs checks 1-8 in order; throws UsageError on the first failure.
