@@ -1,5 +1,6 @@
 """`tokensieve export-vlm`: a local LLaVA or Qwen2-VL checkpoint -> pruned vision part + LM prefill/decode ONNX,
-verified by greedy decoding against the eager model with the same pruning, then one TensorRT engine per part."""
+verified by greedy decoding against the eager model with the same pruning, then one TensorRT engine per part.
+Qwen2-VL exports one image (--grid 1,H,W) or one video (--grid T,H,W with T > 1 temporal patches)."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ class ExportVlm:
         tokensieve export-vlm llava_dir --prune cls-topk:0.25 -o out_llava/          # FasterVLM
         tokensieve export-vlm llava_dir --prune cls-topk:1.0 --inner fastv@1:0.5 -o out_fastv/   # FastV in the LLM
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
+        tokensieve export-vlm qwen2vl_dir --prune divprune:0.25 --grid 2,28,28 -o out_video/  # a 4-frame video
         tokensieve export-vlm llava_dir -o out/ --target rtx-sm89 --precision fp16 --max-batch 4 --max-sequence 2048
         tokensieve export-vlm llava_dir -o out/ --no-build            # ONNX only
         # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (a part over 1.5 GiB of weights: + <part>.onnx.data)
@@ -38,7 +40,9 @@ class ExportVlm:
         p.add_argument("--prune", default="cls-topk:0.25", help="METHOD[(options)]:KEEP, one outer stage after the "
                        "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...)")
         p.add_argument("-o", "--output", required=True, help="output folder")
-        p.add_argument("--grid", default=None, help="Qwen2-VL: the static image grid t,h,w in patches, e.g. 1,28,28")
+        p.add_argument("--grid", default=None, help="Qwen2-VL: the static grid t,h,w in patches: 1,28,28 an image "
+                       "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
+                       "for 4 frames), attended per temporal patch, its prompt holding video tokens")
         p.add_argument("--inner", default=None, help="LLaVA: inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
                        "(drop image tokens after 0-based decoder LAYER by the last prompt position's attention; KEEP "
                        "a ratio of the prompt's image tokens or a count), e.g. fastv@1:0.5")
@@ -53,7 +57,8 @@ class ExportVlm:
         p.add_argument("--max-sequence", type=int, default=None, help="longest sequence (prompt + generated tokens) "
                        "of the LM engines: prefill sequence 1..S, decode past_sequence 0..S (default: the language "
                        "model's max_position_embeddings; FastV: at most 3840 + the dropped image tokens)")
-        p.add_argument("--no-build", action="store_true", help="skip the TensorRT engines")
+        p.add_argument("--no-build", action="store_true", help="skip the TensorRT engines (a re-export "
+                       "still removes the part engines an earlier one built in the folder)")
 
     def run(self, args: argparse.Namespace) -> int:
         if args.steps < 1:
@@ -138,14 +143,18 @@ def _export(model, args, kind: str, grid) -> int:
     profiles = vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence) if build else None
     label = LABELS[kind]
     inner = f" + {args.inner}" if args.inner else ""
-    _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}" + (f" (grid {grid})" if grid else ""))
+    where = f" ({plan.layout.modality} grid {grid})" if grid else ""
+    _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
     result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner)
+    if result.removed_engines:  # built from the parts just replaced; the new manifest lists no engines (yet)
+        _log(f"      removed stale engines of an earlier export: {', '.join(result.removed_engines)}")
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     if kind == "llava":
         lines.append(f"  image tokens    {result.num_tokens} patches -> {result.keep} kept "
                      f"({result.num_image_tokens} image tokens per prompt)")
     else:
-        lines.append(f"  image tokens    {result.num_tokens} merged tokens -> {result.keep} kept")
+        kind_tokens = f"{result.layout.modality} tokens".ljust(15)
+        lines.append(f"  {kind_tokens} {result.num_tokens} merged tokens -> {result.keep} kept")
     if result.inner is not None:
         from tokensieve.exporter.vlm.fastv import prefill_macs
 
@@ -201,13 +210,16 @@ def _engine_lines(infos: dict, profiles) -> list[str]:
 
 def _grid(text: str | None) -> tuple[int, ...]:
     if not text:
-        raise ConfigError("Qwen2-VL needs the static image grid: pass --grid t,h,w (patches, e.g. 1,28,28 for 392 px)")
+        raise ConfigError("Qwen2-VL needs the static image grid: pass --grid t,h,w (patches, e.g. 1,28,28 for a "
+                          "392 px image, 2,28,28 for a 4-frame video)")
     try:
         grid = tuple(int(v) for v in text.split(","))
     except ValueError:
         grid = ()
     if len(grid) != 3:
-        raise ConfigError(f"--grid {text!r} must be three integers t,h,w, e.g. 1,28,28")
+        raise ConfigError(f"--grid {text!r} must be three integers t,h,w, e.g. 1,28,28 (an image) or 2,28,28 (a video)")
+    if min(grid) < 1:
+        raise ConfigError(f"--grid {text!r}: t, h and w must be >= 1 (t = 1 an image, t > 1 a video)")
     return grid
 
 

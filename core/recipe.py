@@ -289,6 +289,10 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                 f"{s.after_block}; lower keep or use a ratio"
             )
         spec = METHODS[s.method]
+        if spec.video:
+            raise ConfigError(f"Stage {s.method}@{s.after_block}: {s.method} is a video method (frames x positions) and "
+                              f"a ViT has no frames; use it on a Qwen2-VL video: tokensieve export-vlm DIR --prune "
+                              f"{s.method}:0.25 --grid T,H,W (T > 1)")
         prev = out[-1] if out else None
         if prev and METHODS[prev.stage.method].stateful(prev.options) and not (
                 s.method == prev.stage.method and spec.stateful(s.options())):

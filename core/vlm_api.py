@@ -2,6 +2,7 @@
 
     result = export_vlm(model, "out/llava", "cls-topk:0.25")                     # LLaVA, FasterVLM: keep 25%
     result = export_vlm(model, "out/qwen", "attn-mean:0.5", grid=(1, 28, 28))    # Qwen2-VL: CLS-free, static grid
+    result = export_vlm(model, "out/qwen_video", "attn-mean:0.5", grid=(2, 28, 28))  # Qwen2-VL video (t > 1)
     report = verify_vlm(result)             # ORT greedy ids == eager with the same pruning (keep_idx, logits)
 
 Both write vision_prune.onnx, lm_prefill.onnx and lm_decode.onnx into out_dir, each atomically, plus the manifest
@@ -20,13 +21,17 @@ Engines: `build_vlm(result, target="rtx-sm86", max_batch=1, max_sequence=S)` bui
 (vision_prune.engine, lm_prefill.engine, lm_decode.engine, each with its `.json`) with the optimization profiles
 `vlm_profiles` derives from the parts (batch 1..B; prefill `sequence` 1..S, opt = the example prompt; decode
 `past_sequence` 0..S; FastV: `pruned_past_sequence` 0..S - dropped and a prompt of at least N + 1 tokens), and records
-them in the manifest under "engines" (`LlavaPipeline(out_dir, backend="tensorrt")` runs them).
+them in the manifest under "engines" (`LlavaPipeline(out_dir, backend="tensorrt")` runs them). Writing a manifest
+deletes the part engines it does not list, so a re-export (its manifest has no "engines" until build_vlm) leaves no
+engine of the replaced ONNX behind; other files in the folder stay.
 
 prune: `METHOD[(name=value,...)]:KEEP`, one stage after the vision tower. KEEP is a ratio of the image tokens the
 tower gives (1.0 = all: the control that equals the unpruned model) or a count. LLaVA: the stage runs after the CLIP
 layer LLaVA takes its features from (`vision_feature_layer`; `METHOD@LAYER:KEEP` must name that 0-based layer).
 Qwen2-VL: after the merger, CLS-free methods only (attn-mean, divprune, ttv, ...); `grid=(t, h, w)` in patches fixes
-the image layout.
+the layout: t = 1 an image, t > 1 a video of t temporal patches (temporal_patch_size frames each, already stacked in
+one pixel_values row), whose vision tower attends within each temporal step, whose prompt carries video_token_id
+placeholders and whose M-RoPE positions come from video_grid_thw; the manifest records "modality": "image" | "video".
 
 Inner pruning (LLaVA): `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM
 prefill (exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep
@@ -58,7 +63,9 @@ from tokensieve.exporter.vlm.llava import (LlavaLayout, VisionPrune, check_outer
                                            vision_spec)
 from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill, decode_spec, prefill_spec
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLVisionPrune, check_keep, export_lm_decode,
-                                              export_lm_prefill, export_vision_prune, image_layout, resolve_method)
+                                              export_lm_prefill, export_vision_prune, image_layout,
+                                              placeholder_token_id, resolve_method)
+from tokensieve.api import remove_stale_engines
 from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.recipe import Recipe, Stage, parse_recipe
@@ -131,13 +138,13 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
         raise ConfigError("inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning, drop inner")
     if grid is None:
         raise ConfigError("Qwen2-VL needs the static image grid: pass grid=(t, h, w) in patches, e.g. (1, 28, 28) "
-                          "for 392 px")
+                          "for a 392 px image, (2, 28, 28) for a 4-frame video")
     _check_qwen2_vl(model)
     layout = image_layout(model.config.vision_config, grid)
     stage = parse_qwen2_vl_prune(prune)
-    resolve_method(stage.method, stage.options())  # a [CLS] method fails here
+    spec, options = resolve_method(stage.method, stage.options(), layout)  # a [CLS] method (a video: feather) fails
     keep = stage.keep.resolve(layout.num_merged)
-    check_keep(layout, keep)
+    check_keep(layout, keep, spec, options)
     return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep, None, _max_positions(model))
 
 
@@ -212,6 +219,8 @@ class VlmExportResult:
     inner: FastvSpec | None = None            # FastV inside the LLM prefill (LLaVA), if any
     max_positions: int | None = None          # the language model's max_position_embeddings
     engines: dict[str, dict] = field(default_factory=dict)  # build_vlm: part -> its manifest "engines" entry
+    removed_engines: list[str] = field(default_factory=list)  # engine files of an earlier export the manifest no
+                                                               # longer lists, deleted when it was written
 
     @property
     def external_data(self) -> dict[str, Path]:
@@ -220,7 +229,7 @@ class VlmExportResult:
 
     @property
     def grid(self) -> tuple[int, int, int] | None:
-        """Qwen2-VL's static image grid (t, h, w) in patches; None for LLaVA."""
+        """Qwen2-VL's static image or video grid (t, h, w) in patches (t > 1: a video); None for LLaVA."""
         lay = self.layout
         return (lay.t, lay.h, lay.w) if isinstance(lay, ImageLayout) else None
 
@@ -232,6 +241,7 @@ class VlmExportResult:
                "prefill_ops": self.prefill_ops}
         if self.grid is not None:
             out["grid"] = list(self.grid)
+            out["modality"] = self.layout.modality
         if self.inner is not None:
             out["inner"] = self.inner.to_dict()
         if self.engines:
@@ -267,7 +277,7 @@ def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.2
         options = vision.options
         prompt_len = max(QWEN2_VL_PROMPT_LEN, plan.keep + 2)
         parts = {"vision": lambda: export_vision_prune(vision),
-                 "prefill": lambda: export_lm_prefill(model, plan.keep, prompt_len),
+                 "prefill": lambda: export_lm_prefill(model, plan.keep, prompt_len, plan.layout.is_video),
                  "decode": lambda: export_lm_decode(model, prompt_len)}
     out = ensure_writable_dir(out_dir)
     models, seconds = {}, {}
@@ -289,12 +299,16 @@ def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.2
 
 
 def _write_manifest(result: VlmExportResult) -> Path:
-    """Write the manifest the pipeline reads (llava_parts.json / manifest.json) atomically; sets paths["manifest"]."""
+    """Write the manifest the pipeline reads (llava_parts.json / manifest.json) atomically; sets paths["manifest"].
+    Then delete the part engines (ENGINES + .json) it does not list: an earlier build's, of the ONNX just replaced
+    (result.removed_engines gets their names)."""
     if result.model_type == "llava":
         path, content = result.out_dir / MANIFEST, _llava_manifest(result)
     else:
         path, content = result.out_dir / QWEN2_VL_MANIFEST, _qwen2_vl_manifest(result)
     result.paths["manifest"] = write_json_atomic(path, content)
+    listed = {entry["file"] for entry in result.engines.values()}
+    result.removed_engines += remove_stale_engines(result.out_dir, ENGINES.values(), keep=listed)
     return path
 
 
@@ -350,9 +364,11 @@ def _llava_manifest(result: VlmExportResult) -> dict:
 
 
 def _qwen2_vl_manifest(result: VlmExportResult) -> dict:
+    """manifest.json: the grid and its modality ("video" for t > 1), the placeholder the prompt carries, the method."""
     lay = result.layout
-    out = {"model": "qwen2_vl", "grid_thw": [lay.t, lay.h, lay.w], "spatial_merge_size": lay.merge,
-           "num_patches": lay.num_patches, "patch_dim": lay.patch_dim, "image_tokens": lay.num_merged,
+    out = {"model": "qwen2_vl", "modality": lay.modality, "grid_thw": [lay.t, lay.h, lay.w],
+           "spatial_merge_size": lay.merge, "num_patches": lay.num_patches, "patch_dim": lay.patch_dim,
+           "image_tokens": lay.num_merged, "placeholder_token_id": placeholder_token_id(result.model.config, lay),
            "method": result.method, "options": result.options, "keep": result.keep,
            "files": {k: p.name for k, p in result.paths.items()}, "vision_ops": result.vision_ops}
     return out | ({"engines": result.engines} if result.engines else {})
@@ -583,7 +599,7 @@ def verify_vlm(result: VlmExportResult, input_ids: torch.Tensor | None = None,
     (LLaVA: also keep_idx and the image features).
 
     batch defaults to 2 for LLaVA; the Qwen2-VL parts are batch 1 (`pixel_values` (N, patch_dim), `input_ids` (1, T)
-    with the image's placeholder tokens, as vlm_qwen2.image_prompt builds)."""
+    with the image's or video's placeholder tokens, as vlm_qwen2.image_prompt / video_prompt build)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if result.model_type == "llava":

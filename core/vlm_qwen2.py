@@ -1,7 +1,8 @@
-"""Qwen2-VL with visual-token pruning: M-RoPE bookkeeping and greedy generation (eager or ORT) of its parts.
+"""Qwen2-VL with visual-token pruning: M-RoPE bookkeeping and greedy generation (eager or ORT) of its parts, for
+one image or one video per prompt.
 
-Export and verify go through tokensieve.vlm_api (export_vlm(model, out, "attn-mean:0.5", grid=(1, 28, 28)),
-verify_vlm); this module is what they run for Qwen2-VL:
+Export and verify go through tokensieve.vlm_api (export_vlm(model, out, "attn-mean:0.5", grid=(1, 28, 28)); a video:
+grid=(t, h, w) with t > 1 temporal patches, verify_vlm); this module is what they run for Qwen2-VL:
 
     pixel_values -> vision_prune -> (image_features (K, H), keep_idx (K,))
     prompt (unpruned) -> get_rope_index -> position_ids (3, B, T) -> keep text columns + kept image columns
@@ -11,6 +12,13 @@ M-RoPE: positions come from the *unpruned* prompt, so every kept image token kee
 position and the text after the image keeps its original position too; then the pruned prompt has
 T' = T - N_img + K tokens and the next decoded token (cache length L) gets position L + (max(pos) + 1 - T'),
 the same rope delta rule HF's generate uses (which is what breaks if positions are recomputed after pruning).
+
+Videos: the prompt carries `video_token_id` placeholders (<vision_start> + video_token x N + <vision_end>,
+video_prompt) and get_rope_index gets `video_grid_thw` with mm_token_type_ids 2 on them (1 for an image). Qwen2-VL's
+time axis: the video token of temporal step i, merged row r, column c sits at (s + i, s + r, s + c), s the position
+after the text before it (time_interval 1; Qwen2.5-VL's seconds-per-grid spacing does not apply), and the text after
+it continues at s + max(h, w) / merge, not past the time axis: for t > max(h, w) / merge the time positions run past
+the following text's, as HF does. The decode delta takes max(pos) over all of them, as HF's rope_deltas does.
 """
 from __future__ import annotations
 
@@ -21,40 +29,66 @@ import torch
 from torch import Tensor, nn
 
 from tokensieve.errors import ConfigError
-from tokensieve.exporter.vlm.qwen2_vl import ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune
+from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune,
+                                              placeholder_token_id)
 
-__all__ = ["image_prompt", "sample_prompt", "prompt_mrope_positions", "kept_columns", "pruned_mrope_positions",
-           "decode_position_ids", "greedy_eager", "greedy_onnx"]
+__all__ = ["image_prompt", "video_prompt", "vision_prompt", "sample_prompt", "prompt_mrope_positions", "kept_columns",
+           "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx"]
 
 
 # --------------------------------------------------------------------------- prompts and M-RoPE
 
 
-def image_prompt(config, layout: ImageLayout, before: list[int], after: list[int]) -> Tensor:
-    """(1, T) input_ids: before + <vision_start> + image_token x N_img + <vision_end> + after (the processor's layout)."""
-    ids = [*before, config.vision_start_token_id, *[config.image_token_id] * layout.num_merged,
+def vision_prompt(config, layout: ImageLayout, before: list[int], after: list[int]) -> Tensor:
+    """(1, T) input_ids: before + <vision_start> + placeholder x N + <vision_end> + after (the processor's layout); the
+    placeholder is image_token_id for an image, video_token_id for a video (layout.t > 1)."""
+    ids = [*before, config.vision_start_token_id, *[placeholder_token_id(config, layout)] * layout.num_merged,
            config.vision_end_token_id, *after]
     return torch.tensor([ids], dtype=torch.long)
 
 
+def image_prompt(config, layout: ImageLayout, before: list[int], after: list[int]) -> Tensor:
+    """(1, T) input_ids: before + <vision_start> + image_token x N_img + <vision_end> + after (the processor's layout)."""
+    if layout.is_video:
+        raise ConfigError(f"grid ({layout.t}, {layout.h}, {layout.w}) is a video (t > 1); build its prompt with "
+                          "video_prompt()")
+    return vision_prompt(config, layout, before, after)
+
+
+def video_prompt(config, layout: ImageLayout, before: list[int], after: list[int]) -> Tensor:
+    """(1, T) input_ids: before + <vision_start> + video_token x N + <vision_end> + after (the processor's layout)."""
+    if not layout.is_video:
+        raise ConfigError(f"grid ({layout.t}, {layout.h}, {layout.w}) is an image (t = 1); build its prompt with "
+                          "image_prompt()")
+    return vision_prompt(config, layout, before, after)
+
+
 def sample_prompt(config, layout: ImageLayout, num_text: int = 7) -> Tensor:
-    """(1, T) prompt for checks: the first `num_text` ids from 3 that are no special token (3 before the image)."""
+    """(1, T) prompt for checks: the first `num_text` ids from 3 that are no special token (3 before the image or
+    video, whose placeholders the layout decides)."""
     special = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id,
                *(getattr(config.text_config, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))}
     text = [i for i in range(3, config.text_config.vocab_size) if i not in special][:num_text]
-    return image_prompt(config, layout, text[:3], text[3:])
+    return vision_prompt(config, layout, text[:3], text[3:])
 
 
 def prompt_mrope_positions(model: nn.Module, input_ids: Tensor, layout: ImageLayout) -> Tensor:
-    """HF's M-RoPE positions (3, B, T) of the unpruned prompt (one image per row, `layout`'s grid)."""
-    n_img = (input_ids == model.config.image_token_id).sum(dim=1)
-    if not bool((n_img == layout.num_merged).all()):
-        raise ConfigError(f"the prompt holds {n_img.tolist()} image tokens per row but grid "
-                          f"({layout.t}, {layout.h}, {layout.w}) gives {layout.num_merged}; build it with image_prompt()")
-    mm_token_type_ids = (input_ids == model.config.image_token_id).int()
-    grid = layout.grid_thw.expand(input_ids.shape[0], 3)
-    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grid,
-                                                 attention_mask=torch.ones_like(input_ids))
+    """HF's M-RoPE positions (3, B, T) of the unpruned prompt (one image or video per row, `layout`'s grid)."""
+    cfg, kind = model.config, layout.modality
+    token = placeholder_token_id(cfg, layout)
+    other = cfg.image_token_id if layout.is_video else cfg.video_token_id
+    n = (input_ids == token).sum(dim=1)
+    build = f"{kind}_prompt()"
+    if not bool((n == layout.num_merged).all()):
+        raise ConfigError(f"the prompt holds {n.tolist()} {kind} tokens per row but grid "
+                          f"({layout.t}, {layout.h}, {layout.w}) gives {layout.num_merged}; build it with {build}")
+    if bool((input_ids == other).any()):
+        raise ConfigError(f"the prompt holds {'image' if layout.is_video else 'video'} tokens (id {other}) but this "
+                          f"grid ({layout.t}, {layout.h}, {layout.w}) is one {kind}; build it with {build}")
+    mm_token_type_ids = (input_ids == token).int() * (2 if layout.is_video else 1)  # HF: text 0, image 1, video 2
+    grid = {f"{kind}_grid_thw": layout.grid_thw.expand(input_ids.shape[0], 3)}
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                                 attention_mask=torch.ones_like(input_ids), **grid)
     return position_ids
 
 
@@ -130,7 +164,7 @@ def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Ten
     """Eager reference: the torch vision_prune module + the torch LM parts -> (tokens, prefill's last logits)."""
     layout = vision.layout
     _check_pixels(pixel_values, layout)
-    prefill, decode = Qwen2VLPrefill(model).eval(), Qwen2VLDecode(model).eval()
+    prefill, decode = Qwen2VLPrefill(model, layout.is_video).eval(), Qwen2VLDecode(model).eval()
     position_ids = prompt_mrope_positions(model, input_ids, layout)
 
     def prefill_fn(ids, feats, pos):
@@ -143,7 +177,7 @@ def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Ten
 
     with torch.no_grad():
         return _greedy(lambda: vision(pixel_values), prefill_fn, decode_fn, position_ids,
-                       input_ids == model.config.image_token_id, input_ids, steps)
+                       input_ids == placeholder_token_id(model.config, layout), input_ids, steps)
 
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
@@ -189,12 +223,13 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
             out = list(dec.infer(feeds).values())
             return torch.from_numpy(out[0]), out[1:]
 
-        return _greedy(vision_fn, prefill_fn, decode_fn, position_ids, input_ids == model.config.image_token_id,
-                       input_ids, steps)
+        return _greedy(vision_fn, prefill_fn, decode_fn, position_ids,
+                       input_ids == placeholder_token_id(model.config, layout), input_ids, steps)
 
 
 def _check_pixels(pixel_values: Tensor, layout: ImageLayout) -> None:
     want = (layout.num_patches, layout.patch_dim)
     if tuple(pixel_values.shape) != want:
         raise ConfigError(f"pixel_values has shape {tuple(pixel_values.shape)} but grid ({layout.t}, {layout.h}, "
-                          f"{layout.w}) needs {want} (patches x C*T*P*P); export for this grid or resize the image")
+                          f"{layout.w}) needs {want} (patches x C*T*P*P); export for this grid or resize the "
+                          f"{layout.modality}")

@@ -26,7 +26,7 @@ OVERHEAD_TARGET = {"divprune": 5.0, "mmr": 5.0, "tome": 5.0, "token-transforming
 CHEAP = {"cls-topk", "attn-mean", "ttv", "random", "uniform", "adaptive", "feather"}
 # Every method with its defaults, plus the options that change the graph: ToMe's proportional attention, PosPad,
 # recycling of the dropped tokens.
-DEFAULT_METHODS = [*METHODS, "tome(prop_attn=true)", "cls-topk(pospad=true)", "cls-topk(recycle=true)"]
+DEFAULT_METHODS = [*(n for n, m in METHODS.items() if not m.video), "tome(prop_attn=true)", "cls-topk(pospad=true)", "cls-topk(recycle=true)"]
 
 
 def base_method(name: str) -> str:

@@ -86,6 +86,9 @@ def check_outer_method(method: str, options: dict, num_patches: int, keep: int) 
     if method not in METHODS:
         raise ConfigError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)} (see `tokensieve methods`)")
     spec = METHODS[method]
+    if spec.video:
+        raise ConfigError(f"{method} is a video method (frames x positions) and LLaVA takes one image; use it on a "
+                          f"Qwen2-VL video (export-vlm --grid T,H,W with T > 1)")
     if not 1 <= keep <= num_patches:
         raise ConfigError(f"keep={keep} is out of range; the vision tower has {num_patches} patch tokens, "
                           f"keep 1..{num_patches}")

@@ -7,7 +7,7 @@ passes, exporter and targets do not change. Families live in their own modules a
 """
 from __future__ import annotations
 
-from tokensieve.graph_passes.methods import adaptive, attention_graph, diversity, hiprune, merge, recycle
+from tokensieve.graph_passes.methods import adaptive, attention_graph, diversity, hiprune, merge, recycle, video
 from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores, feather_scores, mean_attention_scores
 from tokensieve.graph_passes.methods.hidden_scores import transition_scores
 from tokensieve.graph_passes.methods.position_scores import MAX_SEED, random_scores, uniform_scores
@@ -70,4 +70,5 @@ METHODS: dict[str, PruneMethod] = {
     + adaptive.METHODS
     + attention_graph.METHODS
     + hiprune.METHODS
+    + video.METHODS
 }

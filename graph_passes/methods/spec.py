@@ -90,6 +90,14 @@ class PruneMethod:
     # The eager reference really drops invalid slots (batch 1) instead of masking (adaptive), and the stage's score
     # gets the incoming state's key bias (`key_bias=`) so that it sees the attention the block saw.
     compacts: bool = False
+    # Video methods (methods/video.py): tokens are frames x positions; score and reduce_fn also take `frames=T`
+    # (the layout's, not an option). validate_video(num_tokens, frames, keep, options) -> None or a one-line reason.
+    # Only a video layout supplies frames (export-vlm on a Qwen2-VL grid): ViT recipes refuse these methods.
+    validate_video: Callable[[int, int, int, dict], str | None] | None = None
+
+    @property
+    def video(self) -> bool:
+        return self.validate_video is not None
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)

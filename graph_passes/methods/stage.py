@@ -17,9 +17,13 @@ from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
 
 
 def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, *, q=None, k=None, scale=None,
-               x_in=None, x_out=None, q_early=None, k_early=None, scale_early=None, grid=None) -> tuple:
-    """(function, args, kwargs) computing the stage's (B, N) scores from what the method reads."""
+               x_in=None, x_out=None, q_early=None, k_early=None, scale_early=None, grid=None,
+               frames: int | None = None) -> tuple:
+    """(function, args, kwargs) computing the stage's (B, N) scores from what the method reads (video methods: the
+    layout's `frames` too)."""
     kwargs = {name: options[name] for name in spec.score_params}
+    if spec.video:
+        kwargs["frames"] = 1 if frames is None else frames
     if spec.needs_keep:  # fixed subsets (uniform, FEATHER's uniform share) need the budget
         kwargs |= {"keep": keep, "num_prefix_tokens": num_prefix_tokens}
     if spec.score_input is ScoreInput.ATTENTION_QK:
@@ -34,8 +38,11 @@ def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: i
     return spec.score, args, kwargs
 
 
-def reduce_kwargs(spec: PruneMethod, options: dict) -> dict:
-    return {name: options[name] for name in spec.reduce_params}
+def reduce_kwargs(spec: PruneMethod, options: dict, frames: int | None = None) -> dict:
+    kwargs = {name: options[name] for name in spec.reduce_params}
+    if spec.video and spec.reduce_fn is not None:
+        kwargs["frames"] = 1 if frames is None else frames
+    return kwargs
 
 
 def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, state: Tensor | None = None,

@@ -3,7 +3,11 @@ greedy decoding against eager, then one TensorRT-RTX engine per part (unless --n
 exit code 2, before anything is written."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import shutil
 
 import pytest
 
@@ -26,13 +30,27 @@ def qwen_dir(tmp_path_factory):
     return path
 
 
-def test_llava_one_command(llava_dir, tmp_path, capsys):
-    """Export, verify, then engines (default target rtx-sm86) with the derived profiles, printed and in the manifest."""
+HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+PART_ENGINES = {f"{part}.engine{ext}" for part in ("vision_prune", "lm_prefill", "lm_decode") for ext in ("", ".json")}
+
+
+@pytest.fixture(scope="module")
+def llava_built(llava_dir, tmp_path_factory):
+    """One `export-vlm` of the tiny LLaVA with engines (default target rtx-sm86) -> (folder, stdout, stderr)."""
     pytest.importorskip("tensorrt_rtx")
-    out = tmp_path / "out"
-    assert main(["export-vlm", str(llava_dir), "--prune", "cls-topk:0.25", "-o", str(out), "--steps", "4",
-                 "--max-batch", "2", "--max-sequence", "40"]) == 0
-    text = capsys.readouterr().out
+    out = tmp_path_factory.mktemp("llava_built") / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export-vlm", str(llava_dir), "--prune", "cls-topk:0.25", "-o", str(out), "--steps", "4",
+                   "--max-batch", "2", "--max-sequence", "40"])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_llava_one_command(llava_built):
+    """Export, verify, then engines (default target rtx-sm86) with the derived profiles, printed and in the manifest."""
+    out, text, err = llava_built
+    assert "removed" not in err  # a fresh folder: no engines of an earlier export; build_vlm's manifest lists its own
     assert "16 patches -> 4 kept" in text and "verify          PASS" in text and "4 greedy tokens identical" in text
     assert "keep_idx identical" in text
     engine_line = next(line for line in text.splitlines() if line.startswith("  engine "))
@@ -41,22 +59,42 @@ def test_llava_one_command(llava_dir, tmp_path, capsys):
         in text
     names = {p.name for p in out.iterdir()}
     assert {"vision_prune.onnx", "lm_prefill.onnx", "lm_decode.onnx"} <= names
-    parts = ("vision_prune", "lm_prefill", "lm_decode")
-    assert {f"{part}.engine{ext}" for part in parts for ext in ("", ".json")} <= names
+    assert PART_ENGINES <= names
     engines = json.loads((out / "llava_parts.json").read_text())["engines"]
     assert engines["decode"]["dims"]["past_sequence"] == {"min": 0, "opt": 11, "max": 40}
 
 
-def test_qwen2_vl_one_command(qwen_dir, tmp_path, capsys):
+def test_qwen2_vl_one_command(qwen_dir, tmp_path, capsys, request):
+    """--no-build export into a folder that holds an earlier build's part engines and the user's files: the engines
+    (+ .json), which the new manifest does not list, are deleted and named in one line; every other file stays.
+    The engines are the tiny LLaVA's from llava_built (real TensorRT-RTX builds, under the names every VLM export's
+    engines take), so the check costs no second export."""
     out = tmp_path / "out"
+    out.mkdir()
+    if HAVE_RTX:
+        built = request.getfixturevalue("llava_built")[0]
+        for name in PART_ENGINES:
+            shutil.copy(built / name, out / name)
+    (out / "notes.txt").write_text("mine")
+    (out / "mine.engine").write_bytes(b"a user's engine")  # an engine name tokensieve does not write
+    (out / "lm_decode.engine.d").mkdir()                    # nor a folder next to a part engine
     rc = main(["export-vlm", str(qwen_dir), "--prune", "attn-mean:6", "--grid", "1,8,8", "-o", str(out), "--steps", "4",
                "--no-build"])
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "16 merged tokens -> 6 kept" in text and "verify          PASS" in text and "  engine " not in text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["keep"] == 6 and manifest["method"] == "attn-mean" and "engines" not in manifest
-    assert not list(out.glob("*.engine"))
+    names = {p.name for p in out.iterdir()}
+    assert not PART_ENGINES & names and [p.name for p in out.glob("*.engine")] == ["mine.engine"], sorted(names)
+    assert {"notes.txt", "lm_decode.engine.d", "vision_prune.onnx", "manifest.json"} <= names
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine.engine").read_bytes() == b"a user's engine"
+    removed = [line for line in captured.err.splitlines() if "removed" in line]
+    assert removed == (["      removed stale engines of an earlier export: vision_prune.engine, "
+                        "vision_prune.engine.json, lm_prefill.engine, lm_prefill.engine.json, lm_decode.engine, "
+                        "lm_decode.engine.json"]
+                       if HAVE_RTX else []), captured.err
 
 
 @pytest.mark.parametrize("args,match", [
