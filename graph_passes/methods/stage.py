@@ -51,13 +51,14 @@ def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: in
     fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
     scores = fn(*args, **kwargs)
     x = inputs["x_out"]
+    rkw = reduce_kwargs(spec, options, inputs.get("frames"))
     if spec.compacts:  # eager = real compaction of the valid slots (batch 1; see methods/adaptive.py)
-        _, kept, _ = spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options))
+        _, kept, _ = spec.reduce_fn(x, scores, keep, num_prefix_tokens, **rkw)
         return compact(x, kept, num_prefix_tokens), kept, None
     if spec.stateful(options):
-        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, state=state, **reduce_kwargs(spec, options))
+        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, state=state, **rkw)
     if spec.reduce_fn is not None:
-        return (*spec.reduce_fn(x, scores, keep, num_prefix_tokens, **reduce_kwargs(spec, options)), None)
+        return (*spec.reduce_fn(x, scores, keep, num_prefix_tokens, **rkw), None)
     tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
     return gather_options(x, scores, tokens, idx, keep, num_prefix_tokens, options), idx, None
 
