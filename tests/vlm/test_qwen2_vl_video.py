@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 
@@ -155,6 +156,12 @@ def test_vision_prune_ort_matches_eager(model, layout, exported, tmp_path, metho
         assert keep.tolist() == [0, 3, 6, 8, 11]
     if method == "evs":  # the first frame (4 tokens) is always kept
         assert keep.tolist()[:4] == [0, 1, 2, 3]
+    if method in ("evs", "holitom") and importlib.util.find_spec("tensorrt_rtx"):  # the video methods' graphs build
+        from tokensieve import api
+
+        for precision in ("fp32", "fp16"):
+            info = api.build(path, tmp_path / f"{precision}.engine", target="rtx-sm86", precision=precision)
+            assert {t["name"]: t["shape"] for t in info.metadata["io_tensors"]}["keep_idx"] == [KEEP]
 
 
 def test_video_methods_on_a_static_video(model, layout):
