@@ -47,7 +47,7 @@ def node_macs(node: fx.Node, unbacked_size: int = 1) -> int:
     if t is aten.addmm.default:
         a = _dims(node.args[1], u)
         return _numel(out) * a[-1]
-    if t in (aten.conv2d.default, aten.convolution.default):
+    if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
         w = _dims(node.args[1], u)
         return _numel(out) * _numel(w[1:])
     if t is aten.scaled_dot_product_attention.default:

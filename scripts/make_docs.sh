@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Regenerate the measured docs the README links to (run on a quiet machine: ~15 min on 2 CPU cores):
+# Regenerate the measured docs the README links to (run on a quiet machine: ~20 min on 2 CPU cores):
 #   docs/bench.{md,json,png}   dense vs pruned ViT-S, batch 1/8/32, ONNX Runtime CPU (tokensieve bench)
 #   docs/tune.{txt,json,png}, docs/tuned.toml   the latency-staircase tuner on the same recipe (tokensieve tune)
 #   docs/methods.{md,json}     every method at keep 0.5 after block 4 (scripts/bench_methods.py)
 #   docs/adaptive.{md,json}    adaptive: dense vs capped vs compact=true, batch 1/8 (scripts/bench_adaptive.py)
 #   docs/vlm.{md,json}         LLaVA in parts: dense vs outer (cls-topk:0.25) vs inner (fastv@2:0.25) (scripts/bench_vlm.py)
+#   docs/video.{md,json}       Qwen2-VL video (grid 8,16,16: 512 tokens) in parts: dense vs evs / holitom / attn-mean at
+#                              0.25 (scripts/bench_video.py)
 #   docs/kept.png              kept patches per stage on matplotlib's sample photo (random-init weights!)
-# Usage: bash scripts/make_docs.sh [bench|tune|methods|adaptive|vlm|kept ...]   (default: all)
+# Usage: bash scripts/make_docs.sh [bench|tune|methods|adaptive|vlm|video|kept ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 TS=.venv/bin/tokensieve
 RECIPE="cls-topk@3,6,9:0.7"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(bench tune methods adaptive vlm kept)
+[ ${#parts[@]} -eq 0 ] && parts=(bench tune methods adaptive vlm video kept)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for part in "${parts[@]}"; do
@@ -31,9 +33,11 @@ for part in "${parts[@]}"; do
       .venv/bin/python -m tokensieve.scripts.bench_adaptive --recipe "adaptive@4:0.9" --batch 1,8 -o docs ;;
     vlm)
       .venv/bin/python -m tokensieve.scripts.bench_vlm -o docs ;;
+    video)
+      .venv/bin/python -m tokensieve.scripts.bench_video -o docs ;;
     kept)
       img=$(.venv/bin/python -c "import matplotlib.cbook as c; print(c.get_sample_data('grace_hopper.jpg', asfileobj=False))")
       $TS visualize "$img" --model default --prune "$RECIPE" -o docs/kept.png ;;
-    *) echo "make_docs.sh: unknown part '$part' (bench, tune, methods, adaptive, kept)" >&2; exit 2 ;;
+    *) echo "make_docs.sh: unknown part '$part' (bench, tune, methods, adaptive, vlm, video, kept)" >&2; exit 2 ;;
   esac
 done

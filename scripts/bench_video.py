@@ -1,0 +1,280 @@
+"""Qwen2-VL video in parts: dense vs video-token pruning (evs, holitom, attn-mean), per part, timed alternately.
+
+    python -m tokensieve.scripts.bench_video [--grid 8,16,16] [--keep 0.25] [--variants dense,evs,holitom,attn-mean] -o docs
+
+The model is a random-init Qwen2-VL built from a config (no hub, no weights to download): a vision tower 384 wide
+(patch 14, spatial merge 2, temporal patch 2), a language model 512 wide, vocab 8192. Random weights change nothing
+about latency. The video is one static grid (t, h, w) in patches: t temporal patches (2 frames each) of h x w patches,
+t·h·w / 4 merged video tokens, which the outer stage prunes to K before the LLM. Variants: `dense` keeps every token
+(uniform:1.0, so its vision_prune costs what HF's tower does) and each other variant is a method name run at --keep
+(graph_passes/methods/video.py: evs, holitom; or an image method such as attn-mean, scored per temporal step). Each
+is exported with `export_vlm` and verified (greedy ids, kept tokens and logits equal the eager model on ONNX Runtime)
+before it is timed; a variant that does not verify stops the benchmark.
+
+Per variant and part (vision_prune, whose time includes the selection: its time vs dense's is the selection's
+overhead; lm_prefill on the pruned prompt, --text text tokens around the video; one lm_decode step with that prompt's
+cache), the parts are timed with only one ONNX Runtime session resident at a time, in alternating blocks (FACTS.md
+"Benchmarking"). The MAC-ideal speedup of a part is counted on its module traced with the measured shapes
+(tokensieve.flops: matrix products and attention's two N×N products, plus the patch embedding's Conv3d).
+"time to first token" = vision + prefill medians. Writes video.json + video.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokensieve.errors import ConfigError, TokenSieveError, VerificationError
+from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
+from tokensieve.flops import count_macs
+from tokensieve.runtime import OrtRunner
+from tokensieve.runtime.timing import measure_alternating
+from tokensieve.scripts.bench_vlm import PARTS
+
+DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
+DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean"
+# special ids at the top of the vocabulary; the prompt's text ids are drawn below them
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 8188, 8189, 8190, 8191
+
+
+def bench_qwen2_vl(vision_layers: int = 4, text_layers: int = 6, seed: int = 0):
+    """A random-init Qwen2-VL of a size that times meaningfully on a CPU: vision 384 wide (patch 14, merge 2, temporal
+    patch 2), LM 512 wide (8 heads, 2 KV heads as Qwen2-VL's GQA), vocab 8192."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=vision_layers, embed_dim=384, hidden_size=512, num_heads=6, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=4),
+        # head_dim 64: M-RoPE sections (t, h, w) of its 32 rotary pairs, Qwen2-VL's [16, 24, 24] halved
+        text_config=dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=text_layers,
+                         num_attention_heads=8, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    cfg._attn_implementation = "sdpa"
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def _prompt(model, layout, text: int, seed: int = 0) -> torch.Tensor:
+    """(1, T) ids: text // 2 random text ids, <vision_start> + video tokens + <vision_end>, the rest of the text."""
+    from tokensieve.vlm_qwen2 import vision_prompt
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE_TOKEN, (text,), generator=gen).tolist()  # never a special or bos/eos/pad id
+    return vision_prompt(model.config, layout, ids[:text // 2], ids[text // 2:])
+
+
+def _feeds(result, text: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs of each part: the video's pixel rows; the pruned prompt (its M-RoPE positions from the unpruned one,
+    the kept columns gathered, as vlm_qwen2 does) with vision_prune's features; the decode step after it (its cache
+    from one prefill run, its position by the rope delta)."""
+    from tokensieve import vlm_qwen2 as q
+    from tokensieve.exporter.vlm.qwen2_vl import placeholder_token_id
+
+    lay, model = result.layout, result.model
+    pixels = torch.randn(lay.num_patches, lay.patch_dim, generator=torch.Generator().manual_seed(seed)).numpy()
+    with OrtRunner(result.paths["vision"]) as vision:
+        out = vision.infer({"pixel_values": pixels})
+    ids = _prompt(model, lay, text, seed)
+    positions = q.prompt_mrope_positions(model, ids, lay)
+    mask = ids == placeholder_token_id(model.config, lay)
+    pos, cols, delta = q.pruned_mrope_positions(positions, mask, torch.from_numpy(out["keep_idx"]))
+    pruned = ids.gather(1, cols)
+    prefill = {"input_ids": pruned.numpy(), "image_features": out["image_features"],
+               "position_ids": pos.contiguous().numpy()}
+    with OrtRunner(result.paths["prefill"]) as runner:
+        pre = runner.infer(prefill)
+    t = pruned.shape[1]
+    decode = {"input_ids": pre["logits"].argmax(-1).astype(np.int64)[:, None],
+              "position_ids": q.decode_position_ids(delta, t).contiguous().numpy()}
+    layers = model.config.text_config.num_hidden_layers
+    decode |= {f"past.{i}.{kind}": pre[f"present.{i}.{kind}"] for i in range(layers) for kind in ("key", "value")}
+    return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
+
+
+def _macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
+    """MACs of each part (batch 1), on its module traced with exactly these (static) shapes."""
+    from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLDecode, Qwen2VLPrefill
+
+    model = result.model
+    modules = {"vision": result.vision, "prefill": Qwen2VLPrefill(model, result.layout.is_video),
+               "decode": Qwen2VLDecode(model)}
+    order = {"vision": ["pixel_values"], "prefill": ["input_ids", "image_features", "position_ids"],
+             "decode": ["input_ids", "position_ids"]}
+    out = {}
+    for part, module in modules.items():
+        f = feeds[part]
+        names = order[part] + sorted((n for n in f if n.startswith("past.")),
+                                     key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+        args = tuple(torch.from_numpy(f[n]) for n in names)
+        with torch.no_grad():
+            ep = torch.export.export(module.eval(), args, strict=False)
+        out[part] = count_macs(ep.graph_module)
+    return out
+
+
+def _parse_grid(text: str) -> tuple[int, int, int]:
+    try:
+        grid = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or grid[0] < 2:
+        raise ConfigError(f"--grid {text!r} must be T,H,W in patches with T >= 2 temporal patches (a video), "
+                          "e.g. 8,16,16")
+    return grid  # h, w are checked against the vision config by plan_vlm
+
+
+def _parse_variants(text: str) -> list[str]:
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    if not chosen or chosen[0] != "dense" or "dense" in chosen[1:] or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"--variants {text!r} must start with dense and list each variant at most once, e.g. "
+                          f"{DEFAULT_VARIANTS}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default="8,16,16",
+                    help="video grid T,H,W in patches (default 8,16,16: 2048 patches, 512 video tokens)")
+    ap.add_argument("--keep", default="0.25", help="budget of every pruned variant: a ratio or a count (default 0.25)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"dense, then method names run at --keep (default {DEFAULT_VARIANTS})")
+    ap.add_argument("--text", type=int, default=32, help="text tokens around the video tokens (default 32)")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--text-layers", type=int, default=6)
+    ap.add_argument("-o", "--output", default="docs")
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except TokenSieveError as e:
+        print(f"bench_video: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from tokensieve.vlm_api import export_vlm, plan_vlm, verify_vlm
+
+    if args.text < 2:
+        raise ConfigError(f"--text {args.text} must be >= 2 (text before the video, and the prompt must end with text)")
+    if args.vision_layers < 1 or args.text_layers < 1:
+        raise ConfigError("--vision-layers and --text-layers must be >= 1")
+    if args.blocks < 1 or args.iters < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError("--blocks and --iters must be >= 1 (and --threads, when given)")
+    grid = _parse_grid(args.grid)
+    chosen = _parse_variants(args.variants)
+    variants = {v: DENSE if v == "dense" else f"{v}:{args.keep}" for v in chosen}
+    out = ensure_writable_dir(args.output)
+    model = bench_qwen2_vl(args.vision_layers, args.text_layers)
+    for name, prune in variants.items():  # every recipe checked (one line) before the first export
+        try:
+            plan_vlm(model, prune, grid=grid)
+        except ConfigError as e:
+            raise ConfigError(f"variant {name} ({prune}, --grid {args.grid}): {e}") from e
+    results, feeds, macs = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="tokensieve-video-") as tmp:
+        for name, prune in variants.items():
+            print(f"[{name}] export {prune} --grid {args.grid}", file=sys.stderr)
+            res = export_vlm(model, Path(tmp) / name, prune, grid=grid)
+            report = verify_vlm(res, max_new_tokens=2, threads=args.threads)
+            if not report.passed:
+                raise VerificationError(
+                    f"variant {name} ({res.prune}) does not match eager: tokens_match={report.tokens_match}, "
+                    f"keep_idx_match={report.keep_idx_match}, max |logits diff|={report.max_abs_diff_logits:.3g} "
+                    f"(atol {report.atol:g})")
+            results[name], feeds[name] = res, _feeds(res, args.text)
+            macs[name] = _macs(res, feeds[name])
+        runners = {(v, p): OrtRunner(results[v].paths[p], name=f"{v}/{p}", threads=args.threads)
+                   for v in variants for p in PARTS}
+        active = {"runner": None}
+
+        def load(case: str) -> None:
+            runner = runners[tuple(case.split("/"))]
+            if active["runner"] is not runner:
+                if active["runner"] is not None:
+                    active["runner"].deactivate()
+                active["runner"] = runner.activate()
+
+        cases = {f"{v}/{p}": (lambda r=runners[(v, p)], f=feeds[v][p]: r.infer(f)) for p in PARTS for v in variants}
+        try:
+            stats = measure_alternating(cases, blocks=args.blocks, iters=args.iters, warmup=3, before_block=load,
+                                        progress=lambda m: print(m, file=sys.stderr))
+        finally:
+            for r in runners.values():
+                r.deactivate()
+    rows = _rows(results, feeds, macs, stats)
+    lay = results["dense"].layout
+    meta = {"model": f"random-init Qwen2-VL (vision 384x{args.vision_layers}, patch 14, merge 2, temporal patch 2; "
+                     f"LM 512x{args.text_layers}, vocab 8192)",
+            "grid": list(grid), "patches": lay.num_patches, "video_tokens": lay.num_merged,
+            "frames_per_temporal_patch": int(results["dense"].model.config.vision_config.temporal_patch_size),
+            "text_tokens": args.text, "keep": args.keep, "blocks": args.blocks, "iters": args.iters,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "backend": "onnxruntime CPU",
+            "variants": {v: {"prune": results[v].prune, "method": results[v].method, "options": results[v].options}
+                         for v in variants}}
+    write_json_atomic(out / "video.json", {"meta": meta, "rows": rows})
+    write_bytes_atomic(out / "video.md", _markdown(meta, rows).encode())
+    print(_markdown(meta, rows))
+    return 0
+
+
+def _rows(results, feeds, macs, stats) -> list[dict]:
+    rows = []
+    dense = {p: stats[f"dense/{p}"] for p in PARTS}
+    for v, res in results.items():
+        row = {"variant": v, "prune": res.prune, "video_tokens": res.num_tokens, "kept_tokens": res.keep,
+               "prompt_tokens": int(feeds[v]["prefill"]["input_ids"].shape[1]),
+               "decode_cache": int(feeds[v]["decode"]["past.0.key"].shape[2])}
+        for p in PARTS:
+            s = stats[f"{v}/{p}"]
+            row[p] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "macs": macs[v][p],
+                      "speedup": dense[p].median_ms / s.median_ms, "mac_ideal": macs["dense"][p] / macs[v][p]}
+            row[p]["ratio"] = row[p]["speedup"] / row[p]["mac_ideal"]
+        # the vision part runs the same tower in every variant: what differs is the selection after the merger
+        row["selection_overhead_ms"] = row["vision"]["median_ms"] - dense["vision"].median_ms
+        ttft = row["vision"]["median_ms"] + row["prefill"]["median_ms"]
+        dense_ttft = dense["vision"].median_ms + dense["prefill"].median_ms
+        row["ttft_ms"], row["ttft_speedup"] = ttft, dense_ttft / ttft
+        rows.append(row)
+    return rows
+
+
+def _markdown(meta: dict, rows: list[dict]) -> str:
+    t, h, w = meta["grid"]
+    lines = ["# Qwen2-VL video in parts: dense vs video-token pruning", "",
+             f"Generated by `python -m tokensieve.scripts.bench_video` ({meta['machine']}; {meta['backend']}). "
+             f"Model: {meta['model']}. Video: grid ({t}, {h}, {w}) = {t} temporal patches of "
+             f"{meta['frames_per_temporal_patch']} frames x {h}x{w} patches ({meta['patches']} patches, "
+             f"{meta['video_tokens']} video tokens), {meta['text_tokens']} text tokens around them. Each variant is "
+             "verified against eager before timing; parts are timed one session at a time in alternating blocks "
+             f"({meta['blocks']} x {meta['iters']} runs). vision = the tower + the selection (its time vs dense's is "
+             "the selection's overhead). MAC-ideal: dense MACs / variant MACs on the traced part; ratio = measured "
+             "speedup / MAC-ideal.", "",
+             "| variant | recipe | video tokens (LLM) | prompt | part | median ms | p90 ms | speedup | MAC-ideal | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in PARTS:
+            c = r[p]
+            label = f"decode (cache {r['decode_cache']})" if p == "decode" else p
+            lines.append(f"| {r['variant']} | {r['prune']} | {r['kept_tokens']} | {r['prompt_tokens']} | {label} "
+                         f"| {c['median_ms']:.2f} | {c['p90_ms']:.2f} | {c['speedup']:.2f}x | {c['mac_ideal']:.2f}x "
+                         f"| {c['ratio']:.2f} |")
+    lines += ["", "| variant | selection overhead (vision vs dense) | time to first token (vision + prefill medians) "
+              "| speedup |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['selection_overhead_ms']:+.2f} ms | {r['ttft_ms']:.2f} ms | "
+              f"{r['ttft_speedup']:.2f}x |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
