@@ -65,6 +65,9 @@ def evs_scores(x: Tensor, frames: int = 1) -> Tensor:
 
 def evs_validate(num_tokens: int, frames: int, keep: int, options: dict) -> str | None:
     per_frame = num_tokens // frames
+    if frames == 1:
+        return ("needs a video (grid t > 1): an image is one frame, which EVS always keeps whole; use a video grid or "
+                "an image method (attn-mean, divprune, ...)") if keep < num_tokens else None
     if keep < per_frame:
         return (f"keeps {keep} tokens but EVS always keeps the whole first frame ({per_frame} tokens of "
                 f"{frames} frames x {per_frame}); raise keep to at least {per_frame}")

@@ -436,6 +436,8 @@ def test_evs_validate_needs_the_whole_first_frame():
     assert reason is not None and "at least 8" in reason and "\n" not in reason
     assert evs_validate(24, 3, 8, {}) is None and evs_validate(24, 3, 24, {}) is None
     assert METHODS["evs"].validate_video is evs_validate
+    image = evs_validate(16, 1, 8, {})  # one frame: EVS would keep it whole, so it needs a video
+    assert image is not None and "needs a video" in image and evs_validate(16, 1, 16, {}) is None
     assert METHODS["holitom"].validate_video(24, 3, 1, {}) is None
 
 
