@@ -25,6 +25,7 @@ class ExportVlm:
         tokensieve export-vlm llava_dir --prune cls-topk:1.0 --inner fastv@1:0.5 -o out_fastv/   # FastV in the LLM
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
         tokensieve export-vlm qwen2vl_dir --prune divprune:0.25 --grid 2,28,28 -o out_video/  # a 4-frame video
+        tokensieve export-vlm qwen2vl_dir --prune uniform:1.0 --grid 1,28,28 --inner fastv@1:0.5 -o out_qfastv/
         tokensieve export-vlm llava_dir -o out/ --target rtx-sm89 --precision fp16 --max-batch 4 --max-sequence 2048
         tokensieve export-vlm llava_dir -o out/ --no-build            # ONNX only
         # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (a part over 1.5 GiB of weights: + <part>.onnx.data)
@@ -43,9 +44,10 @@ class ExportVlm:
         p.add_argument("--grid", default=None, help="Qwen2-VL: the static grid t,h,w in patches: 1,28,28 an image "
                        "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
                        "for 4 frames), attended per temporal patch, its prompt holding video tokens")
-        p.add_argument("--inner", default=None, help="LLaVA: inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
+        p.add_argument("--inner", default=None, help="inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
                        "(drop image tokens after 0-based decoder LAYER by the last prompt position's attention; KEEP "
-                       "a ratio of the prompt's image tokens or a count), e.g. fastv@1:0.5")
+                       "a ratio of the prompt's image tokens, i.e. of those --prune keeps, or a count), e.g. "
+                       "fastv@1:0.5 (LLaVA and Qwen2-VL, images and videos)")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
         p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
@@ -69,8 +71,6 @@ class ExportVlm:
         if args.inner is not None:
             from tokensieve.exporter.vlm.fastv import split_fastv
 
-            if kind != "llava":
-                raise ConfigError("--inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning")
             if split_fastv(args.inner)[0]:
                 raise ConfigError("--inner fastv(debias=true) needs a calibrated bias; use the Python API "
                                   "(export_vlm(..., inner_bias=calibrate_fastv_bias(...)))")
@@ -158,10 +158,17 @@ def _export(model, args, kind: str, grid) -> int:
     if result.inner is not None:
         from tokensieve.exporter.vlm.fastv import prefill_macs
 
-        spec, t = result.inner, result.num_image_tokens + 7  # the verify prompt: 4 text + image tokens + 3 text
-        ratio = prefill_macs(result.layout, model.config.text_config, t, spec) / \
-            prefill_macs(result.layout, model.config.text_config, t, None)
-        lines.append(f"  inner (FastV)   {spec.num_image_tokens} -> {spec.keep} image tokens after LLM layer "
+        spec, what = result.inner, "image"
+        if kind == "llava":
+            lay, t = result.layout, result.num_image_tokens + 7  # the verify prompt: 4 text + image tokens + 3 text
+        else:
+            from tokensieve.exporter.vlm.qwen2_vl_fastv import lm_layout
+            from tokensieve.vlm_api import QWEN2_VL_PROMPT_EXTRA
+
+            lay, t, what = lm_layout(model), result.keep + QWEN2_VL_PROMPT_EXTRA, result.layout.modality
+        ratio = prefill_macs(lay, model.config.text_config, t, spec) / prefill_macs(lay, model.config.text_config, t,
+                                                                                    None)
+        lines.append(f"  inner (FastV)   {spec.num_image_tokens} -> {spec.keep} {what} tokens after LLM layer "
                      f"{spec.layer} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
                      f"prefill MACs x{ratio:.2f} for a {t}-token prompt")
     external = f" (external data: {', '.join(p.name for p in result.external_data.values())})" \

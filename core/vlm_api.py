@@ -33,10 +33,13 @@ the layout: t = 1 an image, t > 1 a video of t temporal patches (temporal_patch_
 one pixel_values row), whose vision tower attends within each temporal step, whose prompt carries video_token_id
 placeholders and whose M-RoPE positions come from video_grid_thw; the manifest records "modality": "image" | "video".
 
-Inner pruning (LLaVA): `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM
-prefill (exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep
-R); lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_vlm compares against the eager FastV
-reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias).
+Inner pruning: `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM prefill
+(exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep R);
+lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_vlm compares against the eager FastV
+reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias). Qwen2-VL (images and
+videos): `export_vlm(model, out, "uniform:1.0", grid=(1, 8, 8), inner="fastv@1:0.5")` (exporter/vlm/qwen2_vl_fastv.py,
+M-RoPE positions gathered at the kept columns); R counts among the K image tokens the outer stage keeps (ToDRE-style:
+outer keeps K, inner R of those K); the manifest records "inner".
 
 export_llava / verify_llava are export_vlm / verify_vlm restricted to a LLaVA.
 """
@@ -65,6 +68,7 @@ from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill, decode_spec, p
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLVisionPrune, check_keep, export_lm_decode,
                                               export_lm_prefill, export_vision_prune, image_layout,
                                               placeholder_token_id, resolve_method)
+from tokensieve.exporter.vlm.qwen2_vl_fastv import export_fastv_decode, export_fastv_prefill
 from tokensieve.api import remove_stale_engines
 from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
@@ -109,7 +113,7 @@ class VlmPlan:
     keep: int                             # K: image tokens the outer stage keeps
     num_tokens: int                       # what it keeps them from: LLaVA's patches, Qwen2-VL's merged image tokens
     num_image_tokens: int                 # image tokens a prompt carries (K; LLaVA 'full': K + 1 for [CLS])
-    inner: FastvSpec | None = None        # FastV inside the LLM prefill (LLaVA)
+    inner: FastvSpec | None = None        # FastV inside the LLM prefill (its N: the num_image_tokens above)
     max_positions: int | None = None      # the language model's max_position_embeddings (default --max-sequence)
 
     @property
@@ -134,8 +138,6 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
         num_image_tokens = keep + int(layout.keep_cls)
         fastv = None if inner is None else parse_fastv(inner, layout.num_text_layers, num_image_tokens, inner_bias)
         return VlmPlan(kind, layout, stage, keep, layout.num_patches, num_image_tokens, fastv, _max_positions(model))
-    if inner is not None:
-        raise ConfigError("inner (FastV) is supported for LLaVA only; Qwen2-VL exports outer pruning, drop inner")
     if grid is None:
         raise ConfigError("Qwen2-VL needs the static image grid: pass grid=(t, h, w) in patches, e.g. (1, 28, 28) "
                           "for a 392 px image, (2, 28, 28) for a 4-frame video")
@@ -145,7 +147,9 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
     spec, options = resolve_method(stage.method, stage.options(), layout)  # a [CLS] method (a video: feather) fails
     keep = stage.keep.resolve(layout.num_merged)
     check_keep(layout, keep, spec, options)
-    return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep, None, _max_positions(model))
+    # FastV keeps R of the K image tokens the outer stage leaves in the prompt
+    fastv = None if inner is None else parse_fastv(inner, model.config.text_config.num_hidden_layers, keep, inner_bias)
+    return VlmPlan(kind, layout, stage, keep, layout.num_merged, keep, fastv, _max_positions(model))
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -216,7 +220,7 @@ class VlmExportResult:
     seconds: dict[str, float]       # export seconds per part
     model: nn.Module = field(repr=False)
     vision: nn.Module = field(repr=False)     # the eager reference of vision_prune.onnx
-    inner: FastvSpec | None = None            # FastV inside the LLM prefill (LLaVA), if any
+    inner: FastvSpec | None = None            # FastV inside the LLM prefill, if any
     max_positions: int | None = None          # the language model's max_position_embeddings
     engines: dict[str, dict] = field(default_factory=dict)  # build_vlm: part -> its manifest "engines" entry
     removed_engines: list[str] = field(default_factory=list)  # engine files of an earlier export the manifest no
@@ -253,7 +257,7 @@ def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.2
                inner: str | None = None, inner_bias=None,
                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> VlmExportResult:
     """Export `model` (LlavaForConditionalGeneration or Qwen2VLForConditionalGeneration; eval mode is set) as three
-    ONNX parts with `prune` after the vision tower into `out_dir`. Qwen2-VL needs `grid=(t, h, w)`; LLaVA takes
+    ONNX parts with `prune` after the vision tower into `out_dir`. Qwen2-VL needs `grid=(t, h, w)`; both take
     `inner="fastv@L:R"` (FastV inside the LLM prefill, R of the image tokens the prompt carries). A part whose weights
     reach `external_data_threshold` bytes is written with its weights in `<part>.onnx.data` (0: every part)."""
     if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
@@ -279,6 +283,9 @@ def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.2
         parts = {"vision": lambda: export_vision_prune(vision),
                  "prefill": lambda: export_lm_prefill(model, plan.keep, prompt_len, plan.layout.is_video),
                  "decode": lambda: export_lm_decode(model, prompt_len)}
+        if plan.inner is not None:
+            parts |= {"prefill": lambda: export_fastv_prefill(model, plan.inner, prompt_len, plan.layout.is_video),
+                      "decode": lambda: export_fastv_decode(model, plan.inner)}
     out = ensure_writable_dir(out_dir)
     models, seconds = {}, {}
     for key, make in parts.items():
@@ -371,6 +378,8 @@ def _qwen2_vl_manifest(result: VlmExportResult) -> dict:
            "image_tokens": lay.num_merged, "placeholder_token_id": placeholder_token_id(result.model.config, lay),
            "method": result.method, "options": result.options, "keep": result.keep,
            "files": {k: p.name for k, p in result.paths.items()}, "vision_ops": result.vision_ops}
+    if result.inner is not None:
+        out["inner"] = result.inner.to_dict()
     return out | ({"engines": result.engines} if result.engines else {})
 
 
@@ -574,7 +583,7 @@ class VlmVerifyReport:
     atol: float
     tokens_match: bool
     keep_idx_match: bool | None       # the kept image tokens of vision_prune equal the eager module's
-    max_abs_diff_logits: float        # LLaVA: the logits of every step; Qwen2-VL: the prefill's last logits
+    max_abs_diff_logits: float        # every step's logits (LLaVA, FastV); plain Qwen2-VL: the prefill's last
     max_abs_diff_features: float | None  # vision_prune's image features vs the eager module's
     tokens: list[list[int]]           # the parts' greedy ids, (batch, max_new_tokens)
     seconds: float
@@ -645,10 +654,19 @@ def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol
         pixel_values = torch.randn(lay.num_patches, lay.patch_dim, generator=torch.Generator().manual_seed(seed))
     if input_ids is None:
         input_ids = q.sample_prompt(model.config, lay)
-    want, want_logits = q.greedy_eager(model, result.vision, pixel_values, input_ids, max_new_tokens)
-    vision = {}
+    vision, inner = {}, {}
+    if result.inner is None:
+        want, want_logits = q.greedy_eager(model, result.vision, pixel_values, input_ids, max_new_tokens)
+    else:  # the independent eager FastV reference; every step's logits are compared
+        ref = q.greedy_fastv_reference(model, result.vision, pixel_values, input_ids, result.inner, max_new_tokens)
+        want, want_logits = ref.tokens[0].tolist(), ref.logits
     got, got_logits = q.greedy_onnx(model, result.paths, lay, pixel_values, input_ids, max_new_tokens, threads,
-                                    backend=backend, vision_out=vision)
+                                    backend=backend, vision_out=vision, inner_out=inner)
+    inner_match = None
+    if result.inner is not None:
+        got_logits = torch.from_numpy(inner["logits"])
+        inner_match = bool(np.array_equal(inner["image_keep_idx"], ref.image_keep_idx[0].numpy())
+                           and np.array_equal(inner["keep_idx"], ref.keep_idx[0].numpy()))
     with torch.no_grad():
         features, keep_idx = result.vision(pixel_values)  # the eager vision_prune on the same image
     return VlmVerifyReport(
@@ -657,7 +675,7 @@ def _verify_qwen2_vl(result, input_ids, pixel_values, max_new_tokens, seed, atol
         keep_idx_match=bool(np.array_equal(vision["keep_idx"], keep_idx.numpy())),
         max_abs_diff_logits=float((got_logits - want_logits).abs().max()),
         max_abs_diff_features=float(np.abs(vision["image_features"] - features.numpy()).max()),
-        tokens=[list(got)], seconds=time.perf_counter() - t0, backend=backend)
+        tokens=[list(got)], seconds=time.perf_counter() - t0, inner_keep_idx_match=inner_match, backend=backend)
 
 
 def verify_llava(result: VlmExportResult, input_ids: torch.Tensor | None = None,

@@ -13,6 +13,12 @@ position and the text after the image keeps its original position too; then the 
 T' = T - N_img + K tokens and the next decoded token (cache length L) gets position L + (max(pos) + 1 - T'),
 the same rope delta rule HF's generate uses (which is what breaks if positions are recomputed after pruning).
 
+Inner pruning (FastV, exporter/vlm/qwen2_vl_fastv.py): lm_prefill also drops K - R image tokens after decoder layer L
+and returns keep_idx (T',) and image_keep_idx (R,); lm_decode takes caches of two lengths. Positions do not change:
+the decode position is still delta + T (T the outer-pruned prompt, the full-length layers' cache length).
+greedy_eager(inner=spec) runs the torch FastV parts, greedy_fastv_reference the independent eager reference,
+greedy_onnx detects a FastV prefill by its outputs (inner_out= receives them and every step's logits).
+
 Videos: the prompt carries `video_token_id` placeholders (<vision_start> + video_token x N + <vision_end>,
 video_prompt) and get_rope_index gets `video_grid_thw` with mm_token_type_ids 2 on them (1 for an image). Qwen2-VL's
 time axis: the video token of temporal step i, merged row r, column c sits at (s + i, s + r, s + c), s the position
@@ -29,11 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm.fastv import FastvReference, FastvSpec
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLDecode, Qwen2VLPrefill, Qwen2VLVisionPrune,
                                               placeholder_token_id)
+from tokensieve.exporter.vlm.qwen2_vl_fastv import (Qwen2VLFastvDecode, Qwen2VLFastvPrefill, check_fastv_prompt,
+                                                    reference_qwen2_fastv_generate)
 
 __all__ = ["image_prompt", "video_prompt", "vision_prompt", "sample_prompt", "prompt_mrope_positions", "kept_columns",
-           "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx"]
+           "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx", "greedy_fastv_reference"]
 
 
 # --------------------------------------------------------------------------- prompts and M-RoPE
@@ -141,17 +150,23 @@ def decode_position_ids(rope_delta: Tensor, cache_len: int) -> Tensor:
 
 
 def _greedy(vision_fn, prefill_fn, decode_fn, position_ids: Tensor, image_mask: Tensor, input_ids: Tensor,
-            steps: int) -> tuple[list[int], Tensor]:
-    """The shared loop: prune -> pruned prompt + positions -> prefill -> `steps` greedy tokens (batch 1)."""
+            steps: int, check_ids=None, logits_out: list | None = None) -> tuple[list[int], Tensor]:
+    """The shared loop: prune -> pruned prompt + positions -> prefill -> `steps` greedy tokens (batch 1).
+    `check_ids(ids)` vets the outer-pruned prompt before the prefill; `logits_out` receives every step's logits.
+    The decode position is delta + the full-length cache length (FastV's shorter layers change no position)."""
     feats, keep_idx = vision_fn()
     pos, cols, delta = pruned_mrope_positions(position_ids, image_mask, keep_idx)
     ids = input_ids.gather(1, cols)
+    if check_ids is not None:
+        check_ids(ids)
     logits, past = prefill_fn(ids, feats, pos)
     first_logits = logits
     tokens, cache_len = [], ids.shape[1]
     for _ in range(steps):
         token = int(logits.argmax(-1)[0])
         tokens.append(token)
+        if logits_out is not None:
+            logits_out.append(logits)
         if len(tokens) == steps:
             break
         logits, past = decode_fn(torch.tensor([[token]]), decode_position_ids(delta, cache_len), past)
@@ -160,33 +175,59 @@ def _greedy(vision_fn, prefill_fn, decode_fn, position_ids: Tensor, image_mask: 
 
 
 def greedy_eager(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
-                 steps: int = 8) -> tuple[list[int], Tensor]:
-    """Eager reference: the torch vision_prune module + the torch LM parts -> (tokens, prefill's last logits)."""
+                 steps: int = 8, inner: FastvSpec | None = None) -> tuple[list[int], Tensor]:
+    """Eager reference: the torch vision_prune module + the torch LM parts -> (tokens, prefill's last logits);
+    inner: the torch FastV parts (Qwen2VLFastvPrefill / Qwen2VLFastvDecode) instead of the plain ones."""
     layout = vision.layout
     _check_pixels(pixel_values, layout)
-    prefill, decode = Qwen2VLPrefill(model, layout.is_video).eval(), Qwen2VLDecode(model).eval()
+    if inner is None:
+        prefill, decode = Qwen2VLPrefill(model, layout.is_video).eval(), Qwen2VLDecode(model).eval()
+    else:
+        prefill = Qwen2VLFastvPrefill(model, inner, layout.is_video).eval()
+        decode = Qwen2VLFastvDecode(model, inner).eval()
     position_ids = prompt_mrope_positions(model, input_ids, layout)
+    placeholder = placeholder_token_id(model.config, layout)
+    check = None if inner is None else (lambda ids: check_fastv_prompt(ids, placeholder, inner.num_image_tokens))
 
     def prefill_fn(ids, feats, pos):
         logits, *past = prefill(ids, feats, pos)
-        return logits, past
+        return logits, past if inner is None else past[:-2]  # FastV: + keep_idx, image_keep_idx
 
     def decode_fn(token, pos, past):
         logits, *past = decode(token, pos, *past)
         return logits, past
 
     with torch.no_grad():
-        return _greedy(lambda: vision(pixel_values), prefill_fn, decode_fn, position_ids,
-                       input_ids == placeholder_token_id(model.config, layout), input_ids, steps)
+        return _greedy(lambda: vision(pixel_values), prefill_fn, decode_fn, position_ids, input_ids == placeholder,
+                       input_ids, steps, check)
+
+
+def greedy_fastv_reference(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
+                           spec: FastvSpec, steps: int = 8) -> FastvReference:
+    """The independent eager FastV reference (qwen2_vl_fastv.reference_qwen2_fastv_generate) on the outer stage's
+    output: vision_prune's features and keep_idx -> the outer-pruned prompt and its M-RoPE ids -> greedy decoding.
+    tokens (1, steps), logits (steps, 1, V), image_keep_idx (1, R), keep_idx (1, T')."""
+    layout = vision.layout
+    _check_pixels(pixel_values, layout)
+    placeholder = placeholder_token_id(model.config, layout)
+    position_ids = prompt_mrope_positions(model, input_ids, layout)
+    with torch.no_grad():
+        feats, keep_idx = vision(pixel_values)
+    pos, cols, delta = pruned_mrope_positions(position_ids, input_ids == placeholder, keep_idx)
+    ids = input_ids.gather(1, cols)
+    return reference_qwen2_fastv_generate(model, ids, feats, pos, int(delta[0, 0]) + ids.shape[1], spec, placeholder,
+                                          steps)
 
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
                 input_ids: Tensor, steps: int = 8, threads: int | None = None,
-                backend: str = "onnxruntime", vision_out: dict | None = None) -> tuple[list[int], Tensor]:
+                backend: str = "onnxruntime", vision_out: dict | None = None,
+                inner_out: dict | None = None) -> tuple[list[int], Tensor]:
     """The exported pipeline: vision_prune -> lm_prefill -> lm_decode on ONNX Runtime (the files in `paths`, external
     data next to them) or on TensorRT (backend="tensorrt": the engines the manifest `paths["manifest"]` lists);
     `model` only supplies get_rope_index. `vision_out` (a dict) receives vision_prune's "image_features" and
-    "keep_idx", for verification."""
+    "keep_idx", for verification. A FastV lm_prefill (outputs keep_idx and image_keep_idx) is detected by its outputs;
+    `inner_out` (a dict) then receives them and "logits" (steps, 1, V), every step's logits."""
     from contextlib import ExitStack
 
     from tokensieve.runtime.llava_pipeline import PARTS, part_runners, read_manifest
@@ -206,6 +247,9 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
     with ExitStack() as active:
         vis, pre, dec = (active.enter_context(runners[k]) for k in PARTS)
         past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]
+        fastv = "image_keep_idx" in pre.output_names
+        placeholder = placeholder_token_id(model.config, layout)
+        steps_logits = [] if inner_out is not None else None
 
         def vision_fn():
             out = vis.infer({"pixel_values": pixel_values.numpy().astype(np.float32)})
@@ -214,17 +258,27 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
             return torch.from_numpy(out["image_features"]), torch.from_numpy(out["keep_idx"])
 
         def prefill_fn(ids, feats, pos):
-            out = list(pre.infer({"input_ids": ids.numpy(), "image_features": feats.numpy(),
-                                  "position_ids": pos.contiguous().numpy()}).values())
-            return torch.from_numpy(out[0]), out[1:]
+            out = pre.infer({"input_ids": ids.numpy(), "image_features": feats.numpy(),
+                             "position_ids": pos.contiguous().numpy()})
+            if fastv and inner_out is not None:
+                inner_out.update(keep_idx=out["keep_idx"], image_keep_idx=out["image_keep_idx"])
+            return torch.from_numpy(out["logits"]), [v for k, v in out.items() if k.startswith("present.")]
 
         def decode_fn(token, pos, past):
             feeds = {"input_ids": token.numpy(), "position_ids": pos.contiguous().numpy()} | dict(zip(past_names, past))
             out = list(dec.infer(feeds).values())
             return torch.from_numpy(out[0]), out[1:]
 
-        return _greedy(vision_fn, prefill_fn, decode_fn, position_ids,
-                       input_ids == placeholder_token_id(model.config, layout), input_ids, steps)
+        num_image = next(shape[0] for n, shape, _ in pre.input_specs if n == "image_features")  # K, static
+
+        def check(ids):
+            check_fastv_prompt(ids, placeholder, num_image)
+
+        result = _greedy(vision_fn, prefill_fn, decode_fn, position_ids, input_ids == placeholder, input_ids, steps,
+                         check if fastv else None, steps_logits)
+    if inner_out is not None:
+        inner_out["logits"] = torch.stack(steps_logits).numpy()
+    return result
 
 
 def _check_pixels(pixel_values: Tensor, layout: ImageLayout) -> None:

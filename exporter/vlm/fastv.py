@@ -205,16 +205,43 @@ def fastv_scores(attn: nn.Module, h_in_normed_last: Tensor, keys: Tensor, cos_la
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def selection_buffers(spec: FastvSpec) -> tuple[Tensor, Tensor]:
+    """(bias (N,) float32, zeros without debias; uniform_hit (N,) bool, True at the U fixed ordinals): the constants
+    select_image_tokens reads."""
+    bias = torch.tensor(spec.bias if spec.bias is not None else [0.0] * spec.num_image_tokens, dtype=torch.float32)
+    hit = torch.zeros(spec.num_image_tokens, dtype=torch.bool)
+    hit[list(spec.uniform_ordinals)] = True
+    return bias, hit
+
+
+def select_image_tokens(scores: Tensor, image_positions: Tensor, spec: FastvSpec, bias: Tensor,
+                        uniform_hit: Tensor) -> tuple[Tensor, Tensor]:
+    """FastV's static selection: scores (B, T) of every position, image_positions (B, N) ascending -> keep_idx (B, T')
+    (every text position + the R kept image positions, ascending), image_keep (B, R) (kept image ordinals,
+    ascending)."""
+    image_scores = scores.gather(1, image_positions)
+    if spec.bias is not None:
+        image_scores = image_scores - bias
+    if spec.num_uniform:  # FEATHER: every finite score < +inf, so TopK takes the U fixed ordinals first
+        image_scores = torch.where(uniform_hit, torch.inf, image_scores)
+    image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values   # (B, R) ordinals
+    kept_pos = image_positions.gather(1, image_keep)                                # (B, R) sequence idx
+    t = scores.shape[1]
+    ar = torch.arange(t, device=scores.device)
+    dropped = (image_positions[:, :, None] == ar).any(1) & ~(kept_pos[:, :, None] == ar).any(1)
+    # kept positions sort first (in order), dropped ones after: the smallest T' keys are keep_idx, ascending
+    keep_idx = torch.topk(ar + dropped.long() * t, t - spec.dropped, dim=-1, largest=False).indices
+    return keep_idx, image_keep
+
+
 class FastvPrefill(nn.Module):
     def __init__(self, model: nn.Module, spec: FastvSpec):
         super().__init__()
         lm = model.model.language_model
         self.layers, self.norm, self.rotary_emb, self.lm_head = lm.layers, lm.norm, lm.rotary_emb, model.lm_head
         self.spec = spec
-        bias = torch.tensor(spec.bias if spec.bias is not None else [0.0] * spec.num_image_tokens, dtype=torch.float32)
+        bias, hit = selection_buffers(spec)
         self.register_buffer("bias", bias, persistent=False)
-        hit = torch.zeros(spec.num_image_tokens, dtype=torch.bool)
-        hit[list(spec.uniform_ordinals)] = True
         self.register_buffer("uniform_hit", hit, persistent=False)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
@@ -231,18 +258,7 @@ class FastvPrefill(nn.Module):
             cos, sin = pe
             scores = fastv_scores(layer.self_attn, layer.input_layernorm(h_in[:, -1:]), cache.layers[i].keys,
                                   cos[:, -1:], sin[:, -1:], valid)
-            image_scores = scores.gather(1, image_positions)
-            if spec.bias is not None:
-                image_scores = image_scores - self.bias
-            if spec.num_uniform:  # FEATHER: every finite score < +inf, so TopK takes the U fixed ordinals first
-                image_scores = torch.where(self.uniform_hit, torch.inf, image_scores)
-            image_keep = image_scores.topk(spec.keep, dim=-1).indices.sort(dim=-1).values   # (B, R) ordinals
-            kept_pos = image_positions.gather(1, image_keep)                                # (B, R) sequence idx
-            t = h.shape[1]
-            ar = torch.arange(t, device=h.device)
-            dropped = (image_positions[:, :, None] == ar).any(1) & ~(kept_pos[:, :, None] == ar).any(1)
-            # kept positions sort first (in order), dropped ones after: the smallest T' keys are keep_idx, ascending
-            keep_idx = torch.topk(ar + dropped.long() * t, t - spec.dropped, dim=-1, largest=False).indices
+            keep_idx, image_keep = select_image_tokens(scores, image_positions, spec, self.bias, self.uniform_hit)
             h = h.gather(1, keep_idx[..., None].expand(-1, -1, h.shape[-1]))
             pos, valid = pos.gather(1, keep_idx), valid.gather(1, keep_idx)
             mask, pe = _masks(valid), self.rotary_emb(h, pos)
@@ -302,7 +318,8 @@ def fastv_decode_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
 
 
 def prefill_macs(layout: LlavaLayout, cfg, prompt_length: int, spec: FastvSpec | None) -> int:
-    """Multiply-accumulates of the LM prefill for one prompt (projections, MLP, q·Kᵀ and attn·V; causal = half)."""
+    """Multiply-accumulates of the LM prefill for one prompt (projections, MLP, q·Kᵀ and attn·V; causal = half).
+    `layout` gives the LM sizes: a LlavaLayout, or Qwen2-VL's qwen2_vl_fastv.Qwen2LmLayout (the same attributes)."""
     h, i_size, heads = layout.text_hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     d, kv = layout.head_dim, layout.num_kv_heads
     per_token = h * heads * d * 2 + h * kv * d * 2 + 3 * h * i_size
@@ -368,6 +385,19 @@ def fastv_score_reference(model: nn.Module, inputs_embeds: Tensor, attention_mas
     return out.attentions[layer][:, :, -1].float().mean(1)
 
 
+def reference_image_keep(image_scores: Tensor, spec: FastvSpec) -> Tensor:
+    """(B, N) FastV scores of the image tokens -> (B, R) kept ordinals, ascending, written independently of
+    select_image_tokens: debias subtracts the bias, uniform=S unites the U fixed ordinals with a TopK over the others
+    (no +inf)."""
+    if spec.bias is not None:
+        image_scores = image_scores - torch.tensor(spec.bias, dtype=image_scores.dtype)
+    uniform = spec.uniform_ordinals
+    fixed = torch.tensor(uniform, dtype=torch.long)
+    others = torch.tensor([i for i in range(spec.num_image_tokens) if i not in uniform], dtype=torch.long)
+    best = others[image_scores[:, others].topk(spec.keep - len(fixed), dim=-1).indices]   # (B, R - U) ordinals
+    return torch.cat([fixed.expand(image_scores.shape[0], -1), best], dim=1).sort(dim=-1).values
+
+
 def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features: Tensor, spec: FastvSpec,
                              image_token_id: int, max_new_tokens: int = 8,
                              attention_mask: Tensor | None = None) -> FastvReference:
@@ -384,14 +414,7 @@ def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features
     scores = fastv_score_reference(model, embeds, mask, pos, spec.layer)
     b, t = ids.shape
     image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])       # (B, N)
-    image_scores = scores.gather(1, image_pos)
-    if spec.bias is not None:
-        image_scores = image_scores - torch.tensor(spec.bias, dtype=image_scores.dtype)
-    uniform = spec.uniform_ordinals
-    fixed = torch.tensor(uniform, dtype=torch.long)
-    others = torch.tensor([i for i in range(spec.num_image_tokens) if i not in uniform], dtype=torch.long)
-    best = others[image_scores[:, others].topk(spec.keep - len(fixed), dim=-1).indices]   # (B, R - U) ordinals
-    image_keep = torch.cat([fixed.expand(b, -1), best], dim=1).sort(dim=-1).values
+    image_keep = reference_image_keep(scores.gather(1, image_pos), spec)
     keep_rows = []
     for r in range(b):
         keep = ~is_image[r]

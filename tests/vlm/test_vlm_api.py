@@ -67,7 +67,7 @@ def test_unsupported_model_names_the_supported_types(kind, tmp_path):
 @pytest.mark.parametrize("kind, kwargs, words", [
     ("llava", {"grid": (1, 8, 8)}, "grid is for Qwen2-VL"),
     ("qwen", {}, "needs the static image grid"),
-    ("qwen", {"grid": (1, 8, 8), "inner": "fastv@1:0.5"}, "LLaVA only"),
+    ("qwen", {"grid": (1, 8, 8), "inner": "fastv@1:0.5"}, "layer 1 is out of range; the language model has 2 layers"),
     ("qwen", {"grid": (1, 7, 8)}, "multiples of spatial_merge_size"),
     ("qwen", {"grid": (1, 8, 8), "prune": "attn-mean@1:4"}, "METHOD[(options)]:KEEP"),
     ("qwen", {"grid": (1, 8, 8), "prune": "cls-topk:4"}, "[CLS]"),
