@@ -33,8 +33,7 @@ from tokensieve.errors import ConfigError, TokenSieveError, VerificationError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from tokensieve.flops import count_macs
 from tokensieve.runtime import OrtRunner
-from tokensieve.runtime.timing import measure_alternating
-from tokensieve.scripts.bench_vlm import PARTS
+from tokensieve.scripts.bench_vlm import PARTS, time_parts
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
 DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean"
@@ -194,24 +193,7 @@ def _run(args) -> int:
                     f"(atol {report.atol:g})")
             results[name], feeds[name] = res, _feeds(res, args.text)
             macs[name] = _macs(res, feeds[name])
-        runners = {(v, p): OrtRunner(results[v].paths[p], name=f"{v}/{p}", threads=args.threads)
-                   for v in variants for p in PARTS}
-        active = {"runner": None}
-
-        def load(case: str) -> None:
-            runner = runners[tuple(case.split("/"))]
-            if active["runner"] is not runner:
-                if active["runner"] is not None:
-                    active["runner"].deactivate()
-                active["runner"] = runner.activate()
-
-        cases = {f"{v}/{p}": (lambda r=runners[(v, p)], f=feeds[v][p]: r.infer(f)) for p in PARTS for v in variants}
-        try:
-            stats = measure_alternating(cases, blocks=args.blocks, iters=args.iters, warmup=3, before_block=load,
-                                        progress=lambda m: print(m, file=sys.stderr))
-        finally:
-            for r in runners.values():
-                r.deactivate()
+        stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
     rows = _rows(results, feeds, macs, stats)
     lay = results["dense"].layout
     meta = {"model": f"random-init Qwen2-VL (vision 384x{args.vision_layers}, patch 14, merge 2, temporal patch 2; "

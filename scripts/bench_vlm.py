@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokensieve.errors import ConfigError, TokenSieveError
+from tokensieve.errors import ConfigError, TokenSieveError, VerificationError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from tokensieve.flops import count_macs
 from tokensieve.runtime import OrtRunner
@@ -76,6 +76,29 @@ def _feeds(result, batch: int, text: int, seed: int = 0) -> dict[str, dict[str, 
     if result.inner is not None:
         decode["attention_mask_pruned"] = np.ones((batch, out["keep_idx"].shape[1] + 1), np.int64)
     return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
+
+
+def time_parts(results: dict, feeds: dict, *, threads: int | None, blocks: int, iters: int, parts=PARTS) -> dict:
+    """Median/p90 of every variant's parts (`results[v].paths[part]` on `feeds[v][part]`), with one ONNX Runtime
+    session resident at a time, in alternating blocks (FACTS.md "Benchmarking"); keys "variant/part"."""
+    runners = {(v, p): OrtRunner(res.paths[p], name=f"{v}/{p}", threads=threads) for v, res in results.items()
+               for p in parts}
+    active = {"runner": None}
+
+    def load(case: str) -> None:
+        runner = runners[tuple(case.split("/"))]
+        if active["runner"] is not runner:
+            if active["runner"] is not None:
+                active["runner"].deactivate()
+            active["runner"] = runner.activate()
+
+    cases = {f"{v}/{p}": (lambda r=runners[(v, p)], f=feeds[v][p]: r.infer(f)) for p in parts for v in results}
+    try:
+        return measure_alternating(cases, blocks=blocks, iters=iters, warmup=3, before_block=load,
+                                   progress=lambda m: print(m, file=sys.stderr))
+    finally:
+        for r in runners.values():
+            r.deactivate()
 
 
 def _macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
@@ -146,27 +169,13 @@ def _run(args) -> int:
             res = export_vlm(model, Path(tmp) / name, prune, inner=inner)
             report = verify_vlm(res, batch=max(2, args.batch), max_new_tokens=2)
             if not report.passed:
-                raise SystemExit(f"{name} does not match eager: {report.to_dict()}")
+                raise VerificationError(
+                    f"variant {name} ({res.prune}) does not match eager: tokens_match={report.tokens_match}, "
+                    f"keep_idx_match={report.keep_idx_match}, max |logits diff|={report.max_abs_diff_logits:.3g} "
+                    f"(atol {report.atol:g})")
             results[name], feeds[name] = res, _feeds(res, args.batch, args.text)
             macs[name] = _macs(res, feeds[name])
-        runners = {(v, p): OrtRunner(results[v].paths[p], name=f"{v}/{p}", threads=args.threads)
-                   for v in variants for p in PARTS}
-        active = {"runner": None}
-
-        def load(case: str) -> None:
-            runner = runners[tuple(case.split("/"))]
-            if active["runner"] is not runner:
-                if active["runner"] is not None:
-                    active["runner"].deactivate()
-                active["runner"] = runner.activate()
-
-        cases = {f"{v}/{p}": (lambda r=runners[(v, p)], f=feeds[v][p]: r.infer(f)) for p in PARTS for v in variants}
-        try:
-            stats = measure_alternating(cases, blocks=args.blocks, iters=args.iters, warmup=3, before_block=load,
-                                        progress=lambda m: print(m, file=sys.stderr))
-        finally:
-            for r in runners.values():
-                r.deactivate()
+        stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
     rows = _rows(results, feeds, macs, stats)
     meta = {"model": f"random-init LLaVA (vision 384x{args.vision_layers}, LM 512x{args.text_layers}, "
                      f"{args.image_size} px / 16 px patches)",
