@@ -47,7 +47,9 @@ class ExportVlm:
         p.add_argument("--inner", default=None, help="inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
                        "(drop image tokens after 0-based decoder LAYER by the last prompt position's attention; KEEP "
                        "a ratio of the prompt's image tokens, i.e. of those --prune keeps, or a count), e.g. "
-                       "fastv@1:0.5 (LLaVA and Qwen2-VL, images and videos)")
+                       "fastv@1:0.5 (LLaVA and Qwen2-VL, images and videos); fastv(uniform=0.5)@L:R is FEATHER, "
+                       "fastv(merge=true)@L:R merges each dropped image token into its most similar kept one "
+                       "(HoliTom's inner merge; HoliTom = --prune holitom:... --inner fastv(merge=true)@k-1:R)")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
         p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
@@ -168,8 +170,9 @@ def _export(model, args, kind: str, grid) -> int:
             lay, t, what = lm_layout(model), result.keep + QWEN2_VL_PROMPT_EXTRA, result.layout.modality
         ratio = prefill_macs(lay, model.config.text_config, t, spec) / prefill_macs(lay, model.config.text_config, t,
                                                                                     None)
+        merged = f", the other {spec.dropped} merged in (HoliTom)" if spec.merge else ""
         lines.append(f"  inner (FastV)   {spec.num_image_tokens} -> {spec.keep} {what} tokens after LLM layer "
-                     f"{spec.layer} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
+                     f"{spec.layer}{merged} (layers {spec.layer + 1}..{spec.num_layers - 1} see T - {spec.dropped}); "
                      f"prefill MACs x{ratio:.2f} for a {t}-token prompt")
     external = f" (external data: {', '.join(p.name for p in result.external_data.values())})" \
         if result.external_data else ""

@@ -36,7 +36,9 @@ placeholders and whose M-RoPE positions come from video_grid_thw; the manifest r
 Inner pruning: `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM prefill
 (exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep R);
 lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_vlm compares against the eager FastV
-reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias). Qwen2-VL (images and
+reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias);
+`inner="fastv(merge=true)@1:0.5"` merges the dropped image tokens into the kept ones (HoliTom's inner merge; HoliTom =
+outer `holitom` + this, HoliTom's layer k = our L + 1). Qwen2-VL (images and
 videos): `export_vlm(model, out, "uniform:1.0", grid=(1, 8, 8), inner="fastv@1:0.5")` (exporter/vlm/qwen2_vl_fastv.py,
 M-RoPE positions gathered at the kept columns); R counts among the K image tokens the outer stage keeps (ToDRE-style:
 outer keeps K, inner R of those K); the manifest records "inner".

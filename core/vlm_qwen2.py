@@ -14,7 +14,8 @@ T' = T - N_img + K tokens and the next decoded token (cache length L) gets posit
 the same rope delta rule HF's generate uses (which is what breaks if positions are recomputed after pruning).
 
 Inner pruning (FastV, exporter/vlm/qwen2_vl_fastv.py): lm_prefill also drops K - R image tokens after decoder layer L
-and returns keep_idx (T',) and image_keep_idx (R,); lm_decode takes caches of two lengths. Positions do not change:
+(fastv(merge=true): merges them into the kept ones, HoliTom's inner step) and returns keep_idx (T',) and
+image_keep_idx (R,); lm_decode takes caches of two lengths. Positions do not change:
 the decode position is still delta + T (T the outer-pruned prompt, the full-length layers' cache length).
 greedy_eager(inner=spec) runs the torch FastV parts, greedy_fastv_reference the independent eager reference,
 greedy_onnx detects a FastV prefill by its outputs (inner_out= receives them and every step's logits).

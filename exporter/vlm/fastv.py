@@ -4,9 +4,9 @@ reference.
     result = export_llava(model, "out/llava", "cls-topk:1.0", inner="fastv@1:0.5")   # no outer pruning, FastV
     report = verify_llava(result)              # ORT greedy ids == eager FastV reference, kept image tokens, logits
 
-Spec: `fastv@L:R`, optionally with parameters `fastv(debias=true,uniform=0.5)@L:R` (see below). L is the 0-based
-decoder layer after which image tokens are dropped (0 <= L <= num_layers - 2); R is the number of image tokens
-kept, a ratio of the N image tokens the prompt carries (`0.5`, `1.0`) or a count (`8`), 1 <= R <= N.
+Spec: `fastv@L:R`, optionally with parameters `fastv(debias=true,uniform=0.5,merge=true)@L:R` (see below). L is the
+0-based decoder layer after which image tokens are dropped (or merged) (0 <= L <= num_layers - 2); R is the number of
+image tokens kept, a ratio of the N image tokens the prompt carries (`0.5`, `1.0`) or a count (`8`), 1 <= R <= N.
 
 Prefill (`FastvPrefill`, lm_prefill.onnx):
     inputs_embeds (B, T, H), attention_mask (B, T), position_ids (B, T), image_positions (B, N) int64 (the sequence
@@ -40,11 +40,28 @@ rest: FastV's criterion plus uniform spatial coverage under the same total budge
 Where(uniform_hit, +inf, score) before the same TopK, exact because every (debiased) score is finite, so TopK takes
 all U fixed ordinals and then the best R - U others. Combines with debias (the bias is subtracted first).
 
+merge=true (HoliTom's inner-LLM merging, Shao et al. 2025, github.com/cokeshao/HoliTom holitom/modeling_qwen2.py):
+the same selection (with debias / uniform=S if given), but each of the N - R other image tokens is MERGED into a kept
+one instead of dropped, on the hidden states h = layer L's output (the input of layer L + 1). HoliTom's rule: with
+top = the kept image positions and non = the others (ascending), sim = cosine(h[non], h[top]) once, target(i) =
+argmax over top (ties: the first, i.e. the earliest kept position), then for i in non ascending:
+h[target(i)] = (h[target(i)] + h[i]) / 2 in place. Unrolled, a kept token t with members i_1 < ... < i_m ends as
+h_t / 2^m + sum_j h_{i_j} / 2^(m-j+1). `merge_into_kept` writes that in closed form (no scatter, static shapes):
+the (N, R) one-hot assignment A from comparisons (first maximum: ReduceMax, then ReduceMin over the indices at the
+maximum, not ArgMax, whose tie order TensorRT's TopK-based ArgMax does not promise); the members after each one,
+U @ A with U the strict upper triangle (N, N); the (R, N) weights W = (A * 2^-(1 + after))^T + onehot(top) * 2^-m
+(Pow of a float count: ONNX Pow, opset 15 = the latest <= 18, which TensorRT's parser supports; no Where); one MatMul
+W @ h_img; the kept rows are put back with Gather + Where. Then only text + top tokens are kept as without merge (their
+original position ids). HoliTom = outer `holitom` (video) + inner `fastv(merge=true)@L:R`; HoliTom's layer k (the
+layer that sees the merged tokens) is our L = k - 1. Note: HoliTom orders top by TopK score, so its ties go to the
+highest-scored kept token; ties need identical cosines, i.e. parallel hidden states.
+
 The eager reference (`reference_fastv_generate`) is independent of the parts: HF's own eager attention
 probabilities (output_attentions) give the score, the image positions come from input_ids, uniform=S is a TopK over
-the non-uniform ordinals only (united with the fixed ones, no +inf), and every greedy step re-runs HF's decoder
-layers by hand over the whole sequence (no cache): layers 0..L over every token, layers L+1.. over the kept prompt
-tokens plus the generated ones.
+the non-uniform ordinals only (united with the fixed ones, no +inf), merge=true is
+`reference_merge`, HoliTom's sequential loop written literally (independent of the closed form), and every greedy
+step re-runs HF's decoder layers by hand over the whole sequence (no cache): layers 0..L over every token, layers
+L+1.. over the kept prompt tokens plus the generated ones.
 """
 from __future__ import annotations
 
@@ -80,6 +97,7 @@ class FastvSpec:
     num_layers: int
     bias: tuple[float, ...] | None = None   # debias: (N,) subtracted from the score
     uniform: float = 0.0       # FEATHER: share S of the R kept tokens that are fixed evenly spaced ordinals
+    merge: bool = False        # HoliTom: merge each dropped image token into its most similar kept one
 
     @property
     def dropped(self) -> int:
@@ -97,19 +115,22 @@ class FastvSpec:
         return tuple(int(i) for i in torch.nonzero(hit > 0).flatten())
 
     def shorthand(self) -> str:
-        params = ["debias=true"] * (self.bias is not None) + [f"uniform={self.uniform:g}"] * (self.uniform > 0)
+        params = ["debias=true"] * (self.bias is not None) + [f"uniform={self.uniform:g}"] * (self.uniform > 0) \
+            + ["merge=true"] * self.merge
         return f"fastv{'(' + ','.join(params) + ')' if params else ''}@{self.layer}:{self.keep}"
 
     def to_dict(self) -> dict:
         return {"method": "fastv", "layer": self.layer, "keep": self.keep, "num_image_tokens": self.num_image_tokens,
-                "debias": self.bias is not None, "uniform": self.uniform, "num_uniform": self.num_uniform}
+                "debias": self.bias is not None, "uniform": self.uniform, "num_uniform": self.num_uniform,
+                "merge": self.merge}
 
 
-_PARAMS = "debias=true|false and uniform=S (0 <= S < 1)"
+_PARAMS = "debias=true|false, uniform=S (0 <= S < 1) and merge=true|false"
 
 
-def _split(text: str) -> tuple[bool, float, int, str]:
-    """`fastv(debias=true,uniform=0.5)@1:0.5` -> (debias, uniform share, layer, keep text); one-line ConfigError."""
+def _split(text: str) -> tuple[bool, float, bool, int, str]:
+    """`fastv(debias=true,uniform=0.5,merge=true)@1:0.5` -> (debias, uniform share, merge, layer, keep text); one-line
+    ConfigError."""
     m = _SPEC.match(str(text).strip())
     if not m:
         raise ConfigError(f"Cannot parse inner pruning {text!r}; write fastv@LAYER:KEEP, e.g. fastv@1:0.5 (ratio of "
@@ -117,14 +138,16 @@ def _split(text: str) -> tuple[bool, float, int, str]:
     params: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
         key, eq, value = (x.strip() for x in item.partition("="))
-        if key not in ("debias", "uniform") or not eq:
+        if key not in ("debias", "uniform", "merge") or not eq:
             raise ConfigError(f"fastv parameters are {_PARAMS}; got {item!r}")
         if key in params:
             raise ConfigError(f"fastv parameter {key!r} is given twice in {text!r}")
         params[key] = value
-    debias_text = params.get("debias", "false").lower()
-    if debias_text not in ("true", "false"):
-        raise ConfigError(f"fastv debias={params['debias']!r} must be true or false")
+    flags = {}
+    for key in ("debias", "merge"):
+        flags[key] = params.get(key, "false").lower()
+        if flags[key] not in ("true", "false"):
+            raise ConfigError(f"fastv {key}={params[key]!r} must be true or false")
     try:
         uniform = float(params.get("uniform", "0"))
     except ValueError:
@@ -133,20 +156,20 @@ def _split(text: str) -> tuple[bool, float, int, str]:
     if not 0.0 <= uniform < 1.0:
         raise ConfigError(f"fastv uniform={params['uniform']} is out of range; use a share 0 <= S < 1 of the kept "
                           "image tokens (0 = plain FastV)")
-    return debias_text == "true", uniform, int(m["layer"]), m["keep"]
+    return flags["debias"] == "true", uniform, flags["merge"] == "true", int(m["layer"]), m["keep"]
 
 
 def split_fastv(text: str) -> tuple[bool, int, str]:
     """Syntax only (no model needed): `fastv(debias=true)@1:0.5` -> (debias, layer, keep text); ConfigError (every
     parameter is checked, uniform=S too)."""
-    debias, _, layer, keep_text = _split(text)
+    debias, _, _, layer, keep_text = _split(text)
     return debias, layer, keep_text
 
 
 def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) -> FastvSpec:
-    """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true,uniform=0.5)@1:8` -> FastvSpec; one-line ConfigError
-    otherwise."""
-    debias, uniform, layer, keep_text = _split(text)
+    """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true,uniform=0.5,merge=true)@1:8` -> FastvSpec; one-line
+    ConfigError otherwise."""
+    debias, uniform, merge, layer, keep_text = _split(text)
     if not 0 <= layer <= num_layers - 2:
         raise ConfigError(f"fastv layer {layer} is out of range; the language model has {num_layers} layers, prune "
                           f"after layer 0..{num_layers - 2} (later layers must remain to see fewer tokens)")
@@ -172,7 +195,7 @@ def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) ->
         if bias.shape != (n,) or not (np.abs(bias) < np.finfo(np.float32).max).all():
             raise ConfigError(f"inner_bias must be {n} finite floats (one per image token), got shape {bias.shape}")
         bias = tuple(float(v) for v in bias)
-    return FastvSpec(layer, keep, n, num_layers, bias, uniform)
+    return FastvSpec(layer, keep, n, num_layers, bias, uniform, merge)
 
 
 # --------------------------------------------------------------------------- exported parts
@@ -234,6 +257,34 @@ def select_image_tokens(scores: Tensor, image_positions: Tensor, spec: FastvSpec
     return keep_idx, image_keep
 
 
+def merge_into_kept(h: Tensor, image_positions: Tensor, image_keep: Tensor) -> Tensor:
+    """HoliTom's merge in closed form: h (B, T, C), image_positions (B, N) ascending, image_keep (B, R) ascending
+    ordinals -> h with each kept image row replaced by its merge (see the module docstring); the other rows unchanged
+    (the dropped ones are gathered away next). Comparisons, two small MatMuls and Pow: no scatter, static shapes."""
+    n, r, c = image_positions.shape[1], image_keep.shape[1], h.shape[-1]
+    ar_n, ar_r = torch.arange(n, device=h.device), torch.arange(r, device=h.device)
+    x = h.gather(1, image_positions[..., None].expand(-1, -1, c)).float()          # (B, N, C) the image tokens
+    top = image_keep[:, :, None] == ar_n                                             # (B, R, N) one-hot of the kept
+    norm = x.norm(dim=-1).clamp_min(1e-12)                                           # (B, N); 0 vector: cos 0
+    top_x, top_norm = x.gather(1, image_keep[..., None].expand(-1, -1, c)), norm.gather(1, image_keep)
+    sim = (x @ top_x.transpose(1, 2)) / (norm[:, :, None] * top_norm[:, None, :])    # (B, N, R) cosine
+    # the FIRST maximum (the earliest kept position), from comparisons only: ArgMax's tie order is not portable
+    best = sim.amax(dim=-1, keepdim=True)
+    target = (ar_r + r * (sim < best).long()).amin(dim=-1)                           # (B, N) in 0..R-1
+    member = ((target[..., None] == ar_r) & ~top.any(1)[..., None]).float()         # (B, N, R) A: non i -> target
+    later = (ar_n[None, :] > ar_n[:, None]).float()                                  # (N, N) U[j, j'] = j' > j
+    after = later @ member                                                           # (B, N, R) members after j
+    size = member.sum(dim=1)                                                         # (B, R) m
+    weight = (member * torch.pow(2.0, -(after + 1.0))).transpose(1, 2) \
+        + top.float() * torch.pow(2.0, -size)[..., None]                             # (B, R, N) W
+    merged = (weight @ x).to(h.dtype)                                                # (B, R, C)
+    kept_pos = image_positions.gather(1, image_keep)                                 # (B, R) ascending
+    ar_t = torch.arange(h.shape[1], device=h.device)
+    is_kept = (kept_pos[:, :, None] == ar_t).any(1)                                  # (B, T)
+    rank = (kept_pos[:, :, None] < ar_t).sum(1).clamp_max(r - 1)                     # (B, T) row of merged
+    return torch.where(is_kept[..., None], merged.gather(1, rank[..., None].expand(-1, -1, c)), h)
+
+
 class FastvPrefill(nn.Module):
     def __init__(self, model: nn.Module, spec: FastvSpec):
         super().__init__()
@@ -259,6 +310,8 @@ class FastvPrefill(nn.Module):
             scores = fastv_scores(layer.self_attn, layer.input_layernorm(h_in[:, -1:]), cache.layers[i].keys,
                                   cos[:, -1:], sin[:, -1:], valid)
             keep_idx, image_keep = select_image_tokens(scores, image_positions, spec, self.bias, self.uniform_hit)
+            if spec.merge:  # HoliTom: the dropped image tokens merge into the kept ones first
+                h = merge_into_kept(h, image_positions, image_keep)
             h = h.gather(1, keep_idx[..., None].expand(-1, -1, h.shape[-1]))
             pos, valid = pos.gather(1, keep_idx), valid.gather(1, keep_idx)
             mask, pe = _masks(valid), self.rotary_emb(h, pos)
@@ -329,6 +382,9 @@ def prefill_macs(layout: LlavaLayout, cfg, prompt_length: int, spec: FastvSpec |
         total += t * per_token + heads * d * t * (t + 1)  # q·Kᵀ + attn·V over the causal half
         if spec is not None and layer == spec.layer:
             total += h * heads * d + heads * d * prompt_length  # the recomputed score row
+            if spec.merge:  # cosine (N x R), the members-after counts (N x N x R), W @ h_img (R x N)
+                n, r = spec.num_image_tokens, spec.keep
+                total += 2 * n * r * h + n * n * r
     return total + h * layout.vocab_size
 
 
@@ -398,11 +454,31 @@ def reference_image_keep(image_scores: Tensor, spec: FastvSpec) -> Tensor:
     return torch.cat([fixed.expand(image_scores.shape[0], -1), best], dim=1).sort(dim=-1).values
 
 
+def reference_merge(h: Tensor, image_positions: Tensor, image_keep: Tensor) -> Tensor:
+    """HoliTom's merge, literally its sequential loop (holitom/modeling_qwen2.py), on a copy of h (B, S, C):
+    image_positions (B, N) the image tokens' sequence indices, image_keep (B, R) the kept ordinals. Per row: top =
+    the kept positions, non = the others (ascending); sim = cosine(h[non], h[top]) once; target = the first maximum;
+    then h[target] = (h[target] + h[i]) / 2 for i in non, in order."""
+    h = h.clone()
+    for b in range(h.shape[0]):
+        kept = torch.zeros(image_positions.shape[1], dtype=torch.bool)
+        kept[image_keep[b]] = True
+        top, non = image_positions[b][kept], image_positions[b][~kept]
+        non_x, top_x = h[b, non], h[b, top]
+        sim = (non_x @ top_x.T) / (non_x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                                   * top_x.norm(dim=-1, keepdim=True).clamp_min(1e-12).T)  # a 0 vector: cos 0, not NaN
+        targets = [int(top[int(torch.nonzero(row == row.max())[0, 0])]) for row in sim]
+        for i, t in zip(non.tolist(), targets):
+            h[b, t] = (h[b, t] + h[b, i]) / 2
+    return h
+
+
 def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features: Tensor, spec: FastvSpec,
                              image_token_id: int, max_new_tokens: int = 8,
                              attention_mask: Tensor | None = None) -> FastvReference:
     """Eager FastV with HF LLaVA's language model: image features placed at the image tokens, score from HF's eager
-    attention probabilities, then greedy decoding re-running the decoder layers by hand with no cache."""
+    attention probabilities, then greedy decoding re-running the decoder layers by hand with no cache (merge=true:
+    reference_merge on layer L's output before the kept tokens are taken)."""
     ids = input_ids.long()
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
     check_prompt(ids, mask, image_token_id, spec.num_image_tokens)
@@ -430,6 +506,8 @@ def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features
             h, p, v = seq, pos, mask
             for i, layer in enumerate(lm.layers):
                 if i == spec.layer + 1:
+                    if spec.merge:
+                        h = reference_merge(h, image_pos, image_keep)
                     h = torch.stack([h[r, cols[r]] for r in range(b)])
                     p, v = p.gather(1, cols), v.gather(1, cols)
                 h = layer(h, attention_mask=_hand_mask(v, h.dtype), position_embeddings=lm.rotary_emb(h, p),

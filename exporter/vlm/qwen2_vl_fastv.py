@@ -5,7 +5,8 @@ exportable prefill / decode parts, and its eager reference.
     result = export_vlm(model, "out/qwen", "attn-mean:8", grid=(3, 4, 4), inner="fastv@1:4")     # ToDRE-style
     report = verify_vlm(result)   # ORT greedy ids == the eager reference below, kept image tokens, every step's logits
 
-The spec and its checks are LLaVA's (exporter/vlm/fastv.py: `fastv[(debias=true,uniform=S)]@L:R`, parse_fastv);
+The spec and its checks are LLaVA's (exporter/vlm/fastv.py: `fastv[(debias=true,uniform=S,merge=true)]@L:R`,
+parse_fastv);
 N there is the K image (video) tokens the outer stage (vision_prune) keeps, so outer keeps K and FastV keeps R of
 those K. Batch 1, as the other Qwen2-VL parts.
 
@@ -20,8 +21,11 @@ Prefill (`Qwen2VLFastvPrefill`, lm_prefill.onnx):
     layer L's q (of its normed input) and its cached keys: both rotated by M-RoPE exactly as Qwen2VLAttention does
     (the rotary cos/sin of the (3, 1, T) ids, mrope_section recomposed; the key cache holds rotated keys), GQA keys
     repeated (fastv.fastv_scores). The R best image tokens are kept (fastv.select_image_tokens: TopK -> sort, with
-    debias / uniform=S as for LLaVA), every text token is kept; the hidden states AND the (3, 1, T) position ids are
-    gathered at keep_idx, so kept tokens keep their original M-RoPE positions, and layers L+1.. run on T' tokens.
+    debias / uniform=S as for LLaVA), every text token is kept; merge=true (HoliTom) first merges each other image
+    token into its most similar kept one (fastv.merge_into_kept, on layer L's output); the hidden states AND the
+    (3, 1, T) position ids are gathered at keep_idx, so kept tokens keep their original M-RoPE positions (a merged
+    token too: its kept token's), and layers L+1.. run on T' tokens. HoliTom on a Qwen2-VL video = outer `holitom` +
+    inner `fastv(merge=true)@L:R`, HoliTom's layer k being our L = k - 1.
     Masks: causal (plus the diagonal) by hand; batch 1 has no padding.
 Decode (`Qwen2VLFastvDecode`, lm_decode.onnx):
     input_ids (1, 1), position_ids (3, 1, 1), past.i.key/value (1, kv, P, D) for layers 0..L (`past_sequence`),
@@ -32,7 +36,8 @@ Decode (`Qwen2VLFastvDecode`, lm_decode.onnx):
 
 The eager reference (`reference_qwen2_fastv_generate`) is independent of the parts: HF's own eager attention
 probabilities (output_attentions, fastv.fastv_score_reference) give the score, the image positions come from
-input_ids by nonzero, the selection is fastv.reference_image_keep, and every greedy step re-runs HF's decoder layers
+input_ids by nonzero, the selection is fastv.reference_image_keep, merge=true is HoliTom's literal sequential loop
+(fastv.reference_merge) on layer L's output, and every greedy step re-runs HF's decoder layers
 by hand over the whole sequence with no cache: layers 0..L over every token, layers L+1.. over the kept prompt
 tokens plus the generated ones, each with its M-RoPE ids (generated token j at next_position + j on all 3 axes).
 """
@@ -48,8 +53,8 @@ from transformers.cache_utils import DynamicCache
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec, export_part
 from tokensieve.exporter.vlm.fastv import (FastvReference, FastvSpec, _eager_attention, _hand_mask, _masks,
-                                           fastv_score_reference, fastv_scores, reference_image_keep,
-                                           select_image_tokens, selection_buffers)
+                                           fastv_score_reference, fastv_scores, merge_into_kept, reference_image_keep,
+                                           reference_merge, select_image_tokens, selection_buffers)
 from tokensieve.exporter.vlm.lm_parts import _cache_from, _flatten
 from tokensieve.exporter.vlm.qwen2_vl import cache_names
 
@@ -122,6 +127,8 @@ class Qwen2VLFastvPrefill(nn.Module):
             scores = fastv_scores(layer.self_attn, layer.input_layernorm(h_in[:, -1:]), cache.layers[i].keys,
                                   cos[:, -1:], sin[:, -1:], valid)
             keep_idx, image_keep = select_image_tokens(scores, image_positions, spec, self.bias, self.uniform_hit)
+            if spec.merge:  # HoliTom: the other image tokens merge into the kept ones first
+                h = merge_into_kept(h, image_positions, image_keep)
             h = h.gather(1, keep_idx[..., None].expand(-1, -1, h.shape[-1]))
             pos = pos.gather(2, keep_idx.unsqueeze(0).expand(3, -1, -1))           # (3, 1, T') original positions
             mask, pe = _masks(valid.gather(1, keep_idx)), self.rotary_emb(h, pos)
@@ -217,6 +224,8 @@ def reference_qwen2_fastv_generate(model: nn.Module, input_ids: Tensor, image_fe
             h, p = seq, pos
             for i, layer in enumerate(lm.layers):
                 if i == spec.layer + 1:
+                    if spec.merge:
+                        h = reference_merge(h, image_pos[None], image_keep)
                     h, p = h[:, cols], p[:, :, cols]
                 h = layer(h, attention_mask=_hand_mask(torch.ones(1, h.shape[1]), h.dtype),
                           position_embeddings=lm.rotary_emb(h, p))

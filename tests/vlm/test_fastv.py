@@ -4,28 +4,34 @@ FastV reference that runs HF's decoder layers by hand (HF eager attention probab
 One tiny random-init LLaVA with a 3-layer Llama (layers 0..1 keep every token, layer 2 sees the pruned sequence),
 no outer pruning (cls-topk:1.0 -> 16 image tokens), FastV after layer 1 keeping 6 of the 16 image tokens; exported
 once per module (~20 s). Three more exports of the same model (~20 s each): fastv(debias=true) with a calibrated bias,
-FEATHER (fastv(uniform=0.5)) and ToDRE (outer divprune + inner FastV). The CLI test exports the 2-layer
-`tiny_llava` once more (R = N control, ~18 s).
+FEATHER (fastv(uniform=0.5)) and ToDRE (outer divprune + inner FastV). HoliTom's inner merge (fastv(merge=true))
+exports only its prefill (~11 s) next to the plain export's vision and decode parts (merging changes neither). The CLI
+test exports the 2-layer `tiny_llava` once more (R = N control, ~18 s).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from test_llava_parts import _one_line, tiny_llava
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError, TargetError
-from tokensieve.exporter.vlm.fastv import (FastvPrefill, calibrate_fastv_bias, parse_fastv, prefill_macs,
-                                           reference_fastv_generate)
+from tokensieve.exporter.vlm.export_part import export_part
+from tokensieve.exporter.vlm.fastv import (FastvPrefill, calibrate_fastv_bias, fastv_prefill_spec, merge_into_kept,
+                                           parse_fastv, prefill_macs, reference_fastv_generate, reference_merge)
 from tokensieve.exporter.vlm.llava import llava_layout
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS
 from tokensieve.runtime.llava_pipeline import LlavaOrtPipeline, LlavaPipeline
-from tokensieve.vlm_api import (build_vlm, export_llava, llava_prompt, reference_generate, unpruned_generate,
-                                verify_llava, vlm_profiles)
+from tokensieve.vlm_api import (_write_manifest, build_vlm, export_llava, llava_prompt, reference_generate,
+                                unpruned_generate, verify_llava, vlm_profiles, write_parts)
 
 N, R, LAYER, STEPS, ATOL = 16, 6, 1, 8, 1e-5
 IMAGE = 127
@@ -272,6 +278,103 @@ def test_todre_divprune_outer_fastv_inner(model, tmp_path):
     assert report.passed and report.max_abs_diff_logits <= ATOL, report.to_dict()
 
 
+# --------------------------------------------------------------------------- HoliTom's inner merge (merge=true)
+
+
+def _merge_case(seed, batch, n, r, c, integer):
+    """h (B, T, C) with T = n + 5, the n image positions (ascending, random), R kept ordinals (ascending, random).
+    integer=True draws every entry from {-2, -1, 1, 2}: parallel and repeated vectors, so exact cosine ties and many
+    members per kept token."""
+    g = torch.Generator().manual_seed(seed)
+    t = n + 5
+    if integer:
+        h = torch.tensor([-2.0, -1.0, 1.0, 2.0])[torch.randint(0, 4, (batch, t, c), generator=g)]
+    else:
+        h = torch.randn(batch, t, c, generator=g)
+    pos = torch.stack([torch.randperm(t, generator=g)[:n].sort().values for _ in range(batch)])
+    keep = torch.stack([torch.randperm(n, generator=g)[:r].sort().values for _ in range(batch)])
+    return h, pos, keep
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), n=st.integers(1, 24), r_share=st.floats(0.0, 1.0),
+       c=st.integers(1, 6), integer=st.booleans())
+@example(seed=0, batch=2, n=12, r_share=0.2, c=2, integer=True)   # C = 2, 4 signs: ties on every row
+def test_merge_closed_form_equals_holitom_loop(seed, batch, n, r_share, c, integer):
+    """merge_into_kept (comparisons, MatMuls, Pow) == HoliTom's literal sequential loop (reference_merge) on random
+    inputs, ties in the argmax and several members per kept token included; rows other than the kept image tokens
+    are untouched."""
+    r = max(1, round(r_share * n))
+    h, pos, keep = _merge_case(seed, batch, n, r, c, integer)
+    got, want = merge_into_kept(h, pos, keep), reference_merge(h, pos, keep)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    kept = torch.zeros_like(h[..., 0], dtype=torch.bool).scatter_(1, pos.gather(1, keep), True)
+    assert torch.equal(got[~kept], h[~kept])
+    if r < n and not integer:  # averaging distinct vectors: the merge moved a kept row
+        assert not torch.equal(got[kept], h[kept])
+
+
+def test_merge_weights_and_first_tie_by_hand():
+    """Two kept tokens with the same direction ((1, 0) and (2, 0): an exact cosine tie) -> every other image token
+    goes to the FIRST kept one; its members i1 < i2 < i3 weigh 1/8, 1/4, 1/2 and the kept token itself 1/8; the
+    other kept token is unchanged."""
+    h = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [3.0, 1.0], [2.0, 0.0], [5.0, 2.0], [4.0, 0.5], [7.0, 7.0]]])
+    pos, keep = torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[0, 2]])  # kept positions 1 and 3: (1, 0), (2, 0)
+    want = h.clone()
+    want[0, 1] = h[0, 1] / 8 + h[0, 2] / 8 + h[0, 4] / 4 + h[0, 5] / 2
+    for fn in (merge_into_kept, reference_merge):
+        torch.testing.assert_close(fn(h, pos, keep), want, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def merged(model, exported, tmp_path_factory):
+    """fastv(merge=true)@1:6: only lm_prefill.onnx is exported (merging changes neither vision_prune nor lm_decode);
+    the plain export's other files are copied next to it and the manifest is rewritten with the merge spec."""
+    spec = parse_fastv(f"fastv(merge=true)@{LAYER}:{R}", 3, N)
+    out = tmp_path_factory.mktemp("fastv_merge")
+    for name in ("vision", "decode", "embed"):
+        shutil.copy(exported.paths[name], out)
+    onnx_model = export_part(FastvPrefill(model, spec).eval(), fastv_prefill_spec(exported.layout, spec),
+                             what="lm_prefill.onnx")
+    paths, ops = write_parts({"prefill": onnx_model}, out)
+    result = dataclasses.replace(exported, out_dir=out, paths={k: out / p.name for k, p in exported.paths.items()},
+                                 prefill_ops=ops["prefill"], inner=spec, engines={}, removed_engines=[])
+    _write_manifest(result)
+    return result
+
+
+def test_merge_export_matches_eager_holitom_and_changes_logits(merged, exported):
+    """fastv(merge=true): ORT greedy ids, kept image tokens and every step's logits equal the eager reference (HoliTom's
+    literal loop); the prefill is static (Pow for the weights, no scatter). Control: on the same input plain FastV keeps
+    the same image tokens (merging does not move the selection) but its logits differ, so the merge is live."""
+    spec = merged.inner
+    assert spec.merge and spec.shorthand() == f"fastv(merge=true)@{LAYER}:{R}"
+    assert json.loads(merged.paths["manifest"].read_text())["inner"]["merge"] is True
+    assert not set(merged.prefill_ops) & set(FORBIDDEN_OPS) and merged.prefill_ops.get("Pow", 0) >= 1
+    report = verify_llava(merged, batch=2, max_new_tokens=4)
+    assert report.tokens_match and report.inner_keep_idx_match and report.passed, report.to_dict()
+    assert report.max_abs_diff_logits <= 1e-4, report.to_dict()
+    ids, pixels = _verify_input(merged.layout)
+    with LlavaOrtPipeline(merged.out_dir) as pipe:
+        got = pipe.generate(ids.numpy(), pixels.numpy(), 4)
+    with LlavaOrtPipeline(exported.out_dir) as pipe:
+        plain = pipe.generate(ids.numpy(), pixels.numpy(), 4)
+    np.testing.assert_array_equal(got.inner_keep_idx, plain.inner_keep_idx)
+    assert np.abs(got.logits[0] - plain.logits[0]).max() > 1e-3
+    want = reference_generate(merged.model, merged.vision, ids, pixels, 4, inner=spec)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4, rtol=0)
+
+
+def test_merge_prefill_builds_rtx_engine(merged, tmp_path):
+    """TensorRT-RTX parses and builds the merging prefill (Pow, ReduceMin/ReduceMax, the weight MatMuls; SM86)."""
+    pytest.importorskip("tensorrt_rtx")
+    from tokensieve import api
+
+    info = api.build(merged.paths["prefill"], tmp_path / "merge.engine", max_batch=2,
+                     dims={"sequence": (N + 1, N + 7, 64)})
+    assert info.size_bytes > 0 and info.engine_path.exists()
+
+
 @pytest.mark.parametrize("inner, match", [
     ("fastv@2:6", "layer 2 is out of range"),     # 3 layers: prune after 0..1
     ("fastv@-1:6", "out of range"),
@@ -286,12 +389,27 @@ def test_todre_divprune_outer_fastv_inner(model, tmp_path):
     ("fastv(uniform=-0.1)@1:6", "uniform=-0.1 is out of range"),
     ("fastv(uniform=x)@1:6", "uniform='x' is not a number"),
     ("fastv(uniform=0.5,uniform=0.2)@1:6", "given twice"),
+    ("fastv(merge=yes)@1:6", "merge='yes' must be true or false"),
+    ("fastv(merge)@1:6", "parameters are debias"),
+    ("fastv(merge=true,merge=false)@1:6", "given twice"),
 ])
 def test_bad_inner_is_one_line(model, tmp_path, inner, match):
     with pytest.raises(ConfigError, match=match) as e:
         export_llava(model, tmp_path, "cls-topk:1.0", inner=inner)
     _one_line(e)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_merge_option_parses():
+    """merge=true|false parses (any case) alone and with uniform/debias; shorthand and manifest dict carry it."""
+    spec = parse_fastv(f"fastv(uniform=0.5, merge=TRUE)@{LAYER}:{R}", 3, N)
+    assert spec.merge and spec.num_uniform == 3 and spec.to_dict()["merge"] is True
+    assert spec.shorthand() == f"fastv(uniform=0.5,merge=true)@{LAYER}:{R}"
+    assert parse_fastv(spec.shorthand(), 3, N) == spec
+    both = parse_fastv(f"fastv(debias=true,merge=true)@{LAYER}:{R}", 3, N, [0.0] * N)
+    assert both.merge and both.bias is not None
+    assert not parse_fastv(f"fastv(merge=false)@{LAYER}:{R}", 3, N).merge
+    assert parse_fastv(f"fastv(merge=false)@{LAYER}:{R}", 3, N) == parse_fastv(f"fastv@{LAYER}:{R}", 3, N)
 
 
 def test_bad_prompts_are_one_line(exported, model, pixels):

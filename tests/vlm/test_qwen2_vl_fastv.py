@@ -6,12 +6,14 @@ Two exports per module (~14 s and ~11 s): an image, grid (1, 8, 8), on test_qwen
 3-layer language model, no outer pruning (uniform:1.0 keeps all 16) + fastv@1:0.5 (R = 8: layers 0..1 see every
 token, layer 2 the pruned sequence); a video, grid (3, 4, 4), on the 2-layer _tiny_qwen2_vl itself, ToDRE-style
 (outer attn-mean keeps K = 8 of 12, fastv@0:0.5 keeps R = 4 of those 8: the first layer scores), exported through
-`tokensieve export-vlm --inner` (the CLI test reads its output).
+`tokensieve export-vlm --inner` (the CLI test reads its output). HoliTom's inner merge (fastv(merge=true)@0:0.5) on
+that video exports only its prefill (~6 s) and reuses the video export's vision and decode parts.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 
@@ -26,8 +28,9 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm import qwen2_vl_fastv as qf
 from tokensieve.exporter.vlm.fastv import fastv_score_reference, parse_fastv
 from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLVisionPrune, image_layout
+from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS
 from tokensieve.runtime.onnxruntime_runner import OrtRunner
-from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm
+from tokensieve.vlm_api import QWEN2_VL_PROMPT_LEN, build_vlm, export_vlm, plan_vlm, verify_vlm, write_parts
 
 LAYER, LAYERS, STEPS, ATOL = 1, 3, 6, 1e-4   # the image export's FastV layer and LM depth (the video's: 0 and 2)
 IMAGE_GRID, IMAGE_K, IMAGE_R = (1, 8, 8), 16, 8
@@ -236,6 +239,43 @@ def test_debias_and_uniform_options_match_the_reference(model, image):
     assert tokens == ref.tokens[0].tolist()
 
 
+# --------------------------------------------------------------------------- HoliTom's inner merge
+
+
+@pytest.fixture(scope="module")
+def merged_video(video, tmp_path_factory):
+    """fastv(merge=true)@0:0.5 on the video export: only lm_prefill.onnx (merging changes neither vision_prune nor
+    lm_decode) -> (spec, the parts' paths with the merging prefill, its op census)."""
+    spec = parse_fastv("fastv(merge=true)@0:0.5", 2, VIDEO_K)
+    assert spec == dataclasses.replace(video.inner, merge=True)
+    prompt_len = max(QWEN2_VL_PROMPT_LEN, spec.num_image_tokens + 2)
+    paths, ops = write_parts({"prefill": qf.export_fastv_prefill(video.model, spec, prompt_len, video=True)},
+                             tmp_path_factory.mktemp("qwen_fastv_merge"))
+    return spec, dict(video.paths, prefill=paths["prefill"]), ops["prefill"]
+
+
+def test_merge_ort_matches_eager_holitom_and_changes_logits(video, merged_video):
+    """A video, fastv(merge=true) (HoliTom's inner merge into the kept video tokens): ORT greedy ids, kept tokens,
+    kept columns and every step's logits equal the eager reference (HoliTom's literal loop); the torch prefill agrees.
+    Control: plain FastV keeps the same tokens on the same video but gives other logits."""
+    spec, paths, ops = merged_video
+    model, layout = video.model, video.layout
+    assert not set(ops) & set(FORBIDDEN_OPS) and ops.get("Pow", 0) >= 1
+    x, prompt = _pixels(layout, 1), _prompt(model, layout)
+    want = vlm.greedy_fastv_reference(model, video.vision, x, prompt, spec, STEPS)
+    got, plain = {}, {}
+    tokens, _ = vlm.greedy_onnx(model, paths, layout, x, prompt, STEPS, inner_out=got)
+    assert tokens == want.tokens[0].tolist()
+    np.testing.assert_array_equal(got["image_keep_idx"], want.image_keep_idx[0].numpy())
+    np.testing.assert_array_equal(got["keep_idx"], want.keep_idx[0].numpy())
+    assert np.abs(got["logits"] - want.logits.numpy()).max() <= ATOL
+    eager_tokens, _ = vlm.greedy_eager(model, video.vision, x, prompt, STEPS, inner=spec)
+    assert eager_tokens == tokens
+    vlm.greedy_onnx(model, video.paths, layout, x, prompt, STEPS, inner_out=plain)
+    np.testing.assert_array_equal(plain["image_keep_idx"], got["image_keep_idx"])
+    assert np.abs(plain["logits"][0] - got["logits"][0]).max() > 1e-3
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -282,6 +322,7 @@ def test_fastv_tensorrt_greedy_equals_onnxruntime(model, image):
     ("uniform:1.0", "fastv@1:0", {}, "keep=0 is out of range"),
     ("uniform:1.0", "fastv@1:1.5", {}, "ratio 1.5 is out of range"),
     ("uniform:1.0", "fastv:8", {}, "Cannot parse"),
+    ("uniform:1.0", "fastv(merge=1)@1:8", {}, "merge='1' must be true or false"),
     ("uniform:1.0", "fastv(debias=true)@1:8", {}, "needs the per-position bias"),
     ("uniform:1.0", "fastv(debias=true)@1:8", {"inner_bias": [0.0] * 3}, "inner_bias must be 16 finite floats"),
     ("uniform:1.0", None, {"inner_bias": [0.0] * 16}, "pass inner too"),
