@@ -235,12 +235,20 @@ ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense
 ENGINES = (ARTIFACTS["engine"], "dense.engine")
 
 
-def save(result: ExportResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write model.onnx, model.debug.onnx and dense.onnx into `out_dir`, each atomically. Engines an earlier export
-    left there are not touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does)."""
+SAVED_PARTS = ("model", "debug", "dense")
+
+
+def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[str, Path]:
+    """Write model.onnx, model.debug.onnx and dense.onnx (or only `parts` of them) into `out_dir`, each atomically;
+    the dense model is converted to ONNX only if "dense" is asked for. Engines an earlier export left there are not
+    touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does)."""
+    unknown = set(parts) - set(SAVED_PARTS)
+    if unknown or not parts:
+        raise ConfigError(f"save parts {sorted(unknown) or 'none'}: choose from {', '.join(SAVED_PARTS)}")
     out = ensure_writable_dir(out_dir)
     paths = {}
-    for key, proto in (("model", result.onnx_model), ("debug", result.debug_onnx), ("dense", result.dense_onnx)):
+    for key in (k for k in SAVED_PARTS if k in parts):
+        proto = result.onnx_model if key == "model" else result.debug_onnx if key == "debug" else result.dense_onnx
         paths[key] = out / ARTIFACTS[key]
         save_onnx(proto, paths[key])
     return paths

@@ -289,7 +289,7 @@ def token_sweep(folder: Path, report: dict, settings: BenchSettings, dense_path:
             if progress:
                 progress(f"sweep: exporting {swept} ({j + 1}/{len(settings.sweep)})")
             result = api.export(model, example, swept)
-            saved = api.save(result, Path(tmp) / f"keep{j}")
+            saved = api.save(result, Path(tmp) / f"keep{j}", parts=("model",))  # the dense baseline is dense_path
             path = saved["model"]
             if runner_cls.artifact_suffix == ".engine":
                 path = api.build(path, Path(tmp) / f"keep{j}" / "model.engine", **_engine_build_args(dense_path)).engine_path

@@ -57,9 +57,9 @@ def main(argv=None) -> int:
     stage = capped.stages[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tokensieve-adaptive-") as tmp:
-        paths = {"dense": api.save(capped, Path(tmp) / "capped")["dense"],
+        paths = {"dense": api.save(capped, Path(tmp) / "capped", parts=("model", "dense"))["dense"],
                  "capped": Path(tmp) / "capped" / "model.onnx",
-                 "compact": api.save(compact, Path(tmp) / "compact")["model"]}
+                 "compact": api.save(compact, Path(tmp) / "compact", parts=("model",))["model"]}
         for label in ("capped", "compact"):
             report = api.verify(capped if label == "capped" else compact, num_inputs=4, batch=max(batches))
             if not report.passed:

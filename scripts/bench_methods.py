@@ -50,14 +50,18 @@ def main(argv=None) -> int:
     model, shape = load_model(args.model)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     rows = []
+    dense_dir = tempfile.TemporaryDirectory(prefix="tokensieve-bench-dense-")
+    dense = None  # the same dense model for every method: converted to ONNX once, with the first export
     for name in args.methods.split(";"):
         recipe = f"{name}@{args.after_block}:{args.keep}"
         t0 = time.perf_counter()
         result = api.export(model, example, recipe)
+        if dense is None:
+            dense = api.save(result, dense_dir.name, parts=("dense",))["dense"]
         with tempfile.TemporaryDirectory(prefix="tokensieve-bench-") as tmp:
-            paths = api.save(result, tmp)
+            paths = api.save(result, tmp, parts=("model", "debug"))
             ver = api.verify(result, paths["debug"], num_inputs=4, threads=args.threads)
-            b = api.bench(paths["dense"], paths["model"], ideal_speedup=result.ideal_speedup, threads=args.threads,
+            b = api.bench(dense, paths["model"], ideal_speedup=result.ideal_speedup, threads=args.threads,
                           blocks=args.blocks, iters=args.iters)
         stage = api.bench_stage(result, threads=args.threads)
         overhead = 100.0 * stage["median_ms"] / b.pruned["median_ms"]
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
         print(f"{name:<20} pruned {row['pruned_ms']:.2f} ms, dense {row['dense_ms']:.2f} ms, speedup {row['speedup']:.2f}x "
               f"(ideal {row['ideal_speedup']:.2f}x, ratio {row['ratio']:.2f}), stage {row['stage_ms']:.3f} ms = {overhead:.1f} %",
               file=sys.stderr)
+    dense_dir.cleanup()
     meta = {"model": args.model, "after_block": args.after_block, "keep": args.keep, "backend": b.backend,
             "threads": args.threads, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "date": time.strftime("%Y-%m-%d")}

@@ -45,6 +45,16 @@ def test_verify_reads_the_saved_debug_onnx(exported, tmp_path):
     assert api.verify(result, paths["debug"], num_inputs=1, batch=2).passed
 
 
+def test_save_only_some_parts(exported, tmp_path):
+    """save(parts=...) writes just those files (the dense ONNX only when asked: it is converted on first use); an
+    unknown part is a one-line ConfigError."""
+    _, result = exported
+    paths = api.save(result, tmp_path, parts=("model",))
+    assert set(paths) == {"model"} and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with pytest.raises(ConfigError, match="choose from model, debug, dense"):
+        api.save(result, tmp_path / "x", parts=("engine",))
+
+
 def test_onnx_is_static_and_uses_topk_and_gather(exported):
     _, result = exported
     for model in (result.onnx_model, result.debug_onnx, result.dense_onnx):

@@ -1,4 +1,5 @@
-"""scripts/bench_adaptive.py end to end on the tiny model: dense / capped / compact=true in one run, JSON + table."""
+"""scripts/bench_adaptive.py end to end on the 2-block tiny ViT: dense / capped / compact=true in one run, JSON +
+table."""
 from __future__ import annotations
 
 import json
@@ -23,9 +24,9 @@ def test_compact_recipe_refuses_other_recipes(recipe):
         bench_adaptive.compact_recipe(recipe)
 
 
-def test_bench_adaptive_writes_table_and_json(tmp_path):
-    rc = bench_adaptive.main(["--model", "tiny", "--recipe", "adaptive@1:0.9", "--batch", "1", "--blocks", "1",
-                              "--iters", "2", "-o", str(tmp_path)])
+def test_bench_adaptive_writes_table_and_json(two_block_vit, tmp_path):
+    rc = bench_adaptive.main(["--model", str(two_block_vit), "--recipe", "adaptive@0:0.9", "--batch", "1", "--blocks",
+                              "1", "--iters", "2", "-o", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "adaptive.json").read_text())
     (row,) = data["rows"]

@@ -1,4 +1,5 @@
-"""scripts/bench_methods.py end to end on the tiny model: JSON + markdown table with measured rows."""
+"""scripts/bench_methods.py end to end on the 2-block tiny ViT (stage after block 0): JSON + markdown table with
+measured rows."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ def test_base_method_strips_parameters():
     assert bench_methods.base_method("tome(prop_attn=true)") == "tome" and bench_methods.base_method("ttv") == "ttv"
 
 
-def test_bench_methods_writes_table_and_json(tmp_path):
-    rc = bench_methods.main(["--model", "tiny", "--after-block", "1", "--methods", "cls-topk;tome(prop_attn=true)",
-                             "--blocks", "1", "--iters", "2", "-o", str(tmp_path)])
+def test_bench_methods_writes_table_and_json(two_block_vit, tmp_path):
+    rc = bench_methods.main(["--model", str(two_block_vit), "--after-block", "0", "--methods",
+                             "cls-topk;tome(prop_attn=true)", "--blocks", "1", "--iters", "2", "-o", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "methods.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}

@@ -167,13 +167,18 @@ def test_tensorrt10_fp32_layers_found_in_parsed_network(rtx):
     assert types[rtx.LayerType.MATRIX_MULTIPLY] == 1 and types[rtx.LayerType.CONVOLUTION] == 0  # score q·kᵀ only
 
 
-@pytest.mark.slow
-def test_default_vit_s_fp16_engine_is_half_size(rtx, tmp_path):
+@pytest.fixture(scope="module")
+def default_vit_s() -> api.ExportResult:
+    """The bundled ViT-S with the docs' recipe, exported once for the engine-size test and its GPU twin (~15 s)."""
     import tokensieve
 
     model, shape = tokensieve.load_model("default")
-    result = api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), "cls-topk@3,6,9:0.7")
-    onnx_path = _save(result.onnx_model, tmp_path / "model.onnx")
+    return api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), "cls-topk@3,6,9:0.7")
+
+
+@pytest.mark.slow
+def test_default_vit_s_fp16_engine_is_half_size(rtx, default_vit_s, tmp_path):
+    onnx_path = _save(default_vit_s.onnx_model, tmp_path / "model.onnx")
     fp32 = api.build(onnx_path, tmp_path / "fp32.engine", precision="fp32")
     fp16 = api.build(onnx_path, tmp_path / "fp16.engine", precision="fp16")
     ratio = fp16.size_bytes / fp32.size_bytes
@@ -231,9 +236,5 @@ def test_fp16_engine_matches_onnxruntime_fp32(method, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_default_vit_s_fp16_engine_matches_onnxruntime_fp32(tmp_path):
-    import tokensieve
-
-    model, shape = tokensieve.load_model("default")
-    result = api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), "cls-topk@3,6,9:0.7")
-    assert _engine_vs_onnxruntime_fp32(result, tmp_path, inputs=4) >= 0.999
+def test_default_vit_s_fp16_engine_matches_onnxruntime_fp32(default_vit_s, tmp_path):
+    assert _engine_vs_onnxruntime_fp32(default_vit_s, tmp_path, inputs=4) >= 0.999
