@@ -1,15 +1,17 @@
-"""Qwen2-VL video in parts: dense vs video-token pruning (evs, holitom, attn-mean), per part, timed alternately.
+"""Qwen2-VL video in parts: dense vs video-token pruning (evs, holitom, attn-mean, + inner), per part, timed alternately.
 
-    python -m tokensieve.scripts.bench_video [--grid 8,16,16] [--keep 0.25] [--variants dense,evs,holitom,attn-mean] -o docs
+    python -m tokensieve.scripts.bench_video [--grid 8,16,16] [--keep 0.25] [--variants dense,evs,holitom,attn-mean,holitom+merge] -o docs
 
 The model is a random-init Qwen2-VL built from a config (no hub, no weights to download): a vision tower 384 wide
 (patch 14, spatial merge 2, temporal patch 2), a language model 512 wide, vocab 8192. Random weights change nothing
 about latency. The video is one static grid (t, h, w) in patches: t temporal patches (2 frames each) of h x w patches,
 t·h·w / 4 merged video tokens, which the outer stage prunes to K before the LLM. Variants: `dense` keeps every token
 (uniform:1.0, so its vision_prune costs what HF's tower does) and each other variant is a method name run at --keep
-(graph_passes/methods/video.py: evs, holitom; or an image method such as attn-mean, scored per temporal step). Each
-is exported with `export_vlm` and verified (greedy ids, kept tokens and logits equal the eager model on ONNX Runtime)
-before it is timed; a variant that does not verify stops the benchmark.
+(graph_passes/methods/video.py: evs, holitom; or an image method such as attn-mean, scored per temporal step);
+`METHOD+fastv` / `METHOD+merge` add inner pruning in the LLM prefill, fastv@L:R / HoliTom's inner merge
+fastv(merge=true)@L:R (--inner-layer, --inner-keep), so holitom+merge is HoliTom whole. Each is exported with
+`export_vlm` and verified (greedy ids, kept tokens and logits equal the eager model on ONNX Runtime) before it is
+timed; a variant that does not verify stops the benchmark.
 
 Per variant and part (vision_prune, whose time includes the selection: its time vs dense's is the selection's
 overhead; lm_prefill on the pruned prompt, --text text tokens around the video; one lm_decode step with that prompt's
@@ -36,7 +38,10 @@ from tokensieve.runtime import OrtRunner
 from tokensieve.scripts.bench_vlm import PARTS, time_parts
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
-DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean"
+DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean,holitom+merge"
+# a variant METHOD+fastv / METHOD+merge adds inner pruning in the LLM prefill: fastv@L:R / fastv(merge=true)@L:R
+# (HoliTom's inner merge), L = --inner-layer, R = --inner-keep of the K tokens the outer METHOD keeps
+INNER = {"fastv": "fastv", "merge": "fastv(merge=true)"}
 # special ids at the top of the vocabulary; the prompt's text ids are drawn below them
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 8188, 8189, 8190, 8191
 
@@ -102,10 +107,12 @@ def _feeds(result, text: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]
 def _macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
     """MACs of each part (batch 1), on its module traced with exactly these (static) shapes."""
     from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLDecode, Qwen2VLPrefill
+    from tokensieve.exporter.vlm.qwen2_vl_fastv import Qwen2VLFastvDecode, Qwen2VLFastvPrefill
 
-    model = result.model
-    modules = {"vision": result.vision, "prefill": Qwen2VLPrefill(model, result.layout.is_video),
-               "decode": Qwen2VLDecode(model)}
+    model, inner, video = result.model, result.inner, result.layout.is_video
+    modules = {"vision": result.vision,
+               "prefill": Qwen2VLFastvPrefill(model, inner, video) if inner else Qwen2VLPrefill(model, video),
+               "decode": Qwen2VLFastvDecode(model, inner) if inner else Qwen2VLDecode(model)}
     order = {"vision": ["pixel_values"], "prefill": ["input_ids", "image_features", "position_ids"],
              "decode": ["input_ids", "position_ids"]}
     out = {}
@@ -131,6 +138,17 @@ def _parse_grid(text: str) -> tuple[int, int, int]:
     return grid  # h, w are checked against the vision config by plan_vlm
 
 
+def _variant(name: str, args) -> tuple[str, str | None]:
+    """A variant name -> (outer recipe, inner recipe or None): dense, METHOD, METHOD+fastv or METHOD+merge."""
+    if name == "dense":
+        return DENSE, None
+    method, plus, inner = name.partition("+")
+    if plus and inner not in INNER:
+        raise ConfigError(f"variant {name!r}: the part after '+' must be one of {', '.join(INNER)} (inner pruning in "
+                          "the LLM), e.g. holitom+merge")
+    return f"{method}:{args.keep}", (f"{INNER[inner]}@{args.inner_layer}:{args.inner_keep}" if plus else None)
+
+
 def _parse_variants(text: str) -> list[str]:
     chosen = [v.strip() for v in text.split(",") if v.strip()]
     if not chosen or chosen[0] != "dense" or "dense" in chosen[1:] or len(set(chosen)) != len(chosen):
@@ -146,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", default="0.25", help="budget of every pruned variant: a ratio or a count (default 0.25)")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"dense, then method names run at --keep (default {DEFAULT_VARIANTS})")
+    ap.add_argument("--inner-layer", type=int, default=1, help="LLM layer L of the +fastv / +merge variants (default 1)")
+    ap.add_argument("--inner-keep", default="0.5", help="R of the +fastv / +merge variants, of the K outer-kept "
+                    "tokens (default 0.5)")
     ap.add_argument("--text", type=int, default=32, help="text tokens around the video tokens (default 32)")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--iters", type=int, default=10)
@@ -172,19 +193,19 @@ def _run(args) -> int:
         raise ConfigError("--blocks and --iters must be >= 1 (and --threads, when given)")
     grid = _parse_grid(args.grid)
     chosen = _parse_variants(args.variants)
-    variants = {v: DENSE if v == "dense" else f"{v}:{args.keep}" for v in chosen}
+    variants = {v: _variant(v, args) for v in chosen}
     out = ensure_writable_dir(args.output)
     model = bench_qwen2_vl(args.vision_layers, args.text_layers)
-    for name, prune in variants.items():  # every recipe checked (one line) before the first export
+    for name, (prune, inner) in variants.items():  # every recipe checked (one line) before the first export
         try:
-            plan_vlm(model, prune, grid=grid)
+            plan_vlm(model, prune, grid=grid, inner=inner)
         except ConfigError as e:
-            raise ConfigError(f"variant {name} ({prune}, --grid {args.grid}): {e}") from e
+            raise ConfigError(f"variant {name} ({prune}{' + ' + inner if inner else ''}, --grid {args.grid}): {e}") from e
     results, feeds, macs = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="tokensieve-video-") as tmp:
-        for name, prune in variants.items():
-            print(f"[{name}] export {prune} --grid {args.grid}", file=sys.stderr)
-            res = export_vlm(model, Path(tmp) / name, prune, grid=grid)
+        for name, (prune, inner) in variants.items():
+            print(f"[{name}] export {prune} --grid {args.grid}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
+            res = export_vlm(model, Path(tmp) / name, prune, grid=grid, inner=inner)
             report = verify_vlm(res, max_new_tokens=2, threads=args.threads)
             if not report.passed:
                 raise VerificationError(
@@ -202,7 +223,8 @@ def _run(args) -> int:
             "frames_per_temporal_patch": int(results["dense"].model.config.vision_config.temporal_patch_size),
             "text_tokens": args.text, "keep": args.keep, "blocks": args.blocks, "iters": args.iters,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "backend": "onnxruntime CPU",
-            "variants": {v: {"prune": results[v].prune, "method": results[v].method, "options": results[v].options}
+            "variants": {v: {"prune": results[v].prune, "method": results[v].method, "options": results[v].options,
+                             "inner": results[v].inner.shorthand() if results[v].inner else None}
                          for v in variants}}
     write_json_atomic(out / "video.json", {"meta": meta, "rows": rows})
     write_bytes_atomic(out / "video.md", _markdown(meta, rows).encode())
@@ -213,10 +235,13 @@ def _run(args) -> int:
 def _rows(results, feeds, macs, stats) -> list[dict]:
     rows = []
     dense = {p: stats[f"dense/{p}"] for p in PARTS}
+    layers = results["dense"].model.config.text_config.num_hidden_layers
     for v, res in results.items():
-        row = {"variant": v, "prune": res.prune, "video_tokens": res.num_tokens, "kept_tokens": res.keep,
+        row = {"variant": v, "prune": res.prune, "inner": res.inner.shorthand() if res.inner else None,
+               "video_tokens": res.num_tokens, "kept_tokens": res.keep,
+               "kept_after_inner": res.inner.keep if res.inner else res.keep,
                "prompt_tokens": int(feeds[v]["prefill"]["input_ids"].shape[1]),
-               "decode_cache": int(feeds[v]["decode"]["past.0.key"].shape[2])}
+               "decode_cache": [int(feeds[v]["decode"][f"past.{i}.key"].shape[2]) for i in (0, layers - 1)]}
         for p in PARTS:
             s = stats[f"{v}/{p}"]
             row[p] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "macs": macs[v][p],
@@ -247,8 +272,11 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     for r in rows:
         for p in PARTS:
             c = r[p]
-            label = f"decode (cache {r['decode_cache']})" if p == "decode" else p
-            lines.append(f"| {r['variant']} | {r['prune']} | {r['kept_tokens']} | {r['prompt_tokens']} | {label} "
+            first, last = r["decode_cache"]
+            label = (f"decode (cache {first}" + (f"/{last})" if last != first else ")")) if p == "decode" else p
+            recipe = r["prune"] + (f" + {r['inner']}" if r["inner"] else "")
+            tokens = f"{r['kept_tokens']}" + (f"→{r['kept_after_inner']}" if r["inner"] else "")
+            lines.append(f"| {r['variant']} | {recipe} | {tokens} | {r['prompt_tokens']} | {label} "
                          f"| {c['median_ms']:.2f} | {c['p90_ms']:.2f} | {c['speedup']:.2f}x | {c['mac_ideal']:.2f}x "
                          f"| {c['ratio']:.2f} |")
     lines += ["", "| variant | selection overhead (vision vs dense) | time to first token (vision + prefill medians) "
