@@ -26,6 +26,7 @@ class ExportVlm:
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
         tokensieve export-vlm qwen2vl_dir --prune divprune:0.25 --grid 2,28,28 -o out_video/  # a 4-frame video
         tokensieve export-vlm qwen2vl_dir --prune uniform:1.0 --grid 1,28,28 --inner fastv@1:0.5 -o out_qfastv/
+        tokensieve export-vlm llava_dir --inner "fastv(debias=true)@1:0.5" --inner-bias bias.npy -o out_debias/
         tokensieve export-vlm llava_dir -o out/ --target rtx-sm89 --precision fp16 --max-batch 4 --max-sequence 2048
         tokensieve export-vlm llava_dir -o out/ --no-build            # ONNX only
         # writes vision_prune.onnx, lm_prefill.onnx, lm_decode.onnx (a part over 1.5 GiB of weights: + <part>.onnx.data)
@@ -50,6 +51,13 @@ class ExportVlm:
                        "fastv@1:0.5 (LLaVA and Qwen2-VL, images and videos); fastv(uniform=0.5)@L:R is FEATHER, "
                        "fastv(merge=true)@L:R merges each dropped image token into its most similar kept one "
                        "(HoliTom's inner merge; HoliTom = --prune holitom:... --inner fastv(merge=true)@k-1:R)")
+        p.add_argument("--inner-bias", default=None, metavar="FILE.npy", help="the calibrated per-position bias "
+                       "--inner fastv(debias=true)@L:R subtracts from the FastV score: a float (N,) .npy, N = the "
+                       "image tokens the inner stage sees (those --prune keeps; LLaVA 'full': + 1 for [CLS]). Make "
+                       "it in Python with the same --prune and L: bias = tokensieve.vlm_api.calibrate_fastv_bias("
+                       "model, input_ids, image_features, L, image_token_id) (LLaVA) or "
+                       "calibrate_qwen2_fastv_bias(model, vision, pixel_values, input_ids, L) (Qwen2-VL, vision = "
+                       "the outer Qwen2VLVisionPrune), then numpy.save('bias.npy', bias)")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
         p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
@@ -70,12 +78,7 @@ class ExportVlm:
         if not args.no_build:  # a bad --target/--precision/--max-batch, or no TensorRT, fails now, not after the export
             _check_build_args(args)
         kind = vlm_kind(args.model)  # check the arguments before loading any weights
-        if args.inner is not None:
-            from tokensieve.exporter.vlm.fastv import split_fastv
-
-            if split_fastv(args.inner)[0]:
-                raise ConfigError("--inner fastv(debias=true) needs a calibrated bias; use the Python API "
-                                  "(export_vlm(..., inner_bias=calibrate_fastv_bias(...)))")
+        bias = _inner_bias(args.inner, args.inner_bias)
         grid = None
         if kind == "llava" and args.grid:
             raise ConfigError("--grid is for Qwen2-VL; a LLaVA's image size comes from its vision config")
@@ -84,7 +87,50 @@ class ExportVlm:
 
             grid = _grid(args.grid)
             parse_qwen2_vl_prune(args.prune)
-        return _export(load_vlm(args.model)[1], args, kind, grid)
+        return _export(load_vlm(args.model)[1], args, kind, grid, bias)
+
+
+_MAKE_BIAS = ("make it with tokensieve.vlm_api.calibrate_fastv_bias (LLaVA) or calibrate_qwen2_fastv_bias (Qwen2-VL) "
+              "and numpy.save('bias.npy', bias)")
+
+
+def _inner_bias(inner: str | None, path: str | None):
+    """--inner-bias FILE.npy -> the float (N,) array (its length is checked against the model in _export), None
+    without; one-line ConfigError unless --inner is fastv(debias=true) exactly when a finite float .npy is given."""
+    import numpy as np
+
+    debias = False
+    if inner is not None:
+        from tokensieve.exporter.vlm.fastv import split_fastv
+
+        debias = split_fastv(inner)[0]
+    if path is None:
+        if debias:
+            raise ConfigError(f"--inner {inner} needs the calibrated bias: pass --inner-bias FILE.npy ({_MAKE_BIAS})")
+        return None
+    if not debias:
+        got = "no --inner is given" if inner is None else f"--inner is {inner!r}"
+        raise ConfigError(f"--inner-bias is the calibrated bias of --inner fastv(debias=true)@L:R, but {got}; pass "
+                          "that --inner or drop --inner-bias")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--inner-bias {path!r} does not exist; {_MAKE_BIAS}")
+    if file.suffix != ".npy":
+        raise ConfigError(f"--inner-bias {path!r} is not a .npy file; {_MAKE_BIAS}")
+    try:
+        bias = np.load(file, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises ValueError / OSError / EOFError for broken files
+        raise ConfigError(f"--inner-bias {path!r} cannot be read as .npy ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); {_MAKE_BIAS}") from e
+    if not isinstance(bias, np.ndarray) or not np.issubdtype(bias.dtype, np.floating) or bias.ndim != 1:
+        what = f"{bias.dtype} values of shape {bias.shape}" if isinstance(bias, np.ndarray) else type(bias).__name__
+        raise ConfigError(f"--inner-bias {path!r} holds {what}; it must be a 1-D float array (N,), one value per "
+                          f"image token")
+    bad = int((~(np.abs(bias) < np.finfo(np.float32).max)).sum())  # the graph subtracts it in float32
+    if bad:
+        raise ConfigError(f"--inner-bias {path!r} holds {bad} value(s) that are NaN, inf or beyond float32; "
+                          "recalibrate")
+    return bias.astype(np.float64)
 
 
 def _check_build_args(args: argparse.Namespace) -> None:
@@ -137,17 +183,23 @@ def load_vlm(path: str | os.PathLike):
     return kind, model.eval()
 
 
-def _export(model, args, kind: str, grid) -> int:
+def _export(model, args, kind: str, grid, bias=None) -> int:
     from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm, vlm_profiles
 
-    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner)  # range checks need the model: before the export
+    if bias is not None:  # N is the image tokens the outer stage leaves in the prompt: known once the model is loaded
+        n = plan_vlm(model, args.prune, grid=grid).num_image_tokens
+        if bias.shape != (n,):
+            raise ConfigError(f"--inner-bias {args.inner_bias!r} holds {bias.shape[0]} values but the inner stage "
+                              f"sees {n} image tokens (--prune {args.prune}); calibrate with the same --prune")
+    # range checks need the model: before the export
+    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
     build = not args.no_build
     profiles = vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence) if build else None
     label = LABELS[kind]
     inner = f" + {args.inner}" if args.inner else ""
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
-    result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner)
+    result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
     if result.removed_engines:  # built from the parts just replaced; the new manifest lists no engines (yet)
         _log(f"      removed stale engines of an earlier export: {', '.join(result.removed_engines)}")
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]

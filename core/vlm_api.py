@@ -36,7 +36,8 @@ placeholders and whose M-RoPE positions come from video_grid_thw; the manifest r
 Inner pruning: `export_vlm(model, out, "cls-topk:1.0", inner="fastv@1:0.5")` adds FastV inside the LLM prefill
 (exporter/vlm/fastv.py: drop image tokens after decoder layer 1 by the last prompt position's attention, keep R);
 lm_prefill.onnx / lm_decode.onnx are then the FastV parts and verify_vlm compares against the eager FastV
-reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias);
+reference. `inner="fastv(debias=true)@1:8"` also needs `inner_bias=` (calibrate_fastv_bias; Qwen2-VL:
+calibrate_qwen2_fastv_bias(model, vision, pixel_values, input_ids, layer), both re-exported here);
 `inner="fastv(merge=true)@1:0.5"` merges the dropped image tokens into the kept ones (HoliTom's inner merge; HoliTom =
 outer `holitom` + this, HoliTom's layer k = our L + 1). Qwen2-VL (images and
 videos): `export_vlm(model, out, "uniform:1.0", grid=(1, 8, 8), inner="fastv@1:0.5")` (exporter/vlm/qwen2_vl_fastv.py,
@@ -62,15 +63,17 @@ from torch import nn
 from tokensieve.errors import ConfigError, ExportError, TargetError
 from tokensieve.exporter.onnx_files import data_path, stage_onnx
 from tokensieve.exporter.vlm.export_part import export_part, initializer_bytes
-from tokensieve.exporter.vlm.fastv import (FastvDecode, FastvPrefill, FastvSpec, fastv_decode_spec,
-                                           fastv_prefill_spec, parse_fastv, reference_fastv_generate)
+from tokensieve.exporter.vlm.fastv import (FastvDecode, FastvPrefill, FastvSpec, calibrate_fastv_bias,
+                                           fastv_decode_spec, fastv_prefill_spec, parse_fastv,
+                                           reference_fastv_generate)
 from tokensieve.exporter.vlm.llava import (LlavaLayout, VisionPrune, check_outer_method, llava_layout,
                                            vision_spec)
 from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill, decode_spec, prefill_spec
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLVisionPrune, check_keep, export_lm_decode,
                                               export_lm_prefill, export_vision_prune, image_layout,
                                               placeholder_token_id, resolve_method)
-from tokensieve.exporter.vlm.qwen2_vl_fastv import export_fastv_decode, export_fastv_prefill
+from tokensieve.exporter.vlm.qwen2_vl_fastv import (calibrate_qwen2_fastv_bias, export_fastv_decode,
+                                                    export_fastv_prefill)
 from tokensieve.api import remove_stale_engines
 from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
@@ -79,7 +82,8 @@ from tokensieve.runtime.llava_pipeline import MANIFEST, Generation, LlavaPipelin
 
 __all__ = ["export_vlm", "verify_vlm", "plan_vlm", "build_vlm", "vlm_profiles", "VlmExportResult", "VlmVerifyReport",
            "VlmPlan", "VlmProfiles", "VLM_TYPES", "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe",
-           "llava_prompt", "reference_generate", "unpruned_generate", "write_parts", "EXTERNAL_DATA_THRESHOLD"]
+           "llava_prompt", "reference_generate", "unpruned_generate", "write_parts", "EXTERNAL_DATA_THRESHOLD",
+           "calibrate_fastv_bias", "calibrate_qwen2_fastv_bias"]
 
 # model_type -> what the messages call it
 VLM_TYPES = {"llava": "LLaVA (LlavaForConditionalGeneration)", "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)"}

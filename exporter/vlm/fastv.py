@@ -30,8 +30,9 @@ Masks are built by hand (causal & valid key, plus the diagonal so a padding row 
 Prompts must be left-padded and must end with a text token (the scoring position).
 
 debias (the "attention debiasing" variant): score = FastV score - bias, bias (N,) a per-image-position mean score
-(`calibrate_fastv_bias` averages the FastV score over calibration prompts/images); it removes the positional
-preference of the last query (RoPE recency) before TopK. Pure arithmetic on the score; the bias is a constant.
+(`calibrate_fastv_bias` averages the FastV score over calibration prompts/images; Qwen2-VL:
+qwen2_vl_fastv.calibrate_qwen2_fastv_bias); it removes the positional preference of the last query (RoPE recency)
+before TopK. Pure arithmetic on the score; the bias is a constant (`export-vlm --inner-bias FILE.npy`: np.save it).
 
 uniform=S (FEATHER, Endo et al. 2025, "Feather the Throttle"; 0 <= S < 1, default 0 = plain FastV): of the R kept
 image tokens, U = round(S * R) (Python round) are fixed, evenly spaced image ordinals round(linspace(0, N - 1, U))
@@ -188,7 +189,8 @@ def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) ->
         raise ConfigError(f"fastv keep={keep} is out of range; the prompt carries {n} image tokens, keep 1..{n}")
     if debias and bias is None:
         raise ConfigError("fastv(debias=true) needs the per-position bias: pass inner_bias= (see "
-                          "tokensieve.exporter.vlm.fastv.calibrate_fastv_bias)")
+                          "tokensieve.exporter.vlm.fastv.calibrate_fastv_bias; Qwen2-VL: "
+                          "tokensieve.exporter.vlm.qwen2_vl_fastv.calibrate_qwen2_fastv_bias)")
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float64).reshape(-1)
         # float32-finite: the graph subtracts it in float32, and uniform=S relies on every score being finite

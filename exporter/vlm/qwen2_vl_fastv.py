@@ -40,11 +40,17 @@ input_ids by nonzero, the selection is fastv.reference_image_keep, merge=true is
 (fastv.reference_merge) on layer L's output, and every greedy step re-runs HF's decoder layers
 by hand over the whole sequence with no cache: layers 0..L over every token, layers L+1.. over the kept prompt
 tokens plus the generated ones, each with its M-RoPE ids (generated token j at next_position + j on all 3 axes).
+
+debias: `calibrate_qwen2_fastv_bias(model, vision, pixel_values, input_ids, layer)` gives the (K,) bias of
+`export_vlm(..., inner="fastv(debias=true)@L:R", inner_bias=bias)` (or `np.save` it for `export-vlm --inner-bias`):
+each calibration sample goes through the outer stage and vlm_qwen2's M-RoPE bookkeeping as the greedy path does, its
+reference score row (fastv_score_reference) at the image ordinals is averaged over the samples.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.export import Dim
@@ -56,7 +62,7 @@ from tokensieve.exporter.vlm.fastv import (FastvReference, FastvSpec, _eager_att
                                            fastv_score_reference, fastv_scores, merge_into_kept, reference_image_keep,
                                            reference_merge, select_image_tokens, selection_buffers)
 from tokensieve.exporter.vlm.lm_parts import _cache_from, _flatten
-from tokensieve.exporter.vlm.qwen2_vl import cache_names
+from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLVisionPrune, cache_names, placeholder_token_id
 
 _SEQ = Dim.DYNAMIC  # a strict Dim fails on the KV cat's contiguity guard (as for the plain parts)
 
@@ -236,3 +242,109 @@ def reference_qwen2_fastv_generate(model: nn.Module, input_ids: Tensor, image_fe
             seq = torch.cat([seq, lm.embed_tokens(token)], dim=1)
             pos = torch.cat([pos, torch.full((3, 1, 1), next_position + step, dtype=pos.dtype)], dim=2)
     return FastvReference(torch.cat(tokens, 1), torch.stack(logits), image_keep, keep_idx)
+
+
+# --------------------------------------------------------------------------- debias calibration
+
+
+def calibrate_qwen2_fastv_bias(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_values, input_ids,
+                               layer: int) -> np.ndarray:
+    """(K,) float64: the FastV score of each of the K image (video) tokens the outer stage `vision` keeps, at decoder
+    layer `layer`, averaged over calibration samples per image-token ordinal: the `inner_bias` of
+    `export_vlm(..., inner="fastv(debias=true)@layer:R")` with the same outer stage (same method, keep and grid).
+
+    Each sample runs as vlm_qwen2's greedy path runs it: vision(pixels) -> the K kept features and keep_idx -> the
+    outer-pruned prompt and its M-RoPE ids (get_rope_index on the unpruned prompt, kept columns gathered), then the
+    reference score row (fastv.fastv_score_reference: HF's eager attention probabilities of the last prompt position,
+    head mean; what the eager FastV reference selects by) at the K placeholders. Ordinal j is the j-th kept token in
+    prompt order (with an outer keep of every token, e.g. uniform:1.0, the j-th image position).
+    pixel_values: a list of (N, patch_dim) tensors or one (S, N, patch_dim) tensor (S samples); input_ids: the
+    unpruned prompt(s) as vlm_qwen2.image_prompt / video_prompt build them: (1, T) for every sample, (S, T), or a list
+    of S (1, T). One-line ConfigError for bad input."""
+    from tokensieve import vlm_qwen2  # here, not at the top: vlm_qwen2 imports this module
+
+    if not isinstance(vision, Qwen2VLVisionPrune):
+        raise ConfigError(f"vision must be the outer stage, a Qwen2VLVisionPrune (tokensieve.exporter.vlm.qwen2_vl), "
+                          f"got {type(vision).__name__}")
+    if getattr(getattr(model, "config", None), "model_type", None) != "qwen2_vl" \
+            or vision.visual is not getattr(getattr(model, "model", None), "visual", None):
+        raise ConfigError("calibrate_qwen2_fastv_bias needs the Qwen2VLForConditionalGeneration whose vision tower "
+                          "`vision` was built from (Qwen2VLVisionPrune(model.model.visual, ...)); LLaVA: "
+                          "fastv.calibrate_fastv_bias")
+    num_layers = model.config.text_config.num_hidden_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers - 2:
+        raise ConfigError(f"layer {layer!r} is out of range; the language model has {num_layers} layers, calibrate "
+                          f"at the L of fastv(debias=true)@L:R, 0..{num_layers - 2}")
+    samples = _calibration_pixels(pixel_values)
+    prompts = _calibration_prompts(input_ids, len(samples))
+    layout, lm = vision.layout, model.model.language_model
+    placeholder = placeholder_token_id(model.config, layout)
+    want = (layout.num_patches, layout.patch_dim)
+    rows = []
+    with torch.no_grad():
+        for i, (pixels, prompt) in enumerate(zip(samples, prompts)):
+            try:
+                if tuple(pixels.shape) != want:
+                    raise ConfigError(f"pixel_values has shape {tuple(pixels.shape)} but grid ({layout.t}, "
+                                      f"{layout.h}, {layout.w}) needs {want} (patches x C*T*P*P)")
+                position_ids = vlm_qwen2.prompt_mrope_positions(model, prompt, layout)
+                feats, keep_idx = vision(pixels)
+                pos, cols, _ = vlm_qwen2.pruned_mrope_positions(position_ids, prompt == placeholder, keep_idx)
+                ids = prompt.gather(1, cols)
+                check_fastv_prompt(ids, placeholder, vision.keep)
+            except ConfigError as e:
+                raise ConfigError(f"calibration sample {i}: {e}") from e
+            is_image = ids == placeholder
+            embeds = lm.embed_tokens(ids).detach().clone()
+            embeds[is_image] = feats.to(embeds.dtype)
+            scores = fastv_score_reference(model, embeds, torch.ones_like(ids), pos, layer)   # (1, T)
+            rows.append(scores[0, is_image[0]].double())
+    return torch.stack(rows).mean(0).numpy()
+
+
+def _calibration_pixels(pixel_values) -> list[Tensor]:
+    """A list of (N, patch_dim) tensors or one (S, N, patch_dim) tensor -> S (N, patch_dim) tensors."""
+    if isinstance(pixel_values, (Tensor, np.ndarray)):
+        x = torch.as_tensor(pixel_values)
+        if x.dim() != 3:
+            raise ConfigError(f"pixel_values must be (S, N, patch_dim) (S calibration samples) or a list of "
+                              f"(N, patch_dim), got a tensor of shape {tuple(x.shape)}")
+        samples = list(x)
+    elif isinstance(pixel_values, (list, tuple)):
+        if not all(isinstance(x, (Tensor, np.ndarray)) for x in pixel_values):
+            raise ConfigError("pixel_values must be a list of (N, patch_dim) tensors, one per calibration sample")
+        samples = [torch.as_tensor(x) for x in pixel_values]
+    else:
+        raise ConfigError(f"pixel_values must be a list of (N, patch_dim) tensors or one (S, N, patch_dim) tensor, "
+                          f"got {type(pixel_values).__name__}")
+    if not samples:
+        raise ConfigError("pixel_values holds no calibration sample; pass at least one image (video)")
+    if any(not x.is_floating_point() for x in samples):
+        raise ConfigError("pixel_values must be float tensors (the processor's normalized patches)")
+    return samples
+
+
+def _calibration_prompts(input_ids, count: int) -> list[Tensor]:
+    """(1, T) for every sample, (S, T), or a list of S (1, T) / (T,) -> S (1, T) int64 prompts."""
+    if isinstance(input_ids, (Tensor, np.ndarray)):
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] not in (1, count):
+            raise ConfigError(f"input_ids must be (1, T) (one prompt for every sample) or ({count}, T) (one per "
+                              f"calibration sample), got {tuple(ids.shape)}")
+        rows = [ids[i:i + 1] for i in range(ids.shape[0])] * (count if ids.shape[0] == 1 else 1)
+    elif isinstance(input_ids, (list, tuple)):
+        if len(input_ids) != count or not all(isinstance(x, (Tensor, np.ndarray)) for x in input_ids):
+            raise ConfigError(f"input_ids as a list must hold one (1, T) prompt tensor per calibration sample: "
+                              f"{count}, got {len(input_ids)} items")
+        rows = [torch.as_tensor(x) for x in input_ids]
+        rows = [r[None] if r.dim() == 1 else r for r in rows]
+        if any(r.dim() != 2 or r.shape[0] != 1 for r in rows):
+            raise ConfigError("every prompt in input_ids must be (1, T) (the Qwen2-VL parts are batch 1)")
+    else:
+        raise ConfigError(f"input_ids must be a (1, T) / ({count}, T) tensor or a list of (1, T) prompts, got "
+                          f"{type(input_ids).__name__}")
+    if any(r.is_floating_point() or r.dtype == torch.bool for r in rows):
+        raise ConfigError("input_ids must be integer token ids")
+    return [r.long() for r in rows]

@@ -140,3 +140,102 @@ def test_no_tensorrt_names_no_build(llava_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TensorRT-RTX is not installed" in err[0] and "--no-build" in err[0], err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- --inner-bias (fastv(debias=true))
+
+
+DEBIAS = "fastv(debias=true)@0:0.5"
+QWEN_ARGS = ["--prune", "attn-mean:6", "--grid", "1,8,8", "--no-build"]   # 6 image tokens reach the inner stage
+LLAVA_ARGS = ["--prune", "cls-topk:4", "--no-build"]                       # 4 (tiny_llava has no 'full' [CLS] row)
+N_INNER = {"llava": 4, "qwen2_vl": 6}
+
+
+def _bias_file(tmp_path, name, content):
+    """content: an array (np.save), bytes (written raw) or None (no file)."""
+    import numpy as np
+
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        np.save(path, content)
+    return path
+
+
+def _bad_bias_cases():
+    import numpy as np
+
+    return [
+        ([DEBIAS], None, None, "needs the calibrated bias: pass --inner-bias FILE.npy"),
+        ([], "bias.npy", np.zeros(6), "--inner-bias is the calibrated bias of --inner fastv(debias=true)@L:R, but no "
+         "--inner is given"),
+        (["fastv@0:0.5"], "bias.npy", np.zeros(6), "but --inner is 'fastv@0:0.5'; pass that --inner or drop"),
+        ([DEBIAS], "missing.npy", None, "does not exist"),
+        ([DEBIAS], "bias.txt", b"0 0 0 0 0 0", "is not a .npy file"),
+        ([DEBIAS], "bias.npz", b"PK", "is not a .npy file"),
+        ([DEBIAS], "broken.npy", b"not numpy at all", "cannot be read as .npy"),
+        ([DEBIAS], "bias.npy", np.zeros((1, 6)), "holds float64 values of shape (1, 6); it must be a 1-D float"),
+        ([DEBIAS], "bias.npy", np.arange(6), "holds int64 values of shape (6,)"),
+        ([DEBIAS], "bias.npy", np.array([0.1, np.nan, 0.2, 0.0, 0.0, 0.0]), "holds 1 value(s) that are NaN, inf"),
+        ([DEBIAS], "bias.npy", np.full(6, 1e39), "holds 6 value(s) that are NaN, inf or beyond float32"),
+        ([DEBIAS], "bias.npy", np.zeros(5), "holds 5 values but the inner stage sees {n} image tokens"),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("inner, name, content, match", _bad_bias_cases())
+def test_bad_inner_bias_is_one_line(kind, inner, name, content, match, tmp_path, capsys, request):
+    """Every bad --inner / --inner-bias pairing or file is one line (exit 2) before anything is written; the file
+    checks run before the weights load, its length (N, the image tokens --prune leaves) once the model is known."""
+    folder, n = request.getfixturevalue("llava_dir" if kind == "llava" else "qwen_dir"), N_INNER[kind]
+    args = [*(LLAVA_ARGS if kind == "llava" else QWEN_ARGS), *(["--inner", inner[0]] if inner else [])]
+    if name is not None:
+        args += ["--inner-bias", str(_bias_file(tmp_path, name, content))]
+    out = tmp_path / "out"
+    capsys.readouterr()  # the checkpoint fixture's save_pretrained progress
+    assert main(["export-vlm", str(folder), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tokensieve export-vlm: error: "), err
+    assert match.format(n=n) in err[0], err
+    assert not out.exists()
+
+
+class _Stop(Exception):
+    """Raised by the stand-in export_vlm: the test stops where the real export would start."""
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+def test_inner_bias_reaches_plan_and_export(kind, tmp_path, request, monkeypatch):
+    """A valid --inner-bias (float32 on disk) passes plan_vlm and reaches export_vlm as inner_bias, the array of the
+    file (float64), with the debias spec; the export itself is test_fastv's / test_qwen2_vl_fastv's (the Python API
+    this calls)."""
+    import numpy as np
+
+    from tokensieve import vlm_api
+
+    folder, n = request.getfixturevalue("llava_dir" if kind == "llava" else "qwen_dir"), N_INNER[kind]
+    bias = np.linspace(0.01, 0.2, n).astype(np.float32)
+    path = _bias_file(tmp_path, "bias.npy", bias)
+    seen, real_plan = {}, vlm_api.plan_vlm
+
+    def plan(*a, **kw):
+        seen.setdefault("plans", []).append(real_plan(*a, **kw))
+        return seen["plans"][-1]
+
+    def export(model, out, prune, **kw):
+        seen["export"] = kw
+        raise _Stop
+
+    monkeypatch.setattr(vlm_api, "plan_vlm", plan)
+    monkeypatch.setattr(vlm_api, "export_vlm", export)
+    with pytest.raises(_Stop):
+        main(["export-vlm", str(folder), "-o", str(tmp_path / "out"), *(LLAVA_ARGS if kind == "llava" else QWEN_ARGS),
+              "--inner", DEBIAS, "--inner-bias", str(path)])
+    kw = seen["export"]
+    assert kw["inner"] == DEBIAS and kw["inner_bias"].dtype == np.float64
+    np.testing.assert_array_equal(kw["inner_bias"], bias.astype(np.float64))
+    spec = seen["plans"][-1].inner
+    assert spec.bias == tuple(bias.astype(np.float64).tolist()) and spec.num_image_tokens == n
+    assert spec.shorthand() == f"fastv(debias=true)@0:{n // 2}"
+    assert not (tmp_path / "out").exists()

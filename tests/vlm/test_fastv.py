@@ -526,7 +526,7 @@ def test_cli_inner_fastv_all_tokens_equals_unpruned(llava_dir, tmp_path, capsys,
     (["--inner", "fastv@1:4"], "layer 1 is out of range"),   # tiny_llava has 2 LLM layers
     (["--inner", "fastv@0:5", "--prune", "cls-topk:4"], "keep=5 is out of range"),
     (["--inner", "fastv@0"], "Cannot parse"),
-    (["--inner", "fastv(debias=true)@0:4"], "calibrated bias"),
+    (["--inner", "fastv(debias=true)@0:4"], "needs the calibrated bias: pass --inner-bias FILE.npy"),
 ])
 def test_cli_bad_inner_is_one_line(llava_dir, tmp_path, capsys, args, match):
     out = tmp_path / "out"

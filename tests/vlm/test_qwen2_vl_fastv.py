@@ -7,7 +7,8 @@ Two exports per module (~14 s and ~11 s): an image, grid (1, 8, 8), on test_qwen
 token, layer 2 the pruned sequence); a video, grid (3, 4, 4), on the 2-layer _tiny_qwen2_vl itself, ToDRE-style
 (outer attn-mean keeps K = 8 of 12, fastv@0:0.5 keeps R = 4 of those 8: the first layer scores), exported through
 `tokensieve export-vlm --inner` (the CLI test reads its output). HoliTom's inner merge (fastv(merge=true)@0:0.5) on
-that video exports only its prefill (~6 s) and reuses the video export's vision and decode parts.
+that video exports only its prefill (~6 s) and reuses the video export's vision and decode parts; so does
+fastv(debias=true)@0:0.5 with a bias from calibrate_qwen2_fastv_bias (~6 s).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import copy
 import dataclasses
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -276,6 +278,104 @@ def test_merge_ort_matches_eager_holitom_and_changes_logits(video, merged_video)
     assert np.abs(plain["logits"][0] - got["logits"][0]).max() > 1e-3
 
 
+# --------------------------------------------------------------------------- debias: calibrate_qwen2_fastv_bias
+
+
+def _cal_pixels(layout, count, seed):
+    return torch.randn(count, layout.num_patches, layout.patch_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_calibrated_bias_is_the_mean_of_reference_score_rows(model, monkeypatch):
+    """An image with real outer pruning (attn-mean keeps 8 of 16, other columns per image) at L = 1: the bias is the
+    per-ordinal mean, over the samples, of fastv_score_reference's row at the placeholders of each outer-pruned prompt
+    with its gathered M-RoPE ids (a hand loop; prompts of different lengths per sample); a (S, N, D) tensor with one
+    shared prompt equals the list form; one sample's bias is the score row the exported prefill module recomputes
+    (so debias subtracts the score it selects by)."""
+    from tokensieve.vlm_api import calibrate_qwen2_fastv_bias  # re-exported next to calibrate_fastv_bias
+
+    assert calibrate_qwen2_fastv_bias is qf.calibrate_qwen2_fastv_bias
+    layout = image_layout(model.config.vision_config, IMAGE_GRID)
+    vision = Qwen2VLVisionPrune(model.model.visual, layout, "attn-mean", 8).eval()
+    pixels = _cal_pixels(layout, 3, 20)
+    prompts = [vlm.vision_prompt(model.config, layout, BEFORE[:n], AFTER[:n + 1]) for n in (1, 2, 3)]
+    lm, rows = model.model.language_model, []
+    for x, prompt in zip(pixels, prompts):  # the hand loop
+        with torch.no_grad():
+            feats, keep = vision(x)
+        is_image = prompt == model.config.image_token_id
+        pos, cols, _ = vlm.pruned_mrope_positions(vlm.prompt_mrope_positions(model, prompt, layout), is_image, keep)
+        ids = prompt.gather(1, cols)
+        embeds = lm.embed_tokens(ids).detach().clone()
+        embeds[ids == model.config.image_token_id] = feats
+        score = fastv_score_reference(model, embeds, torch.ones_like(ids), pos, LAYER)[0]
+        rows.append(score[ids[0] == model.config.image_token_id].double().numpy())
+    want = np.mean(rows, axis=0)
+    bias = qf.calibrate_qwen2_fastv_bias(model, vision, list(pixels), prompts, LAYER)
+    assert bias.dtype == np.float64 and bias.shape == (8,) and (bias > 0).all()
+    np.testing.assert_allclose(bias, want, rtol=1e-12, atol=0)
+    assert np.abs(rows[0] - rows[1]).max() > 1e-4  # the samples differ: a mean, not one row
+    shared = qf.calibrate_qwen2_fastv_bias(model, vision, pixels, prompts[1], LAYER)
+    np.testing.assert_array_equal(shared, qf.calibrate_qwen2_fastv_bias(model, vision, list(pixels), [prompts[1]] * 3,
+                                                                         LAYER))
+    real, seen = qf.fastv_scores, {}
+    monkeypatch.setattr(qf, "fastv_scores", lambda *a: seen.setdefault("scores", real(*a)))
+    one = qf.calibrate_qwen2_fastv_bias(model, vision, pixels[:1], _prompt(model, layout), LAYER)
+    spec = parse_fastv(f"fastv(debias=true)@{LAYER}:4", LAYERS, 8, one)
+    ids, feats, pos = _prefill_inputs(model, vision, pixels[0])
+    with torch.no_grad():
+        qf.Qwen2VLFastvPrefill(model, spec).eval()(ids, feats, pos)
+    np.testing.assert_allclose(seen["scores"][0, ids[0] == model.config.image_token_id].numpy(), one, atol=1e-6,
+                               rtol=0)
+
+
+def test_calibrated_debias_export_verifies_and_moves_selection(video, tmp_path_factory):
+    """fastv(debias=true)@0:0.5 on the video, bias calibrated on 6 other videos through the export's own outer stage:
+    plan_vlm accepts it, its prefill (exported here, next to the video export's vision and decode parts, which debias
+    does not change) passes verify_vlm (ORT greedy ids, kept tokens, logits == the eager reference subtracting the
+    same bias); control: on the verify input the bias keeps other video tokens than plain FastV."""
+    model = video.model  # the CLI's loaded copy, whose vision tower video.vision runs
+    bias = qf.calibrate_qwen2_fastv_bias(model, video.vision, _cal_pixels(video.layout, 6, 103),
+                                         _prompt(model, video.layout), 0)
+    inner = "fastv(debias=true)@0:0.5"
+    spec = plan_vlm(model, f"attn-mean:{VIDEO_K}", grid=VIDEO_GRID, inner=inner, inner_bias=bias).inner
+    assert spec == dataclasses.replace(video.inner, bias=tuple(bias.tolist()))
+    prompt_len = max(QWEN2_VL_PROMPT_LEN, spec.num_image_tokens + 2)
+    paths, _ = write_parts({"prefill": qf.export_fastv_prefill(model, spec, prompt_len, video=True)},
+                           tmp_path_factory.mktemp("qwen_fastv_debias"))
+    debiased = dataclasses.replace(video, paths=dict(video.paths, prefill=paths["prefill"]), inner=spec)
+    report = verify_vlm(debiased, max_new_tokens=STEPS)
+    assert report.passed and report.inner_keep_idx_match is True, report.to_dict()
+    x, prompt = _pixels(video.layout, 0), vlm.sample_prompt(model.config, video.layout)  # verify's input
+    got, plain = {}, vlm.greedy_fastv_reference(model, video.vision, x, prompt, video.inner, 1)
+    vlm.greedy_onnx(model, debiased.paths, video.layout, x, prompt, 1, inner_out=got)
+    assert got["image_keep_idx"].tolist() != plain.image_keep_idx[0].tolist()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vision": "not a module"}, "vision must be the outer stage, a Qwen2VLVisionPrune"),
+    ({"layer": 2}, "layer 2 is out of range; the language model has 3 layers"),
+    ({"layer": -1}, "layer -1 is out of range"),
+    ({"pixel_values": []}, "holds no calibration sample"),
+    ({"pixel_values": torch.zeros(64, 96)}, "must be (S, N, patch_dim)"),
+    ({"pixel_values": [torch.zeros(64, 5)]}, "calibration sample 0: pixel_values has shape (64, 5)"),
+    ({"input_ids": torch.zeros(3, 30, dtype=torch.long)}, "input_ids must be (1, T)"),
+    ({"input_ids": "prompt"}, "input_ids must be"),
+    ({"prompt": "no_end"}, "calibration sample 0: FastV scores the image tokens with the last prompt position"),
+    ({"prompt": "video"}, "calibration sample 0: the prompt holds [0] image tokens"),
+])
+def test_bad_calibration_input_is_one_line(model, change, match):
+    change = dict(change)
+    layout = image_layout(model.config.vision_config, IMAGE_GRID)
+    vision = Qwen2VLVisionPrune(model.model.visual, layout, "uniform", IMAGE_K).eval()
+    prompt = {"no_end": vlm.image_prompt(model.config, layout, BEFORE, [])[:, :-1],
+              "video": vlm.vision_prompt(model.config, image_layout(model.config.vision_config, VIDEO_GRID), BEFORE,
+                                         AFTER)}.get(change.pop("prompt", None), _prompt(model, layout))
+    args = {"vision": vision, "pixel_values": _cal_pixels(layout, 2, 0), "input_ids": prompt, "layer": LAYER} | change
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
+        qf.calibrate_qwen2_fastv_bias(model, args["vision"], args["pixel_values"], args["input_ids"], args["layer"])
+    _one_line(e)
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -361,7 +461,8 @@ def test_cli_exports_and_verifies_a_video_with_fastv(cli_run, tmp_path, capsys):
     assert 0.5 < macs < 1.0
     assert "verify          PASS" in stdout and "FastV kept image tokens identical" in stdout
     assert json.loads(result.paths["manifest"].read_text())["inner"]["keep"] == VIDEO_R
-    for inner, words in [("fastv(debias=true)@0:4", "calibrated bias"), ("fastv@1:4", "layer 1 is out of range")]:
+    for inner, words in [("fastv(debias=true)@0:4", "needs the calibrated bias: pass --inner-bias"),
+                         ("fastv@1:4", "layer 1 is out of range")]:
         out = tmp_path / inner
         assert main(["export-vlm", str(ckpt), "--prune", "attn-mean:8", "--grid", "3,4,4", "--inner", inner,
                      "-o", str(out), "--no-build"]) == 2
