@@ -40,7 +40,8 @@ class ExportVlm:
     def add_args(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("model", help="local Hugging Face folder of a LLaVA or Qwen2-VL checkpoint (save_pretrained)")
         p.add_argument("--prune", default="cls-topk:0.25", help="METHOD[(options)]:KEEP, one outer stage after the "
-                       "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...)")
+                       "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...; a "
+                       "Qwen2-VL video also takes the video methods evs and holitom)")
         p.add_argument("-o", "--output", required=True, help="output folder")
         p.add_argument("--grid", default=None, help="Qwen2-VL: the static grid t,h,w in patches: 1,28,28 an image "
                        "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
