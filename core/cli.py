@@ -325,11 +325,105 @@ def _engine_file_checked(meta: dict) -> str:
     return "not checked (the metadata records no size or sha256; rebuild with `tokensieve build` to add them)"
 
 
+def _check_engine(folder: Path, name: str) -> str:
+    """One status line for `name` in `folder`: its target/precision/size and whether the file matches its metadata,
+    or what is wrong (missing, no metadata, mismatched)."""
+    from tokensieve.errors import TokenSieveError
+    from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
+
+    path = folder / name
+    if not path.is_file():
+        return f"{name}: MISSING"
+    try:
+        meta = read_engine_metadata(path)
+        check_engine_file(path, meta)
+    except TokenSieveError as e:
+        return f"{name}: PROBLEM: {e}"
+    size = meta.get("engine_size_bytes") or path.stat().st_size
+    return (f"{name}: {meta.get('flavor')} {meta.get('tensorrt_version')} {meta.get('target')} {meta.get('precision')}, "
+            f"{size / 2**20:.1f} MiB, file {_engine_file_checked(meta)}")
+
+
+def _inspect_folder(folder: Path) -> int:
+    """Summarize an export folder: a ViT export (report.json) or a VLM export (its parts manifest); 1 if a file it
+    lists is missing or an engine does not match its metadata."""
+    from tokensieve import api
+    from tokensieve.runtime.llava_pipeline import MANIFEST as LLAVA_MANIFEST
+    from tokensieve.vlm_api import QWEN2_VL_MANIFEST
+
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{str(folder / name)!r} is not readable JSON ({type(e).__name__}); re-export the "
+                              "folder") from e
+
+    problems = 0
+
+    def line(label: str, text: str) -> None:
+        nonlocal problems
+        problems += "MISSING" in text or "PROBLEM" in text
+        print(f"  {label:<14}{text}")
+
+    if (folder / "report.json").is_file():
+        r = read("report.json")
+        print(f"{folder}: ViT export of {r.get('model')!r}, recipe {r.get('recipe_shorthand')}")
+        tokens = r.get("tokens_per_block") or []
+        line("tokens", "→".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
+             + f" over {len(tokens)} blocks; ideal speedup {r.get('ideal_speedup', 0):.2f}x")
+        v = r.get("verify")
+        if v:
+            line("verify", f"{'PASS' if v.get('passed') else 'FAIL'}: {v.get('num_inputs')} inputs, max |diff| "
+                           f"{v.get('max_abs_diff', float('nan')):.1e} (atol {v.get('atol')})")
+        for key in ("model", "debug", "dense"):
+            name = api.ARTIFACTS[key]
+            line(key, name if (folder / name).is_file() else f"{name}: MISSING")
+        if r.get("build"):
+            line("engine", _check_engine(folder, api.ARTIFACTS["engine"]))
+        else:
+            line("engine", "none (exported with --no-build)")
+        return 1 if problems else 0
+    name = next((n for n in (QWEN2_VL_MANIFEST, LLAVA_MANIFEST) if (folder / n).is_file()), None)
+    if name is None:
+        raise ConfigError(f"{str(folder)!r} holds no report.json (tokensieve export) or VLM manifest "
+                          f"({QWEN2_VL_MANIFEST} / {LLAVA_MANIFEST}: tokensieve export-vlm); pass an export folder, "
+                          "an .onnx or an .engine file")
+    m = read(name)
+    model = m.get("model", "llava")
+    what = m.get("modality", "image")
+    grid = f", grid {tuple(m['grid_thw'])}" if m.get("grid_thw") else ""
+    print(f"{folder}: {model} {what} parts{grid} ({name})")
+    prune = m.get("prune") or m.get("recipe") or (f"{m.get('method')}:{m.get('keep')}" if m.get("method") else "?")
+    if m.get("image_tokens") and m.get("keep"):  # Qwen2-VL: of the merged image / video tokens
+        prune += f" (keeps {m['keep']} of {m['image_tokens']} {what} tokens)"
+    elif m.get("num_patches") and m.get("keep"):  # LLaVA: of the vision tower's patches
+        prune += f" (keeps {m['keep']} of {m['num_patches']} patches)"
+    if m.get("options"):
+        prune += " " + json.dumps(m["options"], separators=(",", ":"))
+    line("outer", prune)
+    if m.get("inner"):
+        line("inner", json.dumps(m["inner"], separators=(",", ":")) if isinstance(m["inner"], dict) else str(m["inner"]))
+    engines = m.get("engines") or {}
+    for part, file in (m.get("files") or {}).items():
+        if part == "manifest":
+            continue
+        text = file if (folder / file).is_file() else f"{file}: MISSING"
+        if part in engines:
+            text += "; engine " + _check_engine(folder, engines[part]["file"])
+        line(part, text)
+    if not engines:
+        line("engines", "none (exported with --no-build)")
+    return 1 if problems else 0
+
+
 class Inspect(Tool):
-    """Summarize an ONNX model (I/O, op census, pruning stages) or an engine's metadata, checking the engine file.
+    """Summarize an ONNX model (I/O, op census, pruning stages), an engine's metadata (checking the engine file), or
+    an export folder (what `tokensieve export` / `export-vlm` wrote: recipe, tokens, verification, files, engines
+    checked against their metadata; exit 1 if one is missing or does not match).
 
         tokensieve inspect out/model.onnx
         tokensieve inspect out/model.engine
+        tokensieve inspect out/
     """
 
     name = "inspect"
@@ -339,6 +433,8 @@ class Inspect(Tool):
 
     def run(self, args):
         path = Path(args.path)
+        if path.is_dir():
+            return _inspect_folder(path)
         if not path.is_file():
             raise ConfigError(f"{str(path)!r} does not exist")
         if path.suffix == ".engine":

@@ -135,6 +135,28 @@ def test_inspect_onnx(exported, capsys):
     assert re.search(r"pruning: [1-9]\d* TopK", stdout), stdout
 
 
+def test_inspect_export_folder(exported, tmp_path, capsys):
+    """`inspect OUT/`: recipe, tokens, verification, files, the engine checked against its metadata (exit 0); a copy
+    with dense.onnx gone and a changed engine names both problems (exit 1); a folder that is no export: one line."""
+    out, _ = exported
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "recipe cls-topk@1:0.5+cls-topk@2:0.5" in text
+    assert re.search(r"tokens\s+17→9→5 over \d+ blocks", text) and "verify        PASS" in text
+    assert "dense         dense.onnx\n" in text
+    assert ("file OK (size, sha256 match)" if HAVE_RTX else "none (exported with --no-build)") in text
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "dense.onnx").unlink()
+    if HAVE_RTX:
+        with open(broken / "model.engine", "ab") as f:
+            f.write(b"x")
+    assert main(["inspect", str(broken)]) == 1
+    text = capsys.readouterr().out
+    assert "dense.onnx: MISSING" in text and (not HAVE_RTX or "model.engine: PROBLEM: Engine" in text)
+    run_error(capsys, "inspect", tmp_path, match="holds no report.json")
+
+
 @pytest.mark.skipif(not HAVE_RTX, reason="needs tensorrt_rtx to have built model.engine")
 def test_inspect_engine(exported, capsys):
     out, _ = exported

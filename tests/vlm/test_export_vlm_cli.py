@@ -64,6 +64,22 @@ def test_llava_one_command(llava_built):
     assert engines["decode"]["dims"]["past_sequence"] == {"min": 0, "opt": 11, "max": 40}
 
 
+def test_inspect_vlm_folder(llava_built, tmp_path, capsys):
+    """`inspect OUT/` on an export-vlm folder: the parts, the outer stage, each engine checked (exit 0); a missing
+    engine makes it exit 1 naming it."""
+    out = llava_built[0]
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "llava image parts (llava_parts.json)" in text and "cls-topk" in text
+    for part in ("vision_prune", "lm_prefill", "lm_decode"):
+        assert f"{part}.onnx; engine {part}.engine: tensorrt_rtx" in text and "file OK (size, sha256 match)" in text
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "lm_decode.engine").unlink()
+    assert main(["inspect", str(broken)]) == 1
+    assert "lm_decode.engine: MISSING" in capsys.readouterr().out
+
+
 def test_qwen2_vl_one_command(qwen_dir, tmp_path, capsys, request):
     """--no-build export into a folder that holds an earlier build's part engines and the user's files: the engines
     (+ .json), which the new manifest does not list, are deleted and named in one line; every other file stays.
