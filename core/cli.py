@@ -325,23 +325,28 @@ def _engine_file_checked(meta: dict) -> str:
     return "not checked (the metadata records no size or sha256; rebuild with `tokensieve build` to add them)"
 
 
-def _check_engine(folder: Path, name: str) -> str:
-    """One status line for `name` in `folder`: its target/precision/size and whether the file matches its metadata,
-    or what is wrong (missing, no metadata, mismatched)."""
+def _check_file(folder: Path, name: str) -> tuple[str, bool]:
+    """(status text, present) of the file `name` in `folder`."""
+    return (name, True) if (folder / name).is_file() else (f"{name}: MISSING", False)
+
+
+def _check_engine(folder: Path, name: str) -> tuple[str, bool]:
+    """(status text, ok) of the engine `name` in `folder`: its target/precision/size and whether the file matches its
+    metadata, or what is wrong (missing, no metadata, mismatched)."""
     from tokensieve.errors import TokenSieveError
     from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
 
     path = folder / name
     if not path.is_file():
-        return f"{name}: MISSING"
+        return _check_file(folder, name)
     try:
         meta = read_engine_metadata(path)
         check_engine_file(path, meta)
     except TokenSieveError as e:
-        return f"{name}: PROBLEM: {e}"
+        return f"{name}: PROBLEM: {e}", False
     size = meta.get("engine_size_bytes") or path.stat().st_size
     return (f"{name}: {meta.get('flavor')} {meta.get('tensorrt_version')} {meta.get('target')} {meta.get('precision')}, "
-            f"{size / 2**20:.1f} MiB, file {_engine_file_checked(meta)}")
+            f"{size / 2**20:.1f} MiB, file {_engine_file_checked(meta)}"), True
 
 
 def _inspect_folder(folder: Path) -> int:
@@ -360,9 +365,9 @@ def _inspect_folder(folder: Path) -> int:
 
     problems = 0
 
-    def line(label: str, text: str) -> None:
+    def line(label: str, text: str, ok: bool = True) -> None:
         nonlocal problems
-        problems += "MISSING" in text or "PROBLEM" in text
+        problems += not ok
         print(f"  {label:<14}{text}")
 
     if (folder / "report.json").is_file():
@@ -376,10 +381,9 @@ def _inspect_folder(folder: Path) -> int:
             line("verify", f"{'PASS' if v.get('passed') else 'FAIL'}: {v.get('num_inputs')} inputs, max |diff| "
                            f"{v.get('max_abs_diff', float('nan')):.1e} (atol {v.get('atol')})")
         for key in ("model", "debug", "dense"):
-            name = api.ARTIFACTS[key]
-            line(key, name if (folder / name).is_file() else f"{name}: MISSING")
+            line(key, *_check_file(folder, api.ARTIFACTS[key]))
         if r.get("build"):
-            line("engine", _check_engine(folder, api.ARTIFACTS["engine"]))
+            line("engine", *_check_engine(folder, api.ARTIFACTS["engine"]))
         else:
             line("engine", "none (exported with --no-build)")
         return 1 if problems else 0
@@ -407,10 +411,11 @@ def _inspect_folder(folder: Path) -> int:
     for part, file in (m.get("files") or {}).items():
         if part == "manifest":
             continue
-        text = file if (folder / file).is_file() else f"{file}: MISSING"
+        text, ok = _check_file(folder, file)
         if part in engines:
-            text += "; engine " + _check_engine(folder, engines[part]["file"])
-        line(part, text)
+            engine, engine_ok = _check_engine(folder, engines[part]["file"])
+            text, ok = f"{text}; engine {engine}", ok and engine_ok
+        line(part, text, ok)
     if not engines:
         line("engines", "none (exported with --no-build)")
     return 1 if problems else 0

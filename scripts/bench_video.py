@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokensieve.errors import ConfigError, TokenSieveError, VerificationError
+from tokensieve.errors import ConfigError, TokenSieveError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from tokensieve.flops import count_macs
 from tokensieve.runtime import OrtRunner
-from tokensieve.scripts.bench_vlm import PARTS, time_parts
+from tokensieve.scripts.bench_vlm import PARTS, check_verified, time_parts
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
 DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean,holitom+merge"
@@ -207,11 +207,7 @@ def _run(args) -> int:
             print(f"[{name}] export {prune} --grid {args.grid}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
             res = export_vlm(model, Path(tmp) / name, prune, grid=grid, inner=inner)
             report = verify_vlm(res, max_new_tokens=2, threads=args.threads)
-            if not report.passed:
-                raise VerificationError(
-                    f"variant {name} ({res.prune}) does not match eager: tokens_match={report.tokens_match}, "
-                    f"keep_idx_match={report.keep_idx_match}, max |logits diff|={report.max_abs_diff_logits:.3g} "
-                    f"(atol {report.atol:g})")
+            check_verified(name, res, report)
             results[name], feeds[name] = res, _feeds(res, args.text)
             macs[name] = _macs(res, feeds[name])
         stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)

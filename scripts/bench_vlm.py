@@ -78,6 +78,15 @@ def _feeds(result, batch: int, text: int, seed: int = 0) -> dict[str, dict[str, 
     return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
 
 
+def check_verified(name: str, result, report) -> None:
+    """One-line VerificationError unless variant `name`'s verify_vlm report passed: nothing unverified is timed."""
+    if not report.passed:
+        raise VerificationError(
+            f"variant {name} ({result.prune}) does not match eager: tokens_match={report.tokens_match}, "
+            f"keep_idx_match={report.keep_idx_match}, max |logits diff|={report.max_abs_diff_logits:.3g} "
+            f"(atol {report.atol:g})")
+
+
 def time_parts(results: dict, feeds: dict, *, threads: int | None, blocks: int, iters: int, parts=PARTS) -> dict:
     """Median/p90 of every variant's parts (`results[v].paths[part]` on `feeds[v][part]`), with one ONNX Runtime
     session resident at a time, in alternating blocks (FACTS.md "Benchmarking"); keys "variant/part"."""
@@ -168,11 +177,7 @@ def _run(args) -> int:
             print(f"[{name}] export {prune}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
             res = export_vlm(model, Path(tmp) / name, prune, inner=inner)
             report = verify_vlm(res, batch=max(2, args.batch), max_new_tokens=2)
-            if not report.passed:
-                raise VerificationError(
-                    f"variant {name} ({res.prune}) does not match eager: tokens_match={report.tokens_match}, "
-                    f"keep_idx_match={report.keep_idx_match}, max |logits diff|={report.max_abs_diff_logits:.3g} "
-                    f"(atol {report.atol:g})")
+            check_verified(name, res, report)
             results[name], feeds[name] = res, _feeds(res, args.batch, args.text)
             macs[name] = _macs(res, feeds[name])
         stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)

@@ -255,6 +255,17 @@ class Qwen2VLVisionPrune(nn.Module):
 # --------------------------------------------------------------------------- LM parts
 
 
+def fill_placeholders(embed_tokens: nn.Module, input_ids: Tensor, image_features: Tensor,
+                      placeholder_id: int) -> tuple[Tensor, Tensor]:
+    """(1, T) ids, (K, H) features -> ((1, T, H) embeddings with the j-th placeholder's row replaced by feature j,
+    (1, T) placeholder mask): CumSum + Gather + Where, no scatter."""
+    embeds = embed_tokens(input_ids)                                             # (1, T, H)
+    is_image = input_ids == placeholder_id
+    row = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp_min(0)       # j-th placeholder -> row j
+    image = image_features.to(embeds.dtype)[row]                                 # (1, T, H)
+    return torch.where(is_image.unsqueeze(-1), image, embeds), is_image
+
+
 class Qwen2VLPrefill(nn.Module):
     """(input_ids (1, T), image_features (K, H), position_ids (3, 1, T)) -> (last logits (1, V), k0, v0, k1, ...).
 
@@ -269,11 +280,7 @@ class Qwen2VLPrefill(nn.Module):
         self.placeholder_id = int(model.config.video_token_id if video else model.config.image_token_id)
 
     def forward(self, input_ids: Tensor, image_features: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
-        embeds = self.lm.embed_tokens(input_ids)                                 # (1, T, H)
-        is_image = input_ids == self.placeholder_id
-        row = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp_min(0)   # j-th placeholder -> row j
-        image = image_features.to(embeds.dtype)[row]                             # (1, T, H)
-        embeds = torch.where(is_image.unsqueeze(-1), image, embeds)
+        embeds, _ = fill_placeholders(self.lm.embed_tokens, input_ids, image_features, self.placeholder_id)
         cache = DynamicCache(config=self.lm.config)
         out = self.lm(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache, use_cache=True)
         logits = self.head(out.last_hidden_state[:, -1])

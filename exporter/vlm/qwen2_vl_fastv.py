@@ -62,7 +62,8 @@ from tokensieve.exporter.vlm.fastv import (FastvReference, FastvSpec, _eager_att
                                            fastv_score_reference, fastv_scores, merge_into_kept, reference_image_keep,
                                            reference_merge, select_image_tokens, selection_buffers)
 from tokensieve.exporter.vlm.lm_parts import _cache_from, _flatten
-from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLVisionPrune, cache_names, placeholder_token_id
+from tokensieve.exporter.vlm.qwen2_vl import (Qwen2VLVisionPrune, cache_names, fill_placeholders,
+                                              placeholder_token_id)
 
 _SEQ = Dim.DYNAMIC  # a strict Dim fails on the KV cat's contiguity guard (as for the plain parts)
 
@@ -113,10 +114,7 @@ class Qwen2VLFastvPrefill(nn.Module):
 
     def forward(self, input_ids: Tensor, image_features: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
         spec, cache = self.spec, DynamicCache()
-        embeds = self.embed_tokens(input_ids)                                    # (1, T, H)
-        is_image = input_ids == self.placeholder_id
-        row = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp_min(0)   # j-th placeholder -> row j
-        h = torch.where(is_image.unsqueeze(-1), image_features.to(embeds.dtype)[row], embeds)
+        h, is_image = fill_placeholders(self.embed_tokens, input_ids, image_features, self.placeholder_id)
         t = h.shape[1]
         ar = torch.arange(t, device=h.device)
         # the K placeholder indices, ascending: the K smallest keys (text columns pushed past T)
