@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,13 @@ class Stage:
         """The method's parameters with defaults filled in."""
         return {**METHODS[self.method].defaults(), **dict(self.params)}
 
+    def shorthand(self, place: bool = True) -> str:
+        """`METHOD[(name=value,…)]@BLOCK:KEEP`, or without `@BLOCK` (a VLM outer stage that has no block to name)."""
+        text = self.method
+        if self.params:
+            text += "(" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.params) + ")"
+        return f"{text}@{self.after_block}:{self.keep}" if place else f"{text}:{self.keep}"
+
     def to_dict(self) -> dict:
         d = {"method": self.method, "after_block": self.after_block}
         d["keep"] = self.keep.ratio if self.keep.ratio is not None else self.keep.count
@@ -106,12 +114,7 @@ class Recipe:
         return {"stages": [s.to_dict() for s in self.stages]}
 
     def shorthand(self) -> str:
-        def method(s: Stage) -> str:
-            if not s.params:
-                return s.method
-            return s.method + "(" + ",".join(f"{k}={json.dumps(v)}" for k, v in s.params) + ")"
-
-        return "+".join(f"{method(s)}@{s.after_block}:{s.keep}" for s in self.stages) or "dense"
+        return "+".join(s.shorthand() for s in self.stages) or "dense"
 
     def __str__(self) -> str:
         return self.shorthand()
@@ -126,40 +129,73 @@ def parse_recipe(text: str) -> Recipe:
         return Recipe(())
     stages = []
     for part in text.split("+"):
-        method, at, rest = part.partition("@")
-        method, params = _parse_method_params(method.strip(), part)
-        blocks, colon, keep = rest.partition(":")
-        if not at or not colon or not blocks or not keep:
-            raise ConfigError(
-                f"Cannot parse recipe {part!r}; write METHOD@BLOCKS:KEEP, e.g. cls-topk@3,6,9:0.7 (ratio) or cls-topk@4:98 (count)"
-            )
-        try:
-            indices = [int(b) for b in blocks.split(",")]
-        except ValueError:
-            raise ConfigError(f"Block list {blocks!r} in {part!r} must be comma-separated integers, e.g. 3,6,9") from None
-        budget = _parse_keep(keep, where=part)
-        stages += [Stage(method, i, budget, params) for i in indices]
+        st = parse_stage_text(part, RECIPE_EXAMPLE)
+        if st.places is None:
+            raise ConfigError(f"Cannot parse recipe {part!r}; write {RECIPE_EXAMPLE}")
+        stages += [st.stage(i) for i in st.places]
     return Recipe(tuple(stages))
 
 
-def _parse_method_params(text: str, where: str) -> tuple[str, tuple]:
-    """`cls-topk(fuse=true)` -> ("cls-topk", (("fuse", True),)); values are TOML-like literals."""
-    name, paren, rest = text.partition("(")
-    if not paren:
-        return name.strip(), ()
-    if not rest.endswith(")"):
-        raise ConfigError(f"Cannot parse method parameters in {where!r}; write METHOD(name=value,...)@BLOCKS:KEEP")
-    params = []
-    for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+# --------------------------------------------------------------------------- the one stage grammar
+
+RECIPE_EXAMPLE = "METHOD@BLOCKS:KEEP, e.g. cls-topk@3,6,9:0.7 (ratio) or cls-topk@4:98 (count)"
+_STAGE = re.compile(r"^(?P<method>[A-Za-z][\w-]*)\s*(?:\((?P<params>[^()]*)\))?\s*(?:@(?P<places>[^:]*))?:(?P<keep>.*)$")
+
+
+@dataclass(frozen=True)
+class StageText:
+    """One stage as written, `METHOD[(name=value,…)][@PLACES]:KEEP`, parsed but not yet bound to a role: a ViT recipe
+    stage (PLACES = blocks, required), a VLM's outer stage (LLaVA: optional @feature layer; Qwen2-VL: none) or its
+    inner stage (`fastv@LAYER:KEEP`). Parameter values stay as written (`raw_params`); `params` reads them as TOML-like
+    literals."""
+
+    method: str
+    raw_params: tuple[tuple[str, str], ...]
+    places: tuple[int, ...] | None       # None: no @ given
+    keep: Budget
+    text: str
+
+    @property
+    def params(self) -> tuple[tuple[str, object], ...]:
+        return tuple((k, _literal(v)) for k, v in self.raw_params)
+
+    def stage(self, place: int) -> Stage:
+        """The recipe Stage of this text at block/layer `place` (method and parameters checked against METHODS)."""
+        return Stage(self.method, place, self.keep, self.params)
+
+
+def parse_stage_text(text: str, example: str = RECIPE_EXAMPLE) -> StageText:
+    """`cls-topk(fuse=true)@3,6:0.7` -> StageText; a one-line ConfigError naming `example` otherwise. Syntax only:
+    what the method accepts is checked where the text gets its role (Stage, FastV)."""
+    where = str(text).strip()
+    m = _STAGE.match(where)
+    if not m or not m["keep"].strip() or (m["places"] is not None and not m["places"].strip()):
+        kind = "recipe" if example == RECIPE_EXAMPLE else "stage"
+        raise ConfigError(f"Cannot parse {kind} {where!r}; write {example}")
+    raw: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key:
             raise ConfigError(f"Parameter {item!r} in {where!r} must be name=value, e.g. cls-topk(fuse=true)@3:0.7")
+        if key in raw:
+            raise ConfigError(f"Parameter {key!r} is given twice in {where!r}; give it once")
+        raw[key] = value
+    places = None
+    if m["places"] is not None:
         try:
-            parsed = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value.strip()
-        params.append((key.strip(), parsed))
-    return name.strip(), tuple(params)
+            places = tuple(int(b) for b in m["places"].split(","))
+        except ValueError:
+            raise ConfigError(f"Block list {m['places']!r} in {where!r} must be comma-separated integers, e.g. "
+                              "3,6,9") from None
+    return StageText(m["method"], tuple(raw.items()), places, _parse_keep(m["keep"], where=where), where)
+
+
+def _literal(value: str) -> object:
+    """A parameter value as a TOML-like literal (true, 0.5, 3, "x"); anything else stays the written string."""
+    try:
+        return tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value.strip()
 
 
 def _parse_keep(value: object, where: str) -> Budget:

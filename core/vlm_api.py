@@ -77,7 +77,7 @@ from tokensieve.exporter.vlm.qwen2_vl_fastv import (calibrate_qwen2_fastv_bias, 
 from tokensieve.api import remove_stale_engines
 from tokensieve.fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
-from tokensieve.recipe import Recipe, Stage, parse_recipe
+from tokensieve.recipe import Stage, parse_stage_text
 from tokensieve.runtime.llava_pipeline import MANIFEST, Generation, LlavaPipeline
 
 __all__ = ["export_vlm", "verify_vlm", "plan_vlm", "build_vlm", "vlm_profiles", "VlmExportResult", "VlmVerifyReport",
@@ -125,8 +125,7 @@ class VlmPlan:
     @property
     def prune(self) -> str:
         """The outer stage written back in full: `cls-topk@1:4` (LLaVA) or `attn-mean:6` (Qwen2-VL, no layer)."""
-        text = Recipe((self.stage,)).shorthand()  # METHOD[(options)]@LAYER:KEEP
-        return text if self.model_type == "llava" else f"{text.rpartition('@')[0]}:{self.stage.keep}"
+        return self.stage.shorthand(place=self.model_type == "llava")
 
 
 def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner: str | None = None,
@@ -164,19 +163,25 @@ def _max_positions(model: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+OUTER_EXAMPLE = "METHOD[(options)]:KEEP for the one stage after the vision tower, e.g. cls-topk:0.25"
+
+
+def _outer_stage_text(text: str):
+    parts = str(text).split("+")
+    if len(parts) > 1:
+        raise ConfigError(f"Outer pruning takes exactly one stage, got {len(parts)} in {str(text).strip()!r}; write "
+                          f"{OUTER_EXAMPLE}")
+    return parse_stage_text(text, OUTER_EXAMPLE)
+
+
 def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
     """LLaVA: `cls-topk:0.25` / `divprune@22:144` -> (the stage after LLaVA's feature layer, static K)."""
-    head, colon, keep = str(text).strip().rpartition(":")
-    if colon and "@" not in head:
-        text = f"{head}@{layout.feature_layer}:{keep}"
-    stages = parse_recipe(text).stages
-    if len(stages) != 1:
-        raise ConfigError(f"LLaVA outer pruning takes exactly one stage, got {len(stages)} in {text!r}; "
-                          "write METHOD:KEEP, e.g. cls-topk:0.25")
-    stage = stages[0]
-    if stage.after_block != layout.feature_layer:
+    st = _outer_stage_text(text)
+    if st.places is not None and st.places != (layout.feature_layer,):
         raise ConfigError(f"Outer pruning runs after CLIP layer {layout.feature_layer} (LLaVA's vision_feature_layer), "
-                          f"not {stage.after_block}; write {stage.method}:{keep} or @{layout.feature_layer}")
+                          f"not {','.join(map(str, st.places))}; write {st.method}:{st.keep} or "
+                          f"@{layout.feature_layer}")
+    stage = st.stage(layout.feature_layer)
     k = stage.keep.resolve(layout.num_patches)
     if k > layout.num_patches:
         raise ConfigError(f"keep={k} is out of range; the vision tower has {layout.num_patches} patch tokens, "
@@ -186,14 +191,11 @@ def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
 
 def parse_qwen2_vl_prune(text: str) -> Stage:
     """Qwen2-VL: `attn-mean:0.5` -> the one stage after the merger (its after_block is a placeholder 0)."""
-    head, colon, keep = str(text).strip().rpartition(":")
-    if not colon or "@" in head:
-        raise ConfigError(f"prune {text!r}: write METHOD[(options)]:KEEP for the one stage after the vision tower, "
-                          "e.g. attn-mean:0.5")
-    stages = parse_recipe(f"{head}@0:{keep}").stages
-    if len(stages) != 1:
-        raise ConfigError(f"prune {text!r} must be one stage")
-    return stages[0]
+    st = _outer_stage_text(text)
+    if st.places is not None:
+        raise ConfigError(f"prune {text!r}: Qwen2-VL prunes once, after the vision tower's merger; write {OUTER_EXAMPLE}"
+                          .replace(", e.g. cls-topk:0.25", ", e.g. attn-mean:0.5"))
+    return st.stage(0)
 
 
 def _check_qwen2_vl(model: nn.Module) -> None:

@@ -166,7 +166,9 @@ def test_resolve_ratio_property():
 
 BAD_SHORTHAND = {
     "unknown method": ("nope@3:0.7", "Unknown method 'nope'"),
-    "empty method": ("@3:0.7", "Unknown method ''"),
+    "empty method": ("@3:0.7", "Cannot parse recipe '@3:0.7'; write METHOD@BLOCKS:KEEP"),
+    "unclosed parameters": ("cls-topk(fuse=true@3:0.7", "Cannot parse recipe"),
+    "parameter twice": ("cls-topk(fuse=true,fuse=false)@3:0.7", "Parameter 'fuse' is given twice"),
     "keep ratio 0": ("cls-topk@3:0.0", "keep ratio 0.0 is out of range"),
     "keep ratio negative": ("cls-topk@3:-0.5", "keep ratio -0.5 is out of range"),
     "keep ratio > 1": ("cls-topk@3:1.5", "keep ratio 1.5 is out of range"),

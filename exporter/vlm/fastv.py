@@ -67,7 +67,6 @@ L+1.. over the kept prompt tokens plus the generated ones.
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,12 +81,10 @@ from tokensieve.exporter.vlm.export_part import PartSpec
 from tokensieve.exporter.vlm.llava import LlavaLayout
 from tokensieve.exporter.vlm.lm_parts import EXAMPLE_BATCH, _cache_from, _flatten, kv_names
 from tokensieve.graph_passes.methods.position_scores import uniform_scores
+from tokensieve.recipe import Budget, parse_stage_text
 
 _BATCH = Dim("batch", min=1, max=4096)
 _SEQ = Dim.DYNAMIC
-_SPEC = re.compile(r"^fastv(?:\((?P<params>[^)]*)\))?@(?P<layer>-?\d+):(?P<keep>\S+)$")
-
-
 @dataclass(frozen=True)
 class FastvSpec:
     """The static FastV stage: drop N - R image tokens after decoder layer `layer`."""
@@ -129,21 +126,19 @@ class FastvSpec:
 _PARAMS = "debias=true|false, uniform=S (0 <= S < 1) and merge=true|false"
 
 
-def _split(text: str) -> tuple[bool, float, bool, int, str]:
-    """`fastv(debias=true,uniform=0.5,merge=true)@1:0.5` -> (debias, uniform share, merge, layer, keep text); one-line
-    ConfigError."""
-    m = _SPEC.match(str(text).strip())
-    if not m:
-        raise ConfigError(f"Cannot parse inner pruning {text!r}; write fastv@LAYER:KEEP, e.g. fastv@1:0.5 (ratio of "
-                          "the image tokens) or fastv@1:8 (count)")
-    params: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
-        key, eq, value = (x.strip() for x in item.partition("="))
-        if key not in ("debias", "uniform", "merge") or not eq:
+INNER_EXAMPLE = "fastv@LAYER:KEEP, e.g. fastv@1:0.5 (ratio of the image tokens) or fastv@1:8 (count)"
+
+
+def _split(text: str) -> tuple[bool, float, bool, int, Budget]:
+    """`fastv(debias=true,uniform=0.5,merge=true)@1:0.5` -> (debias, uniform share, merge, layer, keep budget);
+    one-line ConfigError. The grammar is the recipes' (tokensieve.recipe.parse_stage_text)."""
+    st = parse_stage_text(text, INNER_EXAMPLE)
+    if st.method != "fastv" or st.places is None or len(st.places) != 1:
+        raise ConfigError(f"Cannot parse inner pruning {str(text).strip()!r}; write {INNER_EXAMPLE}")
+    params = dict(st.raw_params)
+    for item in params:
+        if item not in ("debias", "uniform", "merge"):
             raise ConfigError(f"fastv parameters are {_PARAMS}; got {item!r}")
-        if key in params:
-            raise ConfigError(f"fastv parameter {key!r} is given twice in {text!r}")
-        params[key] = value
     flags = {}
     for key in ("debias", "merge"):
         flags[key] = params.get(key, "false").lower()
@@ -157,34 +152,25 @@ def _split(text: str) -> tuple[bool, float, bool, int, str]:
     if not 0.0 <= uniform < 1.0:
         raise ConfigError(f"fastv uniform={params['uniform']} is out of range; use a share 0 <= S < 1 of the kept "
                           "image tokens (0 = plain FastV)")
-    return flags["debias"] == "true", uniform, flags["merge"] == "true", int(m["layer"]), m["keep"]
+    return flags["debias"] == "true", uniform, flags["merge"] == "true", st.places[0], st.keep
 
 
 def split_fastv(text: str) -> tuple[bool, int, str]:
     """Syntax only (no model needed): `fastv(debias=true)@1:0.5` -> (debias, layer, keep text); ConfigError (every
     parameter is checked, uniform=S too)."""
-    debias, _, _, layer, keep_text = _split(text)
-    return debias, layer, keep_text
+    debias, _, _, layer, budget = _split(text)
+    return debias, layer, str(budget)
 
 
 def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) -> FastvSpec:
     """`fastv@1:0.5` / `fastv@1:8` / `fastv(debias=true,uniform=0.5,merge=true)@1:8` -> FastvSpec; one-line
     ConfigError otherwise."""
-    debias, uniform, merge, layer, keep_text = _split(text)
+    debias, uniform, merge, layer, budget = _split(text)
     if not 0 <= layer <= num_layers - 2:
         raise ConfigError(f"fastv layer {layer} is out of range; the language model has {num_layers} layers, prune "
                           f"after layer 0..{num_layers - 2} (later layers must remain to see fewer tokens)")
     n = num_image_tokens
-    try:
-        if any(ch in keep_text for ch in ".eE"):
-            ratio = float(keep_text)
-            if not 0.0 < ratio <= 1.0:
-                raise ConfigError(f"fastv keep ratio {keep_text} is out of range; use 0 < ratio <= 1")
-            keep = max(1, math.ceil(ratio * n - 1e-9))
-        else:
-            keep = int(keep_text)
-    except ValueError:
-        raise ConfigError(f"fastv keep {keep_text!r} is not a number; use a ratio like 0.5 or a count like 8") from None
+    keep = budget.resolve(n)
     if not 1 <= keep <= n:
         raise ConfigError(f"fastv keep={keep} is out of range; the prompt carries {n} image tokens, keep 1..{n}")
     if debias and bias is None:

@@ -419,7 +419,7 @@ def test_fastv_tensorrt_greedy_equals_onnxruntime(model, image):
     ("uniform:1.0", "fastv@-1:8", {}, "out of range"),
     ("uniform:1.0", "fastv@1:17", {}, "keep=17 is out of range; the prompt carries 16 image tokens"),
     ("attn-mean:8", "fastv@1:9", {}, "keep=9 is out of range; the prompt carries 8 image tokens"),  # R of the K
-    ("uniform:1.0", "fastv@1:0", {}, "keep=0 is out of range"),
+    ("uniform:1.0", "fastv@1:0", {}, "keep count 0 is out of range"),
     ("uniform:1.0", "fastv@1:1.5", {}, "ratio 1.5 is out of range"),
     ("uniform:1.0", "fastv:8", {}, "Cannot parse"),
     ("uniform:1.0", "fastv(merge=1)@1:8", {}, "merge='1' must be true or false"),
