@@ -5,12 +5,13 @@ output tokens with one MatMul by a (B, keep, n) weight matrix W, built from comp
 (one-hot) or a softmax, so the export has no ScatterND/ScatterElements (ToMe's `scatter_reduce(mean)`):
 
     tome                out_k = Σ_i W[k, i] x_i / Σ_i W[k, i]
-                        W[k, i] = 1 if patch i survives at output k or is merged into it (bipartite soft matching)
+                        W[k, i] = 1 if patch i survives at output k or is merged into it (bipartite soft matching,
+                        as facebookresearch/ToMe's tome/merge.py; tests/reference/tome.py transcribes it)
     token-transforming  out_j = Σ_i M[i, j] x_i / Σ_i M[i, j]     M[i, :] = softmax_j(cos(x_i, a_j) / τ)
                         (a_j: the `keep` anchor tokens with the highest [CLS] or mean attention)
 
-Kept positions: ToMe's survivors (unmerged A tokens and every B token), token transforming's anchors; both
-ascending, so the output tokens stay in their original order.
+Kept positions: ToMe's survivors (unmerged A tokens, then every B token: the released code's order; ascending in
+the `spatial` variant), token transforming's anchors (ascending, so its tokens stay in their original order).
 """
 from __future__ import annotations
 
@@ -60,57 +61,102 @@ def tome_metric(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
     return k.mean(dim=1)
 
 
-def tome_max_merge(num_patches: int) -> int:
-    """The most patch tokens one bipartite matching can merge: the size of set A, ceil(n / 2)."""
-    return (num_patches + 1) // 2
+def tome_max_merge(num_patches: int, spatial: bool = False) -> int:
+    """The most patch tokens one bipartite matching merges: ToMe's cap floor(n / 2) (its `min(r, (t - protected) //
+    2)`), or the size of set A, ceil(n / 2), in the spatial variant."""
+    return (num_patches + 1) // 2 if spatial else num_patches // 2
 
 
-def tome_match(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Bipartite soft matching of the patch metric (B, n, D) -> (merged (B, n_a) bool, dst (B, n_a)).
+def tome_match(metric: Tensor, r: int, first_a: int = 0) -> tuple[Tensor, Tensor]:
+    """Bipartite soft matching of the patch metric (B, n, D) -> (merged (B, n_a) bool, dst (B, n_a) B-set index).
 
-    Set A = even positions, set B = odd positions (Bolya et al., `bipartite_soft_matching`). Each A token's
-    best B match by cosine similarity is dst, a local patch position (first on ties, as ONNX ArgMax); the r A
-    tokens with the most similar match are merged (ties to the lowest position, like ToMe's stable argsort).
+    Set A = patch positions first_a, first_a + 2, ...; set B = the others. Each A token's best B match by cosine
+    similarity is dst (first on ties, as ONNX ArgMax and torch.max); the r A tokens with the most similar match
+    are merged (ties to the lowest position: `top_mask`).
     """
     m = unit_vectors(metric)
-    sim = torch.matmul(m[:, 0::2], m[:, 1::2].transpose(-2, -1))               # (B, n_a, n_b)
-    node_max, node_idx = sim.amax(dim=-1), sim.argmax(dim=-1)
-    return top_mask(node_max, r), 2 * node_idx + 1
+    sim = torch.matmul(m[:, first_a::2], m[:, 1 - first_a::2].transpose(-2, -1))   # (B, n_a, n_b)
+    return top_mask(sim.amax(dim=-1), r), sim.argmax(dim=-1)
+
+
+def _rank(values: Tensor) -> Tensor:
+    """(B, n) -> (B, n) int64: each value's place in a descending sort, exact ties to the lower position (`top_mask`)."""
+    vi, vj = values.unsqueeze(-1), values.unsqueeze(-2)
+    positions = torch.arange(values.shape[-1], device=values.device)
+    before = positions.unsqueeze(-1) > positions                                     # [i, j]: j < i
+    return (vj > vi).sum(dim=-1) + ((vj == vi) & before).sum(dim=-1)
+
+
+def _tome_groups(metric: Tensor, r: int, p: int, spatial: bool) -> tuple[int, Tensor, Tensor, Tensor]:
+    """Patch metric (B, n, D) -> (first_a, W_a (B, keep, n_a), W_b (B, keep, n_b), survivors (B, keep) local).
+
+    W_a[k, i] / W_b[k, j] = 1 when A token i / B token j belongs to output token k (itself or its merge target).
+    """
+    b, n = metric.shape[:2]
+    keep = n - r
+    positions = torch.arange(n, device=metric.device)
+    if spatial:  # A = even patch positions, survivors ascending
+        merged, dst = tome_match(metric, r, 0)
+        a_of = torch.div(positions, 2, rounding_mode="floor")
+        idx = ascending_positions(~(merged[:, a_of] & (positions % 2 == 0)), keep)  # (B, keep) local, ascending
+        target_a = torch.where(merged, 2 * dst + 1, positions[0::2])                 # local position of its group
+        target_b = positions[1::2].expand(b, -1)
+        return 0, idx.unsqueeze(-1) == target_a.unsqueeze(1), idx.unsqueeze(-1) == target_b.unsqueeze(1), idx
+    # ToMe: A = even SEQUENCE positions p + i, so the first A patch is local position p % 2.
+    first_a = p % 2
+    a_pos, b_pos = positions[first_a::2], positions[1 - first_a::2]
+    n_a, n_b = a_pos.shape[0], b_pos.shape[0]
+    m = unit_vectors(metric)
+    sim = torch.matmul(m[:, first_a::2], m[:, 1 - first_a::2].transpose(-2, -1))      # (B, n_a, n_b)
+    rank = _rank(sim.amax(dim=-1))                                                     # edge_idx order
+    merged = rank < r
+    # Output slots: unmerged A first (ascending with a prefix token: cumsum; without: the argsort order), then B.
+    unm_slot = torch.cumsum((~merged).long(), dim=-1) - 1 if p else rank - r
+    target_a = torch.where(merged, (n_a - r) + sim.argmax(dim=-1), unm_slot)           # (B, n_a) output slot
+    target_b = (n_a - r) + torch.arange(n_b, device=metric.device)                     # (n_b,)
+    slots = torch.arange(keep, device=metric.device).unsqueeze(-1)                     # (keep, 1)
+    w_a = slots == target_a.unsqueeze(1)                                               # (B, keep, n_a)
+    w_b = (slots == target_b).expand(b, -1, -1)                                        # (B, keep, n_b)
+    own = (w_a & ~merged.unsqueeze(1)).float()
+    # Survivor positions: the unmerged A token or the B token of each slot (exact in float32: n < 2**24).
+    idx = torch.matmul(own, a_pos.float()) + torch.matmul(w_b.float(), b_pos.float())
+    return first_a, w_a, w_b, idx.to(torch.int64)
 
 
 def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1, prop_attn: bool = False,
-               state: Tensor | None = None) -> tuple[Tensor, ...]:
-    """ToMe reduce: merge r = n - keep patch tokens into their bipartite match by a mean (one MatMul).
+               state: Tensor | None = None, spatial: bool = False) -> tuple[Tensor, ...]:
+    """ToMe reduce: merge r = n - keep patch tokens into their bipartite match by a (size-weighted) mean, as MatMuls.
 
-    x (B, N, C), metric (B, N, D) = `tome_metric` -> ((B, p + keep, C), surviving positions (B, keep) ascending).
-    Each surviving token is the mean of itself and the A tokens merged into it (ToMe's `scatter_reduce(mean)`).
-    Without prop_attn every token counts as size 1 at every stage. With prop_attn (ToMe's proportional attention)
-    the token sizes are the carried state: `state` (B, N) float sizes in (None = all 1), means are size-weighted,
-    and the sizes out (B, p + keep) are returned third; later attention adds log(size) to its logits
-    (`tome_size_mask`). Needs r <= ceil(n / 2) (see `tome_validate`).
+    x (B, N, C), metric (B, N, D) = `tome_metric` -> ((B, p + keep, C), surviving positions (B, keep)).
+    Default: the released code's `bipartite_soft_matching` + `merge_wavg` (facebookresearch/ToMe tome/merge.py).
+    Sets A and B alternate over the WHOLE sequence (A = even sequence positions, B = odd ones), prefix tokens
+    excluded from both (ToMe sets the [CLS] row and the distillation column of the scores to -inf); each A
+    token's best B match by cosine (first on ties); the r A tokens with the most similar match merge into it
+    (ties to the lower position; ToMe's argsort leaves them unspecified). Output order as the code's
+    `cat([unm, dst])`: prefix, the unmerged A tokens (ascending with a prefix token, ToMe's `unm_idx.sort()`;
+    with none, by descending best similarity, the argsort order), then every B token in order; the kept
+    positions come in that output order. Needs r <= floor(n / 2) (`tome_validate`).
+    spatial=True: tokensieve's earlier variant: A/B alternate over the patch tokens only (A = even patch
+    positions), survivors in ascending position order, r <= ceil(n / 2).
+    Sizes: without prop_attn every token counts as size 1 at every stage (ToMe carries sizes through every stage:
+    docs/fidelity.md). With prop_attn (ToMe's proportional attention) the sizes are the carried state: `state`
+    (B, N) float sizes in (None = all 1), means are size-weighted, and the sizes out (B, p + keep) are returned
+    third; later attention adds log(size) to its logits (`tome_size_mask`).
     """
     p = num_prefix_tokens
     n = x.shape[1] - p
     r = n - keep
-    positions = torch.arange(n, device=x.device)
     size = torch.ones_like(x[:, :, 0], dtype=torch.float32) if state is None else state.float()
     if r <= 0:  # keep every patch token (a ratio of 1.0)
-        kept = (positions + p).expand(x.shape[0], -1)
+        kept = (torch.arange(n, device=x.device) + p).expand(x.shape[0], -1)
         return (x, kept, size) if prop_attn else (x, kept)
-    merged_a, dst = tome_match(metric[:, p:], r)                                  # (B, n_a) each
-    # Survivors = unmerged A tokens + every B token; B positions are odd, so only A tokens are ever dropped.
-    a_of = torch.div(positions, 2, rounding_mode="floor")
-    merged = merged_a[:, a_of] & (positions % 2 == 0)                             # (B, n): patch merged away
-    idx = ascending_positions(~merged, keep)                                      # (B, keep) local, ascending
-    # target[i]: the local position whose output token patch i contributes to (its match if merged, else itself).
-    target_a = torch.where(merged_a, dst, positions[0::2])                        # (B, n_a)
-    target_b = positions[1::2].expand(x.shape[0], -1)                             # (B, n_b) B tokens never move
-    w_a = (idx.unsqueeze(-1) == target_a.unsqueeze(1)).float()                   # (B, keep, n_a) one-hot
-    w_b = (idx.unsqueeze(-1) == target_b.unsqueeze(1)).float()                   # (B, keep, n_b)
+    first_a, w_a, w_b, idx = _tome_groups(metric[:, p:], r, p, spatial)
+    w_a, w_b = w_a.float(), w_b.float()
     sp = size[:, p:].unsqueeze(-1)                                                # (B, n, 1) token sizes
     xp = x[:, p:].float() * sp
-    total = torch.matmul(w_a, xp[:, 0::2]) + torch.matmul(w_b, xp[:, 1::2])       # (B, keep, C) group sums
-    count = torch.matmul(w_a, sp[:, 0::2]) + torch.matmul(w_b, sp[:, 1::2])       # (B, keep, 1) group sizes >= 1
+    a, b = slice(first_a, None, 2), slice(1 - first_a, None, 2)
+    total = torch.matmul(w_a, xp[:, a]) + torch.matmul(w_b, xp[:, b])             # (B, keep, C) group sums
+    count = torch.matmul(w_a, sp[:, a]) + torch.matmul(w_b, sp[:, b])             # (B, keep, 1) group sizes >= 1
     tokens = (total / count).to(x.dtype)
     if p:
         tokens = torch.cat([x[:, :p], tokens], dim=1)
@@ -125,7 +171,7 @@ def tome_size_mask(size: Tensor) -> Tensor:
 
 
 def tome_validate(num_patches: int, keep: int, options: dict) -> str | None:
-    n_a = tome_max_merge(num_patches)
+    n_a = tome_max_merge(num_patches, options.get("spatial", False))
     if num_patches - keep > n_a:
         return (f"ToMe merges at most {n_a} of {num_patches} patch tokens per stage (keep >= {num_patches - n_a}); "
                 "lower the budget per stage or add stages")
@@ -177,8 +223,12 @@ METHODS: tuple = (
         reduce_fn=tome_merge, validate=tome_validate,
         params=(Param("prop_attn", False, "proportional attention: carry token sizes, size-weighted merges, "
                       "log(size) added to later attention logits (every later stage must be tome(prop_attn=true))",
-                      bool),),
-        reduce_params=("prop_attn",), carries_state=lambda options: options.get("prop_attn", False),
+                      bool),
+                Param("spatial", False, "tokensieve's spatial variant: sets A/B alternate over the patch tokens only "
+                      "and the survivors stay in position order, up to ceil(n/2) merges (default: ToMe's code: A/B "
+                      "alternate over the whole sequence, survivors ordered unmerged A then B, up to floor(n/2))",
+                      bool)),
+        reduce_params=("prop_attn", "spatial"), carries_state=lambda options: options.get("prop_attn", False),
         state_mask=tome_size_mask,
     ),
     PruneMethod(

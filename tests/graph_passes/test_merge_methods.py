@@ -1,8 +1,9 @@
 """The merging methods (tome, token-transforming): export + verify, ONNX op census, reduce math, validation.
 
 End to end: each (model, recipe) below is exported once (module-scoped fixture) and checked against the eager
-reference on ONNX Runtime. Unit level: `tome_merge` against Bolya et al.'s `bipartite_soft_matching` with
-`scatter_reduce(mean)` (written out below), `transform_tokens` against the naive formula, the tie rule of
+reference on ONNX Runtime. Unit level: `tome_merge(spatial=true)` against Bolya et al.'s `bipartite_soft_matching`
+with `scatter_reduce(mean)` on the patch tokens (written out below; the default form is checked against the
+released code in test_fidelity_tome.py), `transform_tokens` against the naive formula, the tie rule of
 `top_mask`, and recipe validation (ToMe merges at most half the patch tokens per stage).
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ def tome_cases(draw):
     B = draw(st.integers(1, 3))
     n = draw(st.integers(2, 40))
     prefix = draw(st.integers(0, 5))
-    r = draw(st.integers(0, (n + 1) // 2))  # ToMe's limit: at most |A| = ceil(n / 2) merges
+    r = draw(st.integers(0, (n + 1) // 2))  # the spatial variant's limit: at most |A| = ceil(n / 2) merges
     C, D = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(B, prefix + n, C, generator=gen)
@@ -112,7 +113,7 @@ def test_tome_merge_matches_bipartite_soft_matching(case):
     x, metric, keep, p = case
     B, N, C = x.shape
     n = N - p
-    out, idx = tome_merge(x, metric, keep, p)
+    out, idx = tome_merge(x, metric, keep, p, spatial=True)
 
     assert out.shape == (B, p + keep, C) and idx.shape == (B, keep) and idx.dtype == torch.long
     assert (idx[:, 1:] > idx[:, :-1]).all() and (idx >= p).all() and (idx < N).all()  # ascending, unique
@@ -134,7 +135,7 @@ def test_tome_merges_identical_tokens_first_and_breaks_ties_by_position():
     # vector, so every best similarity is exactly 1.0): four exact ties, the lowest positions (0 and 2) merge.
     metric = torch.eye(4).repeat_interleave(2, dim=0).unsqueeze(0)  # rows e0 e0 e1 e1 e2 e2 e3 e3
     x = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
-    out, idx = tome_merge(x, metric, keep=6, num_prefix_tokens=0)
+    out, idx = tome_merge(x, metric, keep=6, num_prefix_tokens=0, spatial=True)
     assert idx.tolist() == [[1, 3, 4, 5, 6, 7]]
     want = torch.stack([(x[0, 0] + x[0, 1]) / 2, (x[0, 2] + x[0, 3]) / 2, *x[0, 4:]])
     torch.testing.assert_close(out[0], want)
@@ -229,7 +230,8 @@ def test_anchor_scores_cls_row_or_mean_attention():
 @pytest.mark.parametrize("recipe, tokens, keeps", [
     ("tome@1:8", 17, [8]),                  # 16 patches: |A| = 8 merges at most
     ("tome@1:0.5+tome@2:4", 17, [8, 4]),
-    ("tome@0:4", 10, [4]),                  # 9 patches: |A| = ceil(9 / 2) = 5
+    ("tome@0:5", 10, [5]),                  # 9 patches: ToMe merges at most floor(9 / 2) = 4
+    ("tome(spatial=true)@0:4", 10, [4]),    # the spatial variant: |A| = ceil(9 / 2) = 5
 ])
 def test_tome_budget_up_to_half_resolves(recipe, tokens, keeps):
     assert [s.keep for s in resolve_recipe(parse_recipe(recipe), 4, tokens, 1)] == keeps
@@ -239,7 +241,8 @@ def test_tome_budget_up_to_half_resolves(recipe, tokens, keeps):
     ("tome@1:7", 17, "at most 8 of 16 patch tokens per stage (keep >= 8)"),
     ("tome@1:0.4", 17, "at most 8 of 16 patch tokens per stage (keep >= 8)"),   # keep = ceil(6.4) = 7
     ("tome@1:0.5+tome@2:3", 17, "at most 4 of 8 patch tokens per stage (keep >= 4)"),
-    ("tome@0:3", 10, "at most 5 of 9 patch tokens per stage (keep >= 4)"),
+    ("tome@0:4", 10, "at most 4 of 9 patch tokens per stage (keep >= 5)"),
+    ("tome(spatial=true)@0:3", 10, "at most 5 of 9 patch tokens per stage (keep >= 4)"),
 ])
 def test_tome_budget_beyond_half_is_a_one_line_config_error(recipe, tokens, limit):
     with pytest.raises(ConfigError) as e:

@@ -92,7 +92,7 @@ def sized_cases(draw):
 @given(sized_cases())
 def test_sized_merge_matches_merge_wavg_and_conserves_mass(case):
     x, metric, size, keep, p = case
-    out, idx, new_size = tome_merge(x, metric, keep, p, prop_attn=True, state=size)
+    out, idx, new_size = tome_merge(x, metric, keep, p, prop_attn=True, state=size, spatial=True)
     assert new_size.shape == (x.shape[0], p + keep)
     torch.testing.assert_close(new_size[:, :p], size[:, :p], rtol=0, atol=0)
     torch.testing.assert_close(new_size.sum(-1), size.sum(-1))                           # sizes are conserved
