@@ -11,7 +11,7 @@ from tokensieve.graph_passes.methods import adaptive, attention_graph, diversity
 from tokensieve.graph_passes.methods.attention_scores import cls_attention_scores, feather_scores, mean_attention_scores
 from tokensieve.graph_passes.methods.hidden_scores import transition_scores
 from tokensieve.graph_passes.methods.position_scores import MAX_SEED, random_scores, uniform_scores
-from tokensieve.graph_passes.methods.spec import FUSE, POSPAD, RECYCLE, Param, PruneMethod, Reduce, ScoreInput
+from tokensieve.graph_passes.methods.spec import FUSE, FUSE_MEAN, POSPAD, RECYCLE, Param, PruneMethod, Reduce, ScoreInput
 
 __all__ = ["METHODS", "Param", "PruneMethod", "Reduce", "ScoreInput"]
 
@@ -22,20 +22,24 @@ METHODS: dict[str, PruneMethod] = {
             name="cls-topk",
             summary="keep the patch tokens the [CLS] token attends to most (head-averaged attention row)",
             paper="EViT (Liang et al., ICLR 2022); FasterVLM (Zhang et al., 2024)",
-            score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True, params=(FUSE, POSPAD, RECYCLE),
+            score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True,
+            params=(FUSE, FUSE_MEAN, POSPAD, RECYCLE),
         ),
         PruneMethod(
             name="attn-mean",
             summary="keep the patch tokens that receive the most attention on average (no [CLS] needed, e.g. SigLIP)",
             paper="attention-received importance, as in FastV (Chen et al., ECCV 2024) without a query token",
-            score_input=ScoreInput.ATTENTION_QK, score=mean_attention_scores, params=(FUSE, POSPAD, RECYCLE),
+            score_input=ScoreInput.ATTENTION_QK, score=mean_attention_scores, params=(FUSE, FUSE_MEAN, POSPAD, RECYCLE),
         ),
         PruneMethod(
             name="ttv",
             summary="keep the tokens whose hidden state the block changes most (magnitude + direction)",
             paper="TransPrune: token transition variation (Li et al., 2025)",
             score_input=ScoreInput.HIDDEN, score=transition_scores,
-            params=(Param("direction_weight", 1.0, "weight of the direction term 1-cos(x_in, x_out)", float, 0.0, 100.0), FUSE, POSPAD, RECYCLE),
+            # TTV scores are not attention probabilities: its fused token is their weighted mean by default
+            params=(Param("direction_weight", 1.0, "weight of the direction term 1-cos(x_in, x_out)", float, 0.0, 100.0), FUSE,
+                    Param("fuse_mean", True, "with fuse: the fused token is the score-weighted mean of the dropped tokens "
+                          "(false: their score-weighted sum, EViT's form for attention scores)", bool), POSPAD, RECYCLE),
             score_params=("direction_weight",),
         ),
         PruneMethod(
@@ -60,7 +64,7 @@ METHODS: dict[str, PruneMethod] = {
             params=(Param("uniform_share", 0.5, "share of the budget given to evenly spaced positions (0: cls-topk, "
                           "1: uniform)", float, 0.0, 1.0),
                     Param("mean_attention", False, "score by mean attention received instead of [CLS] attention "
-                          "(no [CLS] needed)", bool), FUSE, POSPAD, RECYCLE),
+                          "(no [CLS] needed)", bool), FUSE, FUSE_MEAN, POSPAD, RECYCLE),
             score_params=("uniform_share", "mean_attention"),
         ),
     )

@@ -47,13 +47,16 @@ class Param:
         return value
 
 
-FUSE = Param("fuse", False, "add EViT's extra token: the score-weighted mean of the dropped tokens", bool)
+FUSE = Param("fuse", False, "add EViT's extra token: the dropped tokens summed with their attention scores as "
+             "weights (EViT's code)", bool)
+FUSE_MEAN = Param("fuse_mean", False, "with fuse: the fused token is the score-weighted MEAN of the dropped tokens "
+                  "(tokensieve's earlier form) instead of EViT's weighted sum", bool)
 POSPAD = Param("pospad", False, "PosPad: one marker token (mean of the run) per run of dropped tokens, at the run's "
                "last position; min(K+1, n-K) static marker slots, unused ones zero at the end", bool)
 RECYCLE = Param("recycle", False, "AIM / VFlowOpt-style recycling: average each dropped patch token into the kept "
                 "token most similar to it (cosine of hidden states), one K x n MatMul; not with fuse or pospad", bool)
-# Options that consume the dropped tokens; at most one of recycle and (fuse, pospad) per stage.
-TOKEN_REUSE = ("fuse", "pospad", "recycle")
+# Options that consume the dropped tokens (+ fuse_mean, how fuse does); at most one of recycle and (fuse, pospad).
+TOKEN_REUSE = ("fuse", "pospad", "recycle", "fuse_mean")
 
 
 @dataclass(frozen=True)

@@ -72,5 +72,6 @@ def gather_options(x: Tensor, scores: Tensor, tokens: Tensor, idx: Tensor, keep:
     if options.get("pospad"):
         tokens, _ = pospad_tokens(x, idx, pospad_slots(x.shape[1] - num_prefix_tokens, keep), num_prefix_tokens)
     if options.get("fuse"):
-        tokens = torch.cat([tokens, fuse_dropped_tokens(x, scores, idx, num_prefix_tokens)], dim=1)
+        fused = fuse_dropped_tokens(x, scores, idx, num_prefix_tokens, mean=options.get("fuse_mean", False))
+        tokens = torch.cat([tokens, fused], dim=1)
     return tokens

@@ -32,11 +32,15 @@ def prune_topk(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1)
     return gather_tokens(x, idx, num_prefix_tokens), idx
 
 
-def fuse_dropped_tokens(x: Tensor, scores: Tensor, idx: Tensor, num_prefix_tokens: int = 1) -> Tensor:
-    """EViT's fused token: the score-weighted mean of the dropped patch tokens -> (B, 1, C).
+def fuse_dropped_tokens(x: Tensor, scores: Tensor, idx: Tensor, num_prefix_tokens: int = 1,
+                        mean: bool = False) -> Tensor:
+    """EViT's fused token -> (B, 1, C): the dropped patch tokens summed with their scores as weights, Σ_d s_d x_d.
 
-    The dropped set is a comparison mask (positions vs kept indices: no scatter), so the weighted sum
-    never subtracts nearly equal totals (exact even when the dropped tokens carry ~1e-9 of the weight).
+    That is EViT's released code (youweiliang/evit evit.py `Block.forward`: `torch.sum(non_topk * non_topk_attn)`,
+    the head-averaged [CLS] attention of the dropped tokens, not renormalized; tests/reference/evit.py). With
+    `mean` the weights are normalized, Σ_d s_d x_d / Σ_d s_d (tokensieve's earlier form, and the sensible one for
+    scores that are not attention probabilities, e.g. TTV's). The dropped set is a comparison mask (positions vs kept
+    indices: no scatter), so the weighted sum never subtracts nearly equal totals.
     """
     n = x.shape[1] - num_prefix_tokens
     local = idx - num_prefix_tokens                                                    # (B, K)
@@ -44,5 +48,7 @@ def fuse_dropped_tokens(x: Tensor, scores: Tensor, idx: Tensor, num_prefix_token
     kept = (local.unsqueeze(-1) == positions).any(dim=1)                               # (B, n)
     w = scores[:, num_prefix_tokens:].float() * (~kept).float()                        # (B, n)
     num = torch.matmul(w.unsqueeze(1), x[:, num_prefix_tokens:].float())              # (B, 1, C)
+    if not mean:
+        return num.to(x.dtype)
     den = w.sum(dim=-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
     return (num / den).to(x.dtype)

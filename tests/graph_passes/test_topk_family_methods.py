@@ -264,10 +264,11 @@ def fuse_cases(draw):
 @SETTINGS
 @given(fuse_cases())
 def test_fuse_dropped_tokens_is_the_weighted_mean_of_the_dropped_patches(case):
+    # fuse_mean=true (TTV's default); EViT's weighted sum is checked against its code in test_fidelity_evit.py
     x, scores, keep, prefix = case
     B, N, C = x.shape
     idx = select_topk(scores, keep, prefix)
-    fused = fuse_dropped_tokens(x, scores, idx, prefix)
+    fused = fuse_dropped_tokens(x, scores, idx, prefix, mean=True)
     assert fused.shape == (B, 1, C) and fused.dtype == x.dtype
 
     dropped = torch.ones(B, N, dtype=torch.bool)
@@ -322,8 +323,8 @@ def test_bad_method_parameters_are_one_line_config_errors(text, match):
 
 def test_good_method_parameters_are_typed_and_defaulted():
     a, b = parse_recipe("cls-topk(fuse=true)@1:0.5+ttv(direction_weight=0.5)@2:4").stages
-    assert a.options() == {"fuse": True, "pospad": False, "recycle": False}
-    assert b.options() == {"direction_weight": 0.5, "fuse": False, "pospad": False, "recycle": False}
+    assert a.options() == {"fuse": True, "fuse_mean": False, "pospad": False, "recycle": False}
+    assert b.options() == {"direction_weight": 0.5, "fuse": False, "fuse_mean": True, "pospad": False, "recycle": False}
     assert parse_recipe("random(seed=3)@1:4").stages[0].options() == {"seed": 3, "pospad": False, "recycle": False}
     assert parse_recipe("ttv(direction_weight=2)@1:4").stages[0].options()["direction_weight"] == 2.0
     assert parse_recipe("uniform@1:4").stages[0].options() == {"pospad": False, "recycle": False}
