@@ -60,6 +60,8 @@ class ExportResult(Plan):
     macs_pruned: int
     seconds: dict[str, float]
     _dense_onnx: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+    # the rewritten graph the pruned ONNX comes from (outputs: model output + kept_idx.<block>); the torch backend
+    pruned_program: torch.export.ExportedProgram | None = field(default=None, repr=False, compare=False)
 
     @property
     def dense_onnx(self) -> onnx.ModelProto:
@@ -192,7 +194,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     return ExportResult(
         **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_program=ep_dense, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
-        _dense_onnx=dense_onnx,
+        _dense_onnx=dense_onnx, pruned_program=ep_pruned if stages else ep_dense,
     )
 
 
@@ -236,17 +238,26 @@ ENGINES = (ARTIFACTS["engine"], "dense.engine")
 
 
 SAVED_PARTS = ("model", "debug", "dense")
+OPTIONAL_PARTS = ("torch",)  # model.pt2 + dense.pt2 (torch.export programs, the torch backend): only when asked for
 
 
 def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[str, Path]:
     """Write model.onnx, model.debug.onnx and dense.onnx (or only `parts` of them) into `out_dir`, each atomically;
     the dense model is converted to ONNX only if "dense" is asked for. Engines an earlier export left there are not
-    touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does)."""
-    unknown = set(parts) - set(SAVED_PARTS)
+    touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does). The part "torch" writes
+    model.pt2 / dense.pt2 (keys "torch" / "torch_dense"), the programs the ONNX files come from."""
+    unknown = set(parts) - set(SAVED_PARTS) - set(OPTIONAL_PARTS)
     if unknown or not parts:
-        raise ConfigError(f"save parts {sorted(unknown) or 'none'}: choose from {', '.join(SAVED_PARTS)}")
+        raise ConfigError(f"save parts {sorted(unknown) or 'none'}: choose from {', '.join(SAVED_PARTS + OPTIONAL_PARTS)}")
     out = ensure_writable_dir(out_dir)
     paths = {}
+    if "torch" in parts:
+        from tokensieve.runtime.torch_runner import write_program
+
+        names = [result.output_name] + [f"kept_idx.{s.stage.after_block}" for s in result.stages]
+        pruned = result.pruned_program if result.stages else result.dense_program
+        paths["torch"] = write_program(pruned, out / "model.pt2", names[: len(pruned.graph_signature.user_outputs)])
+        paths["torch_dense"] = write_program(result.dense_program, out / "dense.pt2", [result.output_name])
     for key in (k for k in SAVED_PARTS if k in parts):
         proto = result.onnx_model if key == "model" else result.debug_onnx if key == "debug" else result.dense_onnx
         paths[key] = out / ARTIFACTS[key]
