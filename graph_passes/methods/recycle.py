@@ -11,9 +11,11 @@ the token count and the order are those of the gather stage; prefix tokens are n
 
 DiffRate (Chen et al., ICCV 2023) is the same structure with two budgets per block: `diffrate_reduce` prunes to the
 K1 most important tokens ([CLS] attention), then merges the K1 - K least important survivors into the most similar
-(keys) of the K most important. Its learned per-block rates become static (K1, K) pairs at export: a recipe with one
+(cosine of the tokens, as its code; keys with key_metric=true) of the K most important. Its learned per-block
+rates become static (K1, K) pairs at export: a recipe with one
 `diffrate(prune_keep=K1)@L:K` stage per block (core/recipe.py reads DiffRate-style tables of token counts).
-Without proportional attention (merged tokens count as one).
+Without proportional attention (merged tokens count as one; the code carries sizes scaled by the merge similarity:
+docs/fidelity.md).
 """
 from __future__ import annotations
 
@@ -64,10 +66,12 @@ def merge_by_weights(x: Tensor, w: Tensor, num_prefix_tokens: int = 1) -> Tensor
 # --------------------------------------------------------------------------- DiffRate
 
 
-def diffrate_scores(q: Tensor, k: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """DiffRate's two inputs: the [CLS] attention importance (B, N) and the merge metric, the keys averaged over
-    heads (B, N, D), as ToMe's."""
-    return cls_attention_scores(q, k, scale), k.mean(dim=1)
+def diffrate_scores(q: Tensor, k: Tensor, scale: float | None = None, key_metric: bool = False) -> tuple[Tensor, ...]:
+    """DiffRate's importance, the [CLS] attention (B, N), as a 1-tuple: the merge compares the tokens themselves, as
+    the released code (`get_merge_func(x)`). With key_metric (tokensieve's earlier form) also the keys averaged over
+    heads (B, N, D), ToMe's metric, which the merge then compares instead."""
+    importance = cls_attention_scores(q, k, scale)
+    return (importance, k.mean(dim=1)) if key_metric else (importance,)
 
 
 def diffrate_pruned(num_patches: int, prune_keep: float) -> int:
@@ -75,12 +79,15 @@ def diffrate_pruned(num_patches: int, prune_keep: float) -> int:
     return math.ceil(prune_keep * num_patches) if prune_keep <= 1 else int(prune_keep)
 
 
-def diffrate_reduce(x: Tensor, scores: tuple[Tensor, Tensor], keep: int, num_prefix_tokens: int = 1,
+def diffrate_reduce(x: Tensor, scores: tuple[Tensor, ...], keep: int, num_prefix_tokens: int = 1,
                     prune_keep: float = 1.0) -> tuple[Tensor, Tensor]:
     """DiffRate at one block: sort the patch tokens by [CLS] attention, prune to the K1 most important, then merge the
-    K1 - keep least important survivors into the most similar (keys) of the `keep` most important, by a mean.
-    -> ((B, p + keep, C), kept positions (B, keep) ascending). One MatMul by a (keep × n) 0/1 matrix, as recycling."""
-    importance, metric = scores
+    K1 - keep least important survivors into the most similar (cosine of the tokens x, or of the metric when
+    `scores` = (importance, metric)) of the `keep` most important, by a plain mean (OpenGVLab/DiffRate
+    DiffRate/merge.py `get_merge_func`, `scatter_reduce(mean)`). -> ((B, p + keep, C), kept positions (B, keep)
+    ascending). One MatMul by a (keep × n) 0/1 matrix, as recycling."""
+    importance, *rest = scores
+    metric = rest[0] if rest else None
     p = num_prefix_tokens
     k1 = diffrate_pruned(x.shape[1] - p, prune_keep)
     # By ranks (merge.top_mask: exact ties to the lowest position, as TopK), not a stable sort: no ONNX lowering.
@@ -101,12 +108,15 @@ METHODS: tuple = (
     PruneMethod(
         name="diffrate",
         summary="prune to the prune_keep most important patch tokens ([CLS] attention), then merge the least important "
-                "survivors into the most similar (keys) of the keep most important, by a mean",
+                "survivors into the most similar (cosine of the tokens) of the keep most important, by a mean",
         paper="DiffRate (Chen et al., ICCV 2023): learned per-block prune/merge rates, static per block at export",
         score_input=ScoreInput.ATTENTION_QK, score=diffrate_scores, reduce=Reduce.MERGE, requires_cls=True,
         reduce_fn=diffrate_reduce, validate=diffrate_validate, reduce_params=("prune_keep",),
         params=(Param("prune_keep", 1.0, "patch tokens left by the pruning step, before merging down to keep: a "
                       "ratio (<= 1) of the entering patch tokens or a count (> 1); 1.0 = merge only", float,
-                      1e-6, 1e6),),
+                      1e-6, 1e6),
+                Param("key_metric", False, "merge by the cosine of the head-averaged keys (tokensieve's earlier "
+                      "form) instead of the tokens themselves (DiffRate's code)", bool)),
+        score_params=("key_metric",),
     ),
 )
