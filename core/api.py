@@ -1,7 +1,6 @@
 """The Python API; the only module that chains stages (export -> passes -> ONNX -> verify -> build -> bench)."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import fx, nn
+from torch import nn
 
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.onnx_files import save_onnx
@@ -18,17 +17,15 @@ from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
 from tokensieve.fileio import ensure_writable_dir
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
-from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages, kept_index_nodes
-from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
-from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
-from tokensieve.graph_passes.fx.compact_token_axis import compact_token_axis
+from tokensieve.graph_passes.pass_manager import PassContext
+from tokensieve.graph_passes.pipeline import CANONICALIZE_PASSES, FX_PASSES, run_fx_passes, run_onnx_passes
 from tokensieve.graph_passes.methods.reference import HookStage, run_reference
 from tokensieve.graph_passes.methods.registry import METHODS
-from tokensieve.graph_passes.onnx.check_static import check_static
 from tokensieve.recipe import Recipe, ResolvedStage, parse_recipe, resolve_recipe
+from tokensieve.targets.base import DEFAULT_MAX_BATCH, DEFAULT_PRECISION, DEFAULT_TARGET, BuildSpec, Precision
 
-__all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "save", "remove_stale_engines", "build",
-           "bench", "BenchReport"]
+__all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "check_verified", "save",
+           "remove_stale_engines", "build", "bench", "BenchReport", "export_folder", "read_export_report"]
 
 
 @dataclass
@@ -69,8 +66,7 @@ class ExportResult(Plan):
         export's time, which verification and sweeps of pruned models never need."""
         if self._dense_onnx is None:
             t0 = time.perf_counter()
-            dense = to_onnx(self.dense_program, [self.output_name])
-            check_static(dense)
+            dense = run_onnx_passes(to_onnx(self.dense_program, [self.output_name]), PassContext())
             self._dense_onnx = dense
             self.seconds["onnx_dense"] = time.perf_counter() - t0
         return self._dense_onnx
@@ -159,8 +155,9 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     # The passes run the graph once; a dynamic-batch trace needs batch >= 2, a static one its own batch.
     grow = dynamic_batch and example.shape[0] < 2
     sample = (example.expand(2, *example.shape[1:]) if grow else example).contiguous()
+    ctx = PassContext(blocks=tuple(blocks), stages=tuple(stages), example_inputs=(sample,))
     t0 = time.perf_counter()
-    canonical = remove_constant_attention_mask(gm, (sample,), strict=bool(stages)).modified
+    canonical = run_fx_passes(gm, ctx, CANONICALIZE_PASSES).modified
     ep_dense = trace(gm, example, dynamic_batch) if canonical else ep
     seconds["trace_dense"] = time.perf_counter() - t0
     macs_dense = count_macs(ep_dense.graph_module)
@@ -168,11 +165,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
 
     if stages:
         t0 = time.perf_counter()
-        insert_prune_stages(gm, blocks, stages)
-        respecialize_token_counts(gm, (sample,))
-        kept = kept_index_nodes(gm)
-        _set_outputs(gm, kept)
-        compacted = compact_token_axis(gm, stages, (sample,)).modified
+        run_fx_passes(gm, ctx, FX_PASSES)
         seconds["passes"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ep_pruned = trace(gm, example, dynamic_batch)
@@ -183,14 +176,10 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
         seconds["onnx_pruned"] = time.perf_counter() - t0
         # A compacted token axis counts at its cap (the worst case): MACs stay an upper bound.
         macs_pruned = count_macs(ep_pruned.graph_module, unbacked_size=max(s.tokens_out for s in stages))
-        onnx_model = _drop_outputs(debug_onnx, keep=1)
+        onnx_model = run_onnx_passes(debug_onnx, ctx)  # without kept_idx.*, checked (check_static)
     else:
-        debug_onnx = onnx_model = dense_onnx
-        macs_pruned, compacted = macs_dense, False
-
-    # An ONNX Loop is allowed only where a stage asked for it (divprune/mmr loop=true).
-    loop_ok = frozenset({"Loop"}) if any(s.options.get("loop") for s in stages) else frozenset()
-    check_static(onnx_model, allowed_ops=loop_ok, compacted=compacted)
+        dense_onnx = debug_onnx = onnx_model = run_onnx_passes(dense_onnx, ctx)  # checked (check_static)
+        macs_pruned = macs_dense
     return ExportResult(
         **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_program=ep_dense, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
@@ -205,26 +194,6 @@ def _output_name(model: nn.Module, example: torch.Tensor) -> str:
         out = model(pixel_values=example[:1])
     keys = list(out.keys()) if hasattr(out, "keys") else []
     return keys[0] if keys else "output"
-
-
-def _set_outputs(gm: fx.GraphModule, extra: list[fx.Node]) -> None:
-    """Make gm return (original output, *extra) as a flat tuple."""
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    (orig,) = out_node.args
-    first = orig[0] if isinstance(orig, (tuple, list)) else orig
-    gm.graph._codegen = fx.graph.CodeGen()  # plain positional inputs, flat tuple output
-    out_node.args = (tuple([first, *extra]),)
-    gm.recompile()
-
-
-def _drop_outputs(model: onnx.ModelProto, keep: int) -> onnx.ModelProto:
-    """The first `keep` outputs, without the nodes only the dropped ones used (e.g. adaptive's -1 fill of kept_idx)."""
-    import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    m = copy.deepcopy(model)
-    del m.graph.output[keep:]
-    return ir.to_proto(RemoveUnusedNodesPass()(ir.from_proto(m)).model)
 
 
 # --------------------------------------------------------------------------- save
@@ -367,23 +336,24 @@ def reference_from_report(report: dict):
 # --------------------------------------------------------------------------- build
 
 
-def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, target: str = "rtx-sm86",
-          precision: str = "fp32", max_batch: int = 8, extra_metadata: dict | None = None,
+def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, target: str = DEFAULT_TARGET,
+          precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH,
+          extra_metadata: dict | None = None,
           plugin_library: str | Path | None = None, embed_plugins: bool = False,
           dims: dict[str, tuple[int, int, int]] | None = None):
     """Build a TensorRT / TensorRT-RTX engine (+ .json metadata) from an ONNX file; `dims` gives each dynamic dim
     other than batch its (min, opt, max) by ONNX dim name, e.g. {"sequence": (1, 64, 512)} for lm_prefill.onnx."""
-    from tokensieve.targets.tensorrt import BuildSpec, build_engine
+    from tokensieve.targets import get_target
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; run `tokensieve export` first")
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
-    spec = BuildSpec(target=target, precision=precision, max_batch=max_batch,  # validate before creating folders
+    spec = BuildSpec(target=target, precision=Precision.parse(precision), max_batch=max_batch,  # checked first
                      plugin_library=str(plugin_library) if plugin_library else None, embed_plugins=embed_plugins,
                      dims=dict(dims or {}))
     ensure_writable_dir(engine_path.parent)
-    return build_engine(onnx_path, engine_path, spec, extra_metadata)
+    return get_target("tensorrt").build(onnx_path, spec, engine_path, extra_metadata)
 
 
 # --------------------------------------------------------------------------- bench
@@ -415,17 +385,17 @@ def bench(dense_onnx: str | Path, pruned_onnx: str | Path, *, ideal_speedup: flo
     `backend` names a runner in tokensieve.runtime.RUNNERS: ONNX files for onnxruntime, engines for tensorrt.
     Per-batch sweeps, memory, the token sweep and the report files: tokensieve.benchmark.bench_folder.
     """
-    from tokensieve.benchmark import BenchSettings, time_models
+    from tokensieve.measure import runner_options, time_models
     from tokensieve.runtime import RUNNERS
 
-    settings = BenchSettings(backend=backend, batches=(batch,), blocks=blocks, iters=iters, warmup=warmup,
-                             threads=threads, plugins=str(plugins) if plugins else None, cuda_graph=cuda_graph)
+    options = runner_options(backend, threads=threads, plugins=str(plugins) if plugins else None,
+                             cuda_graph=cuda_graph)
     runner_cls = RUNNERS[backend]
     for p in (dense_onnx, pruned_onnx):
         if runner_cls.artifact_suffix == ".onnx" and not Path(p).is_file():
             raise ConfigError(f"ONNX file {str(p)!r} does not exist; run `tokensieve export` first")
     stats = time_models(runner_cls, {"dense": Path(dense_onnx), "pruned": Path(pruned_onnx)}, batch=batch,
-                        blocks=blocks, iters=iters, warmup=warmup, options=settings.runner_options(), progress=progress)
+                        blocks=blocks, iters=iters, warmup=warmup, options=options, progress=progress)
     d, p = stats["dense"], stats["pruned"]
     return BenchReport(d["device"], batch, threads, d, p, d["median_ms"] / p["median_ms"], ideal_speedup)
 
@@ -464,18 +434,124 @@ def _num_heads(module: nn.Module) -> int:
     return heads
 
 
-# --------------------------------------------------------------------------- tune / visualize (tune.py, visualize.py)
+# --------------------------------------------------------------------------- export folder (the main job)
 
 
-def tune(model: nn.Module, example: torch.Tensor, recipe: Recipe | str, **kwargs):
-    """Snap each stage's K to the target's latency staircase, then time dense / requested / snapped (tokensieve.tune)."""
-    from tokensieve.tune import tune as tune_recipe
-
-    return tune_recipe(model, example, parse_recipe(recipe) if isinstance(recipe, str) else recipe, **kwargs)
+REPORT_SCHEMA = "tokensieve.export/1"   # report.json; bump when a reader would misread an older one
 
 
-def visualize(model: nn.Module, recipe: Recipe | str, image: str | Path, out: str | Path, **kwargs) -> dict:
-    """Draw which patches each stage keeps on `image` (eager reference) into the PNG `out` (tokensieve.visualize)."""
-    from tokensieve.visualize import visualize as draw_kept
+def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """OUT/report.json as a dict; a one-line ConfigError if it is missing, unreadable, of another schema version or
+    lacks `required` keys."""
+    import json
 
-    return draw_kept(model, parse_recipe(recipe) if isinstance(recipe, str) else recipe, image, out, **kwargs)
+    folder = Path(folder)
+    path = folder / ARTIFACTS["report"]
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"Cannot read {str(path)!r}: {type(e).__name__}; re-run `tokensieve export`") from e
+    if not isinstance(report, dict):
+        raise ConfigError(f"{str(path)!r} is not a tokensieve export report (a JSON object); re-run `tokensieve export`")
+    schema = report.get("schema")
+    if schema != REPORT_SCHEMA:
+        got = "no schema version (an older tokensieve)" if schema is None else f"schema {str(schema)[:40]!r}"
+        raise ConfigError(f"{str(path)!r} has {got}, this tokensieve reads {REPORT_SCHEMA}; re-run `tokensieve "
+                          "export` into that folder")
+    missing = [k for k in required if k not in report]
+    if missing:
+        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
+    return report
+
+
+def check_verified(ver: VerifyReport) -> None:
+    """Raise a one-line VerificationError naming what differs unless `ver` passed."""
+    from tokensieve.errors import VerificationError
+
+    if ver.passed:
+        return
+    bad = [b for b, ok in zip(ver.stage_blocks, ver.indices_match) if not ok]
+    what = f"kept indices differ after block(s) {bad}" if bad else f"max abs diff {ver.max_abs_diff:.2e} > atol {ver.atol:g}"
+    raise VerificationError(f"Verification failed: {what}; see report.json, and please report this model/recipe")
+
+
+def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: str = DEFAULT_TARGET,
+                  precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH, plugins: str | Path | None = None, build: bool = True,
+                  verify_inputs: int = 8, atol: float = 1e-4, threads: int | None = None, bench: bool = True,
+                  bench_blocks: int = 4, bench_iters: int = 20, progress=None) -> dict:
+    """`tokensieve export`: load `model` (`default`, `tiny` or a HF folder), export it with `recipe` into `out`
+    (model.onnx, model.debug.onnx, dense.onnx), verify against eager, build the engine (unless `build=False`), time
+    dense vs pruned (unless `bench=False`) and write report.json; returns the report.
+
+    Arguments are checked before anything is loaded; engines an earlier export left in `out` are removed (they were
+    built from the ONNX files replaced here); a failed verification writes report.json, then raises
+    VerificationError. `progress(message)` hears each step."""
+    import os
+
+    say = progress or (lambda _msg: None)
+    recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
+    if build:  # a bad target / max batch / precision fails now, not after the export
+        BuildSpec(target=target, max_batch=max_batch, precision=Precision.parse(precision), plugin_library=plugins)
+    created = not os.path.lexists(out)
+    out = ensure_writable_dir(out)
+    try:
+        return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs, atol,
+                              threads, bench, bench_blocks, bench_iters, say)
+    except BaseException:
+        if created:  # leave no empty output folder behind; files written so far (report.json) stay
+            import contextlib
+
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
+                   threads, do_bench, bench_blocks, bench_iters, say) -> dict:
+    from tokensieve.fileio import write_json_atomic
+    from tokensieve.models import load_model
+
+    t_all = time.perf_counter()
+    say(f"[1/5] loading model {model_name!r}")
+    model, shape = load_model(model_name)
+    say(f"[2/5] exporting with recipe {recipe} (torch.export -> graph passes -> ONNX)")
+    t0 = time.perf_counter()
+    result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
+    paths = save(result, out)
+    export_s = time.perf_counter() - t0
+    # Engines built from the ONNX files just replaced would run the old model: the report lists only what this
+    # export builds, so remove model.engine / dense.engine (+ .json) of an earlier export (no other file).
+    removed = remove_stale_engines(out, ENGINES)
+    if removed:
+        say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
+    report = {"schema": REPORT_SCHEMA, "model": str(model_name), **result.summary(), "export_seconds": export_s,
+              "files": {k: str(v) for k, v in paths.items()}}
+    say(f"[3/5] verifying against eager on {verify_inputs} random inputs")
+    ver = verify(result, paths["debug"], num_inputs=verify_inputs, atol=atol, threads=threads)
+    report["verify"] = {**ver.to_dict(), "output": result.output_name}
+    write_json_atomic(out / ARTIFACTS["report"], report)
+    check_verified(ver)
+    if do_build:
+        say(f"[4/5] building engine for {target}")
+        meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
+                "model": str(model_name)}
+        info = build(paths["model"], out / ARTIFACTS["engine"], target=target, max_batch=max_batch,
+                     precision=precision, extra_metadata={"tokensieve": meta}, plugin_library=plugins)
+        report["build"] = {"target": target, "precision": precision, "engine": str(info.engine_path),
+                           "metadata": str(info.metadata_path), "seconds": info.build_seconds,
+                           "size_bytes": info.size_bytes, "flavor": info.metadata.get("flavor"),
+                           "tensorrt_version": info.metadata.get("tensorrt_version")}
+    else:
+        say("[4/5] engine build skipped (--no-build)")
+    if do_bench:
+        say("[5/5] benchmarking dense vs pruned on ONNX Runtime (alternating blocks)")
+        b = bench(paths["dense"], paths["model"], ideal_speedup=result.ideal_speedup, threads=threads,
+                  blocks=bench_blocks, iters=bench_iters, progress=lambda m: say(f"      {m}"))
+        report["bench"] = b.to_dict()
+    else:
+        say("[5/5] benchmark skipped (--no-bench)")
+    report["total_seconds"] = time.perf_counter() - t_all
+    write_json_atomic(out / ARTIFACTS["report"], report)
+    return report

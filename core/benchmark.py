@@ -13,7 +13,6 @@ is built once, with model.engine's target and batch profile (`api.build`), and k
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +22,8 @@ from pathlib import Path
 from tokensieve.errors import ConfigError
 from tokensieve.fileio import atomic_path, write_json_atomic
 from tokensieve.runtime import RUNNERS
-from tokensieve.runtime.timing import measure_alternating
+from tokensieve.measure import runner_options, time_models
+from tokensieve.api import read_export_report
 
 SCHEMA = "tokensieve.bench/1"
 Progress = Callable[[str], None]
@@ -54,15 +54,7 @@ class BenchSettings:
 
     def runner_options(self) -> dict:
         """The runner keyword arguments that were set, checked against the backend runner's signature."""
-        given = {"threads": self.threads, "plugins": self.plugins, "cuda_graph": self.cuda_graph}
-        given = {k: v for k, v in given.items() if v not in (None, False)}
-        accepted = inspect.signature(RUNNERS[self.backend]).parameters
-        for key in given:
-            if key not in accepted:
-                owners = [n for n, cls in RUNNERS.items() if key in inspect.signature(cls).parameters]
-                raise ConfigError(f"--{key.replace('_', '-')} does not apply to --backend {self.backend}; "
-                                  f"it is an option of --backend {' / '.join(owners)}")
-        return given
+        return runner_options(self.backend, threads=self.threads, plugins=self.plugins, cuda_graph=self.cuda_graph)
 
 
 # ----------------------------------------------------------------------------------------- parsing (CLI edge)
@@ -97,57 +89,6 @@ def parse_sweep(text: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------- timing
 
 
-def time_models(runner_cls, paths: dict[str, Path], *, batch: int, blocks: int, iters: int, warmup: int,
-                options: dict | None = None, progress: Progress | None = None) -> dict[str, dict]:
-    """Time several models of one backend in alternating blocks, one resident at a time.
-
-    Returns {name: {latency stats (ms), throughput_ips, memory, device}}; the first model's inputs feed every model.
-    """
-    runners = {name: runner_cls(path, name=name, **(options or {})) for name, path in paths.items()}
-    state: dict = {"active": None, "feeds": None}
-    memory: dict[str, dict] = {}
-    devices: dict[str, str] = {}
-
-    def release() -> None:
-        name = state["active"]
-        if name is None:
-            return
-        runner = runners[name]
-        mem = runner.memory_usage()
-        old = memory.get(name)
-        if old is None or (mem.get("peak_bytes") or 0) > (old.get("peak_bytes") or 0):
-            memory[name] = mem
-        runner.deactivate()
-        state["active"] = None
-
-    def load(name: str) -> None:
-        if state["active"] == name:
-            return
-        release()
-        runner = runners[name].activate()
-        state["active"] = name
-        devices[name] = runner.device_label
-        if state["feeds"] is None:
-            state["feeds"] = runner.make_random_feeds(batch=batch, seed=0)
-
-    cases = {name: (lambda r=runners[name]: r.infer(state["feeds"])) for name in runners}
-    try:
-        stats = measure_alternating(cases, blocks=blocks, iters=iters, warmup=warmup, before_block=load,
-                                    progress=progress)
-        release()
-    finally:
-        for r in runners.values():
-            r.deactivate()
-    out = {}
-    for name, s in stats.items():
-        d = {k: v for k, v in s.to_dict().items() if k != "samples_ms"}
-        d["throughput_ips"] = batch * 1e3 / s.median_ms
-        d["memory"] = memory.get(name)
-        d["device"] = devices.get(name)
-        out[name] = d
-    return out
-
-
 def _pair_result(batch: int, dense: dict, pruned: dict, ideal: float | None) -> dict:
     speedup = dense["median_ms"] / pruned["median_ms"]
     return {"batch": batch, "dense": dense, "pruned": pruned, "speedup": speedup, "ideal_speedup": ideal,
@@ -155,24 +96,6 @@ def _pair_result(batch: int, dense: dict, pruned: dict, ideal: float | None) -> 
 
 
 # ----------------------------------------------------------------------------------------- folder
-
-
-def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
-    """OUT/report.json as a dict; a one-line ConfigError if it is missing, unreadable or lacks `required` keys."""
-    import json
-
-    folder = Path(folder)
-    path = folder / "report.json"
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r}: {e}; re-run `tokensieve export`") from e
-    missing = [k for k in required if k not in report]
-    if missing:
-        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
-    return report
 
 
 def _artifact(folder: Path, stem: str, suffix: str) -> Path:
@@ -187,8 +110,8 @@ def _engine_build_args(engine: Path) -> dict:
     from tokensieve.runtime.engine_metadata import read_engine_metadata
 
     meta = read_engine_metadata(engine)
-    profile = next(iter((meta.get("optimization_profile") or {}).values()), None)
-    return {"target": meta.get("target") or "local", "max_batch": profile["max"][0] if profile else 1}
+    profile = next(iter(meta["optimization_profile"].values()), None)
+    return {"target": meta["target"] or "local", "max_batch": profile["max"][0] if profile else 1}  # None: version 1
 
 
 def _engine_pair(folder: Path, progress: Progress | None) -> tuple[Path, Path]:

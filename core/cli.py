@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tokensieve.errors import ConfigError, TokenSieveError
+from tokensieve.targets.base import DEFAULT_MAX_BATCH, DEFAULT_PRECISION, DEFAULT_TARGET, PRECISIONS
 
 DEFAULT_RECIPE = "cls-topk@3,6,9:0.7"
 
@@ -50,10 +51,12 @@ class Export(Tool):
         p.add_argument("--model", default="default", help="`default` (ViT-S/16-224), `tiny`, or a local HF checkpoint folder")
         p.add_argument("--prune", default=DEFAULT_RECIPE, help=f"recipe shorthand or .toml/.yaml/.json file (default {DEFAULT_RECIPE})")
         p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
-        p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 or local (default rtx-sm86)")
-        p.add_argument("--max-batch", type=int, default=8, help="largest batch of the engine's profile (default 8)")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                       help="engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default fp32)")
+        p.add_argument("--target", default=DEFAULT_TARGET,
+                       help=f"engine target: rtx-sm75|80|86|89|120|121 or local (default {DEFAULT_TARGET})")
+        p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help=f"largest batch of the engine's profile (default {DEFAULT_MAX_BATCH})")
+        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS,
+                       help=f"engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default {DEFAULT_PRECISION})")
         p.add_argument("--verify-inputs", type=int, default=8, help="random inputs compared with eager (default 8)")
         p.add_argument("--atol", type=float, default=1e-4, help="max abs output difference vs eager (default 1e-4)")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for verify/bench")
@@ -66,85 +69,15 @@ class Export(Tool):
         p.add_argument("--bench-iters", type=int, default=20, help="timed runs per block (default 20)")
 
     def run(self, args):
-        from tokensieve.fileio import ensure_writable_dir
-        from tokensieve.recipe import parse_recipe
-
-        recipe = parse_recipe(args.prune)
-        if not args.no_build:  # a bad --target/--max-batch fails now, not after the export
-            from tokensieve.targets.tensorrt import BuildSpec
-
-            BuildSpec(target=args.target, max_batch=args.max_batch, precision=args.precision, plugin_library=args.plugins)
-        created = not os.path.lexists(args.output)
-        out = ensure_writable_dir(args.output)
-        try:
-            return self._run(args, recipe, out)
-        except BaseException:
-            if created:  # leave no empty output folder behind; files written so far (report.json) stay
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-
-    def _run(self, args, recipe, out: Path) -> int:
-        import torch
-
         from tokensieve import api
-        from tokensieve.fileio import write_json_atomic
-        from tokensieve.models import load_model
 
-        t_all = time.perf_counter()
-        _log(f"[1/5] loading model {args.model!r}")
-        model, shape = load_model(args.model)
-        _log(f"[2/5] exporting with recipe {recipe} (torch.export -> graph passes -> ONNX)")
-        t0 = time.perf_counter()
-        result = api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
-        paths = api.save(result, out)
-        export_s = time.perf_counter() - t0
-        # Engines built from the ONNX files just replaced would run the old model: the report lists only what this
-        # export builds, so remove model.engine / dense.engine (+ .json) of an earlier export (no other file).
-        removed = api.remove_stale_engines(out, api.ENGINES)
-        if removed:
-            _log(f"      removed stale engines of an earlier export: {', '.join(removed)}")
-        report = {"model": str(args.model), **result.summary(), "export_seconds": export_s,
-                  "files": {k: str(v) for k, v in paths.items()}}
-        _log(f"[3/5] verifying against eager on {args.verify_inputs} random inputs")
-        ver = api.verify(result, paths["debug"], num_inputs=args.verify_inputs, atol=args.atol, threads=args.threads)
-        report["verify"] = ver.to_dict()
-        report["verify"]["output"] = result.output_name
-        write_json_atomic(out / api.ARTIFACTS["report"], report)
-        if not ver.passed:
-            raise_verification(ver)
-        if not args.no_build:
-            _log(f"[4/5] building engine for {args.target}")
-            meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
-                    "model": str(args.model)}
-            info = api.build(paths["model"], out / api.ARTIFACTS["engine"], target=args.target,
-                             max_batch=args.max_batch, precision=args.precision, extra_metadata={"tokensieve": meta},
-                             plugin_library=args.plugins)
-            report["build"] = {"target": args.target, "precision": args.precision,
-                               "engine": str(info.engine_path), "metadata": str(info.metadata_path),
-                               "seconds": info.build_seconds, "size_bytes": info.size_bytes,
-                               "flavor": info.metadata.get("flavor"), "tensorrt_version": info.metadata.get("tensorrt_version")}
-        else:
-            _log("[4/5] engine build skipped (--no-build)")
-        if not args.no_bench:
-            _log("[5/5] benchmarking dense vs pruned on ONNX Runtime (alternating blocks)")
-            b = api.bench(paths["dense"], paths["model"], ideal_speedup=result.ideal_speedup, threads=args.threads,
-                          blocks=args.bench_blocks, iters=args.bench_iters, progress=lambda m: _log(f"      {m}"))
-            report["bench"] = b.to_dict()
-        else:
-            _log("[5/5] benchmark skipped (--no-bench)")
-        report["total_seconds"] = time.perf_counter() - t_all
-        write_json_atomic(out / api.ARTIFACTS["report"], report)
-        print(format_report(report, out))
+        report = api.export_folder(
+            args.model, args.prune, args.output, target=args.target, precision=args.precision,
+            max_batch=args.max_batch, plugins=args.plugins, build=not args.no_build, verify_inputs=args.verify_inputs,
+            atol=args.atol, threads=args.threads, bench=not args.no_bench, bench_blocks=args.bench_blocks,
+            bench_iters=args.bench_iters, progress=_log)
+        print(format_report(report, Path(args.output)))
         return 0
-
-
-def raise_verification(ver) -> None:
-    from tokensieve.errors import VerificationError
-
-    bad = [b for b, ok in zip(ver.stage_blocks, ver.indices_match) if not ok]
-    what = f"kept indices differ after block(s) {bad}" if bad else f"max abs diff {ver.max_abs_diff:.2e} > atol {ver.atol:g}"
-    raise VerificationError(f"Verification failed: {what}; see report.json, and please report this model/recipe")
 
 
 def format_report(r: dict, out: Path) -> str:
@@ -200,7 +133,7 @@ class Verify(Tool):
         from tokensieve import api
 
         folder = Path(args.folder)
-        report = _read_report(folder)
+        report = api.read_export_report(folder)
         reference, shape, blocks = api.reference_from_report(report)
         ver = api.verify_onnx(reference, shape, blocks, folder / api.ARTIFACTS["debug"], num_inputs=args.inputs,
                               batch=args.batch, seed=args.seed, atol=args.atol)
@@ -209,15 +142,8 @@ class Verify(Tool):
             print(f"{b:>18}  {'identical' if ok else 'DIFFERENT'}")
         print(f"max |output diff| {ver.max_abs_diff:.2e} (atol {ver.atol:g}) over {ver.num_inputs} inputs of batch {ver.batch}: "
               f"{'PASS' if ver.passed else 'FAIL'}")
-        if not ver.passed:
-            raise_verification(ver)
+        api.check_verified(ver)
         return 0
-
-
-def _read_report(folder: Path) -> dict:
-    from tokensieve.benchmark import read_export_report
-
-    return read_export_report(folder)
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -238,9 +164,9 @@ class Build(Tool):
     def add_args(self, p):
         p.add_argument("onnx")
         p.add_argument("-o", "--output", default=None, help="engine path (default: next to the ONNX, .engine)")
-        p.add_argument("--target", default="rtx-sm86")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-        p.add_argument("--max-batch", type=int, default=8)
+        p.add_argument("--target", default=DEFAULT_TARGET)
+        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS)
+        p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for graphs with tokensieve plugin nodes "
                        "(build it with `python -m tokensieve.targets.tensorrt.plugins`)")
         p.add_argument("--embed-plugins", action="store_true", help="serialize the plugin library into the engine")
@@ -250,7 +176,7 @@ class Build(Tool):
 
     def run(self, args):
         from tokensieve import api
-        from tokensieve.targets.tensorrt.builder import parse_dims
+        from tokensieve.targets.base import parse_dims
 
         dims = parse_dims(args.dims) if args.dims is not None else None
         info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch,
@@ -353,15 +279,7 @@ def _inspect_folder(folder: Path) -> int:
     """Summarize an export folder: a ViT export (report.json) or a VLM export (its parts manifest); 1 if a file it
     lists is missing or an engine does not match its metadata."""
     from tokensieve import api
-    from tokensieve.runtime.llava_pipeline import MANIFEST as LLAVA_MANIFEST
-    from tokensieve.vlm_api import QWEN2_VL_MANIFEST
-
-    def read(name: str) -> dict:
-        try:
-            return json.loads((folder / name).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{str(folder / name)!r} is not readable JSON ({type(e).__name__}); re-export the "
-                              "folder") from e
+    from tokensieve.manifest import VLM_MANIFEST_NAMES, find_vlm_manifest, read_vlm_manifest
 
     problems = 0
 
@@ -370,16 +288,16 @@ def _inspect_folder(folder: Path) -> int:
         problems += not ok
         print(f"  {label:<14}{text}")
 
-    if (folder / "report.json").is_file():
-        r = read("report.json")
-        print(f"{folder}: ViT export of {r.get('model')!r}, recipe {r.get('recipe_shorthand')}")
-        tokens = r.get("tokens_per_block") or []
+    if (folder / api.ARTIFACTS["report"]).is_file():
+        r = api.read_export_report(folder, required=("model", "recipe_shorthand", "tokens_per_block",
+                                                     "ideal_speedup", "verify"))
+        print(f"{folder}: ViT export of {r['model']!r}, recipe {r['recipe_shorthand']}")
+        tokens = r["tokens_per_block"]
         line("tokens", "→".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
-             + f" over {len(tokens)} blocks; ideal speedup {r.get('ideal_speedup', 0):.2f}x")
-        v = r.get("verify")
-        if v:
-            line("verify", f"{'PASS' if v.get('passed') else 'FAIL'}: {v.get('num_inputs')} inputs, max |diff| "
-                           f"{v.get('max_abs_diff', float('nan')):.1e} (atol {v.get('atol')})")
+             + f" over {len(tokens)} blocks; ideal speedup {r['ideal_speedup']:.2f}x")
+        v = r["verify"]
+        line("verify", f"{'PASS' if v['passed'] else 'FAIL'}: {v['num_inputs']} inputs, max |diff| "
+                       f"{v['max_abs_diff']:.1e} (atol {v['atol']})", ok=bool(v["passed"]))
         for key in ("model", "debug", "dense"):
             line(key, *_check_file(folder, api.ARTIFACTS[key]))
         if r.get("build"):
@@ -387,28 +305,22 @@ def _inspect_folder(folder: Path) -> int:
         else:
             line("engine", "none (exported with --no-build)")
         return 1 if problems else 0
-    name = next((n for n in (QWEN2_VL_MANIFEST, LLAVA_MANIFEST) if (folder / n).is_file()), None)
-    if name is None:
+    path = find_vlm_manifest(folder)
+    if path is None:
         raise ConfigError(f"{str(folder)!r} holds no report.json (tokensieve export) or VLM manifest "
-                          f"({QWEN2_VL_MANIFEST} / {LLAVA_MANIFEST}: tokensieve export-vlm); pass an export folder, "
+                          f"({' / '.join(VLM_MANIFEST_NAMES)}: tokensieve export-vlm); pass an export folder, "
                           "an .onnx or an .engine file")
-    m = read(name)
-    model = m.get("model", "llava")
-    what = m.get("modality", "image")
-    grid = f", grid {tuple(m['grid_thw'])}" if m.get("grid_thw") else ""
-    print(f"{folder}: {model} {what} parts{grid} ({name})")
-    prune = m.get("prune") or m.get("recipe") or (f"{m.get('method')}:{m.get('keep')}" if m.get("method") else "?")
-    if m.get("image_tokens") and m.get("keep"):  # Qwen2-VL: of the merged image / video tokens
-        prune += f" (keeps {m['keep']} of {m['image_tokens']} {what} tokens)"
-    elif m.get("num_patches") and m.get("keep"):  # LLaVA: of the vision tower's patches
-        prune += f" (keeps {m['keep']} of {m['num_patches']} patches)"
-    if m.get("options"):
-        prune += " " + json.dumps(m["options"], separators=(",", ":"))
+    m = read_vlm_manifest(folder, path.name)  # one schema for every family; an older one: re-export, one line
+    grid = f", grid {tuple(m.grid_thw)}" if m.grid_thw else ""
+    print(f"{folder}: {m.model_type} {m.modality} parts{grid} ({path.name})")
+    prune = f"{m.prune} (keeps {m.keep} of {m.image_tokens} {m.modality} tokens)"
+    if m.options:
+        prune += " " + json.dumps(m.options, separators=(",", ":"))
     line("outer", prune)
-    if m.get("inner"):
-        line("inner", json.dumps(m["inner"], separators=(",", ":")) if isinstance(m["inner"], dict) else str(m["inner"]))
-    engines = m.get("engines") or {}
-    for part, file in (m.get("files") or {}).items():
+    if m.inner:
+        line("inner", json.dumps(m.inner, separators=(",", ":")))
+    engines = m.engines
+    for part, file in m.files.items():
         if part == "manifest":
             continue
         text, ok = _check_file(folder, file)
@@ -525,7 +437,7 @@ class Tune(Tool):
                        help="time on ONNX Runtime (default) or on TensorRT engines built per candidate (needs a GPU)")
         p.add_argument("--target", default="local", help="tensorrt backend: local (TensorRT, this GPU; default) or "
                        "rtx-smXX (TensorRT-RTX for this GPU's SM)")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="tensorrt backend engine precision")
+        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS, help="tensorrt backend engine precision")
         p.add_argument("--plugins", default=None, help="tensorrt backend: libtokensieve_plugins.so (plugin substitution)")
         p.add_argument("--cuda-graph", action="store_true", help="tensorrt backend: replay CUDA graphs")
         p.add_argument("--sweep-blocks", type=int, default=4, help="alternating blocks of the per-stage sweep (default 4)")
@@ -539,11 +451,11 @@ class Tune(Tool):
     def run(self, args):
         import torch
 
-        from tokensieve import api
         from tokensieve.fileio import write_json_atomic
         from tokensieve.models import load_model
         from tokensieve.recipe import parse_recipe
-        from tokensieve.tune import OrtRunnerFactory, TrtRunnerFactory, check_recipe_path, format_tune, plot_tune, save_recipe
+        from tokensieve.tune import (OrtRunnerFactory, TrtRunnerFactory, check_recipe_path, format_tune, plot_tune,
+                                     save_recipe, tune)
 
         recipe = parse_recipe(args.prune)
         check_recipe_path(args.output)
@@ -556,7 +468,7 @@ class Tune(Tool):
 
             require_matplotlib()
         model, shape = load_model(args.model)
-        report = api.tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
+        report = tune(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe,
                           model_name=str(args.model), runner_factory=factory,
                           sweep_runner_factory=sweep_factory, batch=args.batch,
                           window=args.window, max_candidates=args.candidates, tol=args.tol,
@@ -575,7 +487,7 @@ class Tune(Tool):
 def _tensorrt_factory(args, factory_cls):
     """Check the TensorRT options before the sweep: target, plugin file, and a GPU to run the engines on."""
     from tokensieve.runtime.tensorrt_flavors import local_compute_capability
-    from tokensieve.targets.tensorrt import BuildSpec
+    from tokensieve.targets.base import BuildSpec
 
     BuildSpec(target=args.target, precision=args.precision, max_batch=max(args.batch, 1))  # one-line errors
     if args.plugins and not Path(args.plugins).is_file():
@@ -609,13 +521,13 @@ class Visualize(Tool):
         p.add_argument("--json", default=None, help="also write kept positions and patches per stage to this JSON file")
 
     def run(self, args):
-        from tokensieve import api
         from tokensieve.models import BUILTIN, load_model
         from tokensieve.recipe import parse_recipe
+        from tokensieve.visualize import visualize
 
         recipe = parse_recipe(args.prune)
         model, _ = load_model(args.model)
-        s = api.visualize(model, recipe, args.image, args.output, model_name=str(args.model),
+        s = visualize(model, recipe, args.image, args.output, model_name=str(args.model),
                           model_dir=None if args.model in BUILTIN else args.model)
         if args.json:
             from tokensieve.fileio import write_json_atomic

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from tokensieve import api
-from tokensieve.benchmark import parse_batches, time_models
+from tokensieve.benchmark import parse_batches
+from tokensieve.measure import time_models
 from tokensieve.errors import ConfigError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
 from tokensieve.models import load_model

@@ -2,28 +2,25 @@
 
 tokensieve targets transformers 5.x, where ViT blocks are `vit.encoder.layer.N` -> `layers.N` and CLIP's are
 `vision_model.encoder.layers.N` -> `encoder.layers.N` (FACTS.md); block discovery must not depend on either. This
-test installs the pins of scripts/transformers-4.57.txt once (pip --no-deps --target, cached under the ignored
-build/compat/, keyed by the pin file's hash), puts them first on PYTHONPATH of a subprocess, and there exports
-tiny random-init ViT and CLIP-vision models with a cls-topk recipe and verifies them against eager on ONNX Runtime.
-It skips (with pip's reason) when the pins cannot be installed. Cost, measured on the 2-core machine: ~8 s install
-(first run only) + ~26 s for the subprocess (imports, two exports, verify).
+test takes the pins of scripts/transformers-4.57.txt that tests/assets.py installed before the tests (pip
+--no-deps --target, under the ignored build/compat/), puts them first on PYTHONPATH of a subprocess, and there
+exports tiny random-init ViT and CLIP-vision models with a cls-topk recipe and verifies them against eager on ONNX
+Runtime. Without the pins it skips naming the fetch command (fails under CI). Cost on the 2-core machine: ~26 s for
+the subprocess (imports, two exports, verify).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from assets import require
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = REPO / "scripts" / "transformers-4.57.txt"
-CACHE = REPO / "build" / "compat"
 RECIPE = "cls-topk@1,2:0.5"
 ATOL = 1e-4
 
@@ -45,34 +42,8 @@ for name in ("vit", "clip_vision"):
 """
 
 
-def _pinned_site() -> Path:
-    """The folder holding the pins (installed on first use, atomically); skip if pip cannot install them."""
-    digest = hashlib.sha256(PINS.read_bytes()).hexdigest()[:12]
-    site = CACHE / f"transformers-4.57-{digest}"
-    if site.is_dir():
-        return site
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{site.name}.", dir=CACHE))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-input", "--target",
-                               str(tmp), "-r", str(PINS)], capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()
-            pytest.skip(f"cannot install {PINS.name} (pip: {errors[-1] if errors else proc.returncode})")
-        try:
-            tmp.rename(site)
-        except OSError:  # another worker installed it first
-            if not site.is_dir():
-                raise
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"pip install -r {PINS.name} took over 600 s (no network?)")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return site
-
-
 def test_transformers_4_57_exports_and_verifies_vit_and_clip():
-    site = _pinned_site()
+    site = require("transformers-4.57")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600,

@@ -2,7 +2,7 @@
 runs without a GPU or TensorRT: each failure is exit code 2 with exactly one line on stderr, in a fixed order.
 
 Headers: $TENSORRT_INCLUDE_DIR if it holds NvInferRuntime.h, else the TensorRT 10.14 headers vendored in PyPI
-`kernel-lens==2.0.1` (downloaded once into ~/.cache/tokensieve; never imported). Running a real engine needs a GPU,
+`kernel-lens==2.0.1` (fetched before the tests by tests/assets.py; never imported). Running a real engine needs a GPU,
 standard TensorRT (Python `tensorrt` to build, libnvinfer to run): `test_runs_a_real_engine_on_gpu`.
 """
 from __future__ import annotations
@@ -11,19 +11,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from assets import require
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "runtime" / "cpp"
-KERNEL_LENS = "kernel-lens==2.0.1"
-HEADER_PREFIX = "kernel_lens/include/tensorrt/"
 SCHEMA = "tokensieve.tensorrt-engine/1"
 
 
@@ -33,43 +29,9 @@ class Build:
     seconds: float
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
-
-
 def _tensorrt_headers() -> Path:
-    """A folder with NvInferRuntime.h: $TENSORRT_INCLUDE_DIR, the cache, or a fresh `pip download` of kernel-lens."""
-    env = os.environ.get("TENSORRT_INCLUDE_DIR")
-    if env and (Path(env) / "NvInferRuntime.h").is_file():
-        return Path(env)
-    dest = _cache_root() / "kernel-lens-2.0.1" / "include" / "tensorrt"
-    if (dest / "NvInferRuntime.h").is_file():
-        return dest
-    dest.parent.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent.parent) as tmp:
-        try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                            "--timeout", "30", "--retries", "1", "-d", tmp, KERNEL_LENS],
-                           check=True, capture_output=True, text=True, timeout=180)
-        except (subprocess.SubprocessError, OSError) as e:  # offline CI: skip (pytest caches it for the session)
-            detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines() or [""]
-            pytest.skip(f"cannot download TensorRT headers ({KERNEL_LENS}): {detail[-1]}")
-        wheels = list(Path(tmp).glob("kernel_lens-*.whl"))
-        if not wheels:
-            pytest.skip(f"pip download {KERNEL_LENS} produced no wheel")
-        staged = Path(tmp) / "include" / "tensorrt"
-        staged.mkdir(parents=True)
-        with zipfile.ZipFile(wheels[0]) as z:  # only the headers; kernel-lens itself is never imported
-            for name in z.namelist():
-                if name.startswith(HEADER_PREFIX) and not name.endswith("/"):
-                    (staged / name[len(HEADER_PREFIX):]).write_bytes(z.read(name))
-        if not (staged / "NvInferRuntime.h").is_file():
-            pytest.skip(f"{KERNEL_LENS} has no {HEADER_PREFIX}NvInferRuntime.h")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not (dest / "NvInferRuntime.h").is_file():  # another process may have won the race
-            shutil.rmtree(dest, ignore_errors=True)
-            staged.rename(dest)
-    return dest
+    """A folder with NvInferRuntime.h: $TENSORRT_INCLUDE_DIR or the kernel-lens headers tests/assets.py fetched."""
+    return require("tensorrt-headers")
 
 
 def _cuda_root() -> Path | None:
