@@ -19,13 +19,13 @@ for the layers after the pruning layer, whose caches are shorter. Prompts must b
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, TargetError
+from ..manifest import VlmManifest, read_vlm_manifest
 from .base import BaseRunner
 from .onnxruntime_runner import OrtRunner
 
@@ -38,40 +38,32 @@ BACKENDS = ("onnxruntime", "tensorrt")
 class Generation:
     tokens: np.ndarray          # (B, steps) int64: the greedily chosen ids
     logits: np.ndarray          # (steps, B, V) float32: the logits each id was chosen from
-    keep_idx: np.ndarray        # (B, K) int64: kept patch positions, ascending
+    keep_idx: np.ndarray        # (B, K) int64: kept patch positions, ascending (batch-1 parts: (K,))
     image_features: np.ndarray  # (B, num_image_tokens, H)
     inner_keep_idx: np.ndarray | None = None  # FastV: (B, R) kept image tokens (ordinals among the image tokens)
+    inner_prompt_keep_idx: np.ndarray | None = None  # FastV: (B, T') prompt positions its prefill kept
 
 
-def read_manifest(out_dir: str | Path, name: str = MANIFEST) -> dict:
-    """The manifest export_vlm wrote into `out_dir` (LLaVA: llava_parts.json, Qwen2-VL: manifest.json)."""
-    path = Path(out_dir) / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); pass the folder export_vlm wrote") from e
-
-
-def part_runners(out_dir: str | Path, manifest: dict, backend: str = "onnxruntime", *, threads: int | None = None,
-                 manifest_name: str = MANIFEST) -> dict[str, BaseRunner]:
+def part_runners(out_dir: str | Path, manifest: VlmManifest, backend: str = "onnxruntime", *,
+                 threads: int | None = None, manifest_name: str = MANIFEST) -> dict[str, BaseRunner]:
     """{part: runner} for vision / prefill / decode of an export folder: OrtRunner on the ONNX files (their
     external data, if any, next to them), or TrtRunner on the engines the manifest lists under "engines". A folder
     without engines is a one-line TargetError naming the command that builds them."""
     out_dir = Path(out_dir)
     if backend == "onnxruntime":
-        return {k: OrtRunner(out_dir / manifest["files"][k], threads=threads) for k in PARTS}
+        return {k: OrtRunner(out_dir / manifest.files[k], threads=threads) for k in PARTS}
     if backend != "tensorrt":
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if threads is not None:
         raise ConfigError("threads is an ONNX Runtime option; drop it with backend='tensorrt'")
     from .tensorrt_runner import TrtRunner
 
-    engines = manifest.get("engines") or {}
+    engines = manifest.engines
     fix = (f"build them with `tokensieve export-vlm MODEL -o {out_dir} --target rtx-smXX` (TensorRT-RTX, e.g. "
            "rtx-sm86; `--target local` on the GPU with standard TensorRT)")
     missing = [k for k in PARTS if not isinstance(engines.get(k), dict) or "file" not in engines[k]]
     if missing:
-        onnx = manifest.get("files", {}).get(missing[0], missing[0])
+        onnx = manifest.files.get(missing[0], missing[0])
         raise TargetError(f"{str(out_dir / manifest_name)!r} lists no TensorRT engine for {onnx}; {fix}")
     runners = {}
     for k in PARTS:
@@ -89,15 +81,14 @@ class LlavaPipeline:
 
     def __init__(self, out_dir: str | Path, *, backend: str = "onnxruntime", threads: int | None = None):
         self.out_dir = Path(out_dir)
-        self.manifest = m = read_manifest(self.out_dir)
-        files = m["files"]
+        self.manifest = m = read_vlm_manifest(self.out_dir, MANIFEST)
         self.backend = backend
         runners = part_runners(self.out_dir, m, backend, threads=threads)
         self.vision, self.prefill, self.decode = (runners[k] for k in PARTS)
-        self.embed_tokens = np.load(self.out_dir / files["embed"])
-        self.num_image_tokens, self.image_token_id = m["num_image_tokens"], m["image_token_id"]
-        self.num_layers = m["num_text_layers"]
-        self.inner = m.get("inner")
+        self.embed_tokens = np.load(self.out_dir / m.files["embed"])
+        self.num_image_tokens, self.image_token_id = m.num_image_tokens, m.placeholder_token_id
+        self.num_layers = m.num_text_layers
+        self.inner = m.inner
 
     def __enter__(self) -> "LlavaPipeline":
         try:
@@ -171,8 +162,9 @@ class LlavaPipeline:
                 pruned = np.concatenate([pruned, np.ones_like(token)], axis=1)
                 past["attention_mask_pruned"] = pruned
             out = self.decode.infer({"input_ids": token, "attention_mask": mask, "position_ids": position, **past})
-        inner_keep = first["image_keep_idx"] if self.inner else None
-        return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features, inner_keep)
+        inner_keep, prompt_keep = (first["image_keep_idx"], first["keep_idx"]) if self.inner else (None, None)
+        return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features, inner_keep,
+                          prompt_keep)
 
     def _image_positions(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(B, N) sequence indices of the image tokens (embed_prompt checked there are N per row)."""

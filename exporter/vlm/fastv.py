@@ -273,57 +273,88 @@ def merge_into_kept(h: Tensor, image_positions: Tensor, image_keep: Tensor) -> T
     return torch.where(is_kept[..., None], merged.gather(1, rank[..., None].expand(-1, -1, c)), h)
 
 
-class FastvPrefill(nn.Module):
-    def __init__(self, model: nn.Module, spec: FastvSpec):
+def gather_positions_1d(positions: Tensor, cols: Tensor) -> Tensor:
+    """1-D position ids (B, T) at the kept columns (B, T') (LLaVA; M-RoPE families pass their own gather)."""
+    return positions.gather(1, cols)
+
+
+class FastvLayers(nn.Module):
+    """The decoder stack of a VLM's language model with FastV after layer `spec.layer`: the prefill loop (the score
+    row, the selection, merge=true, the kept-column gather of hidden states, positions and key validity) and the
+    decode loop (each layer over its own cache), written once for every family. `gather_positions(pos, keep_idx)`
+    is the family's position hook (1-D ids, or M-RoPE's (3, B, T))."""
+
+    def __init__(self, model: nn.Module, spec: FastvSpec, gather_positions=gather_positions_1d):
         super().__init__()
         lm = model.model.language_model
         self.layers, self.norm, self.rotary_emb, self.lm_head = lm.layers, lm.norm, lm.rotary_emb, model.lm_head
-        self.spec = spec
-        bias, hit = selection_buffers(spec)
+        self.spec, self.gather_positions = spec, gather_positions
+
+    def selection(self) -> None:
+        """Register the selection constants (debias bias, FEATHER's fixed ordinals): prefill parts only."""
+        bias, hit = selection_buffers(self.spec)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("uniform_hit", hit, persistent=False)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                image_positions: Tensor) -> tuple[Tensor, ...]:
+    def prefill(self, h: Tensor, pos: Tensor, valid: Tensor, image_positions: Tensor):
+        """h (B, T, C), pos (the family's ids over T), valid (B, T) bool, image_positions (B, N) ascending ->
+        (logits (B, V), flat caches (layers 0..L: T, after: T'), keep_idx (B, T'), image_keep (B, R))."""
         spec, cache = self.spec, DynamicCache()
-        h, pos, valid = inputs_embeds, position_ids, attention_mask.bool()
-        mask, pe = _masks(valid), self.rotary_emb(inputs_embeds, position_ids)
+        mask, pe = _masks(valid), self.rotary_emb(h, pos)
         for i, layer in enumerate(self.layers):
             h_in = h
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, past_key_values=cache,
                       use_cache=True)
             if i != spec.layer:
                 continue
-            cos, sin = pe
+            cos, sin = pe  # (B, T, D): the family's rotary (M-RoPE: its sections recomposed), as the keys were rotated
             scores = fastv_scores(layer.self_attn, layer.input_layernorm(h_in[:, -1:]), cache.layers[i].keys,
                                   cos[:, -1:], sin[:, -1:], valid)
             keep_idx, image_keep = select_image_tokens(scores, image_positions, spec, self.bias, self.uniform_hit)
             if spec.merge:  # HoliTom: the dropped image tokens merge into the kept ones first
                 h = merge_into_kept(h, image_positions, image_keep)
             h = h.gather(1, keep_idx[..., None].expand(-1, -1, h.shape[-1]))
-            pos, valid = pos.gather(1, keep_idx), valid.gather(1, keep_idx)
+            pos, valid = self.gather_positions(pos, keep_idx), valid.gather(1, keep_idx)  # original positions
             mask, pe = _masks(valid), self.rotary_emb(h, pos)
-        logits = self.lm_head(self.norm(h[:, -1]))
-        return (logits, *_flatten(cache), keep_idx, image_keep)
+        return self.lm_head(self.norm(h[:, -1])), _flatten(cache), keep_idx, image_keep
+
+    def decode(self, h: Tensor, pos: Tensor, past: tuple[Tensor, ...], full_mask, pruned_mask):
+        """One step over caches of two lengths: layers 0..L attend with `full_mask`, the later ones with
+        `pruned_mask` (None: one query over its own cache, nothing to mask) -> (logits, *caches)."""
+        cache = _cache_from(past)
+        pe = self.rotary_emb(h, pos)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask=full_mask if i <= self.spec.layer else pruned_mask, position_embeddings=pe,
+                      position_ids=pos, past_key_values=cache, use_cache=True)
+        return (self.lm_head(self.norm(h[:, -1])), *_flatten(cache))
 
 
-class FastvDecode(nn.Module):
+class FastvPrefill(FastvLayers):
+    """LLaVA: (inputs_embeds, attention_mask, position_ids (B, T), image_positions (B, N)) -> (logits, caches...,
+    keep_idx (B, T'), image_keep_idx (B, R))."""
+
+    def __init__(self, model: nn.Module, spec: FastvSpec, gather_positions=gather_positions_1d):
+        super().__init__(model, spec, gather_positions)
+        self.selection()
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                image_positions: Tensor) -> tuple[Tensor, ...]:
+        logits, caches, keep_idx, image_keep = self.prefill(inputs_embeds, position_ids, attention_mask.bool(),
+                                                            image_positions)
+        return (logits, *caches, keep_idx, image_keep)
+
+
+class FastvDecode(FastvLayers):
+    """LLaVA: one step with the full-length mask for layers 0..L and `attention_mask_pruned` for the rest."""
+
     def __init__(self, model: nn.Module, spec: FastvSpec):
-        super().__init__()
-        lm = model.model.language_model
-        self.embed_tokens, self.layers, self.norm = lm.embed_tokens, lm.layers, lm.norm
-        self.rotary_emb, self.lm_head, self.spec = lm.rotary_emb, model.lm_head, spec
+        super().__init__(model, spec)
+        self.embed_tokens = model.model.language_model.embed_tokens
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, attention_mask_pruned: Tensor, position_ids: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
-        cache = _cache_from(past)
-        h = self.embed_tokens(input_ids)
-        pe = self.rotary_emb(h, position_ids)
         full, pruned = attention_mask.bool()[:, None, None, :], attention_mask_pruned.bool()[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, attention_mask=full if i <= self.spec.layer else pruned, position_embeddings=pe,
-                      position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return (self.lm_head(self.norm(h[:, -1])), *_flatten(cache))
+        return self.decode(self.embed_tokens(input_ids), position_ids, past, full, pruned)
 
 
 def fastv_prefill_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
@@ -464,19 +495,36 @@ def reference_merge(h: Tensor, image_positions: Tensor, image_keep: Tensor) -> T
 def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features: Tensor, spec: FastvSpec,
                              image_token_id: int, max_new_tokens: int = 8,
                              attention_mask: Tensor | None = None) -> FastvReference:
-    """Eager FastV with HF LLaVA's language model: image features placed at the image tokens, score from HF's eager
-    attention probabilities, then greedy decoding re-running the decoder layers by hand with no cache (merge=true:
-    reference_merge on layer L's output before the kept tokens are taken)."""
+    """Eager FastV with HF LLaVA's language model: image features placed at the image tokens, 1-D positions
+    cumsum(mask) - 1, then reference_generate_layers (the next token's position: the last one + 1)."""
     ids = input_ids.long()
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
     check_prompt(ids, mask, image_token_id, spec.num_image_tokens)
-    lm = model.model.language_model
-    is_image = ids == image_token_id
-    embeds = lm.embed_tokens(ids).detach().clone()
-    embeds[is_image] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    embeds = place_features(model, ids, image_features, image_token_id)
     pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-    scores = fastv_score_reference(model, embeds, mask, pos, spec.layer)
-    b, t = ids.shape
+    return reference_generate_layers(model, ids == image_token_id, embeds, mask, pos, spec, max_new_tokens,
+                                     gather_positions_1d, lambda pos, step: pos[:, -1:] + 1)
+
+
+def place_features(model: nn.Module, ids: Tensor, image_features: Tensor, placeholder_id: int) -> Tensor:
+    """The prompt's token embeddings (B, T, H) with the placeholders' rows replaced by the features, in order."""
+    embeds = model.model.language_model.embed_tokens(ids).detach().clone()
+    embeds[ids == placeholder_id] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return embeds
+
+
+def reference_generate_layers(model: nn.Module, is_image: Tensor, embeds: Tensor, mask: Tensor, positions: Tensor,
+                              spec: FastvSpec, max_new_tokens: int, gather_positions,
+                              next_positions) -> FastvReference:
+    """The eager FastV reference of every family, independent of the parts: the score from HF's eager attention
+    probabilities (fastv_score_reference), the image positions from `is_image` (B, T) by nonzero, the selection by
+    reference_image_keep, merge=true by HoliTom's literal loop (reference_merge); then every greedy step re-runs the
+    decoder layers by hand over the whole sequence with no cache: layers 0..L over every token, layers L+1.. over
+    the kept prompt tokens plus the generated ones. Family hooks: `gather_positions(pos, cols)` (1-D or M-RoPE ids)
+    and `next_positions(pos, step)` -> the ids of the token generated at `step`, appended on the last axis."""
+    lm = model.model.language_model
+    scores = fastv_score_reference(model, embeds, mask, positions, spec.layer)
+    b, t = is_image.shape
     image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])       # (B, N)
     image_keep = reference_image_keep(scores.gather(1, image_pos), spec)
     keep_rows = []
@@ -487,17 +535,16 @@ def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features
     keep_idx = torch.stack(keep_rows)                                                  # (B, T')
     tokens, logits = [], []
     with torch.no_grad(), _eager_attention(model):
-        seq = embeds
+        seq, pos = embeds, positions
         for step in range(max_new_tokens):
-            s = seq.shape[1]
-            cols = torch.cat([keep_idx, torch.arange(t, s).expand(b, -1)], dim=1)      # kept prompt + generated
+            cols = torch.cat([keep_idx, torch.arange(t, seq.shape[1]).expand(b, -1)], dim=1)  # kept prompt + generated
             h, p, v = seq, pos, mask
             for i, layer in enumerate(lm.layers):
                 if i == spec.layer + 1:
                     if spec.merge:
                         h = reference_merge(h, image_pos, image_keep)
                     h = torch.stack([h[r, cols[r]] for r in range(b)])
-                    p, v = p.gather(1, cols), v.gather(1, cols)
+                    p, v = gather_positions(p, cols), v.gather(1, cols)
                 h = layer(h, attention_mask=_hand_mask(v, h.dtype), position_embeddings=lm.rotary_emb(h, p),
                           position_ids=p)
             step_logits = model.lm_head(lm.norm(h[:, -1])).float()
@@ -505,25 +552,31 @@ def reference_fastv_generate(model: nn.Module, input_ids: Tensor, image_features
             tokens.append(token)
             logits.append(step_logits)
             seq = torch.cat([seq, lm.embed_tokens(token)], dim=1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+            pos = torch.cat([pos, next_positions(pos, step)], dim=-1)
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return FastvReference(torch.cat(tokens, 1), torch.stack(logits), image_keep, keep_idx)
+
+
+def image_score_rows(model: nn.Module, embeds: Tensor, mask: Tensor, positions: Tensor, is_image: Tensor,
+                     layer: int) -> Tensor:
+    """(B, N) float64: the reference FastV score (fastv_score_reference) of each row's image tokens at `layer`: what
+    debias calibration averages, for every family."""
+    scores = fastv_score_reference(model, embeds, mask, positions, layer)
+    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])
+    return scores.gather(1, image_pos).double()
 
 
 def calibrate_fastv_bias(model: nn.Module, input_ids: Tensor, image_features: Tensor, layer: int,
                          image_token_id: int, attention_mask: Tensor | None = None) -> np.ndarray:
     """(N,) float64: the FastV score of each image-token position at `layer`, averaged over a calibration batch
-    (the positional bias `fastv(debias=true)` subtracts)."""
+    (the positional bias `fastv(debias=true)` subtracts). LLaVA; Qwen2-VL: qwen2_vl_adapter.calibrate_qwen2_fastv_bias
+    (both average image_score_rows)."""
     ids = input_ids.long()
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long()
     is_image = ids == image_token_id
     counts = is_image.sum(1)
     if counts.min() < 1 or (counts != counts[0]).any():
         raise ConfigError("calibration prompts must all carry the same number (>= 1) of image tokens")
-    lm = model.model.language_model
-    embeds = lm.embed_tokens(ids).detach().clone()
-    embeds[is_image] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    embeds = place_features(model, ids, image_features, image_token_id)
     pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
-    scores = fastv_score_reference(model, embeds, mask, pos, layer)
-    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])
-    return scores.gather(1, image_pos).double().mean(0).numpy()
+    return image_score_rows(model, embeds, mask, pos, is_image, layer).mean(0).numpy()

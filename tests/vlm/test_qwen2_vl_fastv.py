@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-import tokensieve.vlm_qwen2 as vlm
+import tokensieve.exporter.vlm.qwen2_vl_adapter as vlm
 from test_qwen2_vl_parts import _tiny_qwen2_vl
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
+from tokensieve.exporter.vlm import fastv as fv
 from tokensieve.exporter.vlm import qwen2_vl_fastv as qf
 from tokensieve.exporter.vlm.fastv import fastv_score_reference, parse_fastv
 from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLVisionPrune, image_layout
@@ -192,12 +193,12 @@ def test_score_row_is_hf_attention_and_wrong_rope_changes_the_selection(image, v
     Qwen2VLAttention does), for an image (L = 1) and a video (L = 0). Controls: the query rotated by 1-D RoPE at its
     sequence index, or 1-D position ids for the whole prompt, change the kept tokens, so the reference checks above
     can fail."""
-    real = qf.fastv_scores
+    real = fv.fastv_scores
     for result in (image, video):
         model = result.model
         prefill = qf.Qwen2VLFastvPrefill(model, result.inner, result.layout.is_video).eval()
         seen = {}
-        monkeypatch.setattr(qf, "fastv_scores", lambda *a: seen.setdefault("scores", real(*a)))
+        monkeypatch.setattr(fv, "fastv_scores", lambda *a: seen.setdefault("scores", real(*a)))
         ids, feats, pos = _prefill_inputs(model, result.vision, _pixels(result.layout, 0))
         with torch.no_grad():
             good = prefill(ids, feats, pos)
@@ -211,10 +212,10 @@ def test_score_row_is_hf_attention_and_wrong_rope_changes_the_selection(image, v
             cos, sin = lm.rotary_emb(h, torch.full((3, 1, 1), keys.shape[2] - 1))
             return real(attn, h, keys, cos, sin, valid)
 
-        monkeypatch.setattr(qf, "fastv_scores", one_d_query)
+        monkeypatch.setattr(fv, "fastv_scores", one_d_query)
         with torch.no_grad():
             wrong_query = prefill(ids, feats, pos)
-        monkeypatch.setattr(qf, "fastv_scores", real)
+        monkeypatch.setattr(fv, "fastv_scores", real)
         assert int(pos[0, 0, -1]) < ids.shape[1] - 1  # the M-RoPE position of the last token is not its index
         one_d = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
         with torch.no_grad():
@@ -293,7 +294,7 @@ def test_calibrated_bias_is_the_mean_of_reference_score_rows(model, monkeypatch)
     (so debias subtracts the score it selects by)."""
     from tokensieve.vlm_api import calibrate_qwen2_fastv_bias  # re-exported next to calibrate_fastv_bias
 
-    assert calibrate_qwen2_fastv_bias is qf.calibrate_qwen2_fastv_bias
+    assert calibrate_qwen2_fastv_bias is vlm.calibrate_qwen2_fastv_bias
     layout = image_layout(model.config.vision_config, IMAGE_GRID)
     vision = Qwen2VLVisionPrune(model.model.visual, layout, "attn-mean", 8).eval()
     pixels = _cal_pixels(layout, 3, 20)
@@ -310,16 +311,16 @@ def test_calibrated_bias_is_the_mean_of_reference_score_rows(model, monkeypatch)
         score = fastv_score_reference(model, embeds, torch.ones_like(ids), pos, LAYER)[0]
         rows.append(score[ids[0] == model.config.image_token_id].double().numpy())
     want = np.mean(rows, axis=0)
-    bias = qf.calibrate_qwen2_fastv_bias(model, vision, list(pixels), prompts, LAYER)
+    bias = vlm.calibrate_qwen2_fastv_bias(model, vision, list(pixels), prompts, LAYER)
     assert bias.dtype == np.float64 and bias.shape == (8,) and (bias > 0).all()
     np.testing.assert_allclose(bias, want, rtol=1e-12, atol=0)
     assert np.abs(rows[0] - rows[1]).max() > 1e-4  # the samples differ: a mean, not one row
-    shared = qf.calibrate_qwen2_fastv_bias(model, vision, pixels, prompts[1], LAYER)
-    np.testing.assert_array_equal(shared, qf.calibrate_qwen2_fastv_bias(model, vision, list(pixels), [prompts[1]] * 3,
+    shared = vlm.calibrate_qwen2_fastv_bias(model, vision, pixels, prompts[1], LAYER)
+    np.testing.assert_array_equal(shared, vlm.calibrate_qwen2_fastv_bias(model, vision, list(pixels), [prompts[1]] * 3,
                                                                          LAYER))
-    real, seen = qf.fastv_scores, {}
-    monkeypatch.setattr(qf, "fastv_scores", lambda *a: seen.setdefault("scores", real(*a)))
-    one = qf.calibrate_qwen2_fastv_bias(model, vision, pixels[:1], _prompt(model, layout), LAYER)
+    real, seen = fv.fastv_scores, {}
+    monkeypatch.setattr(fv, "fastv_scores", lambda *a: seen.setdefault("scores", real(*a)))
+    one = vlm.calibrate_qwen2_fastv_bias(model, vision, pixels[:1], _prompt(model, layout), LAYER)
     spec = parse_fastv(f"fastv(debias=true)@{LAYER}:4", LAYERS, 8, one)
     ids, feats, pos = _prefill_inputs(model, vision, pixels[0])
     with torch.no_grad():
@@ -334,7 +335,7 @@ def test_calibrated_debias_export_verifies_and_moves_selection(video, tmp_path_f
     does not change) passes verify_vlm (ORT greedy ids, kept tokens, logits == the eager reference subtracting the
     same bias); control: on the verify input the bias keeps other video tokens than plain FastV."""
     model = video.model  # the CLI's loaded copy, whose vision tower video.vision runs
-    bias = qf.calibrate_qwen2_fastv_bias(model, video.vision, _cal_pixels(video.layout, 6, 103),
+    bias = vlm.calibrate_qwen2_fastv_bias(model, video.vision, _cal_pixels(video.layout, 6, 103),
                                          _prompt(model, video.layout), 0)
     inner = "fastv(debias=true)@0:0.5"
     spec = plan_vlm(model, f"attn-mean:{VIDEO_K}", grid=VIDEO_GRID, inner=inner, inner_bias=bias).inner
@@ -372,7 +373,7 @@ def test_bad_calibration_input_is_one_line(model, change, match):
                                          AFTER)}.get(change.pop("prompt", None), _prompt(model, layout))
     args = {"vision": vision, "pixel_values": _cal_pixels(layout, 2, 0), "input_ids": prompt, "layer": LAYER} | change
     with pytest.raises(ConfigError, match=re.escape(match)) as e:
-        qf.calibrate_qwen2_fastv_bias(model, args["vision"], args["pixel_values"], args["input_ids"], args["layer"])
+        vlm.calibrate_qwen2_fastv_bias(model, args["vision"], args["pixel_values"], args["input_ids"], args["layer"])
     _one_line(e)
 
 

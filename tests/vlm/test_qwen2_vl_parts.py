@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokensieve.vlm_qwen2 as vlm
+import tokensieve.exporter.vlm.qwen2_vl_adapter as vlm
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLPrefill, Qwen2VLVisionPrune, export_vision_prune, image_layout
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census

@@ -17,7 +17,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-import tokensieve.vlm_qwen2 as vlm
+import tokensieve.exporter.vlm.qwen2_vl_adapter as vlm
 from test_qwen2_vl_parts import _tiny_qwen2_vl
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
