@@ -18,7 +18,8 @@ position in the previous frame (`previous_frame_similarity`; frame 0 gets NEVER,
              2. spatial: DPC-kNN clustering of what remains (HoliTom's `cluster_dpc_knn`): density = exp(-mean
                 squared distance to the `knn` nearest), delta = distance to the nearest denser token, the K
                 tokens with the largest delta · density are centres; every other token joins its nearest centre
-                and each output is the plain mean of its cluster (HoliTom's default, NO_BETA). HoliTom clusters
+                and each output is the plain mean of its cluster (HoliTom's NO_BETA=1; `beta` gives its BETA
+                form: docs/fidelity.md). HoliTom clusters
                 each frame and window separately with one ratio; here one clustering spans all frames.
              Output k sits at centre k's original position (its run's first frame): keep_idx = the centres,
              ascending. With frames=1 (an image) only the spatial step runs.
@@ -136,22 +137,33 @@ def dpc_knn_centres(dist: Tensor, valid: Tensor, keep: int, knn: int) -> Tensor:
     return top_mask(score, keep)
 
 
-def cluster_means(y: Tensor, dist: Tensor, valid: Tensor, centre: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """Each valid token joins its nearest centre (a centre joins itself) -> (cluster means (B, keep, C), centres (B, keep)
-    ascending). One (B, n, keep) 0/1 assignment and one MatMul."""
+def cluster_means(y: Tensor, dist: Tensor, valid: Tensor, centre: Tensor, keep: int,
+                  beta: float = -1.0) -> tuple[Tensor, Tensor]:
+    """Each valid token joins its nearest centre (a centre joins itself) -> (cluster tokens (B, keep, C), centres (B, keep)
+    ascending). One (B, n, keep) 0/1 assignment and one MatMul. A cluster token is the plain mean of its centre and
+    members (beta < 0, HoliTom's NO_BETA=1), or beta · centre + (1 - beta) · mean(members) when it has members and the
+    centre itself when it has none (HoliTom's `merge_tokens_by_clustering` with NO_BETA unset: BETA, default 0.6)."""
     idx = ascending_positions(centre, keep)                                          # (B, K)
     b, n, _ = dist.shape
     to_centre = dist.gather(2, idx.unsqueeze(1).expand(b, n, keep))                  # (B, n, K)
     slots = torch.arange(keep, device=dist.device)
     nearest = to_centre.argmin(dim=-1, keepdim=True) == slots                        # (B, n, K)
     own = idx.unsqueeze(1) == torch.arange(n, device=dist.device).unsqueeze(-1)      # [b, i, k]: i is centre k
-    w = (((centre.unsqueeze(-1) & own) | (~centre.unsqueeze(-1) & nearest)) & valid.unsqueeze(-1)).to(torch.float32)
-    sums = torch.matmul(w.transpose(1, 2), y)                                        # (B, K, C)
-    return sums / w.sum(dim=1).unsqueeze(-1).clamp_min(1.0), idx
+    own_w = centre.unsqueeze(-1) & own
+    member_w = ~centre.unsqueeze(-1) & nearest & valid.unsqueeze(-1)
+    if beta < 0:
+        w = (own_w | member_w).to(torch.float32)
+        sums = torch.matmul(w.transpose(1, 2), y)                                    # (B, K, C)
+        return sums / w.sum(dim=1).unsqueeze(-1).clamp_min(1.0), idx
+    centre_y = torch.matmul(own_w.to(torch.float32).transpose(1, 2), y)              # (B, K, C)
+    members = member_w.to(torch.float32)
+    count = members.sum(dim=1).unsqueeze(-1)                                         # (B, K, 1)
+    mean = torch.matmul(members.transpose(1, 2), y) / count.clamp_min(1.0)
+    return torch.where(count > 0, beta * centre_y + (1.0 - beta) * mean, centre_y), idx
 
 
 def holitom_reduce(x: Tensor, sim: Tensor, keep: int, num_prefix_tokens: int = 0, frames: int = 1,
-                   tau: float = 0.8, knn: int = 7) -> tuple[Tensor, Tensor]:
+                   tau: float = 0.8, knn: int = 7, beta: float = -1.0) -> tuple[Tensor, Tensor]:
     """(B, p + N, C) tokens, (B, p + N) previous-frame similarity -> ((B, p + keep, C), centres (B, keep) ascending)."""
     p = num_prefix_tokens
     patches = x[:, p:]
@@ -159,7 +171,7 @@ def holitom_reduce(x: Tensor, sim: Tensor, keep: int, num_prefix_tokens: int = 0
     y, valid = temporal_merge(patches, sim[:, p:], frames, n - keep, tau)
     dist = pairwise_distances(y)
     centre = dpc_knn_centres(dist, valid, keep, knn)
-    out, idx = cluster_means(y, dist, valid, centre, keep)
+    out, idx = cluster_means(y, dist, valid, centre, keep, beta)
     out = out.to(x.dtype)
     return (out if p == 0 else torch.cat([x[:, :p], out], dim=1)), idx + p
 
@@ -181,7 +193,10 @@ METHODS = (
         reduce_fn=holitom_reduce, validate_video=holitom_validate,
         params=(Param("tau", 0.8, "temporal threshold: a token merges into the previous frame's token at its "
                       "position when their cosine exceeds tau", float, -1.0, 1.0),
-                Param("knn", 7, "neighbours of the DPC-kNN density (capped at keep)", int, 1, 64)),
-        reduce_params=("tau", "knn"),
+                Param("knn", 7, "neighbours of the DPC-kNN density (capped at keep)", int, 1, 64),
+                Param("beta", -1.0, "HoliTom's BETA merge: a cluster becomes beta x its centre + (1 - beta) x the mean "
+                      "of its members (its code with NO_BETA unset uses 0.6); -1: the plain mean of centre and members "
+                      "(NO_BETA=1)", float, -1.0, 1.0)),
+        reduce_params=("tau", "knn", "beta"),
     ),
 )

@@ -320,7 +320,7 @@ def test_keep_all_with_tau_1_is_the_identity(case, integer, knn, seed):
     if not integer:
         x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     spec = METHODS["holitom"]
-    opts = {"tau": 1.0, "knn": knn}
+    opts = {**spec.defaults(), "tau": 1.0, "knn": knn}
     fn, args, kwargs = score_call(spec, opts, x.shape[1], 0, x_out=x, frames=frames)
     out, idx = spec.reduce_fn(x, fn(*args, **kwargs), x.shape[1], 0, **reduce_kwargs(spec, opts, frames))
     assert torch.equal(out, x)

@@ -20,7 +20,7 @@ def test_bench_video_writes_table_and_json(tmp_path):
     data = json.loads((tmp_path / "video.json").read_text())
     assert data["meta"]["grid"] == [2, 4, 4] and data["meta"]["video_tokens"] == 8
     variant = data["meta"]["variants"]["holitom+merge"]
-    assert variant["options"] == {"tau": 0.8, "knn": 7} and "merge=true" in variant["inner"]
+    assert variant["options"] == {"tau": 0.8, "knn": 7, "beta": -1.0} and "merge=true" in variant["inner"]
     dense, holitom = data["rows"]
     assert (dense["prune"], holitom["prune"]) == ("uniform:1.0", "holitom:0.5")
     assert (dense["kept_tokens"], holitom["kept_tokens"], holitom["kept_after_inner"]) == (8, 4, 2)
