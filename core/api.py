@@ -1,6 +1,7 @@
 """The Python API; the only module that chains stages (export -> passes -> ONNX -> verify -> build -> bench)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -266,10 +267,13 @@ class VerifyReport:
     indices_match: list[bool]       # per stage, over all inputs
     stage_blocks: list[int]
     seconds: float
+    nonfinite: list[str] = field(default_factory=list)   # "eager" / "onnx" when that side gave NaN/Inf (a failure)
+    shape_match: bool = True                              # the outputs' shapes agree on every input
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol and all(self.indices_match)
+        return (self.max_abs_diff <= self.atol and all(self.indices_match) and not self.nonfinite
+                and self.shape_match)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -283,7 +287,8 @@ def verify(result: ExportResult, onnx_path: str | Path | None = None, *, num_inp
     """
     if onnx_path is not None:
         return verify_onnx(result.reference, result.input_shape, [s.stage.after_block for s in result.stages],
-                           onnx_path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads)
+                           onnx_path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads,
+                           padded=pads_output([s.stage.method for s in result.stages]))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="tokensieve-verify-") as tmp:
@@ -292,16 +297,28 @@ def verify(result: ExportResult, onnx_path: str | Path | None = None, *, num_inp
         return verify(result, path, num_inputs=num_inputs, batch=batch, seed=seed, atol=atol, threads=threads)
 
 
+def pads_output(methods) -> bool:
+    """Whether the eager reference of stages with these methods pads its output with NaN rows: a compacting stage
+    (adaptive) really drops tokens, and the reference pads to the export's capped slots (methods/reference.py)."""
+    return any(METHODS[m].compacts for m in methods)
+
+
 def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str | Path, *, num_inputs: int = 8,
-                batch: int = 1, seed: int = 0, atol: float = 1e-4, threads: int | None = None) -> VerifyReport:
-    """Compare `reference(x) -> (output, kept per stage)` with the debug ONNX on seeded random inputs."""
+                batch: int = 1, seed: int = 0, atol: float = 1e-4, threads: int | None = None,
+                padded: bool = False) -> VerifyReport:
+    """Compare `reference(x) -> (output, kept per stage)` with the debug ONNX on seeded random inputs.
+
+    NaN or Inf on either side fails, with one exception: when `padded`, whole NaN rows of the eager output are the
+    slots a compacting stage left invalid (see pads_output) and are not compared."""
     from tokensieve.runtime.onnxruntime_runner import OrtRunner
 
-    if num_inputs < 1 or batch < 1:
+    if isinstance(num_inputs, bool) or isinstance(batch, bool) or num_inputs < 1 or batch < 1:
         raise ConfigError("verify needs --inputs >= 1 and --batch >= 1")
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        raise ConfigError(f"atol {atol!r} must be a finite number >= 0, e.g. 1e-4")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    max_diff, matches = 0.0, [True] * len(stage_blocks)
+    max_diff, matches, nonfinite, shapes_ok = 0.0, [True] * len(stage_blocks), set(), True
     with OrtRunner(onnx_path, threads=threads) as runner:
         if len(runner.output_names) != 1 + len(stage_blocks):
             raise ConfigError(f"{str(onnx_path)!r} has {len(runner.output_names)} outputs, expected the model output + "
@@ -310,12 +327,22 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
             x = torch.randn(batch, *input_shape[1:], generator=gen)
             ref, kept = reference(x)
             outs = list(runner.infer({"pixel_values": x.numpy()}).values())
-            want = ref.numpy()
-            real = ~np.isnan(want)  # NaN: rows an adaptive stage left invalid (eager compacted them away)
-            max_diff = max(max_diff, float(np.abs(outs[0] - want)[real].max(initial=0.0)))
+            got, want = outs[0], ref.numpy()
+            if got.shape != want.shape:
+                shapes_ok = False
+                continue
+            pad = np.isnan(want).all(axis=-1, keepdims=True) if padded and want.ndim >= 3 else np.zeros((), bool)
+            real = ~np.broadcast_to(pad, want.shape)
+            if not np.isfinite(want[real]).all():
+                nonfinite.add("eager")
+            if not np.isfinite(got[real]).all():
+                nonfinite.add("onnx")
+            if not nonfinite:
+                max_diff = max(max_diff, float(np.abs(got - want)[real].max(initial=0.0)))
             for i, (got, want) in enumerate(zip(outs[1:], kept)):
                 matches[i] &= got.shape == tuple(want.shape) and bool((got == want.numpy()).all())
-    return VerifyReport(num_inputs, batch, atol, max_diff, matches, list(stage_blocks), time.perf_counter() - t0)
+    return VerifyReport(num_inputs, batch, atol, max_diff, matches, list(stage_blocks), time.perf_counter() - t0,
+                        sorted(nonfinite), shapes_ok)
 
 
 def reference_from_report(report: dict):
@@ -473,7 +500,14 @@ def check_verified(ver: VerifyReport) -> None:
     if ver.passed:
         return
     bad = [b for b, ok in zip(ver.stage_blocks, ver.indices_match) if not ok]
-    what = f"kept indices differ after block(s) {bad}" if bad else f"max abs diff {ver.max_abs_diff:.2e} > atol {ver.atol:g}"
+    if ver.nonfinite:
+        what = f"NaN/Inf in the {' and '.join(ver.nonfinite)} output"
+    elif not ver.shape_match:
+        what = "the ONNX output's shape differs from eager's"
+    elif bad:
+        what = f"kept indices differ after block(s) {bad}"
+    else:
+        what = f"max abs diff {ver.max_abs_diff:.2e} > atol {ver.atol:g}"
     raise VerificationError(f"Verification failed: {what}; see report.json, and please report this model/recipe")
 
 
@@ -541,8 +575,8 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
                      precision=precision, extra_metadata={"tokensieve": meta}, plugin_library=plugins)
         report["build"] = {"target": target, "precision": precision, "engine": str(info.engine_path),
                            "metadata": str(info.metadata_path), "seconds": info.build_seconds,
-                           "size_bytes": info.size_bytes, "flavor": info.metadata.get("flavor"),
-                           "tensorrt_version": info.metadata.get("tensorrt_version")}
+                           "size_bytes": info.size_bytes, "flavor": info.metadata["flavor"],
+                           "tensorrt_version": info.metadata["tensorrt_version"]}
     else:
         say("[4/5] engine build skipped (--no-build)")
     if do_bench:

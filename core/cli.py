@@ -136,7 +136,8 @@ class Verify(Tool):
         report = api.read_export_report(folder)
         reference, shape, blocks = api.reference_from_report(report)
         ver = api.verify_onnx(reference, shape, blocks, folder / api.ARTIFACTS["debug"], num_inputs=args.inputs,
-                              batch=args.batch, seed=args.seed, atol=args.atol)
+                              batch=args.batch, seed=args.seed, atol=args.atol,
+                              padded=api.pads_output([s["method"] for s in report["stages"]]))
         print(f"{'stage after block':>18}  kept indices")
         for b, ok in zip(ver.stage_blocks, ver.indices_match):
             print(f"{b:>18}  {'identical' if ok else 'DIFFERENT'}")
@@ -182,8 +183,8 @@ class Build(Tool):
         info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch,
                          plugin_library=args.plugins, embed_plugins=args.embed_plugins, dims=dims)
         m = info.metadata
-        print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m.get('flavor')} {m.get('tensorrt_version')}"
-              f" for {m.get('target')} ({m.get('precision')}) in {info.build_seconds:.1f} s; metadata {info.metadata_path}")
+        print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m['flavor']} {m['tensorrt_version']}"
+              f" for {m['target']} ({m['precision']}) in {info.build_seconds:.1f} s; metadata {info.metadata_path}")
         return 0
 
 
@@ -243,7 +244,7 @@ class Bench(Tool):
 
 def _engine_file_checked(meta: dict) -> str:
     """What check_engine_file compared, for a metadata file it accepted."""
-    size, sha = meta.get("engine_size_bytes") is not None, meta.get("engine_sha256") is not None
+    size, sha = meta["engine_size_bytes"] is not None, meta["engine_sha256"] is not None  # None: version 1
     if size and sha:
         return "OK (size, sha256 match)"
     if size or sha:
@@ -270,8 +271,8 @@ def _check_engine(folder: Path, name: str) -> tuple[str, bool]:
         check_engine_file(path, meta)
     except TokenSieveError as e:
         return f"{name}: PROBLEM: {e}", False
-    size = meta.get("engine_size_bytes") or path.stat().st_size
-    return (f"{name}: {meta.get('flavor')} {meta.get('tensorrt_version')} {meta.get('target')} {meta.get('precision')}, "
+    size = path.stat().st_size  # check_engine_file compared it with the metadata's size
+    return (f"{name}: {meta['flavor']} {meta['tensorrt_version']} {meta['target']} {meta['precision']}, "
             f"{size / 2**20:.1f} MiB, file {_engine_file_checked(meta)}"), True
 
 
@@ -560,19 +561,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (LANG=C, PYTHONIOENCODING=ascii) gets '?' for '→'
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "tool", None):
         parser.print_help()
         return 2
     try:
-        return args.tool.run(args) or 0
+        code = args.tool.run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
+        return code
     except TokenSieveError as e:
         print(f"tokensieve {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tokensieve: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tokensieve … | head`: the reader left; stop quietly, as a SIGPIPE-killed tool would
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -440,3 +441,36 @@ def test_error_in_a_subprocess(vit_dir, tmp_path):
     proc = cli("export", "--model", vit_dir, "--prune", "cls-topk@1:16", "-o", out, *FAST)
     assert_cli_error("export", proc.returncode, proc.stdout, proc.stderr, match="keep=16 must be below")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ terminals and pipes
+
+_PRINTS_ARROWS = """
+import sys
+from tokensieve import cli
+
+class Arrows(cli.Tool):
+    '''Print arrows.'''
+    name = "arrows"
+    def run(self, args):
+        for _ in range(20000):
+            print("197→139→98")
+        return 0
+
+cli.TOOLS.append(Arrows())
+sys.exit(cli.main(["arrows"]))
+"""
+
+
+def test_ascii_stdout_does_not_crash_on_arrows():
+    env = dict(os.environ, PYTHONIOENCODING="ascii", LANG="C", LC_ALL="C")
+    p = subprocess.run([sys.executable, "-c", _PRINTS_ARROWS], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and p.stderr == ""
+    assert p.stdout.splitlines()[0] == "197?139?98"
+
+
+def test_closed_pipe_exits_quietly():
+    p = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(_PRINTS_ARROWS)} | head -n 1", shell=True,
+                       capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert p.stdout == "197→139→98\n"
+    assert p.stderr == "", p.stderr  # no traceback, no "Exception ignored" line
