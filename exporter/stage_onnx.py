@@ -9,7 +9,7 @@ from tokensieve.errors import ExportError
 from tokensieve.exporter.onnx_translations import TRANSLATIONS
 from tokensieve.exporter.trace import quiet
 from tokensieve.graph_passes.methods.registry import METHODS
-from tokensieve.graph_passes.methods.stage import gather_options, reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.stage import run_stage
 
 
 class _Stage(nn.Module):
@@ -20,15 +20,11 @@ class _Stage(nn.Module):
         self.grid = grid
 
     def forward(self, q, k, x_in, x_out):
-        # A two-block score (HiPrune) reads the same q/k again as its earlier block's: the same cost.
-        fn, args, kwargs = score_call(self.spec, self.options, self.keep, self.p, q=q, k=k, scale=self.scale,
-                                      x_in=x_in, x_out=x_out, q_early=q, k_early=k, scale_early=self.scale,
-                                      grid=self.grid)
-        scores = fn(*args, **kwargs)
-        if self.spec.reduce_fn is not None:
-            return self.spec.reduce_fn(x_out, scores, self.keep, self.p, **reduce_kwargs(self.spec, self.options))[0]
-        tokens, idx = torch.ops.tokensieve.prune_topk(x_out, scores, self.keep, self.p)
-        return gather_options(x_out, scores, tokens, idx, self.keep, self.p, self.options)
+        # The stage as the full export compiles it (capped: adaptive keeps its K slots). A two-block score (HiPrune)
+        # reads the same q/k again as its earlier block's: the same cost.
+        tokens, _, _ = run_stage(self.spec, self.options, self.keep, self.p, capped=True, q=q, k=k, scale=self.scale,
+                                 x_in=x_in, x_out=x_out, q_early=q, k_early=k, scale_early=self.scale, grid=self.grid)
+        return tokens
 
 
 def stage_onnx(method: str, options: dict, keep: int, num_prefix_tokens: int, *, batch: int, tokens: int,

@@ -28,19 +28,24 @@ import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.to
 from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.fx.respecialize_token_counts import _SIZE_ARG_OPS, _SLICE_OPS
+from tokensieve.graph_passes.pass_manager import PassContext
 
 COMPACT = torch.ops.tokensieve.compact_valid.default
 PAD = torch.ops.tokensieve.pad_tokens.default
 _SYM_SIZE = torch.ops.aten.sym_size.int
 
 
-def compact_token_axis(gm: fx.GraphModule, stages, example_inputs: tuple) -> PassResult:
-    """Compact after each stage (ResolvedStage) with options compact=true; gm's outputs must already be final."""
+def compact_token_axis(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Compact after each stage of ctx.stages with options compact=true (edits gm in place); gm's outputs must
+    already be final (add_kept_index_outputs). Idempotent: a stage whose tokens already go through compact_valid is
+    skipped."""
     compacted = 0
-    for rs in stages:
+    for rs in ctx.stages:
         if not rs.options.get("compact"):
             continue
         tokens, state = _stage_outputs(gm, rs.stage.after_block)
+        if any(u.target is COMPACT for u in tokens.users):
+            continue  # idempotent: compacted on an earlier run
         total = rs.num_prefix_tokens + rs.keep  # the capped length p + K
         graph = gm.graph
         with graph.inserting_after(state):
@@ -55,7 +60,7 @@ def compact_token_axis(gm: fx.GraphModule, stages, example_inputs: tuple) -> Pas
         tokens.replace_all_uses_with(new_tokens, delete_user_cb=lambda u: u is not node)
         state.replace_all_uses_with(new_state, delete_user_cb=lambda u: u is not node)
         gm.recompile()
-        _symbolize(gm, node, total, rs.num_prefix_tokens, example_inputs)
+        _symbolize(gm, node, total, rs.num_prefix_tokens, ctx.example_inputs)
         compacted += 1
     return PassResult(gm, compacted > 0)
 

@@ -1,5 +1,6 @@
 """Insert a pruning stage after each block a recipe names: x -> prune_topk(x, score(…)) [-> recycled dropped tokens |
-PosPad markers, fused token] (methods/stage.py gather_options, the eager reference's own function).
+PosPad markers, fused token]. The nodes are the calls of methods/stage.py `run_stage`, the dispatcher the eager
+reference runs, recorded as call_function nodes (its `call` argument).
 
 A stateful stage carries a token state to later stages: an adaptive stage (input-dependent count) the validity of
 its K capped slots, ToMe with prop_attn the token sizes. Every later attention op gets the state's additive key mask
@@ -11,20 +12,15 @@ Token counts after the stage change; `respecialize_token_counts` fixes literal s
 """
 from __future__ import annotations
 
-import operator
-
-import torch
 from onnx_ir.passes import PassResult  # (model, modified); model is a GraphModule here
 from torch import fx
 
-import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
 from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import STAGE_TAG as TAG
 from tokensieve.graph_passes.blocks import Block, token_layout
 from tokensieve.graph_passes.methods.registry import METHODS, ScoreInput
-from tokensieve.graph_passes.methods.spec import TOKEN_REUSE
-from tokensieve.graph_passes.methods.stage import gather_options, reduce_kwargs, score_call
-from tokensieve.graph_passes.methods.adaptive import key_bias
+from tokensieve.graph_passes.methods.stage import run_stage
+from tokensieve.graph_passes.pass_manager import PassContext
 
 
 def _attention_inputs(block: Block, method: str) -> dict:
@@ -49,13 +45,13 @@ def _earlier_inputs(gm: fx.GraphModule, blocks: list[Block], rs, spec) -> dict:
     return {"q_early": early["q"], "k_early": early["k"], "scale_early": early["scale"], "grid": grid}
 
 
-def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> PassResult:
-    """Insert the stages (ResolvedStage list, in block order) after their blocks; edits gm in place."""
-    graph = gm.graph
+def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Insert the stages (ctx.stages, in block order) after their blocks (ctx.blocks); edits gm in place."""
+    graph, blocks = gm.graph, ctx.blocks
     inserted = 0
     current: dict[fx.Node, fx.Node] = {}  # a block output replaced by an earlier stage -> its pruned tokens
     state = None  # (B, N) token state after a stateful stage (adaptive: validity; tome prop_attn: sizes)
-    for rs in stages:
+    for rs in ctx.stages:
         block = blocks[rs.stage.after_block]
         out = block.output
         if any(TAG in u.meta for u in out.users):
@@ -66,43 +62,18 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
             inputs |= _attention_inputs(block, rs.stage.method)
         elif spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:
             inputs |= _attention_inputs(block, rs.stage.method) | _earlier_inputs(gm, blocks, rs, spec)
-        fn, args, kwargs = score_call(spec, options, rs.keep, rs.num_prefix_tokens, **inputs)
-        new = []
-        with graph.inserting_after(out):
-            if state is not None and spec.compacts:  # the score sees the attention the block saw: invalid keys masked
-                bias = graph.call_function(key_bias, (state,))
-                kwargs = {**kwargs, "key_bias": bias}
-                new.append(bias)
-            score = graph.call_function(fn, args, kwargs)
-            stateful = spec.stateful(options)
-            if stateful:
-                prune = graph.call_function(spec.reduce_fn, (out, score, rs.keep, rs.num_prefix_tokens),
-                                            {**reduce_kwargs(spec, options), "state": state})
-            elif spec.reduce_fn is not None:
-                prune = graph.call_function(spec.reduce_fn, (out, score, rs.keep, rs.num_prefix_tokens),
-                                            reduce_kwargs(spec, options))
-            else:
-                prune = graph.call_function(torch.ops.tokensieve.prune_topk.default, (out, score, rs.keep, rs.num_prefix_tokens))
-            tokens = graph.call_function(operator.getitem, (prune, 0))
-            kept = graph.call_function(operator.getitem, (prune, 1))
-            new += [score, prune, tokens, kept]
-            if stateful:
-                state = graph.call_function(operator.getitem, (prune, 2))
-                mask = graph.call_function(spec.state_mask, (state,))
-                new += [state, mask]
-            reuse = {name: True for name in TOKEN_REUSE if options.get(name)}
-            if reuse:  # recycled / PosPad / fused tokens: the eager reference's own function, one node
-                tokens = graph.call_function(gather_options, (out, score, tokens, kept, rs.keep, rs.num_prefix_tokens,
-                                                              reuse))
-                new.append(tokens)
-        # inserting_after(out) stacks each new node right after `out`: restore execution order.
-        for prev, node in zip(new, new[1:]):
-            prev.append(node)
-        users = set(new)
+        # The dispatcher the eager reference runs, its calls recorded as nodes right after the block output.
+        calls = _GraphCalls(graph, before=out.next)
+        tokens, kept, new_state = run_stage(spec, options, rs.keep, rs.num_prefix_tokens, state, capped=True,
+                                            call=calls, **inputs)
+        stateful = new_state is not None
+        if stateful:
+            state, mask = new_state, calls(spec.state_mask, new_state)
+        users = set(calls.nodes)
         out.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in users)
         info = {"pass": "insert_prune_stages", "block": block.index, "method": rs.stage.method, "keep": rs.keep,
                 "tokens_in": rs.tokens_in, "tokens_out": rs.tokens_out}
-        for node in new:
+        for node in calls.nodes:
             node.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
             node.meta["stack_trace"] = out.meta.get("stack_trace")
             node.meta[TAG] = dict(info)
@@ -117,6 +88,19 @@ def insert_prune_stages(gm: fx.GraphModule, blocks: list[Block], stages) -> Pass
     if inserted:
         gm.recompile()
     return PassResult(gm, inserted > 0)
+
+
+class _GraphCalls:
+    """run_stage's `call` for the FX pass: each call becomes a call_function node, in call order before `before`."""
+
+    def __init__(self, graph: fx.Graph, before: fx.Node):
+        self.graph, self.before, self.nodes = graph, before, []
+
+    def __call__(self, fn, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_function(fn, args, kwargs)
+        self.nodes.append(node)
+        return node
 
 
 def _mask_later_attention(later: list[Block], mask: fx.Node) -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from tokensieve.errors import PassError
-from tokensieve.graph_passes.blocks import SDPA_TARGETS
 from onnx_ir.passes import PassResult  # (model, modified); model is a GraphModule here
+
+from tokensieve.errors import PassError
+from tokensieve.graph_passes.blocks import SDPA_TARGETS, STAGE_TAG
+from tokensieve.graph_passes.pass_manager import PassContext
 
 
 def _mask_arg(node: fx.Node):
@@ -36,20 +38,22 @@ def _depends_on_input_data(node: fx.Node) -> bool:
     return False
 
 
-def remove_constant_attention_mask(gm: fx.GraphModule, example_inputs: tuple, strict: bool = True) -> PassResult:
+def remove_constant_attention_mask(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove all-true / all-zero attention masks that depend only on shapes (edits gm in place).
 
-    With `strict`, a mask that does mask something is an error (pruning could not keep it right).
+    With stages to insert (ctx.stages), a mask that does mask something is an error (pruning could not keep it
+    right); without, it stays. The key masks a stateful stage gives later attention (tagged) are tokensieve's own.
     """
+    strict = bool(ctx.stages)
     masks = {}
     for node in gm.graph.nodes:
         if node.target in SDPA_TARGETS:
             mask, where = _mask_arg(node)
-            if isinstance(mask, fx.Node):
+            if isinstance(mask, fx.Node) and STAGE_TAG not in mask.meta:  # idempotent: skip the stages' own masks
                 masks.setdefault(mask, []).append((node, where))
     if not masks:
         return PassResult(gm, False)
-    values = _evaluate(gm, example_inputs, set(masks))
+    values = _evaluate(gm, ctx.example_inputs, set(masks))
     modified = False
     for mask, users in masks.items():
         value = values[mask]
@@ -68,8 +72,9 @@ def remove_constant_attention_mask(gm: fx.GraphModule, example_inputs: tuple, st
             else:
                 sdpa.kwargs = {**sdpa.kwargs, "attn_mask": None}
         modified = True
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    if modified:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     return PassResult(gm, modified)
 
 

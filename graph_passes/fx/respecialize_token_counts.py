@@ -13,6 +13,7 @@ from torch import fx
 
 from tokensieve.errors import PassError
 from tokensieve.graph_passes.blocks import traced_shape
+from tokensieve.graph_passes.pass_manager import PassContext
 
 aten = torch.ops.aten
 _SIZE_ARG_OPS = {  # op -> index of its size-list argument
@@ -33,8 +34,9 @@ def _changes(old: tuple | None, new: torch.Size) -> dict[int, int]:
     return {o: n for o, n in zip(old, new) if isinstance(o, int) and o != n}
 
 
-def respecialize_token_counts(gm: fx.GraphModule, example_inputs: tuple) -> PassResult:
-    """Fix literal token counts downstream of pruning stages by running gm once (edits gm in place)."""
+def respecialize_token_counts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Fix literal token counts downstream of pruning stages by running gm once on ctx.example_inputs (edits gm in
+    place). Idempotent: a second run finds every literal already naming the size that arrives."""
     edits = []
 
     class Respecialize(fx.Interpreter):
@@ -58,7 +60,7 @@ def respecialize_token_counts(gm: fx.GraphModule, example_inputs: tuple) -> Pass
                 ) from e
 
     with torch.no_grad():
-        Respecialize(gm).run(*example_inputs)
+        Respecialize(gm).run(*ctx.example_inputs)
     if edits:
         gm.recompile()
     return PassResult(gm, bool(edits))

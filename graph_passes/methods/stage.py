@@ -1,19 +1,32 @@
-"""One pruning stage as plain function calls: score -> prune_topk -> optional recycling of the dropped tokens, PosPad
-markers, fused token.
+"""The one stage dispatcher: score -> select (TopK or the method's reduce) -> optional reuse of the dropped tokens
+(recycling, PosPad markers, EViT's fused token).
 
-The eager reference calls `run_stage`; the FX pass inserts the same calls as graph nodes
-(`score_call` gives the function and arguments for both).
+Every user runs a stage through `run_stage`: the eager reference (methods/reference.py), the FX pass
+(graph_passes/fx/insert_prune_stages.py, which records the same calls as graph nodes through `call`), one stage alone
+as ONNX (exporter/stage_onnx.py) and the VLM vision parts (exporter/vlm/). A selection is always
+`tokensieve::prune_topk` (eager: methods/topk.prune_topk; ONNX: TopK + GatherND), so eager == graph == ONNX.
 """
 from __future__ import annotations
+
+import operator
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from tokensieve.graph_passes.methods.adaptive import compact
+import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
+from tokensieve.graph_passes.methods.adaptive import compact, key_bias
 from tokensieve.graph_passes.methods.pospad import pospad_slots, pospad_tokens
 from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
-from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
-from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens, prune_topk
+from tokensieve.graph_passes.methods.spec import TOKEN_REUSE, PruneMethod, ScoreInput
+from tokensieve.graph_passes.methods.topk import fuse_dropped_tokens
+
+PRUNE_TOPK = torch.ops.tokensieve.prune_topk.default
+
+
+def call_eagerly(fn: Callable, *args, **kwargs):
+    """`run_stage`'s default `call`: run the function now."""
+    return fn(*args, **kwargs)
 
 
 def score_call(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, *, q=None, k=None, scale=None,
@@ -45,22 +58,52 @@ def reduce_kwargs(spec: PruneMethod, options: dict, frames: int | None = None) -
     return kwargs
 
 
-def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, state: Tensor | None = None,
-              **inputs) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Eager stage: (tokens after the stage, kept positions (B, keep), carried state or None; see PruneMethod)."""
-    fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
-    scores = fn(*args, **kwargs)
+def run_stage(spec: PruneMethod, options: dict, keep: int, num_prefix_tokens: int, state=None, *, scores=None,
+              capped: bool = False, call: Callable = call_eagerly, **inputs) -> tuple:
+    """Run one pruning stage -> (tokens after the stage, kept positions (B, keep), carried state or None).
+
+    spec, options: the method (`METHODS[name]`) and its full options (defaults filled in); keep: the budget K;
+    num_prefix_tokens: the protected leading tokens ([CLS], registers; 0 for a VLM's merged patches).
+    inputs: what the method reads, by name (see `score_call`): `x_out` (B, N, C) the tokens to prune (always), `x_in`
+    the block's input tokens, `q`, `k`, `scale` as given to the block's SDPA, `q_early`, `k_early`, `scale_early` and
+    `grid` for a two-block score (HiPrune), `frames` for a video layout (video methods).
+    state: the (B, N) token state of an earlier stateful stage of the same method (PruneMethod.carries_state), or None.
+    scores: the stage's scores when the caller computed them itself (e.g. a VLM part that pools per-patch scores over
+    its merged tokens); then only selection / reduction runs.
+    capped: an input-dependent-count stage (adaptive, PruneMethod.compacts) keeps its K capped slots and returns their
+    validity as the state (the exported form); otherwise (eager reference, batch 1) it really drops the invalid slots
+    and returns state None.
+    call: how each step runs, `call(fn, *args, **kwargs)`. Eager by default; the FX pass passes a function that inserts
+    `fn` as a call_function node and returns the node, so the graph gets exactly these calls. Hence nothing here may
+    look at the values of the inputs: every computation goes through `call`.
+
+    A VLM vision part calls, e.g. (LLaVA: the last layer's q/k, one [CLS] prefix token):
+        tokens, idx, _ = run_stage(METHODS[name], options, keep, 1, q=q, k=k, scale=scale, x_in=x, x_out=x_out)
+    or, with its own scores (Qwen2-VL: per-patch scores averaged over each merge group; video frames = grid t):
+        tokens, idx, _ = run_stage(METHODS[name], options, keep, 0, scores=scores, x_out=merged, frames=t)
+    """
     x = inputs["x_out"]
+    if scores is None:
+        fn, args, kwargs = score_call(spec, options, keep, num_prefix_tokens, **inputs)
+        if state is not None and spec.compacts:  # the score sees the attention the block saw: invalid keys masked
+            kwargs = {**kwargs, "key_bias": call(key_bias, state)}
+        scores = call(fn, *args, **kwargs)
     rkw = reduce_kwargs(spec, options, inputs.get("frames"))
-    if spec.compacts:  # eager = real compaction of the valid slots (batch 1; see methods/adaptive.py)
-        _, kept, _ = spec.reduce_fn(x, scores, keep, num_prefix_tokens, **rkw)
-        return compact(x, kept, num_prefix_tokens), kept, None
+    if spec.compacts and not capped:  # eager = real compaction of the valid slots (batch 1; see methods/adaptive.py)
+        kept = call(operator.getitem, call(spec.reduce_fn, x, scores, keep, num_prefix_tokens, **rkw), 1)
+        return call(compact, x, kept, num_prefix_tokens), kept, None
     if spec.stateful(options):
-        return spec.reduce_fn(x, scores, keep, num_prefix_tokens, state=state, **rkw)
-    if spec.reduce_fn is not None:
-        return (*spec.reduce_fn(x, scores, keep, num_prefix_tokens, **rkw), None)
-    tokens, idx = prune_topk(x, scores, keep, num_prefix_tokens)
-    return gather_options(x, scores, tokens, idx, keep, num_prefix_tokens, options), idx, None
+        out = call(spec.reduce_fn, x, scores, keep, num_prefix_tokens, **rkw, state=state)
+        return tuple(call(operator.getitem, out, i) for i in range(3))
+    if spec.reduce_fn is not None:  # merging methods and greedy selections: their own select + gather
+        out = call(spec.reduce_fn, x, scores, keep, num_prefix_tokens, **rkw)
+        return call(operator.getitem, out, 0), call(operator.getitem, out, 1), None
+    out = call(PRUNE_TOPK, x, scores, keep, num_prefix_tokens)
+    tokens, idx = call(operator.getitem, out, 0), call(operator.getitem, out, 1)
+    reuse = {name: options[name] for name in TOKEN_REUSE if options.get(name)}
+    if reuse:  # recycled / PosPad / fused tokens
+        tokens = call(gather_options, x, scores, tokens, idx, keep, num_prefix_tokens, reuse)
+    return tokens, idx, None
 
 
 def gather_options(x: Tensor, scores: Tensor, tokens: Tensor, idx: Tensor, keep: int, num_prefix_tokens: int,

@@ -1,11 +1,18 @@
-"""Structural check of an exported ONNX: no data-dependent ops or shapes, only the batch axis dynamic."""
+"""Structural check of an exported ONNX: no data-dependent ops or shapes, only the batch axis dynamic.
+
+`check_static` checks a ModelProto; `check_static_model` is the same check as an ONNX pass (graph_passes/pipeline.py
+ONNX_PASSES): it never modifies the model, so it is idempotent by construction.
+"""
 from __future__ import annotations
 
 from collections import Counter
 
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes import PassResult
 
 from tokensieve.errors import ExportError
+from tokensieve.graph_passes.pass_manager import PassContext, check_pass
 
 FORBIDDEN_OPS = {
     "NonZero": "data-dependent output size",
@@ -59,6 +66,14 @@ def check_static(model: onnx.ModelProto, allowed_ops: frozenset[str] = frozenset
                 f"dim {dim!r}; only the batch axis may be dynamic"
             )
     return {"ops": dict(census), "num_values_checked": checked}
+
+
+@check_pass
+def check_static_model(model: ir.Model, ctx: PassContext) -> PassResult:
+    """check_static as a pass: ops a stage asked for (ctx.allowed_ops: Loop for loop=true) are allowed, and a
+    compacted token axis (ctx.compacts) may be data-dependent. Raises ExportError; never modifies `model`."""
+    check_static(ir.to_proto(model), allowed_ops=ctx.allowed_ops, compacted=ctx.compacts)
+    return PassResult(model, False)
 
 
 def _downstream_of_compaction(model: onnx.ModelProto) -> set[str]:

@@ -20,7 +20,13 @@ from method_checks import assert_matches_eager, exported_cases
 from tiny_models import build
 from tokensieve import api
 from tokensieve.errors import ConfigError, ExportError
+from tokensieve.graph_passes.blocks import discover_blocks, token_layout
+from tokensieve.graph_passes.fx.compact_token_axis import COMPACT, compact_token_axis
 from tokensieve.graph_passes.onnx.check_static import check_static, op_census
+from tokensieve.graph_passes.pass_manager import PassContext
+from tokensieve.graph_passes.pipeline import FX_PASSES, run_fx_passes
+from tokensieve.recipe import parse_recipe, resolve_recipe
+from tiny_traced import traced_tiny
 
 CASES = {
     "vit-one-stage": ("vit", "adaptive(compact=true)@1:0.75"),
@@ -90,6 +96,24 @@ def test_macs_count_the_cap_and_equal_the_capped_form(exported):
         pytest.skip("one case is enough")
     capped = api.export(*build("vit"), "adaptive@1:0.75")
     assert compact.macs_pruned == capped.macs_pruned < capped.macs_dense
+
+
+def test_idempotent():
+    """A second run inserts no second compact_valid (it used to) and leaves the graph as it is."""
+    _, x, ep = traced_tiny("vit")
+    gm = ep.module()
+    blocks = discover_blocks(gm)
+    layout = token_layout(gm, blocks)
+    stages = resolve_recipe(parse_recipe("adaptive(compact=true)@1:0.75"), len(blocks), layout.num_tokens,
+                            layout.num_prefix_tokens)
+    ctx = PassContext(tuple(blocks), tuple(stages), (x,))
+    assert FX_PASSES[-1] is compact_token_axis
+    run_fx_passes(gm, ctx, FX_PASSES[:-1])
+    assert compact_token_axis(gm, ctx).modified
+    code = gm.code
+    assert compact_token_axis(gm, ctx).modified is False
+    assert gm.code == code
+    assert sum(n.target is COMPACT for n in gm.graph.nodes) == 1
 
 
 @pytest.mark.parametrize("recipe,match", [

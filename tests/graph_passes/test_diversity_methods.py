@@ -64,13 +64,14 @@ def naive_divprune(x: np.ndarray, keep: int) -> tuple[list[int], float]:
 
 
 def naive_mmr(x: np.ndarray, w: np.ndarray, keep: int, lam: float) -> tuple[list[int], float]:
-    """MMR on (n, C) with raw importance w (n,): argmax λ·imp − (1−λ)·max_{j chosen} cos(i, j), imp min-max normalized."""
+    """MMR on (n, C) with raw importance w (n,): argmax λ·imp − (1−λ)·max_{j chosen} cos(i, j), imp min-max normalized;
+    the first pick is argmax imp for every λ (IDPruner's first round, tests/reference/idpruner.py)."""
     s = _cosine(x)
     imp = (w - w.min()) / (w.max() - w.min() + 1e-6)
     chosen, gaps = [], []
     for _ in range(keep):
         redundancy = s[:, chosen].max(axis=1) if chosen else np.zeros(len(x))
-        best, gap = _pick(lam * imp - (1 - lam) * redundancy, chosen)
+        best, gap = _pick(lam * imp - (1 - lam) * redundancy if chosen else imp, chosen)
         chosen.append(best)
         gaps.append(gap)
     return chosen, min(gaps)
@@ -216,20 +217,13 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def exported():
-    """case id -> ExportResult, each exported once. The Loop form is exported with Loop allowed by check_static."""
+    """case id -> ExportResult, each exported once (the Loop form's stages ask for Loop: api.export allows it)."""
     cache = {}
-    mp = pytest.MonkeyPatch()
-
-    def allow_loop(model, allowed_ops=frozenset(), **kwargs):
-        return check_static(model, allowed_ops=frozenset(allowed_ops) | {"Loop"}, **kwargs)
 
     def get(case: str):
         if case not in cache:
             name, recipe, _ = CASES[case]
-            with mp.context() as m:
-                if case == "loop":
-                    m.setattr(api, "check_static", allow_loop)
-                cache[case] = api.export(*build(name), recipe)
+            cache[case] = api.export(*build(name), recipe)
         return cache[case]
 
     return get

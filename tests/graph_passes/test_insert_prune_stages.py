@@ -1,5 +1,5 @@
 """insert_prune_stages on the unlifted GraphModule of each tiny model: numerics vs the eager reference, op census,
-idempotence. The full pass chain runs as in api.export: mask removal -> stage insertion -> respecialization."""
+idempotence. The pass chain runs as in api.export: mask removal -> stage insertion -> respecialization."""
 from __future__ import annotations
 
 import operator
@@ -18,6 +18,7 @@ from tokensieve.graph_passes.fx.insert_prune_stages import TAG, insert_prune_sta
 from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
 from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
 from tokensieve.graph_passes.methods.reference import HookStage, run_reference
+from tokensieve.graph_passes.pass_manager import PassContext
 from tokensieve.recipe import parse_recipe, resolve_recipe
 
 PRUNE = torch.ops.tokensieve.prune_topk.default
@@ -31,9 +32,10 @@ def _pruned(name: str, recipe: str):
     blocks = discover_blocks(gm)
     layout = token_layout(gm, blocks)
     stages = resolve_recipe(parse_recipe(recipe), len(blocks), layout.num_tokens, layout.num_prefix_tokens)
-    remove_constant_attention_mask(gm, (x,))
-    inserted = insert_prune_stages(gm, blocks, stages)
-    respecialize_token_counts(gm, (x,))
+    ctx = PassContext(tuple(blocks), tuple(stages), (x,))
+    remove_constant_attention_mask(gm, ctx)
+    inserted = insert_prune_stages(gm, ctx)
+    respecialize_token_counts(gm, ctx)
     hooks = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens) for s in stages]
     return gm, blocks, stages, hooks, module, x, inserted
 
@@ -119,27 +121,38 @@ def test_one_prune_op_per_stage_after_its_block(name):
 
 
 @pytest.mark.parametrize("name", ["vit", "plain_vit"])
-def test_second_insert_is_a_no_op(name):
+def test_idempotent(name):
     gm, blocks, stages, _, _, x, _ = _pruned(name, "cls-topk@1,2:0.5")
     ops, code = _ops(gm), gm.code
-    again = insert_prune_stages(gm, blocks, stages)
+    again = insert_prune_stages(gm, PassContext(tuple(blocks), tuple(stages), (x,)))
     assert again.modified is False
     assert _ops(gm) == ops and gm.code == code
     assert sum(n.target is PRUNE for n in gm.graph.nodes) == 2
+
+
+@pytest.mark.parametrize("recipe", ["cls-topk(fuse=true,pospad=true)@1:0.5+adaptive@2:0.75",
+                                    "tome(prop_attn=true)@1,2:0.8"])
+def test_idempotent_with_token_reuse_and_carried_state(recipe):
+    """A fused token / PosPad markers, a validity state, ToMe's size state and the later attention's key masks."""
+    gm, blocks, stages, _, _, x, inserted = _pruned("vit", recipe)
+    assert inserted.modified
+    code = gm.code
+    assert insert_prune_stages(gm, PassContext(tuple(blocks), tuple(stages), (x,))).modified is False
+    assert gm.code == code
 
 
 def test_empty_recipe_leaves_graph_unchanged():
     _, x, ep = traced_tiny("plain_vit")
     gm = ep.module()
     ops = _ops(gm)
-    assert insert_prune_stages(gm, discover_blocks(gm), []).modified is False
+    assert insert_prune_stages(gm, PassContext(tuple(discover_blocks(gm)), (), (x,))).modified is False
     assert _ops(gm) == ops
 
 
 def test_rediscovered_blocks_make_second_insert_a_no_op():
     gm, _, stages, _, _, _, _ = _pruned("plain_vit", "cls-topk@1,2:0.5")
     ops = _ops(gm)
-    again = insert_prune_stages(gm, discover_blocks(gm), stages)
+    again = insert_prune_stages(gm, PassContext(tuple(discover_blocks(gm)), tuple(stages)))
     assert again.modified is False and _ops(gm) == ops
 
 
@@ -160,4 +173,4 @@ def test_block_with_two_attention_ops_raises_pass_error():
     assert [len(b.attention) for b in blocks] == [2, 2]
     stages = resolve_recipe(parse_recipe("cls-topk@0:0.5"), 2, 17, 1)
     with pytest.raises(PassError, match="exactly one"):
-        insert_prune_stages(gm, blocks, stages)
+        insert_prune_stages(gm, PassContext(tuple(blocks), tuple(stages)))

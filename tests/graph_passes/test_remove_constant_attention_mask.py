@@ -11,7 +11,17 @@ from tiny_traced import random_batch, traced_tiny
 from tokensieve.errors import PassError
 from tokensieve.exporter.trace import FirstOutput, trace
 from tokensieve.graph_passes.blocks import SDPA_TARGETS
+from tokensieve.graph_passes.blocks import discover_blocks
+from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages
 from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
+from tokensieve.graph_passes.pass_manager import PassContext
+from tokensieve.recipe import parse_recipe, resolve_recipe
+
+
+def _ctx(x: torch.Tensor, recipe: str = "cls-topk@0:0.5") -> PassContext:
+    """A context with a stage to insert (so a real mask is an error); recipe="" for a dense export."""
+    stages = resolve_recipe(parse_recipe(recipe), 2, 17, 1) if recipe else []
+    return PassContext(stages=tuple(stages), example_inputs=(x,))
 
 
 def _masks(x: torch.Tensor, kind: str):
@@ -67,7 +77,7 @@ def _sdpa_masks(gm: fx.GraphModule) -> list:
 def test_trivial_mask_is_removed_exactly(kind, positional):
     module, x, gm = _masked_vit(kind, positional)
     assert all(isinstance(m, fx.Node) for m in _sdpa_masks(gm))
-    assert remove_constant_attention_mask(gm, (x,)).modified
+    assert remove_constant_attention_mask(gm, _ctx(x)).modified
     assert _sdpa_masks(gm) == [None, None]
     # the mask-building ops are dead code now
     assert not any(n.target in (torch.ops.aten.ones.default, torch.ops.aten.zeros.default, torch.ops.aten.arange.default)
@@ -75,10 +85,38 @@ def test_trivial_mask_is_removed_exactly(kind, positional):
     x3 = random_batch(x, 3)
     with torch.no_grad():
         torch.testing.assert_close(gm(x3), module(x3), rtol=0, atol=1e-6)
-    # idempotent
+
+
+
+@pytest.mark.parametrize("kind", ["ones_bool", "zeros_float"])
+def test_idempotent(kind):
+    _, x, gm = _masked_vit(kind)
+    assert remove_constant_attention_mask(gm, _ctx(x)).modified
     code = gm.code
-    assert remove_constant_attention_mask(gm, (x,)).modified is False
+    assert remove_constant_attention_mask(gm, _ctx(x)).modified is False
     assert gm.code == code
+
+
+def test_without_stages_a_real_mask_stays():
+    """A dense export (no stage to insert) keeps a mask that masks something, and reports no change."""
+    _, x, gm = _masked_vit("causal")
+    code = gm.code
+    assert remove_constant_attention_mask(gm, _ctx(x, recipe="")).modified is False
+    assert gm.code == code
+
+
+def test_key_masks_of_a_stateful_stage_are_left_alone():
+    """The pass list runs again after insert_prune_stages: the input-dependent key mask an adaptive stage gives the
+    later attention is tokensieve's own, not a model mask to refuse."""
+    _, x, ep = traced_tiny("plain_vit")
+    gm = ep.module()
+    ctx = PassContext(tuple(discover_blocks(gm)), tuple(resolve_recipe(parse_recipe("adaptive@1:0.75"), 4, 17, 1)), (x,))
+    assert insert_prune_stages(gm, ctx).modified
+    masks = _sdpa_masks(gm)
+    assert masks[:2] == [None, None] and all(isinstance(m, fx.Node) for m in masks[2:])
+    code = gm.code
+    assert remove_constant_attention_mask(gm, ctx).modified is False
+    assert gm.code == code and _sdpa_masks(gm) == masks
 
 
 @pytest.mark.parametrize("kind", ["causal", "input_dependent"])
@@ -86,14 +124,14 @@ def test_real_mask_raises_pass_error(kind):
     """A causal mask masks something; the input-dependent one is all true here but reads the tokens' values."""
     _, x, gm = _masked_vit(kind)
     with pytest.raises(PassError, match="attention mask"):
-        remove_constant_attention_mask(gm, (x,))
+        remove_constant_attention_mask(gm, _ctx(x))
 
 
 def test_no_mask_is_a_no_op():
     _, x, ep = traced_tiny("plain_vit")
     gm = ep.module()
     code = gm.code
-    assert remove_constant_attention_mask(gm, (x,)).modified is False
+    assert remove_constant_attention_mask(gm, _ctx(x)).modified is False
     assert gm.code == code
 
 
@@ -101,7 +139,7 @@ def test_no_mask_is_a_no_op():
 def test_tiny_models_end_without_masks_and_unchanged_outputs(name):
     module, x, ep = traced_tiny(name)
     gm = ep.module()
-    remove_constant_attention_mask(gm, (x,))
+    remove_constant_attention_mask(gm, _ctx(x))
     assert _sdpa_masks(gm) == [None] * 4
     x3 = random_batch(x, 3)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from tokensieve.graph_passes.blocks import discover_blocks
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages
 from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
 from tokensieve.graph_passes.methods.reference import HookStage, run_reference
+from tokensieve.graph_passes.pass_manager import PassContext
 from tokensieve.recipe import parse_recipe, resolve_recipe
 
 aten = torch.ops.aten
@@ -39,9 +40,14 @@ def _trace_and_insert(module, recipe: str, x: torch.Tensor):
     gm = trace(wrapped, x).module()
     blocks = discover_blocks(gm)
     stages = resolve_recipe(parse_recipe(recipe), len(blocks), 17, 1)
-    assert insert_prune_stages(gm, blocks, stages).modified
+    assert insert_prune_stages(gm, _ctx(blocks, recipe, x)).modified
     hooks = [HookStage(blocks[s.stage.after_block].path, "cls-topk", s.keep, 1) for s in stages]
     return wrapped, gm, blocks, hooks
+
+
+def _ctx(blocks, recipe: str, x: torch.Tensor) -> PassContext:
+    stages = resolve_recipe(parse_recipe(recipe), len(blocks), 17, 1) if recipe else []
+    return PassContext(tuple(blocks), tuple(stages), (x,))
 
 
 def _size_args(nodes) -> list[list]:
@@ -52,8 +58,9 @@ def test_shape_ops_after_the_stage_name_the_pruned_count():
     _, x, ep = traced_tiny("plain_vit")
     gm = ep.module()
     blocks = discover_blocks(gm)
-    insert_prune_stages(gm, blocks, resolve_recipe(parse_recipe("cls-topk@1:0.5"), 4, 17, 1))
-    assert respecialize_token_counts(gm, (x,)).modified
+    ctx = _ctx(blocks, "cls-topk@1:0.5", x)
+    insert_prune_stages(gm, ctx)
+    assert respecialize_token_counts(gm, ctx).modified
 
     def shape_ops(block):
         return [n for n in block.nodes if n.target in SHAPE_OPS and isinstance(n.args[1], (list, tuple))]
@@ -68,18 +75,18 @@ def test_no_stage_means_no_edit():
     _, x, ep = traced_tiny("vit")
     gm = ep.module()
     code = gm.code
-    assert respecialize_token_counts(gm, (x,)).modified is False
+    assert respecialize_token_counts(gm, _ctx(discover_blocks(gm), "", x)).modified is False
     assert gm.code == code
 
 
-def test_second_run_is_a_no_op():
+def test_idempotent():
     _, x, ep = traced_tiny("clip_vision")
     gm = ep.module()
-    blocks = discover_blocks(gm)
-    insert_prune_stages(gm, blocks, resolve_recipe(parse_recipe("cls-topk@0,2:0.5"), 4, 17, 1))
-    assert respecialize_token_counts(gm, (x,)).modified
+    ctx = _ctx(discover_blocks(gm), "cls-topk@0,2:0.5", x)
+    insert_prune_stages(gm, ctx)
+    assert respecialize_token_counts(gm, ctx).modified
     code = gm.code
-    assert respecialize_token_counts(gm, (x,)).modified is False
+    assert respecialize_token_counts(gm, ctx).modified is False
     assert gm.code == code
 
 
@@ -88,7 +95,7 @@ def test_slice_end_equal_to_old_count_follows_pruning():
     model = _HeadViT(lambda self, x: self.head(self.norm(x)[:, 1:17].mean(1)))
     x = torch.randn(2, 3, 32, 32)
     wrapped, gm, _, hooks = _trace_and_insert(model, "cls-topk@1:0.5", x)
-    assert respecialize_token_counts(gm, (x,)).modified
+    assert respecialize_token_counts(gm, PassContext(example_inputs=(x,))).modified
     ends = [n.args[3] for n in gm.graph.nodes if n.target == aten.slice.Tensor and len(n.args) > 3 and n.args[2] == 1]
     assert 9 in ends and 17 not in ends
     ref, _ = run_reference(wrapped, x, hooks)
@@ -101,7 +108,7 @@ def test_size_it_cannot_rewrite_raises_pass_error():
     x = torch.randn(2, 3, 32, 32)
     _, gm, _, _ = _trace_and_insert(model, "cls-topk@1:0.5", x)
     with pytest.raises(PassError, match="no longer fits the shorter token axis"):
-        respecialize_token_counts(gm, (x,))
+        respecialize_token_counts(gm, PassContext(example_inputs=(x,)))
 
 
 def test_shape_op_reading_the_stage_output_directly_is_rewritten():
@@ -112,6 +119,6 @@ def test_shape_op_reading_the_stage_output_directly_is_rewritten():
 
     x = torch.randn(2, 3, 32, 32)
     wrapped, gm, _, hooks = _trace_and_insert(_HeadViT(regroup_channels), "cls-topk@1:0.5", x)  # after the last block
-    respecialize_token_counts(gm, (x,))
+    respecialize_token_counts(gm, PassContext(example_inputs=(x,)))
     ref, _ = run_reference(wrapped, x, hooks)
     torch.testing.assert_close(gm(x), ref, rtol=0, atol=1e-5)
