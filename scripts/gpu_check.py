@@ -107,7 +107,7 @@ def _sanitizer_or_none(kh) -> str | None:
 # ----------------------------------------------------------------------------------------------- kernel sections
 
 
-def kernel_sections(record, budget: Budget, dry_run: bool, harness_dir: str | None) -> None:
+def kernel_sections(record, budget: Budget, dry_run: bool, harness_dir: str | None, exports=None) -> None:
     from tokensieve.targets.tensorrt import kernel_harness as kh
 
     built = record("harness_build", lambda: _build(kh, harness_dir), need_s=0)
@@ -122,7 +122,10 @@ def kernel_sections(record, budget: Budget, dry_run: bool, harness_dir: str | No
     record("kernel_correctness", lambda: _correctness(kh, harness), need_s=20)
     record("sanitizer", lambda: [kh.run_driver(built["driver"], tool, timeout=150) for tool in ("memcheck", "racecheck")],
            need_s=60)
-    record("divprune_timing", lambda: kh.time_divprune(harness, batches=(1, 8)), need_s=20)
+    # PyTorch's greedy selection is bound by kernel launches: time it with the CPU free of export workers.
+    running = exports.wait_all(min(120.0, budget.left() - 240)) if exports is not None else 0
+    record("divprune_timing", lambda: {"exports_running": running,
+                                       "rows": kh.time_divprune(harness, batches=(1, 8))}, need_s=20)
 
 
 def _build(kh, harness_dir: str | None) -> dict:
@@ -157,11 +160,69 @@ def build_model(name: str, tiny: bool):
     return model, (1, 3, size, size)
 
 
-def latency_section(record, budget: Budget, out: Path, *, dry_run: bool, tiny: bool, recipes, batches, dtypes,
-                    blocks: int, iters: int, warmup: int, cuda_graph: bool, compile_: bool) -> None:
+def export_one(model_name: str, tiny: bool, recipe: str, folder: str, threads: int | None = None) -> dict:
+    """Export one model with one recipe and write its model.pt2 / dense.pt2 (a worker process's job)."""
     import torch
 
     from tokensieve import api
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, shape = build_model(model_name, tiny)
+    result = api.export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
+    sub = Path(folder) / model_name / recipe.replace("@", "_").replace(",", "-").replace(":", "_")
+    paths = api.save(result, sub, parts=("torch",))
+    return {"model": model_name, "recipe": recipe, "model_pt2": str(paths["torch"]),
+            "dense_pt2": str(paths["torch_dense"]), "ideal_speedup": result.ideal_speedup, "tokens": result.tokens,
+            "macs_dense": result.macs_dense, "macs_pruned": result.macs_pruned, "export_s": time.perf_counter() - t0}
+
+
+class Exports:
+    """Every (model, recipe) export, started at once: in worker processes when the machine has cores to spare (the
+    GPU machine has 16), so they run while the GPU checks the kernels; else one after another, on first use."""
+
+    def __init__(self, models, recipes, tiny: bool, folder: Path, workers: int | None = None) -> None:
+        self.jobs = [(m, r) for m in models for r in recipes]
+        self.tiny, self.folder = tiny, folder
+        cores = os.cpu_count() or 1
+        self.workers = workers if workers is not None else min(len(self.jobs), max(0, cores - 4))
+        self.futures: dict = {}
+        self.pool = None
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the parent holds a CUDA context by now, which a forked child must not inherit
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            threads = max(1, cores // self.workers)
+            for m, r in self.jobs:
+                self.futures[(m, r)] = self.pool.submit(export_one, m, tiny, r, str(folder), threads)
+
+    def get(self, model: str, recipe: str, timeout: float) -> dict:
+        if self.pool is None:
+            return export_one(model, self.tiny, recipe, str(self.folder))
+        return self.futures[(model, recipe)].result(timeout=max(1.0, timeout))
+
+    def wait_all(self, timeout: float) -> int:
+        """Wait up to `timeout` s for the running exports (so timings do not share the CPU with them); how many
+        are still running."""
+        from concurrent.futures import wait
+
+        if self.futures:
+            wait(list(self.futures.values()), timeout=max(0.0, timeout))
+        return sum(not f.done() for f in self.futures.values())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.futures.values():
+                f.cancel()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def latency_section(record, budget: Budget, exports: Exports, *, dry_run: bool, tiny: bool, recipes, batches, dtypes,
+                    blocks: int, iters: int, warmup: int, cuda_graph: bool, compile_: bool) -> None:
+    import torch
 
     device = "cpu" if dry_run else "cuda"
     models = TINY_MODELS if tiny else MODELS
@@ -170,30 +231,18 @@ def latency_section(record, budget: Budget, out: Path, *, dry_run: bool, tiny: b
                                         "batches": list(batches), "dtypes": list(dtypes), "blocks": blocks,
                                         "iters": iters, "warmup": warmup, "cuda_graph": cuda_graph and not dry_run,
                                         "torch_compile": compile_, "timing": "CPU wall clock" if dry_run else "CUDA events",
-                                        "tf32": False}, need_s=0)
+                                        "tf32": False, "export_workers": exports.workers}, need_s=0)
     if not dry_run:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     for model_name in models:
-        def export_all(model_name=model_name):
-            model, shape = build_model(model_name, tiny)
-            example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-            folder = out / "programs" / model_name
-            exported = {}
-            for recipe in recipes:
-                t0 = time.perf_counter()
-                result = api.export(model, example, recipe)
-                sub = folder / recipe.replace("@", "_").replace(",", "-").replace(":", "_")
-                paths = api.save(result, sub, parts=("torch",))
-                exported[recipe] = {"model_pt2": str(paths["torch"]), "dense_pt2": str(paths["torch_dense"]),
-                                    "ideal_speedup": result.ideal_speedup, "tokens": result.tokens,
-                                    "macs_dense": result.macs_dense, "macs_pruned": result.macs_pruned,
-                                    "export_s": time.perf_counter() - t0}
-                if not budget.fits(30):
-                    break
-            return exported
-
-        exported = record(f"export:{model_name}", export_all, need_s=60 if not tiny else 5)
+        exported = {}
+        for recipe in recipes:
+            # the export itself may still be running in its worker: wait while the budget allows
+            got = record(f"export:{model_name}:{recipe}", lambda m=model_name, r=recipe: exports.get(
+                m, r, timeout=budget.left() - 20), need_s=30 if not tiny else 2)
+            if got:
+                exported[recipe] = got
         if not exported:
             continue
         for dtype in dtypes:
@@ -215,13 +264,26 @@ def _time_cell(exported: dict, model_name: str, dtype: str, batch: int, *, devic
     from tokensieve.runtime.timing import measure_alternating
     from tokensieve.runtime.torch_runner import TorchRunner, measure_cuda_alternating
 
+    from tokensieve.errors import TargetError
+
     first = next(iter(exported.values()))
     paths = {"dense": first["dense_pt2"]} | {r: e["model_pt2"] for r, e in exported.items()}
-    runners = {name: TorchRunner(p, device=device, dtype=dtype, cuda_graph=cuda_graph, compile=compile_,
-                                 name=name).activate() for name, p in paths.items()}
+    runners, modes = {}, {}
     try:
+        for name, p in paths.items():
+            runners[name] = TorchRunner(p, device=device, dtype=dtype, cuda_graph=cuda_graph, compile=compile_,
+                                        name=name).activate()
         feeds = runners["dense"].make_random_feeds(batch=batch, seed=0)
         inputs = [torch.from_numpy(feeds[n]).to(device) for n, _, _ in runners["dense"].input_specs]
+        for name in list(runners):
+            modes[name] = "CUDA graph" if cuda_graph else "eager"
+            try:
+                runners[name].run(*inputs)  # with cuda_graph: warm-up and capture
+            except TargetError:  # a graph that cannot be captured is timed eagerly, and the row says so
+                runners[name].deactivate()
+                runners[name] = TorchRunner(paths[name], device=device, dtype=dtype, compile=compile_,
+                                            name=name).activate()
+                modes[name] = "eager (capture failed)"
         cases = {name: (lambda r=r: r.run(*inputs)) for name, r in runners.items()}
         if device == "cuda":
             stats = measure_cuda_alternating(cases, blocks=blocks, iters=iters, warmup=warmup)
@@ -239,7 +301,8 @@ def _time_cell(exported: dict, model_name: str, dtype: str, batch: int, *, devic
         rows.append({"model": model_name, "recipe": recipe, "dtype": dtype, "batch": batch, "device": label,
                      "dense_ms": dense.median_ms, "dense_p90_ms": dense.p90_ms, "pruned_ms": s.median_ms,
                      "pruned_p90_ms": s.p90_ms, "speedup": speedup, "ideal_speedup": e["ideal_speedup"],
-                     "ratio_to_ideal": speedup / e["ideal_speedup"], "samples": s.count})
+                     "ratio_to_ideal": speedup / e["ideal_speedup"], "samples": s.count,
+                     "mode": {"dense": modes["dense"], "pruned": modes[recipe]}})
     return rows
 
 
@@ -272,7 +335,7 @@ def format_markdown(report: dict) -> str:
     if san:
         lines += ["", "## compute-sanitizer (harness driver)", "", "| tool | ok | summary |", "|---|---|---|"]
         lines += [f"| {s['tool']} | {s['ok']} | {s['summary']} |" for s in san]
-    tim = (secs.get("divprune_timing") or {}).get("result")
+    tim = ((secs.get("divprune_timing") or {}).get("result") or {}).get("rows")
     if tim:
         lines += ["", "## DivPrune selection: plugin kernel vs PyTorch greedy (CUDA events)", "",
                   "| batch | N | C | K | plugin ms | PyTorch greedy ms | speedup | same indices |",
@@ -307,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the programs (slow to start)")
     ap.add_argument("--harness-dir", default=None, help="build folder of the harness (default: the user cache)")
     ap.add_argument("--skip-kernels", action="store_true", help="only the latency table")
+    ap.add_argument("--export-workers", type=int, default=None,
+                    help="export processes (default: CPU cores - 4, at most one per export; <= 1: in this process)")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -324,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(name: str, fn, need_s: float = 0, skip: str | None = None):
         """Run one section; its result, status (ok/failed/skipped) and seconds go into the report."""
-        if skip is None and not budget.fits(need_s):
+        if skip is None and need_s > 0 and not budget.fits(need_s):  # need_s=0: bookkeeping, always runs
             skip = f"skipped: {budget.left():.0f} s of the budget left, needs about {need_s:.0f} s"
         if skip is not None:
             report["sections"][name] = {"status": "skipped", "note": skip, "seconds": 0.0}
@@ -351,14 +416,19 @@ def main(argv: list[str] | None = None) -> int:
         print("[gpu_check] torch sees no CUDA GPU; run with --dry-run on a machine without one", flush=True)
         write()
         return 2
-    if not args.skip_kernels:
-        kernel_sections(record, budget, args.dry_run, args.harness_dir)
     recipes = tuple(r for r in args.recipes.split(";") if r) if args.recipes else (TINY_RECIPES if args.tiny else RECIPES)
     batches = tuple(int(b) for b in (args.batches or ("1,2" if args.tiny else "1,8,32")).split(","))
-    latency_section(record, budget, out, dry_run=args.dry_run, tiny=args.tiny, recipes=recipes, batches=batches,
-                    dtypes=tuple(args.dtypes.split(",")), blocks=args.blocks or (2 if args.tiny else 4),
-                    iters=args.iters or (3 if args.tiny else 20), warmup=2 if args.tiny else 5,
-                    cuda_graph=not args.no_cuda_graph, compile_=args.compile)
+    exports = Exports(TINY_MODELS if args.tiny else MODELS, recipes, args.tiny, out / "programs",
+                      workers=args.export_workers)
+    try:
+        if not args.skip_kernels:
+            kernel_sections(record, budget, args.dry_run, args.harness_dir, exports)
+        latency_section(record, budget, exports, dry_run=args.dry_run, tiny=args.tiny, recipes=recipes,
+                        batches=batches, dtypes=tuple(args.dtypes.split(",")), blocks=args.blocks or (2 if args.tiny else 4),
+                        iters=args.iters or (3 if args.tiny else 20), warmup=2 if args.tiny else 5,
+                        cuda_graph=not args.no_cuda_graph, compile_=args.compile)
+    finally:
+        exports.close()
     write()
     failed = [n for n, s in report["sections"].items() if s["status"] == "failed"]
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['seconds']:.0f} s; "

@@ -39,7 +39,9 @@ def test_dry_run_end_to_end_through_the_shim(tmp_path):
     rows = sections["latency_table"]["result"]
     assert [(r["recipe"], r["dtype"], r["batch"]) for r in rows] == [("divprune@0:0.5", "fp32", 2),
                                                                     ("divprune@0:0.5", "fp16", 2)]
+    assert sections["export:tiny-2-blocks:divprune@0:0.5"]["result"]["tokens"] == [65, 33]
     for r in rows:
+        assert r["mode"] == {"dense": "eager", "pruned": "eager"}
         assert r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["ideal_speedup"] > 1
         assert abs(r["ratio_to_ideal"] - r["speedup"] / r["ideal_speedup"]) < 1e-9
     md = (out / "gpu_check.md").read_text()
@@ -51,9 +53,10 @@ def test_budget_skips_sections_with_a_note(tmp_path):
     code = gpu_check.main([str(tmp_path), "--dry-run", "--tiny", "--budget-s", "0", "--skip-kernels"])
     assert code == 0
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
-    assert sections["export:tiny-2-blocks"]["status"] == "skipped"
-    assert "budget" in sections["export:tiny-2-blocks"]["note"]
-    assert "| export:tiny-2-blocks | skipped |" in (tmp_path / "gpu_check.md").read_text()
+    key = "export:tiny-2-blocks:divprune@0:0.5"
+    assert sections[key]["status"] == "skipped" and "budget" in sections[key]["note"]
+    assert sections["latency_table"]["result"] == []
+    assert f"| {key} | skipped |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_without_a_gpu_a_real_run_stops_at_once(tmp_path):

@@ -62,7 +62,8 @@ def test_exports_the_c_entry_points_without_tensorrt(harness_build):
                         check=True).stdout
     exported = {ln.split()[-1] for ln in nm.splitlines() if ln.split()[1:2] == ["T"] and ln.split()[-1].startswith("ts_")}
     assert exported == {"ts_device_count", "ts_error_string", "ts_token_compact_host", "ts_token_compact_device",
-                        "ts_diversity_select_host", "ts_diversity_select_device", "ts_time_diversity_select_host"}
+                        "ts_token_compact_workspace_size", "ts_diversity_select_host", "ts_diversity_select_device",
+                        "ts_time_diversity_select_host"}
     needed = subprocess.run(["readelf", "-d", str(harness_build.lib)], capture_output=True, text=True, check=True).stdout
     assert "libcudart" not in needed and "libnvinfer" not in needed
 
