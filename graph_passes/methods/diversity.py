@@ -54,17 +54,22 @@ def _add(sim: Tensor, state: Tensor | None, pick: Tensor, positions: Tensor) -> 
     return torch.where(positions == pick, float("inf"), row if state is None else torch.maximum(state, row))
 
 
-def greedy_select(sim: Tensor, first: Tensor, keep: int, gain: Tensor | None = None, loop: bool = False) -> Tensor:
+def greedy_select(sim: Tensor, first: Tensor, keep: int, gain: Tensor | None = None, loop: bool = False,
+                  first_gain: Tensor | None = None) -> Tensor:
     """(B, n, n) similarities -> (B, keep) int64 picks, in the order they were chosen.
 
-    The first pick is argmin(first) (argmax(gain - first) when `gain` is given); after it the state is the max
-    similarity to the chosen set (+inf on chosen tokens) and every pick is argmin(state) (argmax(gain - state)).
+    The first pick is argmin(first) (argmax(gain - first) when `gain` is given; argmax(first_gain) when that is
+    given); after it the state is the max similarity to the chosen set (+inf on chosen tokens) and every pick is
+    argmin(state) (argmax(gain - state)).
     Vectors are (B, 1, n) inside, so the row gather needs no Unsqueeze/Squeeze: 6 ONNX nodes a step, 7 with gain.
     With `loop`, steps 2..keep run in torch's while_loop (one ONNX Loop node).
     """
     gain = None if gain is None else gain.unsqueeze(1)
     positions = torch.arange(sim.shape[-1], device=sim.device)
-    pick = _pick(first.unsqueeze(1), gain)
+    if first_gain is None:
+        pick = _pick(first.unsqueeze(1), gain)
+    else:
+        pick = first_gain.unsqueeze(1).argmax(dim=-1, keepdim=True)
     state = _add(sim, None, pick, positions)
     if not loop or keep == 1:
         picks = [pick]
@@ -133,12 +138,14 @@ def normalized_importance(scores: Tensor) -> Tensor:
 def mmr_select(x: Tensor, importance: Tensor, keep: int, lam: float = 0.5, loop: bool = LOOP_DEFAULT) -> Tensor:
     """MMR over the tokens of x (B, n, C) with raw importance (B, n) -> (B, keep) picks in selection order.
 
-    Scaling S by (1 - λ) >= 0 commutes with the max, so the state is (1 - λ)·max similarity to the chosen set;
-    before the first pick the chosen set is empty and the redundancy term is 0.
+    Scaling S by (1 - λ) >= 0 commutes with the max, so the state is (1 - λ)·max similarity to the chosen set.
+    The first pick is the most important token whatever λ (IDPruner's code: the first round's score is the
+    importance alone), so λ = 0 starts from it too (not from token 0).
     """
     sim = cosine_similarity(x) * (1.0 - lam)
-    gain = normalized_importance(importance.float()) * lam
-    return greedy_select(sim, torch.zeros_like(gain), keep, gain=gain, loop=loop)
+    importance = normalized_importance(importance.float())
+    gain = importance * lam
+    return greedy_select(sim, torch.zeros_like(gain), keep, gain=gain, loop=loop, first_gain=importance)
 
 
 def mmr(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int = 1, lam: float = 0.5,
