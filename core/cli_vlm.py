@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tokensieve.errors import ConfigError, ModelError, TargetError
+from tokensieve.targets.base import DEFAULT_PRECISION, DEFAULT_TARGET, PRECISIONS
 
 SUPPORTED = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
@@ -61,10 +62,10 @@ class ExportVlm:
                        "the outer Qwen2VLVisionPrune), then numpy.save('bias.npy', bias)")
         p.add_argument("--steps", type=int, default=8, help="greedy tokens compared against eager (default 8)")
         p.add_argument("--no-verify", action="store_true", help="skip the greedy comparison")
-        p.add_argument("--target", default="rtx-sm86", help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
-                       "no GPU needed) or local (TensorRT, this GPU) (default rtx-sm86)")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                       help="engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default fp32)")
+        p.add_argument("--target", default=DEFAULT_TARGET, help="engine target: rtx-sm75|80|86|89|120|121 (TensorRT-RTX, "
+                       f"no GPU needed) or local (TensorRT, this GPU) (default {DEFAULT_TARGET})")
+        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS,
+                       help=f"engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default {DEFAULT_PRECISION})")
         p.add_argument("--max-batch", type=int, default=1, help="largest batch of the engines' profiles (default 1; "
                        "the Qwen2-VL parts are batch 1)")
         p.add_argument("--max-sequence", type=int, default=None, help="longest sequence (prompt + generated tokens) "
@@ -135,14 +136,14 @@ def _inner_bias(inner: str | None, path: str | None):
 
 
 def _check_build_args(args: argparse.Namespace) -> None:
-    from tokensieve.targets.tensorrt import BuildSpec
-    from tokensieve.targets.tensorrt.flavors import import_flavor, parse_target
+    from tokensieve.runtime import tensorrt_flavors
+    from tokensieve.targets.base import BuildSpec
 
     if args.max_sequence is not None and args.max_sequence < 1:
         raise ConfigError(f"--max-sequence {args.max_sequence} must be a positive integer")
-    BuildSpec(target=args.target, precision=args.precision, max_batch=args.max_batch)
+    spec = BuildSpec(target=args.target, precision=args.precision, max_batch=args.max_batch)
     try:
-        import_flavor(parse_target(args.target).flavor)
+        tensorrt_flavors.import_flavor(spec.parsed_target.flavor)
     except TargetError as e:
         raise TargetError(f"{e}; or pass --no-build to export the ONNX parts only") from e
 

@@ -42,6 +42,7 @@ from tokensieve.errors import ConfigError, ExportError, first_line
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.fileio import write_bytes_atomic
 from tokensieve.recipe import Budget, Recipe, ResolvedStage, Stage, resolve_recipe
+from tokensieve.targets.base import DEFAULT_PRECISION
 
 __all__ = ["Step", "Snap", "find_steps", "snap_keep", "candidate_keeps", "OrtRunnerFactory", "TrtRunnerFactory", "TuneReport", "tune",
            "median_noise", "choose", "recipe_file_text", "check_recipe_path", "save_recipe", "format_tune"]
@@ -194,7 +195,7 @@ class TrtRunnerFactory:
     """
 
     target: str = "local"
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION.value
     max_batch: int = 1
     plugins: str | None = None
     cuda_graph: bool = False
@@ -205,15 +206,15 @@ class TrtRunnerFactory:
             " (CUDA graph)" if self.cuda_graph else "")
 
     def __call__(self, onnx_path: Path, name: str):
-        from tokensieve.runtime.tensorrt_runner import TrtRunner
-        from tokensieve.targets.tensorrt import BuildSpec, build_engine
+        from tokensieve.targets import BuildSpec, get_target
 
+        target = get_target("tensorrt")
         engine = Path(onnx_path).with_suffix(".engine")
         if not engine.is_file():
             spec = BuildSpec(target=self.target, precision=self.precision, max_batch=self.max_batch,
                              plugin_library=self.plugins)
-            build_engine(onnx_path, engine, spec)
-        return TrtRunner(engine, plugins=self.plugins, cuda_graph=self.cuda_graph, name=name)
+            target.build(onnx_path, spec, engine)
+        return target.runner(engine, plugins=self.plugins, cuda_graph=self.cuda_graph, name=name)
 
 
 def _measure(factory, models: dict[str, tuple[Path, dict]], *, blocks: int, iters: int, warmup: int, progress=None):

@@ -1,13 +1,16 @@
-"""BaseRunner: the life cycle and input checks every runner shares (after Polygraphy's BaseRunner).
+"""BaseRunner: the life cycle, feed check and timing every runner shares (after Polygraphy's BaseRunner).
 
-A subclass provides `activate()`, `deactivate()`, `input_specs` and `infer()`; the base gives it the context manager,
-the feed check (names, dtypes, static dims: a wrong feed is a one-line ConfigError before the backend sees it) and
-seeded random feeds.
+Public `activate()` / `deactivate()` / `infer(feeds)` live here; a runner implements only `activate_impl()`,
+`deactivate_impl()`, `is_active`, `input_specs` and `infer_impl(feeds)` (plus `check_feeds_impl` for checks of its
+own). `infer` checks the feeds once (names, dtypes, static dims: a wrong feed is a one-line ConfigError before the
+backend sees it), activates the runner if needed (runners also work outside `with`), times `infer_impl` into
+`inference_time`, and returns its outputs. Seeded random feeds come from the input specs.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections.abc import Mapping
 from typing import Union
 
@@ -48,15 +51,42 @@ class BaseRunner:
     name: str = "runner"
     inference_time: float | None = None
 
-    def activate(self) -> "BaseRunner":
+    # ---- what a runner implements ----
+    @property
+    def is_active(self) -> bool:
         raise NotImplementedError
 
-    def deactivate(self) -> None:
+    def activate_impl(self) -> None:
+        """Load the model (session, engine, buffers)."""
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        """Free what activate_impl loaded, so the runner can be activated again."""
         raise NotImplementedError
 
     @property
     def input_specs(self) -> list[tuple[str, tuple[Dim, ...], np.dtype]]:
+        """[(name, shape, dtype)]; a dynamic dim is its name (str) or None."""
         raise NotImplementedError
+
+    def check_feeds_impl(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Checks of the runner's own, after the shared ones (e.g. an engine's profile ranges); none by default."""
+
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run checked `feeds` on the active runner; {output name: array}."""
+        raise NotImplementedError
+
+    # ---- the shared life cycle ----
+    def activate(self) -> "BaseRunner":
+        """activate_impl() unless already active; returns the runner."""
+        if not self.is_active:
+            self.activate_impl()
+        return self
+
+    def deactivate(self) -> None:
+        """deactivate_impl() if active; a no-op otherwise."""
+        if self.is_active:
+            self.deactivate_impl()
 
     def __enter__(self):
         return self.activate()
@@ -64,11 +94,26 @@ class BaseRunner:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check `feeds`, run the model, return {output name: array}; sets `inference_time` (s, infer_impl's)."""
+        self.check_feeds(feeds)  # before activating: a wrong feed fails before the backend is touched
+        self.activate()
+        start = time.perf_counter()
+        outputs = self.infer_impl(feeds)
+        self.inference_time = time.perf_counter() - start
+        return outputs
+
     def last_inference_time(self) -> float | None:
         """Polygraphy spelling of `inference_time`."""
         return self.inference_time
 
-    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """The one feed check: every input given and no other, numpy arrays of the model's dtypes and static dims,
+        then the runner's own `check_feeds_impl`; a one-line ConfigError for the first problem."""
+        self._check_feed_specs(feeds)
+        self.check_feeds_impl(feeds)
+
+    def _check_feed_specs(self, feeds: Mapping[str, np.ndarray]) -> None:
         specs = self.input_specs
         expected = [n for n, _, _ in specs]
         unknown = [n for n in feeds if n not in expected]
@@ -89,6 +134,8 @@ class BaseRunner:
                 raise ConfigError(
                     f"input {name!r} has shape {fmt_shape(arr.shape)} but the model expects {fmt_shape(shape)}; resize your input"
                 )
+
+    _check_feeds = _check_feed_specs  # runtime/torch_runner.py's infer() calls it; drop once it has infer_impl
 
     def make_random_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
         """One random array per input; every dynamic dim becomes `batch`. Floats ~ N(0, 1), ints in [0, 10)."""

@@ -4,12 +4,11 @@
         outputs = r.infer(r.make_random_feeds(batch=1))
         print(r.inference_time)
 
-Inputs are checked (names, dtypes, static dims) before ONNX Runtime sees them, so a wrong feed is a one-line
-ConfigError instead of an ORT traceback. A model that cannot be loaded or run is a one-line TargetError.
+Inputs are checked (names, dtypes, static dims; BaseRunner.infer) before ONNX Runtime sees them, so a wrong feed is a
+one-line ConfigError instead of an ORT traceback. A model that cannot be loaded or run is a one-line TargetError.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,10 +96,8 @@ class OrtRunner(BaseRunner):
     def is_active(self) -> bool:
         return self._session is not None
 
-    def activate(self) -> "OrtRunner":
-        """Load the model into an InferenceSession; a no-op if already active."""
-        if self._session is not None:
-            return self
+    def activate_impl(self) -> None:
+        """Load the model into an InferenceSession."""
         trim_freed_heap()  # else this session reuses pages the previous one freed and its RSS delta undercounts
         self._rss_before = process_rss_bytes()
         opts = ort.SessionOptions()
@@ -118,9 +115,8 @@ class OrtRunner(BaseRunner):
                 f"ONNX Runtime cannot load {str(self.model_path)!r}: {_first_line(e)}; "
                 "check that the file is a complete ONNX model (and its .data file sits next to it)"
             ) from e
-        return self
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         """Free the session; the runner can be activated again."""
         self._session = None
 
@@ -161,16 +157,12 @@ class OrtRunner(BaseRunner):
         return {"kind": "host_rss_delta", "peak_bytes": peak}
 
     # ---- inference ----
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check `feeds`, run the model, return {output name: array}; sets `inference_time` (s)."""
-        sess = self._sess()
-        self._check_feeds(feeds)
-        start = time.perf_counter()
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session on checked `feeds` (BaseRunner.infer checks and times)."""
         try:
-            outs = sess.run(None, dict(feeds))
+            outs = self._sess().run(None, dict(feeds))
         except Exception as e:
             raise TargetError(f"ONNX Runtime failed to run {self.name}: {_first_line(e)}") from e
-        self.inference_time = time.perf_counter() - start
         return dict(zip(self.output_names, outs))
 
     def __repr__(self) -> str:

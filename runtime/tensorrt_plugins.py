@@ -11,6 +11,9 @@ from types import ModuleType
 
 from ..errors import TargetError
 
+LIBRARY_NAME = "libtokensieve_plugins.so"   # what targets/tensorrt/plugins.py builds
+PLUGIN_LIB_ENV = "TOKENSIEVE_PLUGIN_LIB"      # where the Python API looks for it first
+
 _LOADED: dict[str, Path] = {}   # TensorRT module name -> the plugin library its registry holds
 _LOAD_LOCK = threading.Lock()
 

@@ -25,7 +25,6 @@ engine's stream from outside needs an engine built with user-managed allocations
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from ..errors import ConfigError, TargetError, first_line
 from .base import BaseRunner, Dim
-from .engine_metadata import check_engine_compatible, check_engine_file, read_engine_metadata
+from .engine_metadata import check_engine_compatible, check_engine_file, read_engine_metadata, rebuild_hint
 from .tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor
 from .tensorrt_logger import collecting_logger
 from .tensorrt_plugins import register_plugin_library
@@ -46,7 +45,7 @@ _PLUGIN_HINT = ("pass --plugins /path/to/libtokensieve_plugins.so (build it with
                 "`python -m tokensieve.targets.tensorrt.plugins`)")
 
 
-# Metadata dtype names (targets/tensorrt/engine_metadata.dtype_name) that numpy and torch share a layout for.
+# Metadata dtype names (engine_metadata.dtype_name) that numpy and torch share a layout for.
 _DTYPES = {n: np.dtype(n) for n in ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")}
 
 
@@ -59,8 +58,8 @@ class _Tensor:
 
 
 def _io_from_metadata(meta: dict, path: Path) -> list[_Tensor]:
-    fix = f"rebuild it with `tokensieve build --target {meta.get('target', 'rtx-sm86')}`"
-    rows = meta.get("io_tensors")
+    fix = rebuild_hint(meta)
+    rows = meta["io_tensors"]
     if not isinstance(rows, list) or not rows:
         raise TargetError(f"Engine metadata of {str(path)!r} lists no io_tensors, so its inputs cannot be bound; {fix}")
     tensors = []
@@ -93,21 +92,21 @@ class TrtRunner(BaseRunner):
         check_engine_file(self.engine_path, self.metadata)
         self.flavor: str = self.metadata["flavor"]
         self.plugins = Path(plugins) if plugins is not None else None
-        needed = [p for p in self.metadata.get("plugins", []) if not p.get("embedded")]
+        needed = [p for p in self.metadata["plugins"] if not p["embedded"]]
         if self.plugins is None and needed:
-            raise TargetError(f"Engine {str(self.engine_path)!r} uses the plugin library {needed[0].get('file')} "
+            raise TargetError(f"Engine {str(self.engine_path)!r} uses the plugin library {needed[0]['file']} "
                               f"(not embedded in the plan); {_PLUGIN_HINT}")
         if self.plugins is not None and not self.plugins.is_file():
             raise TargetError(f"Plugin library {str(self.plugins)!r} does not exist; {_PLUGIN_HINT}")
-        if cuda_graph and self.metadata.get("data_dependent_shapes") and self.flavor != RTX:
+        if cuda_graph and self.metadata["data_dependent_shapes"] and self.flavor != RTX:
             raise TargetError(f"Engine {str(self.engine_path)!r} has a data-dependent token axis (adaptive "
                               "compact=true), which a CUDA graph cannot capture; run it without --cuda-graph")
         self.cuda_graph = bool(cuda_graph)
         self.name = name if name is not None else f"{self.flavor}:{self.engine_path.name}"
         self.inference_time: float | None = None
         self._io = _io_from_metadata(self.metadata, self.engine_path)
-        self._profile: dict = self.metadata.get("optimization_profile") or {}
-        self._dim_names: dict = self.metadata.get("input_dim_names") or {}  # engines built with --dims
+        self._profile: dict = self.metadata["optimization_profile"]
+        self._dim_names: dict = self.metadata["input_dim_names"]  # engines built with --dims; else {}
         self._trt = None
         self._runtime = self._engine = self._context = self._stream = None
         self._device: dict = {}       # name -> flat torch.cuda tensor, sized for the profile's largest shapes
@@ -122,22 +121,20 @@ class TrtRunner(BaseRunner):
     def is_active(self) -> bool:
         return self._context is not None
 
-    def activate(self) -> "TrtRunner":
-        """Deserialize the engine, create a context and a stream, allocate buffers; a no-op if already active."""
-        if self._context is not None:
-            return self
+    def activate_impl(self) -> None:
+        """Deserialize the engine, create a context and a stream, allocate buffers."""
         torch = _cuda_torch()
         trt = import_flavor(self.flavor)
         label = FLAVOR_LABELS[self.flavor]
         logger = collecting_logger(trt)
-        fix = f"rebuild it with `tokensieve build --target {self.metadata.get('target', 'local')}`"
+        fix = rebuild_hint(self.metadata)
         torch.cuda.synchronize()
         self._free_before = torch.cuda.mem_get_info()[0]
         with logger.capture():
             if self.plugins is not None:  # creators must be registered before the plan that uses them is read
                 register_plugin_library(trt, self.plugins, _PLUGIN_HINT)
             runtime = trt.Runtime(logger)
-            if any(p.get("embedded") for p in self.metadata.get("plugins", [])):
+            if any(p["embedded"] for p in self.metadata["plugins"]):
                 runtime.engine_host_code_allowed = True  # version-compatible plans that carry plugin code
             try:
                 engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
@@ -166,11 +163,10 @@ class TrtRunner(BaseRunner):
         try:
             self._allocate(torch)
         except BaseException:
-            self.deactivate()
+            self.deactivate_impl()
             raise
-        return self
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         """Free graphs, buffers, context and engine (in that order); the runner can be activated again."""
         self._graphs.clear()
         self._device.clear()
@@ -234,7 +230,7 @@ class TrtRunner(BaseRunner):
     @property
     def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
         """{dim name: (min, opt, max)} of the dynamic dims other than batch (engines built with --dims); else {}."""
-        return {name: (r["min"], r["opt"], r["max"]) for name, r in (self.metadata.get("dims") or {}).items()}
+        return {name: (r["min"], r["opt"], r["max"]) for name, r in self.metadata["dims"].items()}
 
     @property
     def max_batch(self) -> int:
@@ -245,7 +241,7 @@ class TrtRunner(BaseRunner):
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-        return f"{self.flavor} {self.metadata.get('tensorrt_version')} on {gpu}" + (" (CUDA graph)" if self.cuda_graph else "")
+        return f"{self.flavor} {self.metadata['tensorrt_version']} on {gpu}" + (" (CUDA graph)" if self.cuda_graph else "")
 
     def memory_usage(self) -> dict:
         """Device memory: the context's activation memory, the I/O buffers, the plan size, and `peak_bytes`, the
@@ -372,11 +368,14 @@ class TrtRunner(BaseRunner):
                                   "cuda_graph (--cuda-graph)") from e
             self._graphs[key] = graph
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check `feeds`, copy them in, run the engine, return {output name: array}; sets `inference_time` (s)."""
-        self._check_feeds(feeds)  # from the metadata: a wrong feed fails before the engine is touched
+    def check_feeds_impl(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """The batch and every other dynamic dim within the engine's profile (from the metadata: before the engine
+        is touched)."""
         self._feed_batch(feeds)
         self._check_dims(feeds)
+
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy checked `feeds` in, run the engine, copy the outputs out (BaseRunner.infer checks and times)."""
         self._ctx()
         shapes = self._shapes_for({t.name: tuple(feeds[t.name].shape) for t in self._io if t.is_input})
         import torch
@@ -385,7 +384,6 @@ class TrtRunner(BaseRunner):
             if not t.is_input:
                 self._reserve(torch, t, int(np.prod(shapes[t.name], dtype=np.int64)))
 
-        start = time.perf_counter()
         with torch.cuda.stream(self._stream):
             for t in self._io:
                 if t.is_input:
@@ -399,7 +397,6 @@ class TrtRunner(BaseRunner):
                     n = int(np.prod(shapes[t.name], dtype=np.int64))
                     self._host[t.name][:n].copy_(self._device[t.name][:n], non_blocking=True)
         self._stream.synchronize()
-        self.inference_time = time.perf_counter() - start
         outputs = {}
         for t in self._io:
             if not t.is_input:

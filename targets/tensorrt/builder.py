@@ -1,4 +1,9 @@
-"""ONNX file -> serialized TensorRT engine + `<engine>.json`, for TensorRT-RTX (ahead of time) or local TensorRT."""
+"""ONNX file -> serialized TensorRT engine + `<engine>.json`, for TensorRT-RTX (ahead of time) or local TensorRT.
+
+The builder parses and builds; what the ONNX must become first (plugin substitution, TopK split, lint, fp16) is the
+lowering pass list it is handed (targets/tensorrt/lowering.py), run here in order on the loaded onnx_ir.Model.
+The `<engine>.json` it writes follows runtime/engine_metadata.py's schema (`engine_metadata`).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,127 +13,48 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Protocol, runtime_checkable
 
-import onnx
 import onnx_ir as ir
+from onnx_ir.passes import PassBase
 
-from tokensieve.errors import ConfigError, InternalError, TargetError
+from tokensieve.errors import ConfigError, TargetError
 from tokensieve.fileio import atomic_path, ensure_writable_dir
-from tokensieve.graph_passes.onnx.convert_to_fp16 import convert_to_fp16, fp32_names
-from tokensieve.graph_passes.onnx.split_large_topk import split_large_topk
-
-from .engine_metadata import SCHEMA, metadata_path_for, network_io, sha256_file, tokensieve_version
-from .flavors import (FLAVOR_LABELS, RTX, ensure_rtx_parser_link, import_flavor, local_compute_capability,
-                      parse_target, rtx_compute_capability_enum)
-from .lint import lint_for_tensorrt, raise_on_lint
-from .plugins import LIBRARY_NAME, PLUGIN_LIB_ENV, load_plugins
+from tokensieve.runtime.engine_metadata import (engine_metadata, metadata_path_for, network_io, sha256_file,
+                                                tokensieve_version)
+from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor, local_compute_capability
+from tokensieve.runtime.tensorrt_logger import collecting_logger
 from tokensieve.runtime.tensorrt_plugins import loaded_plugin_library
-from .trt_logger import collecting_logger
 
+from ..base import PIN_FP32_TAG, BuildSpec, EngineInfo, Precision
+from .flavors import ensure_rtx_parser_link, is_strongly_typed, rtx_compute_capability_enum
+from .plugins import load_plugins
 
-PRECISIONS = ("fp32", "fp16")
 PROTO_LIMIT = 2**31 - 1  # protobuf serializes no larger message: a model over it reaches the parser as a file
 
 
-@dataclass(frozen=True)
-class BuildSpec:
-    """How to build one engine. The batch profile applies to inputs whose dim 0 is dynamic (and to any other dim
-    named like one of those, e.g. Qwen2-VL's position_ids [3, batch, sequence]); `dims` gives every other dynamic dim
-    its (min, opt, max) by its ONNX dim_param name, e.g. {"sequence": (1, 64, 512), "past_sequence": (0, 64, 1024)}.
-    Names no input uses are ignored, so one `dims` serves lm_prefill and lm_decode alike."""
-    target: str = "rtx-sm86"        # rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU needed) or local (TensorRT, this GPU)
-    precision: str = "fp32"          # fp32 | fp16 (weights/activations fp16; scores, TopK inputs, norms, softmax fp32)
-    min_batch: int = 1
-    opt_batch: int = 1
-    max_batch: int = 8
-    timing_cache: str | None = None  # standard TensorRT only; TensorRT-RTX timing caches are no-ops
-    workspace_mib: int | None = None
-    plugin_library: str | None = None  # libtokensieve_plugins.so, registered before parsing (tokensieve plugin nodes)
-    embed_plugins: bool = False        # serialize the library into the plan (VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME)
-    dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # dim_param -> (min, opt, max)
+@runtime_checkable
+class SubstitutionReport(Protocol):
+    """A lowering pass that puts plugin nodes in reports them (`plugin_substitutions` in the engine metadata)."""
 
-    def __post_init__(self) -> None:
-        parse_target(self.target)
-        object.__setattr__(self, "dims", _checked_dims(self.dims))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"Unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ConfigError(f"Batch profile needs 1 <= min <= opt <= max, got min={self.min_batch} "
-                              f"opt={self.opt_batch} max={self.max_batch}; fix --min/--opt/--max-batch")
-        if self.embed_plugins and not self.plugin_library:
-            raise ConfigError("embed_plugins needs plugin_library; pass --plugins /path/to/libtokensieve_plugins.so")
-        if self.plugin_library and not Path(self.plugin_library).is_file():
-            raise ConfigError(f"--plugins {self.plugin_library!r} does not exist; pass the {LIBRARY_NAME} that "
-                              f"`python -m tokensieve.targets.tensorrt.plugins` builds and prints (the Python API "
-                              f"also finds it through ${PLUGIN_LIB_ENV})")
-        if self.workspace_mib is not None and self.workspace_mib <= 0:
-            raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
-
-
-def _checked_dims(dims) -> dict[str, tuple[int, int, int]]:
-    """{name: (min, opt, max)} with 0 <= min <= opt <= max (0: an empty past, which TensorRT accepts)."""
-    if not isinstance(dims, Mapping):
-        raise ConfigError(f"dims must map dim names to (min, opt, max), got {type(dims).__name__}; "
-                          "e.g. --dims sequence=1:64:512")
-    out = {}
-    for name, rng in dims.items():
-        try:
-            mn, op, mx = (int(v) for v in rng)
-            ok = isinstance(name, str) and bool(name) and all(not isinstance(v, bool) and int(v) == v for v in rng)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"dims[{name!r}] = {rng!r} is not three integers (min, opt, max); "
-                              f"e.g. --dims {name}=1:64:512")
-        if not 0 <= mn <= op <= mx or mx == 0:
-            raise ConfigError(f"dim {name!r} needs 0 <= min <= opt <= max and max >= 1, got min={mn} opt={op} "
-                              f"max={mx}; fix --dims {name}=MIN:OPT:MAX")
-        out[name] = (mn, op, mx)
-    return out
-
-
-def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
-    """`sequence=1:64:512,past_sequence=0:64:1024` -> {"sequence": (1, 64, 512), ...} (the --dims flag)."""
-    dims: dict[str, tuple[int, int, int]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, eq, rng = item.partition("=")
-        parts = rng.split(":")
-        if not eq or not name.strip() or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise ConfigError(f"--dims entry {item!r} is not NAME=MIN:OPT:MAX with non-negative integers; "
-                              "e.g. --dims sequence=1:64:512,past_sequence=0:64:1024")
-        if name.strip() in dims:
-            raise ConfigError(f"--dims names {name.strip()!r} twice; give each dim once")
-        dims[name.strip()] = tuple(int(p) for p in parts)
-    if not dims:
-        raise ConfigError(f"--dims {text!r} names no dim; e.g. --dims sequence=1:64:512")
-    return _checked_dims(dims)
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    engine_path: Path
-    metadata_path: Path
-    metadata: dict
-    build_seconds: float
-    size_bytes: int
+    def substitutions(self, model: ir.Model) -> list[dict]: ...
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, spec: BuildSpec,
-                 extra_metadata: dict | None = None) -> EngineInfo:
-    """Parse `onnx_path`, build for `spec.target`, write the engine and `<engine>.json` atomically."""
-    flavor, cc = parse_target(spec.target)
+                 lowering: Sequence[PassBase], extra_metadata: dict | None = None) -> EngineInfo:
+    """Load `onnx_path`, run the `lowering` passes on it in order, parse, build for `spec.target`, and write the
+    engine and `<engine>.json` atomically. `lowering` is what targets/tensorrt/lowering.py's `tensorrt_lowering`
+    gives (tokensieve.targets.tensorrt.build_engine passes it)."""
+    flavor, cc = spec.parsed_target
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     meta_path = metadata_path_for(engine_path)
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; pass the model written by `tokensieve export`")
-    extra = dict(extra_metadata or {})
     ensure_writable_dir(engine_path.parent)
     trt = import_flavor(flavor)
     label = FLAVOR_LABELS[flavor]
@@ -149,14 +75,13 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             raise TargetError(f"{label} could not create a builder: {logger.summary()}")
         network = builder.create_network(0)  # explicit batch is the default in 10.x; 11.x and RTX are strongly typed
         parser = trt.OnnxParser(network, logger)
-        model = _prepare_for_tensorrt(onnx_path, flavor, plugins=plugin_lib is not None)
-        substituted = _plugin_substitutions(model) if plugin_lib is not None and model is not None else []
-        weakly_typed = flavor != RTX and hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10.x; 11.x and RTX: strong
-        if spec.precision == "fp16" and model is not None and not weakly_typed:
-            model = _convert_to_fp16(model, onnx_path)
+        model = _load(onnx_path)
+        substituted = []
         if model is None:  # unreadable as ONNX: let the parser say why
             parsed = parser.parse_from_file(str(onnx_path))
         else:
+            run_lowering(lowering, model)
+            substituted = [s for p in lowering if isinstance(p, SubstitutionReport) for s in p.substitutions(model)]
             parsed = _parse(parser, model, onnx_path, engine_path.parent, scratch)
         if not parsed:
             raise TargetError(_parser_error(label, onnx_path, parser, plugin_log.reasons(logger)))
@@ -167,7 +92,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         if flavor == RTX:
             config.num_compute_capabilities = 1
             config.set_compute_capability(rtx_compute_capability_enum(trt, cc), 0)
-        if spec.precision == "fp16" and model is not None and weakly_typed:
+        if spec.precision is Precision.FP16 and model is not None and not is_strongly_typed(trt, flavor):
             _fp16_flag_with_fp32_layers(trt, config, network, model)
         if spec.embed_plugins:
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
@@ -187,33 +112,31 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         io = network_io(trt, network)
 
     data = memoryview(plan)
-    metadata: dict[str, Any] = {
-        "schema": SCHEMA,
-        "tokensieve_version": tokensieve_version(),
-        "flavor": flavor,
-        "tensorrt_version": trt.__version__,
-        "target": spec.target,
-        "compute_capability": cc,
-        "precision": spec.precision,
-        "tf32": _tf32_enabled(trt, config),
-        "build_seconds": round(seconds, 3),
-        "engine_size_bytes": data.nbytes,
-        "engine_sha256": hashlib.sha256(data).hexdigest(),  # TrtRunner refuses a file that differs
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
-        "io_tensors": io,
-        "optimization_profile": profile[1] if profile else {},
-        **(profile[2] if profile else {}),  # "dims" + "input_dim_names", only when a non-batch dim is dynamic
-        "build_warnings": warnings[:20],
-        "data_dependent_shapes": _data_dependent(model),  # CUDA graphs cannot capture it (TrtRunner refuses)
-    }
-    if plugin_lib is not None:
-        metadata["plugins"] = [{"file": plugin_lib.name, "sha256": sha256_file(plugin_lib), "embedded": spec.embed_plugins}]
-        metadata["plugin_substitutions"] = substituted  # standard-op subgraphs the plugins replaced in this build
-    clash = sorted(set(extra) & set(metadata))
-    if clash:
-        raise InternalError(f"extra_metadata keys {clash} collide with engine metadata keys")
-    metadata.update(extra)
+    shapes, dims = (profile[1], profile[2]) if profile else ({}, {})
+    metadata = engine_metadata(
+        extra_metadata,
+        tokensieve_version=tokensieve_version(),
+        flavor=flavor,
+        tensorrt_version=trt.__version__,
+        target=spec.target,
+        compute_capability=cc,
+        precision=spec.precision.value,
+        tf32=_tf32_enabled(trt, config),
+        build_seconds=round(seconds, 3),
+        engine_size_bytes=data.nbytes,
+        engine_sha256=hashlib.sha256(data).hexdigest(),
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        onnx={"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
+        io_tensors=io,
+        optimization_profile=shapes,
+        dims=dims.get("dims", {}),
+        input_dim_names=dims.get("input_dim_names", {}),
+        build_warnings=warnings[:20],
+        data_dependent_shapes=_data_dependent(model),
+        plugins=[] if plugin_lib is None else [{"file": plugin_lib.name, "sha256": sha256_file(plugin_lib),
+                                                "embedded": spec.embed_plugins}],
+        plugin_substitutions=substituted,
+    )
 
     # Both files appear together or not at all: the metadata rename happens just before the engine's.
     with atomic_path(engine_path) as tmp_engine, atomic_path(meta_path) as tmp_meta:
@@ -225,87 +148,84 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     return EngineInfo(engine_path, meta_path, metadata, seconds, data.nbytes)
 
 
+def run_lowering(lowering: Sequence[PassBase], model: ir.Model) -> bool:
+    """Run the passes once, in order, on `model` (in place); whether any changed it. One round is enough: every
+    pass is idempotent (tests/targets/test_lowering.py). Not onnx-ir's PassManager, which would wrap a pass's
+    one-line TargetError into its own PassError."""
+    modified = False
+    for p in lowering:
+        result = p(model)
+        if result.model is not model:
+            raise TypeError(f"lowering pass {type(p).__name__} returned a new model; lowering passes edit in place")
+        modified |= result.modified
+    return modified
+
+
 def _tf32_enabled(trt: ModuleType, config) -> bool | None:
     """TF32 is on by default for fp32 math (about 1e-3 relative error); None where the flag does not exist."""
     flag = getattr(trt.BuilderFlag, "TF32", None)
     return None if flag is None else bool(config.get_flag(flag))
 
 
-def _prepare_for_tensorrt(onnx_path: Path, flavor: str, plugins: bool = False):
-    """With `plugins`, swap in plugin nodes (diversity_to_plugin, compact_to_plugin); split TopKs above TensorRT's K
-    limit, then refuse (one line) any node the parser would reject.
-
-    Returns the graph to parse (weights stay on disk), or None if the file does not load as ONNX.
-    """
+def _load(onnx_path: Path) -> ir.Model | None:
+    """The model, its external weights left on disk (read when a pass needs them); None if it does not load."""
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return ir.load(str(onnx_path))
     except Exception:  # noqa: BLE001 - the parser reports corrupt files with its own message
         return None
-    if plugins:
-        from .diversity_to_plugin import diversity_to_plugin  # imports plugin_nodes, which imports this module
-        from .compact_to_plugin import compact_to_plugin
-        graph = ir.from_proto(model)  # both passes edit one ir.Model in place; one conversion back
-        if diversity_to_plugin(graph).modified | compact_to_plugin(graph).modified:
-            model = ir.to_proto(graph)
-    if any(issue.op == "TopK" for issue in lint_for_tensorrt(model, flavor)):
-        model = ir.to_proto(split_large_topk(model).model)
-    raise_on_lint(lint_for_tensorrt(model, flavor))
-    return model
 
 
-def _data_dependent(model: onnx.ModelProto | None) -> bool:
+def _data_dependent(model: ir.Model | None) -> bool:
     """Does the graph compute a size from data: adaptive(compact=true)'s cut (standard form or TokenCompact's
     data-dependent mode), or NonZero?"""
     if model is None:
         return False
-    for n in model.graph.node:
-        if n.op_type == "NonZero" or any(p.key == "pkg.torch.onnx.fx_node" and "tokensieve.compact_valid" in p.value
-                                         for p in n.metadata_props):
+    for n in model.graph:
+        if n.op_type == "NonZero" or "tokensieve.compact_valid" in n.metadata_props.get("pkg.torch.onnx.fx_node", ""):
             return True
-        if n.op_type == "TokenCompact" and any(a.name == "dynamic" and a.i for a in n.attribute):
+        if n.op_type == "TokenCompact" and n.attributes.get_int("dynamic", 0):
             return True
     return False
 
 
-def _plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
-    from .compact_to_plugin import plugin_substitutions as compact_substitutions
-    from .diversity_to_plugin import plugin_substitutions
-    return plugin_substitutions(model) + compact_substitutions(model)
-
-
-def _convert_to_fp16(model: onnx.ModelProto, onnx_path: Path) -> onnx.ModelProto:
-    """Strongly typed flavors take precision from the ONNX: fp32 -> mixed fp16 (weights inline, fp16-sized)."""
-    onnx.load_external_data_for_model(model, str(onnx_path.parent))  # no-op without external data
-    return ir.to_proto(convert_to_fp16(model).model)
-
-
-def _parse(parser, model: onnx.ModelProto, onnx_path: Path, scratch_dir: Path, scratch: ExitStack) -> bool:
-    """Parse `model`; the path lets the parser find the external weights of `onnx_path` (model.onnx.data). A model
-    with its weights in memory over protobuf's limit (the fp16 conversion of a > 2 GB part) is saved with external data
-    into a temporary folder in `scratch_dir` (deleted when `scratch` closes, after the build) and parsed from there."""
-    if model.ByteSize() < PROTO_LIMIT:
-        return parser.parse(model.SerializeToString(), str(onnx_path))
+def _parse(parser, model: ir.Model, onnx_path: Path, scratch_dir: Path, scratch: ExitStack) -> bool:
+    """Parse the lowered `model`; the path lets the parser find the weights still in `onnx_path`'s external data
+    (model.onnx.data). A model whose in-memory weights put it over protobuf's limit (the fp16 conversion of a > 2 GB
+    part) is saved with external data into a temporary folder in `scratch_dir` (deleted when `scratch` closes, after
+    the build) and parsed from there."""
+    proto = ir.to_proto(model)
+    if proto.ByteSize() < PROTO_LIMIT:
+        return parser.parse(proto.SerializeToString(), str(onnx_path))
+    del proto
     tmp = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=".tokensieve-build-", dir=scratch_dir)))
     path = tmp / onnx_path.name
-    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    ir.save(model, str(path), external_data=path.name + ".data")
     return parser.parse_from_file(str(path))
 
 
-def _fp16_flag_with_fp32_layers(trt: ModuleType, config, network, model: onnx.ModelProto) -> int:
-    """TensorRT 10.x (weakly typed): FP16 flag, and the layers convert_to_fp16 keeps fp32 pinned to fp32.
+def _fp16_flag_with_fp32_layers(trt: ModuleType, config, network, model: ir.Model) -> int:
+    """TensorRT 10.x (weakly typed): FP16 flag, and the layers of the nodes the lowering tagged fp32 (PIN_FP32_TAG,
+    convert_to_fp16.MarkFp32NodesPass) pinned to fp32.
 
     Layers are matched by the names the ONNX parser gives them (the node's) and their output tensors (the
     values'); returns the number pinned.
     """
     config.set_flag(trt.BuilderFlag.FP16)
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    layers = fp32_layers(network, *fp32_names(ir.from_proto(model)))
+    layers = fp32_layers(network, *pinned_fp32_names(model))
     for layer in layers:
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             if layer.get_output(j).dtype == trt.float32:
                 layer.set_output_type(j, trt.float32)
     return len(layers)
+
+
+def pinned_fp32_names(model: ir.Model) -> tuple[set[str], set[str]]:
+    """(node names, float output names) of the nodes the lowering tagged to stay fp32."""
+    nodes = [n for n in model.graph if n.metadata_props.get(PIN_FP32_TAG) == "fp32"]
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+    return {n.name for n in nodes if n.name}, {v.name for n in nodes for v in n.outputs if v.dtype in floats and v.name}
 
 
 def fp32_layers(network, node_names: set[str], value_names: set[str]) -> list:

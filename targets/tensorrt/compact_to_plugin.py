@@ -177,6 +177,10 @@ class CompactToPluginPass(InPlacePass):
         count = compact_to_plugin_rules().apply_to_model(model)
         return PassResult(model, modified=count > 0)
 
+    def substitutions(self, model: ir.Model) -> list[dict]:
+        """What this pass put into `model`, for the engine metadata (builder.SubstitutionReport)."""
+        return plugin_substitutions(model)
+
 
 def compact_to_plugin(model: onnx.ModelProto | ir.Model) -> PassResult:
     """Substitute TokenCompact plugin nodes (see module docstring); a ModelProto is converted to an ir.Model first."""
@@ -185,9 +189,9 @@ def compact_to_plugin(model: onnx.ModelProto | ir.Model) -> PassResult:
     return CompactToPluginPass()(model)
 
 
-def plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
+def plugin_substitutions(model: onnx.ModelProto | ir.Model) -> list[dict]:
     """The TokenCompact nodes this pass put into `model` (for the engine metadata), in graph order."""
     return [{"node": node.name, "op": f"{PLUGIN_DOMAIN}::{OP_TYPE}", "method": "adaptive", "form": "dynamic",
              "capacity": attrs["capacity"], "opt_count": attrs["opt_count"], "min_count": attrs["min_count"],
-             "tokens": node.input[0], "size": node.output[2], "replaced_nodes": int(meta.get(MATCHED_TAG, 0))}
+             "tokens": node.inputs[0].name, "size": node.outputs[2].name, "replaced_nodes": int(meta[MATCHED_TAG])}
             for node, meta, attrs in substituted_nodes(model, OP_TYPE, PASS_TAG, PASS_NAME)]

@@ -506,6 +506,10 @@ class DiversityToPluginPass(InPlacePass):
             RemoveUnusedNodesPass()(model)
         return PassResult(model, modified=count > 0)
 
+    def substitutions(self, model: ir.Model) -> list[dict]:
+        """What this pass put into `model`, for the engine metadata (builder.SubstitutionReport)."""
+        return plugin_substitutions(model)
+
 
 def _detach_dead_subgraphs(graph: ir.Graph) -> None:
     """Make the bodies of nodes no output depends on (the replaced Loops) stop using outer values.
@@ -545,14 +549,14 @@ def diversity_to_plugin(model: onnx.ModelProto | ir.Model) -> PassResult:
     return DiversityToPluginPass()(model)
 
 
-def plugin_substitutions(model: onnx.ModelProto) -> list[dict]:
+def plugin_substitutions(model: onnx.ModelProto | ir.Model) -> list[dict]:
     """The DiversitySelect nodes this pass put into `model` (for the engine metadata), in graph order."""
     out = []
     for node, meta, attrs in substituted_nodes(model, OP_TYPE, PASS_TAG, PASS_NAME):
         entry = {"node": node.name, "op": f"{PLUGIN_DOMAIN}::{OP_TYPE}", "method": MODES.get(attrs["mode"]),
-                 "form": meta.get(FORM_TAG), "k": attrs["k"], "num_prefix_tokens": attrs["num_prefix_tokens"],
-                 "features": node.input[0], "replaced_nodes": int(meta.get(MATCHED_TAG, 0))}
+                 "form": meta[FORM_TAG], "k": attrs["k"], "num_prefix_tokens": attrs["num_prefix_tokens"],
+                 "features": node.inputs[0].name, "replaced_nodes": int(meta[MATCHED_TAG])}
         if attrs["mode"] == 1:
-            entry |= {"lambda": round(float(attrs["lambda"]), 7), "importance": node.input[1]}
+            entry |= {"lambda": round(float(attrs["lambda"]), 7), "importance": node.inputs[1].name}
         out.append(entry)
     return out

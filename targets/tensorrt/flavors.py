@@ -1,7 +1,9 @@
-"""Which TensorRT a target string means, whether it is installed, and what GPU this machine has.
+"""What a build needs from the installed TensorRT flavor: its typing, its compute-capability enum, RTX's parser link.
 
 Two flavors share one build path: TensorRT-RTX (`tensorrt_rtx`) builds ahead-of-time engines for a named
-compute capability without a GPU; standard TensorRT (`tensorrt`, 10.x/11.x) builds for the local GPU.
+compute capability without a GPU; standard TensorRT (`tensorrt`, 10.x/11.x) builds for the local GPU. Target names
+are parsed in targets/base.py (`parse_target`); whether a flavor is installed and what GPU this machine has is the
+runtime's (tokensieve.runtime.tensorrt_flavors).
 """
 from __future__ import annotations
 
@@ -10,30 +12,14 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
 
-from tokensieve.errors import ConfigError, TargetError
-from tokensieve.runtime.tensorrt_flavors import (  # noqa: F401 - re-exported: they lived here
-    FLAVOR_LABELS, RTX, RTX_COMPUTE_CAPABILITIES, STANDARD, _try_import, available_flavors, import_flavor,
-    local_compute_capability)
-
-VALID_TARGETS = tuple(f"rtx-{sm}" for sm in RTX_COMPUTE_CAPABILITIES) + ("local",)
+from tokensieve.errors import TargetError
+from tokensieve.runtime.tensorrt_flavors import RTX
 
 
-class ParsedTarget(NamedTuple):
-    flavor: str                      # "tensorrt_rtx" | "tensorrt"
-    compute_capability: str | None   # "8.6"; None means the local GPU (standard TensorRT)
-
-
-def parse_target(s: str) -> ParsedTarget:
-    """'rtx-sm86' -> ('tensorrt_rtx', '8.6'); 'local' -> ('tensorrt', None)."""
-    key = str(s).strip().lower()
-    if key == "local":
-        return ParsedTarget(STANDARD, None)
-    sm = key.removeprefix("rtx-")
-    if key.startswith("rtx-") and sm in RTX_COMPUTE_CAPABILITIES:
-        return ParsedTarget(RTX, RTX_COMPUTE_CAPABILITIES[sm])
-    raise ConfigError(f"Unknown TensorRT target {s!r}; use one of {', '.join(VALID_TARGETS)}")
+def is_strongly_typed(trt: ModuleType, flavor: str) -> bool:
+    """TensorRT-RTX and TensorRT 11 take precision from the ONNX; TensorRT 10.x still has the FP16 builder flag."""
+    return flavor == RTX or not hasattr(trt.BuilderFlag, "FP16")
 
 
 def rtx_compute_capability_enum(trt: ModuleType, compute_capability: str):

@@ -17,11 +17,11 @@ from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
 
 from tokensieve.errors import ConfigError, TargetError
-
-from .flavors import FLAVOR_LABELS, RTX
+from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, RTX
 
 TOPK_MAX_K = 3840
 ONNX_DOMAINS = frozenset({"", "ai.onnx"})
@@ -40,43 +40,41 @@ class LintIssue:
         return f"node {self.node!r} ({self.op}): {self.reason}; {self.fix}"
 
 
-def _walk(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[str, onnx.NodeProto, dict]]:
-    """(path, node, constants visible to it) for every node, subgraphs included."""
-    consts = {t.name: t for t in graph.initializer}
-    consts |= {n.output[0]: n.attribute[0].t for n in graph.node
-               if n.op_type == "Constant" and n.domain in ONNX_DOMAINS and n.attribute
-               and n.attribute[0].name == "value"}
-    for node in graph.node:
-        yield prefix + node.name, node, consts
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+def _walk(graph: ir.Graph, prefix: str = "") -> Iterator[tuple[str, ir.Node]]:
+    """(path, node) for every node, subgraphs included (a subgraph's nodes read outer constants as shared values)."""
+    for node in graph:
+        yield prefix + (node.name or ""), node
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                subs = [attr.as_graph()]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                subs = list(attr.as_graphs())
+            else:
+                continue
             for sub in subs:
-                for path, inner, inner_consts in _walk(sub, f"{prefix}{node.name}/{attr.name}/"):
-                    yield path, inner, consts | inner_consts
+                yield from _walk(sub, f"{prefix}{node.name or ''}/{attr.name}/")
 
 
-def _const_scalar(name: str, consts: dict) -> int | None:
-    t = consts.get(name)
-    if t is None or t.data_location == onnx.TensorProto.EXTERNAL:  # not loaded: treat as unknown
+def _const_scalar(value: ir.Value | None) -> int | None:
+    """The value's constant as one int; None if it is not a constant, not a scalar, or its data is external."""
+    if value is None or isinstance(value.const_value, ir.ExternalTensor):  # not loaded: treat as unknown
         return None
-    arr = np.asarray(numpy_helper.to_array(t)).reshape(-1)
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None or isinstance(tensor, ir.ExternalTensor):
+        return None
+    arr = np.asarray(tensor.numpy()).reshape(-1)
     return int(arr[0]) if arr.size == 1 else None
 
 
-def _attr(node: onnx.NodeProto, name: str):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return None
-
-
-def lint_for_tensorrt(model: onnx.ModelProto, flavor: str = RTX) -> list[LintIssue]:
+def lint_for_tensorrt(model: onnx.ModelProto | ir.Model, flavor: str = RTX) -> list[LintIssue]:
     """Every node of `model` that `flavor` ("tensorrt_rtx" or "tensorrt") will reject, errors first."""
     if flavor not in FLAVOR_LABELS:
         raise ConfigError(f"Unknown TensorRT flavor {flavor!r}; use one of {sorted(FLAVOR_LABELS)}")
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
     label = FLAVOR_LABELS[flavor]
     issues: list[LintIssue] = []
-    for path, node, consts in _walk(model.graph):
+    for path, node in _walk(model.graph):
         op, domain = node.op_type, node.domain
         if domain not in ONNX_DOMAINS:
             if domain not in PLUGIN_DOMAINS:
@@ -88,21 +86,20 @@ def lint_for_tensorrt(model: onnx.ModelProto, flavor: str = RTX) -> list[LintIss
             issues.append(LintIssue(path, op, f"{label} has no NonZero (data-dependent output size)",
                                     "use a fixed-budget TopK selection instead of a mask + NonZero"))
         elif op in ("ScatterND", "ScatterElements"):
-            reduction = _attr(node, "reduction")
-            reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+            reduction = node.attributes.get_string("reduction")
             if reduction not in (None, "none"):
                 issues.append(LintIssue(path, op, f"{label} does not support {op} with reduction={reduction!r}",
                                         "express the accumulation as a one-hot MatMul / ReduceSum, "
                                         "or scatter without a reduction"))
-        elif op == "TopK" and len(node.input) > 1:
-            k = _const_scalar(node.input[1], consts)
+        elif op == "TopK" and len(node.inputs) > 1:
+            k = _const_scalar(node.inputs[1])
             if k is not None and k > TOPK_MAX_K:
                 issues.append(LintIssue(path, op, f"K={k} exceeds {label}'s TopK limit of {TOPK_MAX_K}",
-                                        "run tokensieve.graph_passes.onnx.split_large_topk.split_large_topk "
+                                        "run tokensieve.targets.tensorrt.split_large_topk.split_large_topk "
                                         "on the model first"))
         elif op == "Loop":
-            trip = node.input[0] if node.input else ""
-            if trip and _const_scalar(trip, consts) is None:
+            trip = node.inputs[0] if node.inputs else None
+            if trip is not None and _const_scalar(trip) is None:
                 issues.append(LintIssue(path, op, "trip count is not a constant: a sequential, data-dependent loop",
                                         "re-export with static shapes so the loop unrolls", severity="warning"))
     return sorted(issues, key=lambda i: i.severity != "error")
@@ -114,3 +111,15 @@ def raise_on_lint(issues: list[LintIssue], include_warnings: bool = False) -> No
     if not blocking:
         return
     raise TargetError(f"{len(blocking)} node(s) TensorRT will reject; first: {blocking[0]}")
+
+
+class LintForTensorRTPass(InPlacePass):
+    """The lint as the last lowering check: raise (one line) on the first node `flavor` rejects; edits nothing."""
+
+    def __init__(self, flavor: str = RTX) -> None:
+        super().__init__()
+        self.flavor = flavor
+
+    def call(self, model: ir.Model) -> PassResult:
+        raise_on_lint(lint_for_tensorrt(model, self.flavor))
+        return PassResult(model, modified=False)

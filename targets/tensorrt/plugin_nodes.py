@@ -1,4 +1,4 @@
-"""ONNX nodes for tokensieve's TensorRT plugins, one-node test models, and engine builds that load the plugins.
+"""ONNX nodes for tokensieve's TensorRT plugins and one-node test models (builds: target.build_plugin_engine).
 
 The TensorRT ONNX parser maps a node in domain "tokensieve" with attributes plugin_version="1" and
 plugin_namespace="tokensieve" onto the plugin creator of the same op name (a PLUGIN_V3 layer); the other
@@ -15,14 +15,12 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 
 from tokensieve.errors import ConfigError
 
-from .builder import BuildSpec, EngineInfo, build_engine
-from .engine_metadata import sha256_file
-from .flavors import import_flavor, parse_target
-from .plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION, load_plugins
+from .plugins import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 PLUGIN_DOMAIN = "tokensieve"
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int32": TensorProto.INT32,
@@ -61,13 +59,15 @@ def diversity_select_node(features: str, indices: str, k: int, mode: int = 0, la
                             num_prefix_tokens=int(num_prefix_tokens), **{"lambda": float(lam)})
 
 
-def substituted_nodes(model: onnx.ModelProto, op_type: str, pass_tag: str, pass_name: str):
+def substituted_nodes(model: onnx.ModelProto | ir.Model, op_type: str, pass_tag: str, pass_name: str):
     """(node, metadata, attributes) of each `op_type` plugin node that the pass `pass_name` put into `model`
     (metadata `pass_tag` = `pass_name`), in graph order: what the passes' `plugin_substitutions` report."""
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    for node in model.graph:
+        meta = dict(node.metadata_props)
         if node.op_type == op_type and node.domain == PLUGIN_DOMAIN and meta.get(pass_tag) == pass_name:
-            yield node, meta, {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            yield node, meta, {name: attr.value for name, attr in node.attributes.items()}
 
 
 def write_token_compact_onnx(path: str | os.PathLike, *, batch: int | None = 2, tokens: int = 17, channels: int = 8,
@@ -100,19 +100,6 @@ def write_diversity_select_onnx(path: str | os.PathLike, *, batch: int | None = 
     if with_importance:
         inputs.append(_value("importance", "float32", [b, tokens]))
     return _save(path, [node], inputs, [_value("idx", "int32", [b, k])])
-
-
-def build_plugin_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, spec: BuildSpec,
-                        library: str | os.PathLike | None = None) -> EngineInfo:
-    """build_engine for a model with tokensieve plugin nodes: register the plugin library first, record it.
-
-    The engine does not embed the library: whoever runs it loads the same library (Python `load_plugins`,
-    `tokensieve-run --plugins`, `trtexec --dynamicPlugins`).
-    """
-    flavor, _ = parse_target(spec.target)
-    lib = load_plugins(import_flavor(flavor), library)
-    plugins = {"plugins": [{"file": lib.name, "sha256": sha256_file(lib), "embedded": False}]}
-    return build_engine(onnx_path, engine_path, spec, extra_metadata=plugins)
 
 
 def _value(name: str, dtype: str, shape: list) -> onnx.ValueInfoProto:

@@ -20,11 +20,9 @@ from types import ModuleType
 
 from tokensieve.errors import TargetError
 from tokensieve.fileio import ensure_writable_dir
-from tokensieve.runtime.tensorrt_plugins import register_plugin_library
+from tokensieve.runtime.tensorrt_plugins import LIBRARY_NAME, PLUGIN_LIB_ENV, register_plugin_library
 
-PLUGIN_LIB_ENV = "TOKENSIEVE_PLUGIN_LIB"
 HEADERS_ENV = "TENSORRT_INCLUDE_DIR"
-LIBRARY_NAME = "libtokensieve_plugins.so"
 SOURCE_DIR = Path(__file__).resolve().parent / "plugin_src"
 SOURCE_BUILD_DIR = SOURCE_DIR / "build"   # where `cmake -S plugin_src -B plugin_src/build` puts the library
 PLUGIN_NAMESPACE = "tokensieve"

@@ -25,7 +25,7 @@ from tokensieve.cli import main
 from tokensieve.runtime import OrtRunner
 from tokensieve.runtime.engine_metadata import metadata_path_for
 from tokensieve.targets.tensorrt.compact_to_plugin import OP_TYPE, compact_to_plugin, plugin_substitutions
-from tokensieve.targets.tensorrt.flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
+from tokensieve.runtime.tensorrt_flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
 from tokensieve.targets.tensorrt.plugin_nodes import PLUGIN_DOMAIN
 
 requires_rtx = pytest.mark.skipif(available_flavors()["tensorrt_rtx"] is None, reason="tensorrt-rtx is not installed")

@@ -8,7 +8,7 @@ import torch
 
 import tokensieve
 from tokensieve import api
-from tokensieve.targets.tensorrt import available_flavors
+from tokensieve.runtime.tensorrt_flavors import available_flavors
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(available_flavors()["tensorrt_rtx"] is None, reason="tensorrt-rtx is not installed")]

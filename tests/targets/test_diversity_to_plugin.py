@@ -24,7 +24,7 @@ from tokensieve.graph_passes.methods.diversity import cosine_similarity, divprun
 from tokensieve.runtime import OrtRunner
 from tokensieve.targets.tensorrt import BuildSpec, plugins
 from tokensieve.targets.tensorrt.diversity_to_plugin import OP_TYPE, diversity_to_plugin, plugin_substitutions
-from tokensieve.targets.tensorrt.flavors import available_flavors
+from tokensieve.runtime.tensorrt_flavors import available_flavors
 from tokensieve.targets.tensorrt.plugin_nodes import PLUGIN_DOMAIN
 
 # case -> (tiny model, recipe): both methods in both export forms, MMR with λ = 0.3 so that λ and 1 - λ differ;

@@ -24,7 +24,7 @@ from tokensieve.errors import ConfigError, TargetError  # noqa: E402
 from tokensieve.runtime import OrtRunner, TrtRunner  # noqa: E402
 from tokensieve.runtime.tensorrt_flavors import local_compute_capability  # noqa: E402
 from tokensieve.targets.tensorrt import BuildSpec, build_engine  # noqa: E402
-from tokensieve.targets.tensorrt.builder import parse_dims  # noqa: E402
+from tokensieve.targets.base import parse_dims  # noqa: E402
 
 C = 4
 SEQ = (1, 8, 32)

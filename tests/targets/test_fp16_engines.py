@@ -19,7 +19,7 @@ from tokensieve import api  # noqa: E402
 from tokensieve.cli import main  # noqa: E402
 from tokensieve.errors import ConfigError  # noqa: E402
 from tokensieve.graph_passes.methods.diversity import cosine_similarity, divprune  # noqa: E402
-from tokensieve.graph_passes.onnx.convert_to_fp16 import convert_to_fp16  # noqa: E402
+from tokensieve.targets.tensorrt.convert_to_fp16 import convert_to_fp16  # noqa: E402
 from tokensieve.targets.tensorrt import BuildSpec  # noqa: E402
 
 FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -151,15 +151,18 @@ def test_tensorrt10_fp32_layers_found_in_parsed_network(rtx):
     Setting `layer.precision` needs standard TensorRT 10.x (TensorRT-RTX is strongly typed and has no such
     property), so only the ONNX-node -> layer mapping is checked here, on TensorRT-RTX's parser.
     """
-    from tokensieve.graph_passes.onnx.convert_to_fp16 import fp32_names
-    from tokensieve.targets.tensorrt.builder import fp32_layers
+    from tokensieve.targets.tensorrt.builder import fp32_layers, pinned_fp32_names
+    from tokensieve.targets.tensorrt.convert_to_fp16 import MarkFp32NodesPass, fp32_names
 
     proto = _exported("cls-topk").onnx_model
     logger = rtx.Logger(rtx.Logger.ERROR)
     builder = rtx.Builder(logger)
     network = builder.create_network(0)
     assert rtx.OnnxParser(network, logger).parse(proto.SerializeToString())
-    types = Counter(layer.type for layer in fp32_layers(network, *fp32_names(ir.from_proto(proto))))
+    marked = ir.from_proto(proto)  # the weakly typed lowering tags the nodes, the builder reads the tags back
+    assert MarkFp32NodesPass()(marked).modified and not MarkFp32NodesPass()(marked).modified
+    assert pinned_fp32_names(marked) == fp32_names(ir.from_proto(proto))
+    types = Counter(layer.type for layer in fp32_layers(network, *pinned_fp32_names(marked)))
     ops = Counter(n.op_type for n in proto.graph.node)
     assert types[rtx.LayerType.NORMALIZATION] == ops["LayerNormalization"]
     assert types[rtx.LayerType.SOFTMAX] == ops["Softmax"]

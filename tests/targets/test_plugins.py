@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tokensieve.errors import TargetError
+from tokensieve.runtime.tensorrt_flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
 from tokensieve.targets.tensorrt import BuildSpec, plugin_nodes, plugins
-from tokensieve.targets.tensorrt.flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
+from tokensieve.targets.tensorrt.target import build_plugin_engine
 
 COMPILE_BUDGET_S = 90
 requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file(),
@@ -114,7 +115,7 @@ def test_compile_error_is_one_line_with_log(tmp_path, monkeypatch):
 def test_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtype, mask_dtype, batch):
     onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=batch, tokens=17, channels=8,
                                                       capacity=6, dtype=dtype, mask_dtype=mask_dtype)
-    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    info = build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
     io = {t["name"]: (t["shape"], t["dtype"]) for t in info.metadata["io_tensors"]}
     b = -1 if batch is None else batch
     assert io == {"x": ([b, 17, 8], dtype), "keep": ([b, 17], mask_dtype), "y": ([b, 6, 8], dtype),
@@ -131,7 +132,7 @@ def test_dynamic_token_compact_engine_builds_rtx_sm86(plugin_lib, tmp_path, dtyp
     onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=batch, tokens=17, channels=8,
                                                       capacity=6, dtype=dtype, mask_dtype=mask_dtype, dynamic=True,
                                                       opt_count=4, min_count=2)
-    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    info = build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
     io = {t["name"]: (t["shape"], t["dtype"]) for t in info.metadata["io_tensors"]}
     b = -1 if batch is None else batch
     assert io == {"x": ([b, 17, 8], dtype), "keep": ([b, 17], mask_dtype), "y": ([b, -1, 8], dtype),
@@ -160,7 +161,7 @@ def test_invalid_token_compact_attributes_fail_the_build(plugin_lib, tmp_path, a
             attr.i = attrs[attr.name]
     onnx.save(model, str(path))
     with pytest.raises(TargetError) as e:
-        plugin_nodes.build_plugin_engine(path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+        build_plugin_engine(path, tmp_path / "tc.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
     assert "the plugin says: TokenCompact" in _one_line(e) and reason in str(e.value), str(e.value)
 
 
@@ -182,7 +183,7 @@ def test_token_compact_node_needs_dynamic_for_its_options():
 def test_diversity_select_engine_builds_rtx_sm86(plugin_lib, tmp_path, mode, dtype):
     onnx_path = plugin_nodes.write_diversity_select_onnx(tmp_path / "ds.onnx", batch=None, tokens=17, channels=8, k=6,
                                                          mode=mode, lam=0.7, num_prefix_tokens=1, dtype=dtype)
-    info = plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+    info = build_plugin_engine(onnx_path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
     outputs = [t for t in info.metadata["io_tensors"] if t["mode"] == "output"]
     assert outputs == [{"name": "idx", "shape": [-1, 6], "dtype": "int32", "mode": "output"}]
 
@@ -208,7 +209,7 @@ def test_invalid_plugin_attributes_fail_the_build(plugin_lib, tmp_path, change, 
                 attr.i = change[attr.name]
     onnx.save(model, str(path))
     with pytest.raises(TargetError) as e:
-        plugin_nodes.build_plugin_engine(path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
+        build_plugin_engine(path, tmp_path / "ds.engine", BuildSpec(target="rtx-sm86"), plugin_lib)
     assert reason in _one_line(e), str(e.value)
 
 
@@ -342,7 +343,7 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
     keep = (rng.random((B, N)) < 0.3).astype(np.int32)
     keep[0] = 1  # more kept than capacity
     onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=B, tokens=N, channels=C, capacity=K)
-    plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target=target), lib)
+    build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target=target), lib)
     got = _run_engine(tmp_path / "tc.engine", flavor, {"x": x, "keep": keep}, lib)
     want_y, want_count = token_compact_reference(x, keep, K)
     np.testing.assert_array_equal(got["y"], want_y)
@@ -357,7 +358,7 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
         onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tcd.onnx", batch=None, tokens=N, channels=C,
                                                           capacity=K, dtype=dtype, mask_dtype=mask_dtype,
                                                           dynamic=True, opt_count=K // 2, min_count=min_count)
-        plugin_nodes.build_plugin_engine(onnx_path, tmp_path / "tcd.engine", BuildSpec(target=target), lib)
+        build_plugin_engine(onnx_path, tmp_path / "tcd.engine", BuildSpec(target=target), lib)
         got = _run_engine(tmp_path / "tcd.engine", flavor, {"x": xd, "keep": kd}, lib)
         want_y, want_count, want_size = token_compact_reference(xd, kd, K, dynamic=True, min_count=min_count)
         assert int(want_size) < K and len(set(want_count.tolist())) > 1  # the case this loop is for
@@ -369,7 +370,7 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
     for mode in (0, 1):
         onnx_path = plugin_nodes.write_diversity_select_onnx(tmp_path / f"ds{mode}.onnx", batch=B, tokens=N,
                                                              channels=C, k=K, mode=mode, lam=0.6, num_prefix_tokens=1)
-        plugin_nodes.build_plugin_engine(onnx_path, tmp_path / f"ds{mode}.engine", BuildSpec(target=target), lib)
+        build_plugin_engine(onnx_path, tmp_path / f"ds{mode}.engine", BuildSpec(target=target), lib)
         feeds = {"x": x} | ({"importance": importance} if mode == 1 else {})
         got = _run_engine(tmp_path / f"ds{mode}.engine", flavor, feeds, lib)
         np.testing.assert_array_equal(got["idx"], diversity_select_reference(x, K, mode, 0.6, 1, importance))

@@ -13,9 +13,10 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from tokensieve.errors import ConfigError, TargetError  # noqa: E402
-from tokensieve.targets.tensorrt import (BuildSpec, available_flavors, build_engine,  # noqa: E402
-                                         check_engine_compatible, parse_target, read_engine_metadata)
-from tokensieve.targets.tensorrt.flavors import RTX_COMPUTE_CAPABILITIES, local_compute_capability  # noqa: E402
+from tokensieve.runtime.engine_metadata import check_engine_compatible, read_engine_metadata  # noqa: E402
+from tokensieve.runtime.tensorrt_flavors import (RTX_COMPUTE_CAPABILITIES, available_flavors,  # noqa: E402
+                                                 local_compute_capability)
+from tokensieve.targets.tensorrt import BuildSpec, build_engine, parse_target  # noqa: E402
 
 B, N, C, KEEP = 2, 17, 8, 6  # N = 1 [CLS] + 16 patches
 

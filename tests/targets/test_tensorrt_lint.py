@@ -130,7 +130,7 @@ def test_raise_on_lint_one_line_with_count():
 def test_split_large_topk_makes_it_build(tmp_path: Path):
     import onnx_ir as ir
 
-    from tokensieve.graph_passes.onnx.split_large_topk import split_large_topk
+    from tokensieve.targets.tensorrt.split_large_topk import split_large_topk
     from tokensieve.targets.tensorrt import BuildSpec, build_engine
     fixed = ir.to_proto(split_large_topk(BAD["topk_5000"][0]).model)
     assert lint_for_tensorrt(fixed) == []

@@ -145,7 +145,7 @@ def test_no_tensorrt_names_no_build(llava_dir, tmp_path, capsys, monkeypatch):
     """Without the TensorRT flavor the target needs, the command stops before loading anything: one line naming
     --no-build."""
     from tokensieve.errors import TargetError
-    from tokensieve.targets.tensorrt import flavors
+    from tokensieve.runtime import tensorrt_flavors as flavors
 
     def not_installed(flavor):
         raise TargetError("TensorRT-RTX is not installed; pip install 'tokensieve[rtx]' (package tensorrt-rtx)")

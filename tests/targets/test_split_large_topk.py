@@ -11,7 +11,7 @@ ir = pytest.importorskip("onnx_ir")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from tokensieve.graph_passes.onnx.split_large_topk import SplitLargeTopKPass, split_large_topk  # noqa: E402
+from tokensieve.targets.tensorrt.split_large_topk import SplitLargeTopKPass, split_large_topk  # noqa: E402
 
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.INT64: np.int64}
 

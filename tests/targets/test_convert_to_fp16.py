@@ -8,7 +8,7 @@ onnx = pytest.importorskip("onnx")
 ir = pytest.importorskip("onnx_ir")
 ort = pytest.importorskip("onnxruntime")
 
-from tokensieve.graph_passes.onnx.convert_to_fp16 import convert_to_fp16, fp32_names  # noqa: E402
+from tokensieve.targets.tensorrt.convert_to_fp16 import convert_to_fp16, fp32_names  # noqa: E402
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 RNG = np.random.default_rng(0)
@@ -187,3 +187,28 @@ def test_idempotent(text):
     again = convert_to_fp16(once)
     assert not again.modified
     assert ir.to_proto(again.model).SerializeToString() == once.SerializeToString()
+
+
+@pytest.mark.parametrize("text", [STAGE, NORM])
+def test_mark_fp32_nodes_tags_what_fp32_names_names_and_is_idempotent(text):
+    """The weakly typed fp16 lowering: the same fp32 nodes tagged for the builder, the graph otherwise unchanged."""
+    from tokensieve.targets.base import PIN_FP32_TAG
+    from tokensieve.targets.tensorrt.builder import pinned_fp32_names
+    from tokensieve.targets.tensorrt.convert_to_fp16 import MarkFp32NodesPass
+
+    model = _named(text)
+    ops_before = [n.op_type for n in model.graph]
+    assert MarkFp32NodesPass()(model).modified
+    tagged = ir.to_proto(model).SerializeToString()
+    assert not MarkFp32NodesPass()(model).modified and ir.to_proto(model).SerializeToString() == tagged
+    assert [n.op_type for n in model.graph] == ops_before  # no Cast: only shape inference's types and the tags
+    assert all(v.dtype != HALF for n in model.graph for v in n.outputs)
+    assert any(n.metadata_props.get(PIN_FP32_TAG) == "fp32" for n in model.graph)
+    assert pinned_fp32_names(model) == fp32_names(_named(text))
+
+
+def _named(text: str) -> ir.Model:
+    model = ir.from_onnx_text(text)
+    for node in model.graph:
+        node.name = f"node_{node.outputs[0].name}"
+    return model

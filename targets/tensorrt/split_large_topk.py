@@ -36,9 +36,10 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from .lint import TOPK_MAX_K   # TensorRT's K limit (3840)
+
 log = logging.getLogger(__name__)
 
-TENSORRT_MAX_TOPK_K = 3840
 _TAG = "tokensieve.pass"
 
 
@@ -64,11 +65,12 @@ def _const_k(value: ir.Value | None) -> int | None:
 class SplitLargeTopKPass(InPlacePass):
     """Replace TopK(K > max_k) by ceil(K / max_k) rounds of TopK(<= max_k) + ScatterElements masking."""
 
-    def __init__(self, max_k: int = TENSORRT_MAX_TOPK_K) -> None:
+    def __init__(self, max_k: int = TOPK_MAX_K, log_level: int = logging.WARNING) -> None:
         super().__init__()
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         self.max_k = max_k
+        self.log_level = log_level   # of the skipped-TopK reports (the lowering lints a large constant K instead)
         self.skipped: list[str] = []
 
     def call(self, model: ir.Model) -> PassResult:
@@ -94,7 +96,7 @@ class SplitLargeTopKPass(InPlacePass):
 
     def _skip(self, reason: str) -> None:
         self.skipped.append(reason)
-        log.warning("split_large_topk: %s", reason)
+        log.log(self.log_level, "split_large_topk: %s", reason)
 
     def _rewrite(self, node: ir.Node, k: int, dtype: ir.DataType) -> None:
         attrs = node.attributes
@@ -129,7 +131,7 @@ class SplitLargeTopKPass(InPlacePass):
                                                 [v_all, i_all])
 
 
-def split_large_topk(model: onnx.ModelProto | ir.Model, max_k: int = TENSORRT_MAX_TOPK_K) -> PassResult:
+def split_large_topk(model: onnx.ModelProto | ir.Model, max_k: int = TOPK_MAX_K) -> PassResult:
     """Split every TopK with constant K > max_k into exact rounds of TopK(K <= max_k) (see module docstring)."""
     if isinstance(model, onnx.ModelProto):
         model = ir.from_proto(model)

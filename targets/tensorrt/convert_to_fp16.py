@@ -20,6 +20,9 @@ nonzero; constants also read by fp32 nodes stay fp32 and get a Cast. Casts the p
 `tokensieve.pass = convert_to_fp16` and are ignored on later runs, so the pass is idempotent: a second run finds
 no fp32 value feeding an fp16 node and changes nothing. It edits the main graph of an ir.Model in place
 (InPlacePass); a ModelProto given to `convert_to_fp16` is converted to a new ir.Model first.
+
+Weakly typed TensorRT (10.x) keeps the ONNX fp32 and builds with its FP16 flag instead: `MarkFp32NodesPass` tags
+the same fp32 nodes (`PIN_FP32_TAG`, targets/base.py) and the builder pins their layers to fp32.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import ShapeInferencePass
 
 from tokensieve.errors import PassError
+
+from ..base import PIN_FP32_TAG
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 _TAG, _NAME = "tokensieve.pass", "convert_to_fp16"
@@ -118,14 +123,19 @@ def _feeds_only_selection(node: ir.Node, score: set[ir.Node], owner: dict[ir.Nod
     return all(n in score and i in SELECTION_INPUTS.get(n.op_type, (i,)) for n, i in uses)
 
 
+def _pinned_nodes(model: ir.Model) -> list[ir.Node]:
+    """The fp32 nodes that read or write floats: the ones whose TensorRT layers need a precision constraint."""
+    return [n for n in fp32_nodes(_typed(model).graph, _opset(model))
+            if n.op_type not in _SHAPE_ONLY and any(_is_float(v) for v in [*n.inputs, *n.outputs])]
+
+
 def fp32_names(model: ir.Model) -> tuple[set[str], set[str]]:
     """(node names, value names) of the fp32 nodes that read or write floats, and of their float outputs.
 
     For TensorRT 10.x layer precision constraints: its ONNX parser names a node's main layer after the node and
     the node's output tensors after the values.
     """
-    keep = [n for n in fp32_nodes(_typed(model).graph, _opset(model))
-            if n.op_type not in _SHAPE_ONLY and any(_is_float(v) for v in [*n.inputs, *n.outputs])]
+    keep = _pinned_nodes(model)
     return {n.name for n in keep if n.name}, {v.name for n in keep for v in n.outputs if _is_float(v) and v.name}
 
 
@@ -231,6 +241,19 @@ class ConvertToFp16Pass(InPlacePass):
         else:  # graph input, initializer or outer value: before every node
             graph.insert_before(next(iter(graph)), node)
         return out
+
+
+class MarkFp32NodesPass(InPlacePass):
+    """Tag (PIN_FP32_TAG = "fp32") the nodes ConvertToFp16Pass would keep fp32 and that read or write floats, for a
+    weakly typed fp16 build; the graph itself is not changed. Idempotent: a tagged node is not tagged again."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        tagged = 0
+        for node in _pinned_nodes(model):
+            if node.metadata_props.get(PIN_FP32_TAG) != "fp32":
+                node.metadata_props[PIN_FP32_TAG] = "fp32"
+                tagged += 1
+        return PassResult(model, modified=tagged > 0)
 
 
 def convert_to_fp16(model: onnx.ModelProto | ir.Model) -> PassResult:
