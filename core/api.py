@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
-from tokensieve.fileio import ensure_writable_dir
+from tokensieve.fileio import ensure_writable_dir, folder_lock
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
 from tokensieve.graph_passes.pass_manager import PassContext
@@ -522,8 +523,6 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     Arguments are checked before anything is loaded; engines an earlier export left in `out` are removed (they were
     built from the ONNX files replaced here); a failed verification writes report.json, then raises
     VerificationError. `progress(message)` hears each step."""
-    import os
-
     say = progress or (lambda _msg: None)
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     if build:  # a bad target / max batch / precision fails now, not after the export
@@ -531,8 +530,9 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     created = not os.path.lexists(out)
     out = ensure_writable_dir(out)
     try:
-        return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs, atol,
-                              threads, bench, bench_blocks, bench_iters, say)
+        with folder_lock(out):
+            return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs,
+                                  atol, threads, bench, bench_blocks, bench_iters, say)
     except BaseException:
         if created:  # leave no empty output folder behind; files written so far (report.json) stay
             import contextlib
@@ -542,9 +542,58 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
         raise
 
 
+STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
+
+
 def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
                    threads, do_bench, bench_blocks, bench_iters, say) -> dict:
+    """Everything is written into a staging folder inside `out` and moved into place at the end (report.json last):
+    until then `out` still holds the previous complete export; a run killed midway leaves only its staging folder,
+    which the next run (holding the folder lock) removes."""
+    import shutil
+    import tempfile
+
+    for leftover in out.glob(STAGING_PREFIX + "*"):  # a killed run's; we hold the lock, so no live run owns it
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        report = _export_into(model_name, recipe, stage, target, precision, max_batch, plugins, do_build,
+                              verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say)
+        removed = _move_into_place(stage, out, report)
+        if removed:
+            say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    check_verified(_verify_report(report["verify"]))
+    return report
+
+
+def _verify_report(d: dict) -> VerifyReport:
+    return VerifyReport(**{f.name: d[f.name] for f in fields(VerifyReport)})
+
+
+def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
+    """Replace the folder's export by the staged one: the old report and the engines of the earlier export go, every
+    staged file is renamed into `out`, report.json last (with the final paths). Returns the stale engines removed."""
     from tokensieve.fileio import write_json_atomic
+
+    old_report = out / ARTIFACTS["report"]
+    if old_report.is_file() or old_report.is_symlink():
+        old_report.unlink()
+    removed = remove_stale_engines(out, ENGINES)
+    for file in sorted(stage.iterdir()):
+        os.replace(file, out / file.name)
+    report["files"] = {k: str(out / Path(v).name) for k, v in report["files"].items()}
+    if "build" in report:
+        report["build"] |= {k: str(out / Path(report["build"][k]).name) for k in ("engine", "metadata")}
+    write_json_atomic(old_report, report)
+    return removed
+
+
+def _export_into(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
+                 threads, do_bench, bench_blocks, bench_iters, say) -> dict:
+    """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
+    and returns the report that records it."""
     from tokensieve.models import load_model
 
     t_all = time.perf_counter()
@@ -555,18 +604,13 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
     result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
     paths = save(result, out)
     export_s = time.perf_counter() - t0
-    # Engines built from the ONNX files just replaced would run the old model: the report lists only what this
-    # export builds, so remove model.engine / dense.engine (+ .json) of an earlier export (no other file).
-    removed = remove_stale_engines(out, ENGINES)
-    if removed:
-        say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
     report = {"schema": REPORT_SCHEMA, "model": str(model_name), **result.summary(), "export_seconds": export_s,
               "files": {k: str(v) for k, v in paths.items()}}
     say(f"[3/5] verifying against eager on {verify_inputs} random inputs")
     ver = verify(result, paths["debug"], num_inputs=verify_inputs, atol=atol, threads=threads)
     report["verify"] = {**ver.to_dict(), "output": result.output_name}
-    write_json_atomic(out / ARTIFACTS["report"], report)
-    check_verified(ver)
+    if not ver.passed:
+        return report
     if do_build:
         say(f"[4/5] building engine for {target}")
         meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
@@ -587,5 +631,4 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
     else:
         say("[5/5] benchmark skipped (--no-bench)")
     report["total_seconds"] = time.perf_counter() - t_all
-    write_json_atomic(out / ARTIFACTS["report"], report)
     return report

@@ -56,3 +56,23 @@ def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return Path(target)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "tokensieve export") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (flock on the folder itself: no lock file to leave behind) while one command
+    writes into it; a second writer fails at once with one line instead of mixing its files with the first's. The
+    kernel drops the lock when the process ends, however it ends (SIGKILL too)."""
+    import fcntl
+
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"Another {what} is writing into {str(folder)!r}; wait for it to finish or pass another "
+                              "-o/--output") from None
+        yield folder
+    finally:
+        os.close(fd)

@@ -117,3 +117,40 @@ def test_reports_of_another_schema_are_refused(tmp_path):
     (tmp_path / "report.json").write_text(f'{{"schema": "{api.REPORT_SCHEMA}"}}')
     with pytest.raises(ConfigError, match="lacks macs_dense"):
         api.read_export_report(tmp_path, required=("macs_dense",))
+
+
+# ------------------------------------------------------------------------------------------ the export folder
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_second_writer_is_refused_while_the_folder_is_locked(tmp_path):
+    from tokensieve.fileio import folder_lock
+
+    with folder_lock(tmp_path), pytest.raises(ConfigError, match="Another tokensieve export is writing into"):
+        api.export_folder("tiny", "cls-topk@1:0.5", tmp_path, build=False, bench=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_reexport_keeps_the_previous_result(tmp_path, monkeypatch):
+    """A re-export writes into a staging folder and swaps at the end: interrupted midway (Ctrl-C during verify), the
+    folder is byte-for-byte the previous export; a killed run's leftover staging folder is removed by the next run."""
+    out = tmp_path / "out"
+    first = api.export_folder("tiny", "cls-topk@1:0.5", out, build=False, bench=False, verify_inputs=1)
+    assert first["verify"]["passed"] and api.read_export_report(out)["files"]["model"] == str(out / "model.onnx")
+    before = _snapshot(out)
+    assert set(before) == {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json"}
+    leftover = out / (api.STAGING_PREFIX + "killed")
+    leftover.mkdir()
+    (leftover / "model.onnx").write_bytes(b"half")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.export_folder("tiny", "cls-topk@1:0.25", out, build=False, bench=False, verify_inputs=1)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder, the killed one's too
