@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from assets import require
 
-from tokensieve.errors import TargetError
 from tokensieve.targets.tensorrt import plugins
 
 
@@ -17,10 +17,7 @@ def plugin_build(tmp_path_factory) -> tuple[Path, float]:
     """Compile once per session for sm_86 (+ compute_86 PTX); (library, seconds)."""
     if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
         pytest.skip("nvcc (CUDA toolkit) is not installed")
-    try:
-        plugins.ensure_headers()  # a download, not part of the compile time
-    except TargetError as e:
-        pytest.skip(f"no TensorRT headers: {e}")
+    require("tensorrt-headers")  # fetched before the tests (tests/assets.py); never downloaded here
     t0 = time.perf_counter()
     lib = plugins.build_plugin_library(tmp_path_factory.mktemp("plugins"), archs=("86",))
     return lib, time.perf_counter() - t0
