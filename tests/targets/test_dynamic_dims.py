@@ -114,7 +114,7 @@ def test_without_dims_the_metadata_and_profile_are_unchanged(tmp_path):
     other = build_engine(onnx_path, tmp_path / "b.engine", BuildSpec(max_batch=4, dims={"sequence": SEQ})).metadata
     assert plain["optimization_profile"] == other["optimization_profile"] == {
         "x": {"min": [1, C], "opt": [1, C], "max": [4, C]}}
-    assert set(plain) == set(other) and "dims" not in plain and "input_dim_names" not in plain
+    assert set(plain) == set(other) and plain["dims"] == plain["input_dim_names"] == {}  # schema 2: always written
     assert plain["engine_size_bytes"] == other["engine_size_bytes"]
 
 
