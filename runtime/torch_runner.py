@@ -135,6 +135,26 @@ def cast_weight_inputs(gm, dtype) -> int:
     return inserted
 
 
+def program_module(program, device: str, dtype: str = "fp32"):
+    """The runnable GraphModule of `program` on `device` ("cuda", "cpu"; "meta" in tests) in `dtype`.
+
+    torch.export's move_to_device_pass, not Module.to: the graph creates tensors with the trace-time device baked in
+    (`arange(..., device=cpu)` in DivPrune's one-hot, ToMe's assignment matrices), which Module.to does not change.
+    """
+    torch = _torch()
+    from torch.export.passes import move_to_device_pass
+
+    _check_option("dtype", dtype, DTYPES)
+    module = move_to_device_pass(program, device).module()
+    _drop_dtype_asserts(module)
+    if dtype == "fp16":
+        module = module.half()
+        cast_weight_inputs(module, torch.float16)
+    module.graph.lint()
+    module.recompile()
+    return module  # an unlifted ExportedProgram module is always in eval mode
+
+
 def _numpy_dtype(torch, dtype) -> np.dtype:
     """torch dtype -> numpy dtype (via an empty tensor: numpy and torch share these layouts)."""
     return torch.empty(0, dtype=dtype).numpy().dtype
@@ -197,14 +217,7 @@ class TorchRunner(BaseRunner):
             trim_freed_heap()
             self._mem_before = process_rss_bytes()
         program, self._meta = read_program(self.model_path)
-        module = program.module()
-        _drop_dtype_asserts(module)
-        if self.dtype == "fp16":
-            module = module.half()
-            cast_weight_inputs(module, torch.float16)
-        module.graph.lint()
-        module.recompile()
-        module = module.to(self.device)  # an unlifted ExportedProgram module is always in eval mode
+        module = program_module(program, self.device, self.dtype)
         self._program = program
         self._module = torch.compile(module, dynamic=False) if self.compile else module
         return self

@@ -10,7 +10,7 @@ from tokensieve import api
 from tokensieve.errors import ConfigError, TargetError
 from tokensieve.models import load_model
 from tokensieve.runtime import RUNNERS, OrtRunner, TorchRunner
-from tokensieve.runtime.torch_runner import cast_weight_inputs, read_program
+from tokensieve.runtime.torch_runner import cast_weight_inputs, program_module, read_program
 
 RECIPE = "divprune@1:0.5"  # a float32 scoring island (x.float()) in the graph: what the fp16 mode must keep
 
@@ -76,6 +76,18 @@ def test_cast_weight_inputs_is_idempotent_on_half_graphs(saved):
     assert first > 0
     linear = next(n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
     assert str(linear.args[0].target) == "aten.to.dtype"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_every_tensor_moves_to_the_device(saved, dtype):
+    """A regression test for the CUDA path without a GPU: on the meta device, a tensor the graph creates on the
+    trace-time device (DivPrune's arange one-hot) next to moved weights fails as it would on CUDA."""
+    _, paths = saved
+    module = program_module(read_program(paths["torch"])[0], "meta", dtype)
+    with torch.inference_mode():
+        out = module(torch.randn(2, 3, 64, 64, device="meta"))
+    assert [t.device.type for t in out] == ["meta", "meta"]
+    assert out[0].dtype == (torch.float16 if dtype == "fp16" else torch.float32)
 
 
 def test_bench_backend_torch_times_both_programs(saved):
