@@ -205,23 +205,14 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
     if result.removed_engines:  # built from the parts just replaced; the new manifest lists no engines (yet)
         _log(f"      removed stale engines of an earlier export: {', '.join(result.removed_engines)}")
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
-    if kind == "llava":
-        lines.append(f"  image tokens    {result.num_tokens} patches -> {result.keep} kept "
-                     f"({result.num_image_tokens} image tokens per prompt)")
-    else:
-        kind_tokens = f"{result.layout.modality} tokens".ljust(15)
-        lines.append(f"  {kind_tokens} {result.num_tokens} merged tokens -> {result.keep} kept")
+    adapter = result.adapter  # the family's facts (exporter/vlm/adapter.py)
+    lines.append(adapter.tokens_line(result))
     if result.inner is not None:
         from tokensieve.exporter.vlm.fastv import prefill_macs
 
-        spec, what = result.inner, "image"
-        if kind == "llava":
-            lay, t = result.layout, result.num_image_tokens + 7  # the verify prompt: 4 text + image tokens + 3 text
-        else:
-            from tokensieve.exporter.vlm.qwen2_vl_fastv import lm_layout
-            from tokensieve.vlm_api import QWEN2_VL_PROMPT_EXTRA
-
-            lay, t, what = lm_layout(model), result.keep + QWEN2_VL_PROMPT_EXTRA, result.layout.modality
+        # the verify prompt: the image tokens + the family's text (and vision-marker) tokens
+        spec, lay, t = result.inner, adapter.lm_layout(), result.num_image_tokens + adapter.prompt_extra
+        what = adapter.manifest_fields(result.layout)["modality"]
         ratio = prefill_macs(lay, model.config.text_config, t, spec) / prefill_macs(lay, model.config.text_config, t,
                                                                                     None)
         merged = f", the other {spec.dropped} merged in (HoliTom)" if spec.merge else ""

@@ -33,9 +33,7 @@ import torch
 
 from tokensieve.errors import ConfigError, TokenSieveError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
-from tokensieve.flops import count_macs
-from tokensieve.runtime import OrtRunner
-from tokensieve.scripts.bench_vlm import PARTS, check_verified, time_parts
+from tokensieve.scripts.bench_vlm import PARTS, check_verified, part_macs, time_parts
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
 DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean,holitom+merge"
@@ -77,54 +75,11 @@ def _prompt(model, layout, text: int, seed: int = 0) -> torch.Tensor:
 
 
 def _feeds(result, text: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs of each part: the video's pixel rows; the pruned prompt (its M-RoPE positions from the unpruned one,
-    the kept columns gathered, as vlm_qwen2 does) with vision_prune's features; the decode step after it (its cache
-    from one prefill run, its position by the rope delta)."""
-    from tokensieve import vlm_qwen2 as q
-    from tokensieve.exporter.vlm.qwen2_vl import placeholder_token_id
-
-    lay, model = result.layout, result.model
-    pixels = torch.randn(lay.num_patches, lay.patch_dim, generator=torch.Generator().manual_seed(seed)).numpy()
-    with OrtRunner(result.paths["vision"]) as vision:
-        out = vision.infer({"pixel_values": pixels})
-    ids = _prompt(model, lay, text, seed)
-    positions = q.prompt_mrope_positions(model, ids, lay)
-    mask = ids == placeholder_token_id(model.config, lay)
-    pos, cols, delta = q.pruned_mrope_positions(positions, mask, torch.from_numpy(out["keep_idx"]))
-    pruned = ids.gather(1, cols)
-    prefill = {"input_ids": pruned.numpy(), "image_features": out["image_features"],
-               "position_ids": pos.contiguous().numpy()}
-    with OrtRunner(result.paths["prefill"]) as runner:
-        pre = runner.infer(prefill)
-    t = pruned.shape[1]
-    decode = {"input_ids": pre["logits"].argmax(-1).astype(np.int64)[:, None],
-              "position_ids": q.decode_position_ids(delta, t).contiguous().numpy()}
-    layers = model.config.text_config.num_hidden_layers
-    decode |= {f"past.{i}.{kind}": pre[f"present.{i}.{kind}"] for i in range(layers) for kind in ("key", "value")}
-    return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
-
-
-def _macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
-    """MACs of each part (batch 1), on its module traced with exactly these (static) shapes."""
-    from tokensieve.exporter.vlm.qwen2_vl import Qwen2VLDecode, Qwen2VLPrefill
-    from tokensieve.exporter.vlm.qwen2_vl_fastv import Qwen2VLFastvDecode, Qwen2VLFastvPrefill
-
-    model, inner, video = result.model, result.inner, result.layout.is_video
-    modules = {"vision": result.vision,
-               "prefill": Qwen2VLFastvPrefill(model, inner, video) if inner else Qwen2VLPrefill(model, video),
-               "decode": Qwen2VLFastvDecode(model, inner) if inner else Qwen2VLDecode(model)}
-    order = {"vision": ["pixel_values"], "prefill": ["input_ids", "image_features", "position_ids"],
-             "decode": ["input_ids", "position_ids"]}
-    out = {}
-    for part, module in modules.items():
-        f = feeds[part]
-        names = order[part] + sorted((n for n in f if n.startswith("past.")),
-                                     key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
-        args = tuple(torch.from_numpy(f[n]) for n in names)
-        with torch.no_grad():
-            ep = torch.export.export(module.eval(), args, strict=False)
-        out[part] = count_macs(ep.graph_module)
-    return out
+    """Inputs of each part (the adapter's part_feeds): the video's seeded pixel rows, the prompt (its M-RoPE positions
+    from the unpruned one, the kept columns gathered) with vision_prune's features, and the decode step after it."""
+    adapter = result.adapter
+    return adapter.part_feeds(result, _prompt(result.model, result.layout, text, seed),
+                              adapter.sample_pixels(result.layout, 1, seed))
 
 
 def _parse_grid(text: str) -> tuple[int, int, int]:
@@ -209,7 +164,7 @@ def _run(args) -> int:
             report = verify_vlm(res, max_new_tokens=2, threads=args.threads)
             check_verified(name, res, report)
             results[name], feeds[name] = res, _feeds(res, args.text)
-            macs[name] = _macs(res, feeds[name])
+            macs[name] = part_macs(res, feeds[name])
         stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
     rows = _rows(results, feeds, macs, stats)
     lay = results["dense"].layout

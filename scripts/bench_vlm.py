@@ -16,6 +16,7 @@ Writes vlm.json + vlm.md.
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import sys
 import tempfile
@@ -48,34 +49,13 @@ def bench_llava(vision_layers: int = 6, text_layers: int = 6, image_size: int = 
 
 
 def _feeds(result, batch: int, text: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs of each part: pixels, the prompt's embeddings (image tokens in the middle of `text` text tokens), and
-    the decode step after it (its cache from one prefill run)."""
+    """Inputs of each part (the adapter's part_feeds): seeded pixels, a prompt with the image tokens in the middle of
+    `text` text tokens, and the decode step after it."""
     from tokensieve.vlm_api import llava_prompt
 
-    lay = result.layout
-    gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 3, lay.image_size, lay.image_size, generator=gen).numpy()
-    ids = llava_prompt(lay, result.num_image_tokens, batch, before=text // 2, after=text - text // 2, seed=seed).numpy()
-    with OrtRunner(result.paths["vision"]) as vision:
-        features = vision.infer({"pixel_values": pixels})["image_features"]
-    embed = np.load(result.paths["embed"])
-    embeds = embed[ids].astype(np.float32)
-    embeds[ids == lay.image_token_id] = features.reshape(-1, features.shape[-1])
-    t = ids.shape[1]
-    mask = np.ones((batch, t), np.int64)
-    prefill = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": np.tile(np.arange(t), (batch, 1))}
-    if result.inner is not None:
-        prefill["image_positions"] = np.nonzero(ids == lay.image_token_id)[1].reshape(batch, -1).astype(np.int64)
-    with OrtRunner(result.paths["prefill"]) as runner:
-        out = runner.infer(prefill)
-    token = out["logits"].argmax(-1).astype(np.int64)[:, None]
-    decode = {"input_ids": token, "attention_mask": np.ones((batch, t + 1), np.int64),
-              "position_ids": np.full((batch, 1), t, np.int64)}
-    decode |= {f"past.{i}.{kind}": out[f"present.{i}.{kind}"] for i in range(lay.num_text_layers)
-               for kind in ("key", "value")}
-    if result.inner is not None:
-        decode["attention_mask_pruned"] = np.ones((batch, out["keep_idx"].shape[1] + 1), np.int64)
-    return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
+    lay, adapter = result.layout, result.adapter
+    ids = llava_prompt(lay, result.num_image_tokens, batch, before=text // 2, after=text - text // 2, seed=seed)
+    return adapter.part_feeds(result, ids, adapter.sample_pixels(lay, batch, seed))
 
 
 def check_verified(name: str, result, report) -> None:
@@ -110,26 +90,21 @@ def time_parts(results: dict, feeds: dict, *, threads: int | None, blocks: int, 
             r.deactivate()
 
 
-def _macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
-    """MACs per sample of each part, on its graph traced with exactly these (static) shapes."""
-    from tokensieve.exporter.vlm.fastv import FastvDecode, FastvPrefill
-    from tokensieve.exporter.vlm.lm_parts import LmDecode, LmPrefill
-
-    model = result.model
-    modules = {"vision": result.vision,
-               "prefill": FastvPrefill(model, result.inner) if result.inner else LmPrefill(model),
-               "decode": FastvDecode(model, result.inner) if result.inner else LmDecode(model)}
-    order = {"vision": ["pixel_values"], "prefill": ["inputs_embeds", "attention_mask", "position_ids", "image_positions"],
-             "decode": ["input_ids", "attention_mask", "attention_mask_pruned", "position_ids"]}
+def part_macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]:
+    """MACs per sample of each part (any family: the eager vision_prune and the adapter's prefill / decode modules),
+    on its module traced with exactly these (static) shapes; the named inputs in forward's order, then the caches."""
+    adapter = result.adapter
+    modules = {"vision": result.vision, **adapter.part_modules(result)}
     out = {}
     for part, module in modules.items():
         f = feeds[part]
-        names = [n for n in order[part] if n in f]
+        params = inspect.signature(module.forward).parameters.values()
+        names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL and p.name in f]
         names += sorted((n for n in f if n.startswith("past.")), key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
         args = tuple(torch.from_numpy(f[n]) for n in names)
         with torch.no_grad():
             ep = torch.export.export(module.eval(), args, strict=False)
-        batch = next(iter(f.values())).shape[0]
+        batch = next(iter(f.values())).shape[0] if adapter.batched else 1
         out[part] = count_macs(ep.graph_module) // batch
     return out
 
@@ -179,7 +154,7 @@ def _run(args) -> int:
             report = verify_vlm(res, batch=max(2, args.batch), max_new_tokens=2)
             check_verified(name, res, report)
             results[name], feeds[name] = res, _feeds(res, args.batch, args.text)
-            macs[name] = _macs(res, feeds[name])
+            macs[name] = part_macs(res, feeds[name])
         stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
     rows = _rows(results, feeds, macs, stats)
     meta = {"model": f"random-init LLaVA (vision 384x{args.vision_layers}, LM 512x{args.text_layers}, "

@@ -107,6 +107,10 @@ class VlmAdapter(ABC):
         """Family facts the manifest records: modality ("image" | "video") and grid_thw (None without a grid)."""
         return {"modality": "image", "grid_thw": None}
 
+    @abstractmethod
+    def tokens_line(self, result) -> str:
+        """The export summary's line on the outer stage's tokens (`tokensieve export-vlm` prints it)."""
+
     # ---------------------------------------------------------------- positions
     @abstractmethod
     def gather_positions(self, positions: Tensor, cols: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ Prompts must be left-padded and must end with a text token (the scoring position
 
 debias (the "attention debiasing" variant): score = FastV score - bias, bias (N,) a per-image-position mean score
 (`calibrate_fastv_bias` averages the FastV score over calibration prompts/images; Qwen2-VL:
-qwen2_vl_fastv.calibrate_qwen2_fastv_bias); it removes the positional preference of the last query (RoPE recency)
+qwen2_vl_adapter.calibrate_qwen2_fastv_bias); it removes the positional preference of the last query (RoPE recency)
 before TopK. Pure arithmetic on the score; the bias is a constant (`export-vlm --inner-bias FILE.npy`: np.save it).
 
 uniform=S (FEATHER, Endo et al. 2025, "Feather the Throttle"; 0 <= S < 1, default 0 = plain FastV): of the R kept
@@ -176,7 +176,7 @@ def parse_fastv(text: str, num_layers: int, num_image_tokens: int, bias=None) ->
     if debias and bias is None:
         raise ConfigError("fastv(debias=true) needs the per-position bias: pass inner_bias= (see "
                           "tokensieve.exporter.vlm.fastv.calibrate_fastv_bias; Qwen2-VL: "
-                          "tokensieve.exporter.vlm.qwen2_vl_fastv.calibrate_qwen2_fastv_bias)")
+                          "tokensieve.exporter.vlm.qwen2_vl_adapter.calibrate_qwen2_fastv_bias)")
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float64).reshape(-1)
         # float32-finite: the graph subtracts it in float32, and uniform=S relies on every score being finite
@@ -391,7 +391,7 @@ def fastv_decode_spec(layout: LlavaLayout, spec: FastvSpec) -> PartSpec:
 
 def prefill_macs(layout: LlavaLayout, cfg, prompt_length: int, spec: FastvSpec | None) -> int:
     """Multiply-accumulates of the LM prefill for one prompt (projections, MLP, q·Kᵀ and attn·V; causal = half).
-    `layout` gives the LM sizes: a LlavaLayout, or Qwen2-VL's qwen2_vl_fastv.Qwen2LmLayout (the same attributes)."""
+    `layout` gives the LM sizes: any family's adapter.LmLayout (a LlavaLayout has the same attributes)."""
     h, i_size, heads = layout.text_hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     d, kv = layout.head_dim, layout.num_kv_heads
     per_token = h * heads * d * 2 + h * kv * d * 2 + 3 * h * i_size

@@ -66,6 +66,10 @@ class LlavaAdapter(VlmAdapter):
     def sample_prompt(self, layout: LlavaLayout, num_image_tokens: int, batch: int, seed: int) -> Tensor:
         return llava_prompt(layout, num_image_tokens, batch, seed=seed)
 
+    def tokens_line(self, result) -> str:
+        return (f"  image tokens    {result.num_tokens} patches -> {result.keep} kept "
+                f"({result.num_image_tokens} image tokens per prompt)")
+
     def gather_positions(self, positions: Tensor, cols: Tensor) -> Tensor:
         return positions.gather(1, cols)                                        # (B, T) 1-D ids
 

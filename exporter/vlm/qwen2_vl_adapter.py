@@ -102,6 +102,9 @@ class Qwen2VLAdapter(VlmAdapter):
     def manifest_fields(self, layout: ImageLayout) -> dict:
         return {"modality": layout.modality, "grid_thw": [layout.t, layout.h, layout.w]}
 
+    def tokens_line(self, result) -> str:
+        return f"  {f'{result.layout.modality} tokens':<15} {result.num_tokens} merged tokens -> {result.keep} kept"
+
     def gather_positions(self, positions: Tensor, cols: Tensor) -> Tensor:
         return gather_mrope(positions, cols)
 

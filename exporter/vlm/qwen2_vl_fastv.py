@@ -41,9 +41,9 @@ input_ids by nonzero, the selection is fastv.reference_image_keep, merge=true is
 by hand over the whole sequence with no cache: layers 0..L over every token, layers L+1.. over the kept prompt
 tokens plus the generated ones, each with its M-RoPE ids (generated token j at next_position + j on all 3 axes).
 
-debias: `calibrate_qwen2_fastv_bias(model, vision, pixel_values, input_ids, layer)` gives the (K,) bias of
+debias: `qwen2_vl_adapter.calibrate_qwen2_fastv_bias(model, vision, pixel_values, input_ids, layer)` gives the (K,) bias of
 `export_vlm(..., inner="fastv(debias=true)@L:R", inner_bias=bias)` (or `np.save` it for `export-vlm --inner-bias`):
-each calibration sample goes through the outer stage and vlm_qwen2's M-RoPE bookkeeping as the greedy path does, its
+each calibration sample goes through the outer stage and the adapter's M-RoPE bookkeeping as the greedy path does, its
 reference score row (fastv_score_reference) at the image ordinals is averaged over the samples.
 """
 from __future__ import annotations
