@@ -137,3 +137,19 @@ def test_split_large_topk_makes_it_build(tmp_path: Path):
     onnx.save(fixed, str(tmp_path / "split.onnx"))
     info = build_engine(tmp_path / "split.onnx", tmp_path / "split.engine", BuildSpec(target="rtx-sm86"))
     assert info.size_bytes > 0
+
+
+def test_idempotent():
+    """The lint's lowering pass edits nothing: a clean model comes back unchanged, run after run; a flagged one
+    raises the lint's one-line TargetError itself."""
+    import onnx_ir as ir
+
+    from tokensieve.targets.tensorrt.lint import LintForTensorRTPass
+
+    model = ir.from_proto(_topk(3840))
+    before = ir.to_proto(model).SerializeToString()
+    for _ in range(2):
+        assert not LintForTensorRTPass()(model).modified
+        assert ir.to_proto(model).SerializeToString() == before
+    with pytest.raises(TargetError, match=r"^1 node\(s\) TensorRT will reject; first: node 'select' \(TopK\)"):
+        LintForTensorRTPass()(ir.from_proto(_topk(5000)))
