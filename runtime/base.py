@@ -135,8 +135,6 @@ class BaseRunner:
                     f"input {name!r} has shape {fmt_shape(arr.shape)} but the model expects {fmt_shape(shape)}; resize your input"
                 )
 
-    _check_feeds = _check_feed_specs  # runtime/torch_runner.py's infer() calls it; drop once it has infer_impl
-
     def make_random_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
         """One random array per input; every dynamic dim becomes `batch`. Floats ~ N(0, 1), ints in [0, 10)."""
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:

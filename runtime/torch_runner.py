@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -203,9 +202,7 @@ class TorchRunner(BaseRunner):
     def is_active(self) -> bool:
         return self._module is not None
 
-    def activate(self) -> "TorchRunner":
-        if self._module is not None:
-            return self
+    def activate_impl(self) -> None:
         torch = _torch()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
@@ -220,9 +217,8 @@ class TorchRunner(BaseRunner):
         module = program_module(program, self.device, self.dtype)
         self._program = program
         self._module = torch.compile(module, dynamic=False) if self.compile else module
-        return self
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self._module = self._program = None
         self._graphs = {}
         if self.device == "cuda":
@@ -312,12 +308,10 @@ class TorchRunner(BaseRunner):
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return graph, static_in, out
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check `feeds` (numpy), copy them to the device, run, copy the outputs back; sets `inference_time` (s)."""
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy checked `feeds` (numpy) to the device, run, copy the outputs back (BaseRunner.infer checks and
+        times)."""
         torch = _torch()
-        self._mod()
-        self._check_feeds(feeds)
-        start = time.perf_counter()
         inputs = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n, _, _ in self.input_specs]
         try:
             outs = self.run(*inputs)
@@ -326,7 +320,6 @@ class TorchRunner(BaseRunner):
             raise
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"torch failed to run {self.name}: {first_line(e)}") from e
-        self.inference_time = time.perf_counter() - start
         return dict(zip(self.output_names, outs))
 
     def __repr__(self) -> str:
