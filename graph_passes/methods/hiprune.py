@@ -1,7 +1,13 @@
 """HiPrune (Liu et al., 2025): anchors, buffers and registers from the attention of two encoder depths.
 
-A stage after block L keeps `keep` patch tokens of the full h × w patch grid ([CLS]/registers always stay), split
-into three static counts (`hiprune_split`):
+Default (alpha > 0): the released code's selection (Danielement321/HiPrune LLaVA/llava/model/llava_arch.py
+`encode_images`; tests/reference/hiprune.py): round(K·alpha/5) anchors (highest anchor-block attention), each with its
+index neighbours clamp(i ± 1), clamp(i ± w) (the code's arithmetic: a row start's i - 1 wraps to the previous row),
+then the rest of the K by the deep block's attention (`hiprune_released_select`). The register count depends on the
+overlaps, so it is a tensor k in the rank comparison; shapes stay static.
+
+alpha = 0: tokensieve's earlier split. A stage after block L keeps `keep` patch tokens of the full h × w patch grid
+([CLS]/registers always stay), split into three static counts (`hiprune_split`):
 
     anchors    n_a = max(1, round(anchor_ratio · K))  highest attention at the earlier, object-centric block
                                                        `anchor_block` (default L // 2)
@@ -16,8 +22,9 @@ needs no [CLS] token (SigLIP). Every selection is a comparison mask (pairwise ra
 as ONNX TopK), the neighbourhood a constant (n, n) adjacency MatMul: no NonZero/ScatterND.
 The score of the stage is the kept mask itself (1 = kept), so the ordinary TopK + gather picks exactly those K.
 The stage must see the full grid (no pruning stage before it) and the anchor block must come before block L
-(`hiprune_validate_place`). Choices of ours where the paper's defaults could not be checked here: the ratios
-(0.2 / 0.4), buffers ranked by the anchor-block attention, and the fill rule.
+(`hiprune_validate_place`). Choices of ours in the alpha = 0 split: the ratios (0.2 / 0.4), buffers ranked by the
+anchor-block attention, and the fill rule. The default anchor block (L // 2) is ours in both forms (the code's
+HIPRUNE_OBJECT_LAYER is 9, 1-based, of CLIP-L's 24 layers, with the deep block 22: the LLaVA feature layer).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from tokensieve.graph_passes.methods.spec import Param, PruneMethod, ScoreInput
 
 ANCHOR_RATIO = 0.2
 BUFFER_RATIO = 0.4
+ALPHA = 0.1  # the released code's HIPRUNE_ALPHA default: anchors + their neighbours are about alpha · K
 DEFAULT_ANCHOR_BLOCK = -1  # -1: after_block // 2
 MAX_BLOCK = 10_000
 
@@ -83,18 +91,53 @@ def hiprune_select(anchor_scores: Tensor, register_scores: Tensor, grid: tuple[i
     return taken | registers
 
 
+def released_anchor_count(keep: int, alpha: float) -> int:
+    """HiPrune's released code: round(K · alpha / 5) anchors (Python round), each with up to 4 neighbours."""
+    return int(round(keep * alpha / 5))
+
+
+def released_adjacency(grid: tuple[int, int], device=None) -> Tensor:
+    """(n, n) bool [i, j]: j is one of HiPrune's released neighbours of patch i, clamp(i ± 1) and clamp(i ± w) on the
+    flattened h × w grid: index arithmetic as the code does it (i - 1 at a row start is the previous row's last
+    patch; an index outside the grid clamps to 0 or n - 1)."""
+    h, w = grid
+    n = h * w
+    pos = torch.arange(n, device=device)
+    near = torch.stack([pos - 1, pos + 1, pos - w, pos + w], dim=1).clamp(0, n - 1)   # (n, 4)
+    return (near.unsqueeze(-1) == pos).any(dim=1)
+
+
+def hiprune_released_select(anchor_scores: Tensor, register_scores: Tensor, grid: tuple[int, int], keep: int,
+                            alpha: float) -> Tensor:
+    """HiPrune's released LLaVA selection (Danielement321/HiPrune LLaVA/llava/model/llava_arch.py `encode_images`):
+    the round(K·alpha/5) anchors with the highest anchor-block attention and their neighbours (`released_adjacency`),
+    then the K - |anchors ∪ neighbours| highest deep-block attention tokens among the rest -> (B, n) bool, K kept.
+    The register count depends on the overlaps (a tensor k in the rank comparison): static shapes still."""
+    n_a = released_anchor_count(keep, alpha)
+    anchors = top_mask(anchor_scores, n_a) if n_a else torch.zeros_like(anchor_scores, dtype=torch.bool)
+    adj = released_adjacency(grid, anchor_scores.device).float()
+    taken = anchors | (torch.matmul(anchors.float(), adj) > 0)
+    n_r = keep - taken.sum(dim=-1, keepdim=True)                                     # (B, 1)
+    return taken | top_mask(torch.where(taken, float("-inf"), register_scores), n_r)
+
+
 def hiprune_scores(q_anchor: Tensor, k_anchor: Tensor, scale_anchor: float | None, q: Tensor, k: Tensor,
                    scale: float | None, *, keep: int, num_prefix_tokens: int, grid: tuple[int, int],
                    anchor_ratio: float = ANCHOR_RATIO, buffer_ratio: float = BUFFER_RATIO,
-                   diagonal: bool = False) -> Tensor:
-    """HiPrune's kept mask as the stage's score (B, N): 1.0 on the kept patch tokens, 0.0 elsewhere.
+                   diagonal: bool = False, alpha: float = ALPHA) -> Tensor:
+    """HiPrune's kept mask as the stage's score (B, N): 1.0 on the kept patch tokens, 0.0 elsewhere. alpha > 0: the
+    released code's selection (`hiprune_released_select`); alpha = 0: tokensieve's split by anchor_ratio /
+    buffer_ratio (`hiprune_select`).
 
     Recomputes the full attention matrix of both blocks (2 · B·H·N²·D MACs).
     """
     p = num_prefix_tokens
     s_anchor = mean_attention_scores(q_anchor, k_anchor, scale_anchor)[:, p:]
     s_register = mean_attention_scores(q, k, scale)[:, p:]
-    kept = hiprune_select(s_anchor, s_register, grid, *hiprune_split(keep, anchor_ratio, buffer_ratio), diagonal)
+    if alpha > 0:
+        kept = hiprune_released_select(s_anchor, s_register, grid, keep, alpha)
+    else:
+        kept = hiprune_select(s_anchor, s_register, grid, *hiprune_split(keep, anchor_ratio, buffer_ratio), diagonal)
     return torch.cat([kept.new_zeros(kept.shape[0], p), kept], dim=1).float()
 
 
@@ -105,6 +148,10 @@ def anchor_block_of(options: dict, after_block: int) -> int:
 
 
 def hiprune_validate(num_patches: int, keep: int, options: dict) -> str | None:
+    n_a = released_anchor_count(keep, options.get("alpha", 0.0))
+    if 5 * n_a > keep:
+        return (f"alpha={options['alpha']:g} gives {n_a} anchors, with their neighbours up to {5 * n_a} tokens, more "
+                f"than keep={keep}; lower alpha")
     total = options["anchor_ratio"] + options["buffer_ratio"]
     if total > 1.0 + 1e-9:
         return (f"anchor_ratio + buffer_ratio = {total:g} exceeds 1 (registers get the rest of the budget); "
@@ -137,8 +184,11 @@ METHODS: tuple = (
             Param("buffer_ratio", BUFFER_RATIO, "share of the budget for the anchors' grid neighbours; registers get "
                   "the rest", float, 0.0, 1.0),
             Param("diagonal", False, "buffers from the 8-neighbourhood instead of the 4-neighbourhood", bool),
+            Param("alpha", ALPHA, "the released code's selection: round(alpha x keep / 5) anchors plus their 4 "
+                  "index neighbours, registers the rest (its HIPRUNE_ALPHA, default 0.1); 0: tokensieve's split by "
+                  "anchor_ratio / buffer_ratio (and diagonal)", float, 0.0, 1.0),
         ),
-        score_params=("anchor_ratio", "buffer_ratio", "diagonal"),
+        score_params=("anchor_ratio", "buffer_ratio", "diagonal", "alpha"),
         validate=hiprune_validate, validate_place=hiprune_validate_place, earlier_block=anchor_block_of,
     ),
 )

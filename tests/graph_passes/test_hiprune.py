@@ -37,10 +37,11 @@ SETTINGS = settings(max_examples=60, deadline=None)
 # case id -> (tiny model, recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 # Every tiny model has a 4 x 4 patch grid.
 CASES = {
-    "siglip": ("siglip_vision", "hiprune(anchor_block=1)@2:0.5", [16, 8], [8]),
+    # the released selection (default): round(8 x 0.5 / 5) = 1 anchor + its index neighbours, registers the rest
+    "siglip": ("siglip_vision", "hiprune(anchor_block=1,alpha=0.5)@2:0.5", [16, 8], [8]),
     "vit-then-cls": ("vit", "hiprune@2:0.5+cls-topk@3:0.5", [17, 9, 5], [8, 4]),  # anchors from block 2 // 2 = 1
     "registers-diagonal": ("dinov2_registers", "hiprune(anchor_block=0,anchor_ratio=0.25,buffer_ratio=0.5,"
-                           "diagonal=true)@2:6", [21, 11], [6]),
+                           "diagonal=true,alpha=0)@2:6", [21, 11], [6]),   # tokensieve's split (alpha=0)
 }
 
 
@@ -205,9 +206,10 @@ def test_hiprune_split_gives_at_least_one_anchor_and_registers_the_rest(keep, a,
 def test_hiprune_scores_are_the_kept_mask_with_prefix_tokens_at_zero():
     gen = torch.Generator().manual_seed(0)
     q_a, k_a, q, k = (torch.randn(2, 2, 10, 4, generator=gen) for _ in range(4))  # 1 prefix + 3 x 3 patches
-    scores = hiprune_scores(q_a, k_a, None, q, k, None, keep=5, num_prefix_tokens=1, grid=(3, 3))
-    assert scores.shape == (2, 10) and scores.dtype == torch.float32
-    assert (scores[:, 0] == 0).all() and ((scores == 0) | (scores == 1)).all() and (scores.sum(-1) == 5).all()
+    for alpha in (0.0, 0.1, 1.0):  # tokensieve's split, the released selection
+        scores = hiprune_scores(q_a, k_a, None, q, k, None, keep=5, num_prefix_tokens=1, grid=(3, 3), alpha=alpha)
+        assert scores.shape == (2, 10) and scores.dtype == torch.float32
+        assert (scores[:, 0] == 0).all() and ((scores == 0) | (scores == 1)).all() and (scores.sum(-1) == 5).all()
 
 
 # --------------------------------------------------------------------------- eager reference: the anchor block's path
@@ -221,8 +223,9 @@ def test_reference_reads_the_anchor_block_at_hookstage_earlier_path():
     """The eager reference reads the anchor block's attention at `earlier_path`: pointing a stage built with
     anchor_block=1 at block 0 reproduces anchor_block=0 exactly, and its kept tokens differ from anchor_block=1."""
     model, example = build("vit")
-    one = api.plan(model, example, "hiprune(anchor_block=1)@2:0.5+cls-topk@3:0.5")
-    zero = api.plan(model, example, "hiprune(anchor_block=0)@2:0.5+cls-topk@3:0.5")
+    # alpha=0 (tokensieve's split): anchors are 20 % of the budget, so the anchor block matters on a 4 x 4 grid
+    one = api.plan(model, example, "hiprune(anchor_block=1,alpha=0)@2:0.5+cls-topk@3:0.5")
+    zero = api.plan(model, example, "hiprune(anchor_block=0,alpha=0)@2:0.5+cls-topk@3:0.5")
     assert [h.earlier_path for h in one.hook_stages] == [one.block_paths[1], None]  # cls-topk reads one block
     assert zero.hook_stages[0].earlier_path == zero.block_paths[0]
     x = _inputs(one)
@@ -271,7 +274,7 @@ def test_reference_accepts_block_paths_that_are_not_prefix_dot_index():
 def test_recipe_shorthand_defaults_and_catalogue(capsys):
     recipe = parse_recipe("hiprune(anchor_block=1)@2:0.5")
     assert recipe.stages[0].options() == {"anchor_block": 1, "anchor_ratio": 0.2, "buffer_ratio": 0.4,
-                                          "diagonal": False}
+                                          "diagonal": False, "alpha": 0.1}
     assert recipe.shorthand() == "hiprune(anchor_block=1)@2:0.5"
     assert anchor_block_of(recipe.stages[0].options(), 2) == 1
     assert anchor_block_of(METHODS["hiprune"].defaults(), 7) == 3  # -1: after_block // 2
@@ -300,7 +303,7 @@ def test_bad_placement_or_split_is_a_one_line_config_error(text, match):
     ("hiprune(anchor_block=-2)@2:0.5", r"anchor_block=-2 is outside \[-1, 10000\]"),
     ("hiprune(anchor_ratio=1.5)@2:0.5", r"anchor_ratio=1.5 is outside \[0.0, 1.0\]"),
     ("hiprune(diagonal=1)@2:0.5", "diagonal must be true or false"),
-    ("hiprune(iters=3)@2:0.5", "has no parameter 'iters'; its parameters: anchor_block, anchor_ratio"),
+    ("hiprune(iters=3)@2:0.5", "has no parameter 'iters'; its parameters: alpha, anchor_block, anchor_ratio"),
 ])
 def test_bad_parameters_are_one_line_config_errors(text, match):
     with pytest.raises(ConfigError, match=match) as e:
