@@ -340,18 +340,6 @@ def _check_part(key: str, proto: onnx.ModelProto) -> dict[str, int]:
     return census
 
 
-def _check_part(key: str, proto: onnx.ModelProto) -> dict[str, int]:
-    """The part's op census; ExportError if it is data-dependent (vision: every size static but batch)."""
-    if key == "vision":
-        return dict(check_static(proto)["ops"])  # raises if a data-dependent op or size slipped in
-    census = dict(op_census(proto))  # the LM parts' sequence axes are dynamic: the op census only
-    bad = sorted(set(census) & set(FORBIDDEN_OPS))
-    if bad:
-        raise ExportError(f"{ARTIFACTS[key]} contains {bad[0]} ({FORBIDDEN_OPS[bad[0]]}); the LM parts must stay free "
-                          "of data-dependent ops (inner pruning: a fixed-budget TopK + Gather)")
-    return census
-
-
 def export_llava(model: nn.Module, out_dir: str | Path, recipe: str = "cls-topk:0.25", *, inner: str | None = None,
                  inner_bias=None) -> VlmExportResult:
     """export_vlm for a LlavaForConditionalGeneration only (a one-line ConfigError for any other model)."""

@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from tokensieve.errors import ConfigError, TokenSieveError
 from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
-from tokensieve.scripts.bench_vlm import PARTS, check_verified, part_macs, time_parts
+from tokensieve.scripts.bench_vlm import PARTS, run_variants, part_rows
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
 DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean,holitom+merge"
@@ -138,7 +136,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from tokensieve.vlm_api import export_vlm, plan_vlm, verify_vlm
+    from tokensieve.vlm_api import plan_vlm
 
     if args.text < 2:
         raise ConfigError(f"--text {args.text} must be >= 2 (text before the video, and the prompt must end with text)")
@@ -156,16 +154,9 @@ def _run(args) -> int:
             plan_vlm(model, prune, grid=grid, inner=inner)
         except ConfigError as e:
             raise ConfigError(f"variant {name} ({prune}{' + ' + inner if inner else ''}, --grid {args.grid}): {e}") from e
-    results, feeds, macs = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="tokensieve-video-") as tmp:
-        for name, (prune, inner) in variants.items():
-            print(f"[{name}] export {prune} --grid {args.grid}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
-            res = export_vlm(model, Path(tmp) / name, prune, grid=grid, inner=inner)
-            report = verify_vlm(res, max_new_tokens=2, threads=args.threads)
-            check_verified(name, res, report)
-            results[name], feeds[name] = res, _feeds(res, args.text)
-            macs[name] = part_macs(res, feeds[name])
-        stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
+    results, feeds, macs, stats = run_variants(
+        model, variants, lambda res: _feeds(res, args.text), grid=grid, verify={"threads": args.threads},
+        threads=args.threads, blocks=args.blocks, iters=args.iters, label=f" --grid {args.grid}")
     rows = _rows(results, feeds, macs, stats)
     lay = results["dense"].layout
     meta = {"model": f"random-init Qwen2-VL (vision 384x{args.vision_layers}, patch 14, merge 2, temporal patch 2; "
@@ -184,25 +175,19 @@ def _run(args) -> int:
 
 
 def _rows(results, feeds, macs, stats) -> list[dict]:
-    rows = []
-    dense = {p: stats[f"dense/{p}"] for p in PARTS}
+    rows, timed = [], part_rows(results, macs, stats)
     layers = results["dense"].model.config.text_config.num_hidden_layers
+    dense_vision = timed["dense"]["vision"]["median_ms"]
     for v, res in results.items():
         row = {"variant": v, "prune": res.prune, "inner": res.inner.shorthand() if res.inner else None,
                "video_tokens": res.num_tokens, "kept_tokens": res.keep,
                "kept_after_inner": res.inner.keep if res.inner else res.keep,
                "prompt_tokens": int(feeds[v]["prefill"]["input_ids"].shape[1]),
                "decode_cache": [int(feeds[v]["decode"][f"past.{i}.key"].shape[2]) for i in (0, layers - 1)]}
-        for p in PARTS:
-            s = stats[f"{v}/{p}"]
-            row[p] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "macs": macs[v][p],
-                      "speedup": dense[p].median_ms / s.median_ms, "mac_ideal": macs["dense"][p] / macs[v][p]}
-            row[p]["ratio"] = row[p]["speedup"] / row[p]["mac_ideal"]
+        row |= {p: timed[v][p] for p in PARTS}
         # the vision part runs the same tower in every variant: what differs is the selection after the merger
-        row["selection_overhead_ms"] = row["vision"]["median_ms"] - dense["vision"].median_ms
-        ttft = row["vision"]["median_ms"] + row["prefill"]["median_ms"]
-        dense_ttft = dense["vision"].median_ms + dense["prefill"].median_ms
-        row["ttft_ms"], row["ttft_speedup"] = ttft, dense_ttft / ttft
+        row["selection_overhead_ms"] = row["vision"]["median_ms"] - dense_vision
+        row["ttft_ms"], row["ttft_speedup"] = timed[v]["ttft_ms"], timed[v]["ttft_speedup"]
         rows.append(row)
     return rows
 

@@ -109,6 +109,44 @@ def part_macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]
     return out
 
 
+def run_variants(model, variants: dict, make_feeds, *, grid=None, verify: dict, threads: int | None, blocks: int,
+                 iters: int, label: str = "") -> tuple[dict, dict, dict, dict]:
+    """Every variant {name: (outer prune, inner or None)} of `model` (any VLM family) exported into a temporary folder,
+    verified against eager (nothing unverified is timed), its part inputs (`make_feeds(result)`) and MACs taken; then
+    the parts timed in alternating blocks -> (results, feeds, macs, stats)."""
+    from tokensieve.vlm_api import export_vlm, verify_vlm
+
+    results, feeds, macs = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="tokensieve-vlm-") as tmp:
+        for name, (prune, inner) in variants.items():
+            print(f"[{name}] export {prune}{label}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
+            res = export_vlm(model, Path(tmp) / name, prune, grid=grid, inner=inner)
+            check_verified(name, res, verify_vlm(res, max_new_tokens=2, **verify))
+            results[name], feeds[name] = res, make_feeds(res)
+            macs[name] = part_macs(res, feeds[name])
+        stats = time_parts(results, feeds, threads=threads, blocks=blocks, iters=iters)
+    return results, feeds, macs, stats
+
+
+def part_rows(results: dict, macs: dict, stats: dict) -> dict[str, dict]:
+    """{variant: {part: median/p90 ms, MACs, speedup and MAC-ideal vs dense, their ratio}, "ttft_ms", "ttft_speedup"}
+    (time to first token = vision + prefill medians)."""
+    dense = {p: stats[f"dense/{p}"] for p in PARTS}
+    out = {}
+    for v in results:
+        row = {}
+        for p in PARTS:
+            s = stats[f"{v}/{p}"]
+            row[p] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "macs": macs[v][p],
+                      "speedup": dense[p].median_ms / s.median_ms, "mac_ideal": macs["dense"][p] / macs[v][p]}
+            row[p]["ratio"] = row[p]["speedup"] / row[p]["mac_ideal"]
+        ttft = row["vision"]["median_ms"] + row["prefill"]["median_ms"]
+        row["ttft_ms"] = ttft
+        row["ttft_speedup"] = (dense["vision"].median_ms + dense["prefill"].median_ms) / ttft
+        out[v] = row
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prune", default="cls-topk:0.25", help="outer pruning of the pruned variant (default cls-topk:0.25)")
@@ -132,8 +170,6 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from tokensieve.vlm_api import export_vlm, verify_vlm
-
     if args.text < 2 or args.batch < 1:
         raise ConfigError("--text must be >= 2 (the prompt must end with text) and --batch >= 1")
     out = ensure_writable_dir(args.output)
@@ -146,16 +182,9 @@ def _run(args) -> int:
         raise ConfigError(f"--image-size {args.image_size} must be a multiple of 16 (the patch size), at least 32")
     variants = {v: every[v] for v in chosen}
     model = bench_llava(args.vision_layers, args.text_layers, args.image_size)
-    results, feeds, macs = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="tokensieve-vlm-") as tmp:
-        for name, (prune, inner) in variants.items():
-            print(f"[{name}] export {prune}" + (f" --inner {inner}" if inner else ""), file=sys.stderr)
-            res = export_vlm(model, Path(tmp) / name, prune, inner=inner)
-            report = verify_vlm(res, batch=max(2, args.batch), max_new_tokens=2)
-            check_verified(name, res, report)
-            results[name], feeds[name] = res, _feeds(res, args.batch, args.text)
-            macs[name] = part_macs(res, feeds[name])
-        stats = time_parts(results, feeds, threads=args.threads, blocks=args.blocks, iters=args.iters)
+    results, feeds, macs, stats = run_variants(
+        model, variants, lambda res: _feeds(res, args.batch, args.text), verify={"batch": max(2, args.batch)},
+        threads=args.threads, blocks=args.blocks, iters=args.iters)
     rows = _rows(results, feeds, macs, stats)
     meta = {"model": f"random-init LLaVA (vision 384x{args.vision_layers}, LM 512x{args.text_layers}, "
                      f"{args.image_size} px / 16 px patches)",
@@ -170,25 +199,15 @@ def _run(args) -> int:
 
 
 def _rows(results, feeds, macs, stats) -> list[dict]:
-    rows = []
-    dense = {p: stats[f"dense/{p}"] for p in PARTS}
+    rows, timed = [], part_rows(results, macs, stats)
     for v, res in results.items():
         pre = feeds[v]["prefill"]["inputs_embeds"].shape[1]
         past = feeds[v]["decode"]["past.0.key"].shape[2]
         last = feeds[v]["decode"][f"past.{res.layout.num_text_layers - 1}.key"].shape[2]
-        row = {"variant": v, "prune": res.prune, "inner": res.inner.shorthand() if res.inner else None,
-               "image_tokens": res.num_image_tokens, "prompt_tokens": pre,
-               "image_tokens_after_inner": res.inner.keep if res.inner else res.num_image_tokens,
-               "decode_cache": [past, last]}
-        for p in PARTS:
-            s = stats[f"{v}/{p}"]
-            row[p] = {"median_ms": s.median_ms, "p90_ms": s.p90_ms, "macs": macs[v][p],
-                      "speedup": dense[p].median_ms / s.median_ms, "mac_ideal": macs["dense"][p] / macs[v][p]}
-            row[p]["ratio"] = row[p]["speedup"] / row[p]["mac_ideal"]
-        ttft = row["vision"]["median_ms"] + row["prefill"]["median_ms"]
-        dense_ttft = dense["vision"].median_ms + dense["prefill"].median_ms
-        row["ttft_ms"], row["ttft_speedup"] = ttft, dense_ttft / ttft
-        rows.append(row)
+        rows.append({"variant": v, "prune": res.prune, "inner": res.inner.shorthand() if res.inner else None,
+                     "image_tokens": res.num_image_tokens, "prompt_tokens": pre,
+                     "image_tokens_after_inner": res.inner.keep if res.inner else res.num_image_tokens,
+                     "decode_cache": [past, last]} | timed[v])
     return rows
 
 
