@@ -1,8 +1,10 @@
 """Eager reference: run the unmodified model with pruning stages applied through forward hooks.
 
-It calls the same method functions as the graph pass (`run_stage`: score, `prune_topk`, fused
-token) on the same inputs (q/k captured at scaled_dot_product_attention, the block's input and
-output tokens), so exported and eager kept indices can be compared exactly. Like the FX pass, it drops attention masks that mask nothing.
+Each stage runs `methods/stage.run_stage`, the dispatcher whose calls the FX pass records as graph nodes (score,
+`tokensieve::prune_topk` or the method's reduce, reused tokens), on the same inputs (q/k captured at
+scaled_dot_product_attention, the block's input and output tokens), so exported and eager kept indices can be
+compared exactly. Only an adaptive stage differs on purpose: eager drops the invalid slots (batch 1), the graph masks
+them. Like the FX pass, it drops attention masks that mask nothing.
 """
 from __future__ import annotations
 
