@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from assets import require
 
+from tokensieve.runtime import engine_metadata
+
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "runtime" / "cpp"
-SCHEMA = "tokensieve.tensorrt-engine/1"
+SCHEMA = engine_metadata.SCHEMA  # what the builder writes now (the C++ reader takes version 1 too)
 
 
 @dataclass(frozen=True)

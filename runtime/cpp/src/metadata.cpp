@@ -81,8 +81,8 @@ EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t eng
         meta.schema = root.find("schema")->as_string();
         meta.flavor = root.find("flavor")->as_string();
         meta.tensorrt_version = root.find("tensorrt_version")->as_string();
-        if (meta.schema.rfind("tokensieve.tensorrt-engine/", 0) != 0)
-            throw std::runtime_error("schema " + q(meta.schema) + " is not " + kMetadataSchema);
+        if (meta.schema.rfind(kMetadataSchemaPrefix, 0) != 0)
+            throw std::runtime_error("schema " + q(meta.schema) + " is not " + kMetadataSchemaPrefix + "N");
         for (auto [key, field] : {std::pair{"target", &meta.target}, {"compute_capability", &meta.compute_capability},
                                   {"precision", &meta.precision}}) {
             const json::Value* v = root.find(key);

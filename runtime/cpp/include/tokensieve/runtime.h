@@ -66,7 +66,7 @@ struct EngineMetadata {
     std::map<std::string, DimRange> dims;  // "dims": dim name -> the range it was built with (`tokensieve build --dims`)
 };
 
-constexpr const char* kMetadataSchema = "tokensieve.tensorrt-engine/1";
+constexpr const char* kMetadataSchemaPrefix = "tokensieve.tensorrt-engine/";  // + version: 1 or 2 (runtime/engine_metadata.py)
 constexpr const char* kFlavorStandard = "tensorrt";
 constexpr const char* kFlavorRtx = "tensorrt_rtx";
 
