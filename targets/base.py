@@ -24,8 +24,6 @@ from tokensieve.runtime.tensorrt_flavors import RTX, RTX_COMPUTE_CAPABILITIES, S
 from tokensieve.runtime.tensorrt_plugins import LIBRARY_NAME, PLUGIN_LIB_ENV
 
 if TYPE_CHECKING:
-    import onnx_ir as ir
-
     from tokensieve.runtime.base import BaseRunner
 
 
@@ -176,9 +174,10 @@ class EngineInfo:
 class Target(Protocol):
     """A backend that turns an ONNX model into an artifact and runs it (STYLE.md section 4)."""
 
-    def build(self, model: "str | os.PathLike | ir.Model", spec: BuildSpec, out: str | os.PathLike,
+    def build(self, model: str | os.PathLike, spec: BuildSpec, out: str | os.PathLike,
               extra_metadata: dict | None = None) -> EngineInfo:
-        """Lower and build `model` as `spec` says; write the artifact to `out` (atomically, with its metadata)."""
+        """Lower and build the ONNX file `model` (its external weights beside it) as `spec` says; write the artifact
+        to `out` (atomically, with its metadata)."""
         ...
 
     def runner(self, artifact: "EngineInfo | str | os.PathLike", **options) -> "BaseRunner":

@@ -1,5 +1,6 @@
 """targets/ and runtime/ import one way: no module of either imports graph_passes.fx, the exporter or the api, and
-runtime/ imports nothing from targets/ (read from the source with ast, so lazy imports inside functions count)."""
+runtime/ imports nothing from targets/ and no onnx (read from the source with ast, so lazy imports inside functions
+count); no import cycle among them."""
 from __future__ import annotations
 
 import ast
@@ -58,6 +59,7 @@ def test_one_way_imports(name, path, is_package):
     assert not bad, f"{name} imports {bad}"
     if name.startswith("tokensieve.runtime"):
         assert not [m for m in imported if m.startswith("tokensieve.targets")], f"{name} imports targets"
+        assert not [m for m in imported if m == "onnx" or m.startswith("onnx.")], f"{name} imports onnx"
 
 
 def test_resolves_relative_imports():
