@@ -180,10 +180,10 @@ METHODS: tuple = (
         params=(
             Param("anchor_block", DEFAULT_ANCHOR_BLOCK, "0-based block whose attention picks the anchors, before the "
                   "stage's block (-1: after_block // 2)", int, -1, MAX_BLOCK),
-            Param("anchor_ratio", ANCHOR_RATIO, "share of the budget for anchors (at least one)", float, 0.0, 1.0),
-            Param("buffer_ratio", BUFFER_RATIO, "share of the budget for the anchors' grid neighbours; registers get "
-                  "the rest", float, 0.0, 1.0),
-            Param("diagonal", False, "buffers from the 8-neighbourhood instead of the 4-neighbourhood", bool),
+            Param("anchor_ratio", ANCHOR_RATIO, "with alpha=0: share of the budget for anchors (at least one)", float, 0.0, 1.0),
+            Param("buffer_ratio", BUFFER_RATIO, "with alpha=0: share of the budget for the anchors' grid neighbours; "
+                  "registers get the rest", float, 0.0, 1.0),
+            Param("diagonal", False, "with alpha=0: buffers from the 8-neighbourhood instead of the 4-neighbourhood", bool),
             Param("alpha", ALPHA, "the released code's selection: round(alpha x keep / 5) anchors plus their 4 "
                   "index neighbours, registers the rest (its HIPRUNE_ALPHA, default 0.1); 0: tokensieve's split by "
                   "anchor_ratio / buffer_ratio (and diagonal)", float, 0.0, 1.0),
