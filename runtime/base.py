@@ -21,6 +21,21 @@ from ..errors import ConfigError
 Dim = Union[int, str, None]
 
 
+def check_batch(batch) -> None:
+    """make_random_feeds' batch: a positive int, else a one-line ConfigError."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch={batch!r} must be a positive integer")
+
+
+def random_array(rng: np.random.Generator, dims: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Floats ~ N(0, 1), bools in {0, 1}, ints in [0, 10): what make_random_feeds gives every input."""
+    if dtype.kind == "f":
+        return rng.standard_normal(dims).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, dims).astype(dtype)
+    return rng.integers(0, 10, dims).astype(dtype)
+
+
 def fmt_shape(shape: tuple) -> str:
     """(1, 3, 224, 224) / (batch, 3, 224, 224) / (?, 3); a 1-d shape keeps its comma like a tuple."""
     parts = ["?" if d is None else str(d) for d in shape]
@@ -137,17 +152,7 @@ class BaseRunner:
 
     def make_random_feeds(self, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
         """One random array per input; every dynamic dim becomes `batch`. Floats ~ N(0, 1), ints in [0, 10)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch={batch!r} must be a positive integer")
+        check_batch(batch)
         rng = np.random.default_rng(seed)
-        feeds = {}
-        for name, shape, dtype in self.input_specs:
-            dims = tuple(d if isinstance(d, int) and d >= 0 else batch for d in shape)
-            if dtype.kind == "f":
-                arr = rng.standard_normal(dims).astype(dtype)
-            elif dtype.kind == "b":
-                arr = rng.integers(0, 2, dims).astype(dtype)
-            else:
-                arr = rng.integers(0, 10, dims).astype(dtype)
-            feeds[name] = arr
-        return feeds
+        return {name: random_array(rng, tuple(d if isinstance(d, int) and d >= 0 else batch for d in shape), dtype)
+                for name, shape, dtype in self.input_specs}

@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,6 +50,10 @@ FIELDS = (
     "plugins",                 # [{"file", "sha256", "embedded"}] of the plugin library the engine needs
     "plugin_substitutions",    # standard-op subgraphs the plugins replaced in this build
 )
+
+# A dynamic dim named after another in `dims` / `input_dim_names`: torch.export spells a derived dim as an
+# expression, e.g. FastV decode's "pruned_past_sequence + 1"; its range is NAME's shifted by K (builder and runner).
+OFFSET_DIM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\+\s*(\d+)\s*")
 
 # What a version-1 reader assumes for a key the document lacks (see the module docstring).
 V1_DEFAULTS = {"tokensieve_version": None, "target": None, "compute_capability": None, "precision": "fp32",

@@ -24,7 +24,6 @@ engine's stream from outside needs an engine built with user-managed allocations
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, TargetError, first_line
-from .base import BaseRunner, Dim
-from .engine_metadata import check_engine_compatible, check_engine_file, read_engine_metadata, rebuild_hint
+from .base import BaseRunner, Dim, check_batch, random_array
+from .engine_metadata import (OFFSET_DIM, check_engine_compatible, check_engine_file, read_engine_metadata,
+                              rebuild_hint)
 from .tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor
 from .tensorrt_logger import collecting_logger
 from .tensorrt_plugins import register_plugin_library
 
-# A dim the builder derived from another ("past_sequence + 1" from --dims past_sequence=...; targets/tensorrt/builder.py)
-_OFFSET_DIM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\+\s*(\d+)\s*")
 
 _PLUGIN_HINT = ("pass --plugins /path/to/libtokensieve_plugins.so (build it with "
                 "`python -m tokensieve.targets.tensorrt.plugins`)")
@@ -322,7 +320,7 @@ class TrtRunner(BaseRunner):
                     seen.setdefault(name, (t.name, size))
                 lo, opt, hi = p["min"][j], p["opt"][j], p["max"][j]
                 if j > 0 and not lo <= size <= hi:  # axis 0: _feed_batch
-                    base, k = (m[1], int(m[2])) if name and (m := _OFFSET_DIM.fullmatch(name)) else (name, 0)
+                    base, k = (m[1], int(m[2])) if name and (m := OFFSET_DIM.fullmatch(name)) else (name, 0)
                     fix = (f"--max-batch {size}" if name in batch_names
                            else f"--dims {base}={min(lo, size) - k}:{opt - k}:{max(hi, size) - k}" if name
                            else f"a --dims range for axis {j}")
@@ -333,21 +331,14 @@ class TrtRunner(BaseRunner):
         """As BaseRunner's (dynamic dims become `batch`), except that dims other than batch take the profile's opt."""
         if not self._dim_names:
             return super().make_random_feeds(batch, seed)
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ConfigError(f"batch={batch!r} must be a positive integer")
+        check_batch(batch)
         rng = np.random.default_rng(seed)
         feeds = {}
         for t in self._io:
-            if not t.is_input:
-                continue
-            opt = self._profile.get(t.name, {}).get("opt", t.shape)
-            dims = tuple(d if d >= 0 else batch if j == 0 else int(opt[j]) for j, d in enumerate(t.shape))
-            if t.dtype.kind == "f":
-                feeds[t.name] = rng.standard_normal(dims).astype(t.dtype)
-            elif t.dtype.kind == "b":
-                feeds[t.name] = rng.integers(0, 2, dims).astype(t.dtype)
-            else:
-                feeds[t.name] = rng.integers(0, 10, dims).astype(t.dtype)
+            if t.is_input:
+                opt = self._profile.get(t.name, {}).get("opt", t.shape)
+                dims = tuple(d if d >= 0 else batch if j == 0 else int(opt[j]) for j, d in enumerate(t.shape))
+                feeds[t.name] = random_array(rng, dims, t.dtype)
         return feeds
 
     def _enqueue(self, key: tuple, torch) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ from onnx_ir.passes import PassBase
 
 from tokensieve.errors import ConfigError, TargetError
 from tokensieve.fileio import atomic_path, ensure_writable_dir
-from tokensieve.runtime.engine_metadata import (engine_metadata, metadata_path_for, network_io, sha256_file,
-                                                tokensieve_version)
+from tokensieve.runtime.engine_metadata import (OFFSET_DIM, engine_metadata, metadata_path_for, network_io,
+                                                sha256_file, tokensieve_version)
 from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor, local_compute_capability
 from tokensieve.runtime.tensorrt_logger import collecting_logger
 from tokensieve.runtime.tensorrt_plugins import loaded_plugin_library
@@ -307,15 +306,13 @@ def _dim_names(t) -> list[str | None]:
     return [(get(j) or None) if get is not None and int(d) == -1 else None for j, d in enumerate(t.shape)]
 
 
-# torch.export names a dim derived from another as an expression, e.g. FastV decode's "pruned_past_sequence + 1"
-_OFFSET_DIM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\+\s*(\d+)\s*")
 
 
 def _dim_range(name: str, dims: Mapping[str, tuple[int, int, int]]) -> tuple[int, int, int] | None:
     """`dims[name]`, or for "NAME + K" (not given itself) NAME's range shifted by K; None if neither is given."""
     if name in dims:
         return dims[name]
-    m = _OFFSET_DIM.fullmatch(name)
+    m = OFFSET_DIM.fullmatch(name)
     if m and m[1] in dims:
         return tuple(v + int(m[2]) for v in dims[m[1]])
     return None
@@ -353,7 +350,7 @@ def _profile(builder, network, spec: BuildSpec):
             elif _dim_range(name, spec.dims) is not None:
                 rng = used[name] = _dim_range(name, spec.dims)
             else:  # collected, so that one message names every missing dim ("past_sequence + 1": past_sequence)
-                missing.setdefault(_OFFSET_DIM.fullmatch(name)[1] if _OFFSET_DIM.fullmatch(name) else name,
+                missing.setdefault(OFFSET_DIM.fullmatch(name)[1] if OFFSET_DIM.fullmatch(name) else name,
                                    (t.name, j, name))
                 complete = False
                 continue
