@@ -29,9 +29,9 @@ import sys
 import numpy as np
 import torch
 
-from tokensieve.errors import ConfigError, TokenSieveError
-from tokensieve.fileio import ensure_writable_dir, write_bytes_atomic, write_json_atomic
-from tokensieve.scripts.bench_vlm import PARTS, run_variants, part_rows
+from tokensieve.errors import ConfigError
+from tokensieve.fileio import ensure_writable_dir
+from tokensieve.scripts.bench_vlm import PARTS, part_rows, run_script, run_variants, write_results
 
 DENSE = "uniform:1.0"  # keeps every video token in order: the unpruned model
 DEFAULT_VARIANTS = "dense,evs,holitom,attn-mean,holitom+merge"
@@ -127,12 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-layers", type=int, default=4)
     ap.add_argument("--text-layers", type=int, default=6)
     ap.add_argument("-o", "--output", default="docs")
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except TokenSieveError as e:
-        print(f"bench_video: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("bench_video", _run, ap.parse_args(argv))
 
 
 def _run(args) -> int:
@@ -168,10 +163,7 @@ def _run(args) -> int:
             "variants": {v: {"prune": results[v].prune, "method": results[v].method, "options": results[v].options,
                              "inner": results[v].inner.shorthand() if results[v].inner else None}
                          for v in variants}}
-    write_json_atomic(out / "video.json", {"meta": meta, "rows": rows})
-    write_bytes_atomic(out / "video.md", _markdown(meta, rows).encode())
-    print(_markdown(meta, rows))
-    return 0
+    return write_results(out, "video", meta, rows, _markdown(meta, rows))
 
 
 def _rows(results, feeds, macs, stats) -> list[dict]:

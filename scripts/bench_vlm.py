@@ -109,6 +109,23 @@ def part_macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]
     return out
 
 
+def run_script(name: str, run, args) -> int:
+    """`run(args)`, a TokenSieveError printed as one line `NAME: error: ...` and exit code 2."""
+    try:
+        return run(args)
+    except TokenSieveError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def write_results(out: Path, stem: str, meta: dict, rows: list[dict], markdown: str) -> int:
+    """STEM.json ({"meta", "rows"}) and STEM.md into `out` atomically, the table printed; 0 (the exit code)."""
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    write_bytes_atomic(out / f"{stem}.md", markdown.encode())
+    print(markdown)
+    return 0
+
+
 def run_variants(model, variants: dict, make_feeds, *, grid=None, verify: dict, threads: int | None, blocks: int,
                  iters: int, label: str = "") -> tuple[dict, dict, dict, dict]:
     """Every variant {name: (outer prune, inner or None)} of `model` (any VLM family) exported into a temporary folder,
@@ -161,12 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224, help="pixels (16 px patches; default 224: 196 patches)")
     ap.add_argument("--variants", default="dense,outer,inner", help="which of dense,outer,inner to run (dense first)")
     ap.add_argument("-o", "--output", default="docs")
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except TokenSieveError as e:
-        print(f"bench_vlm: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("bench_vlm", _run, ap.parse_args(argv))
 
 
 def _run(args) -> int:
@@ -192,10 +204,7 @@ def _run(args) -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "backend": "onnxruntime CPU",
             "variants": {v: {"prune": results[v].prune, "inner": results[v].inner.shorthand() if results[v].inner else None}
                          for v in variants}}
-    write_json_atomic(out / "vlm.json", {"meta": meta, "rows": rows})
-    write_bytes_atomic(out / "vlm.md", _markdown(meta, rows).encode())
-    print(_markdown(meta, rows))
-    return 0
+    return write_results(out, "vlm", meta, rows, _markdown(meta, rows))
 
 
 def _rows(results, feeds, macs, stats) -> list[dict]:

@@ -121,8 +121,9 @@ class Qwen2VLAdapter(VlmAdapter):
             return {"vision": lambda: export_vision_prune(vision),
                     "prefill": lambda: export_lm_prefill(model, plan.keep, n, video),
                     "decode": lambda: export_lm_decode(model, n)}
+        modules = self.part_modules(plan)  # FastV's prefill carries this adapter's position hook
         return {"vision": lambda: export_vision_prune(vision),
-                "prefill": lambda: export_fastv_prefill(model, plan.inner, n, video),
+                "prefill": lambda: export_fastv_prefill(model, plan.inner, n, video, modules["prefill"]),
                 "decode": lambda: export_fastv_decode(model, plan.inner)}
 
     def generate_parts(self, result, input_ids, pixel_values, steps, threads, backend) -> Generation:

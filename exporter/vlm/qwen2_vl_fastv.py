@@ -122,11 +122,12 @@ class Qwen2VLFastvDecode(FastvLayers):
 # --------------------------------------------------------------------------- ONNX
 
 
-def export_fastv_prefill(model: nn.Module, spec: FastvSpec, prompt_len: int, video: bool = False):
+def export_fastv_prefill(model: nn.Module, spec: FastvSpec, prompt_len: int, video: bool = False,
+                         prefill: Qwen2VLFastvPrefill | None = None):
     """The FastV lm_prefill as an onnx_ir.Model (batch 1, `sequence` dynamic; `prompt_len` >= K + 2 sizes the example,
     whose K placeholders sit at 1..K)."""
     lay, k = lm_layout(model), spec.num_image_tokens
-    prefill = Qwen2VLFastvPrefill(model, spec, video).eval()
+    prefill = (Qwen2VLFastvPrefill(model, spec, video) if prefill is None else prefill).eval()  # the adapter's
     ids = torch.full((1, prompt_len), 1, dtype=torch.long)
     ids[0, 1:1 + k] = prefill.placeholder_id
     pos = torch.arange(prompt_len).view(1, 1, -1).expand(3, 1, -1).contiguous()
