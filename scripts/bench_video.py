@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 
 import numpy as np
 import torch

@@ -66,7 +66,6 @@ L+1.. over the kept prompt tokens plus the generated ones.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
