@@ -118,14 +118,14 @@ def kernel_sections(record, budget: Budget, dry_run: bool, harness_dir: str | No
         for name in ("kernel_correctness", "sanitizer", "divprune_timing"):
             record(name, None, skip=note)
         return
-    harness = kh.KernelHarness(built["lib"])
-    record("kernel_correctness", lambda: _correctness(kh, harness), need_s=20)
+    record("kernel_correctness", lambda: _correctness(kh, kh.KernelHarness(built["lib"])), need_s=20)
     record("sanitizer", lambda: [kh.run_driver(built["driver"], tool, timeout=150) for tool in ("memcheck", "racecheck")],
            need_s=60)
     # PyTorch's greedy selection is bound by kernel launches: time it with the CPU free of export workers.
     running = exports.wait_all(min(120.0, budget.left() - 240)) if exports is not None else 0
     record("divprune_timing", lambda: {"exports_running": running,
-                                       "rows": kh.time_divprune(harness, batches=(1, 8))}, need_s=20)
+                                       "rows": kh.time_divprune(kh.KernelHarness(built["lib"]), batches=(1, 8))},
+           need_s=20)
 
 
 def _build(kh, harness_dir: str | None) -> dict:
@@ -217,7 +217,11 @@ class Exports:
         if self.pool is not None:
             for f in self.futures.values():
                 f.cancel()
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:  # an export still running past the budget is not waited for
+                if proc.is_alive():
+                    proc.terminate()
 
 
 def latency_section(record, budget: Budget, exports: Exports, *, dry_run: bool, tiny: bool, recipes, batches, dtypes,
@@ -246,64 +250,93 @@ def latency_section(record, budget: Budget, exports: Exports, *, dry_run: bool, 
         if not exported:
             continue
         for dtype in dtypes:
-            for batch in batches:
-                key = f"latency:{model_name}:{dtype}:b{batch}"
-                cell = record(key, lambda m=model_name, d=dtype, b=batch: _time_cell(
-                    exported, m, d, b, device=device, blocks=blocks, iters=iters, warmup=warmup,
-                    cuda_graph=cuda_graph and not dry_run, compile_=compile_), need_s=15 if not tiny else 2)
-                if cell:
-                    rows.extend(cell)
+            holder: dict = {}
+
+            def load(d=dtype, holder=holder):
+                t0 = time.perf_counter()
+                holder["set"] = ResidentSet(exported, device, d, cuda_graph and not dry_run, compile_)
+                return {"programs": list(holder["set"].paths), "load_s": time.perf_counter() - t0}
+
+            if record(f"load:{model_name}:{dtype}", load, need_s=20 if not tiny else 2) is None:
+                continue
+            resident = holder["set"]
+            try:
+                for batch in batches:
+                    cell = record(f"latency:{model_name}:{dtype}:b{batch}", lambda b=batch, m=model_name: resident.time(
+                        m, b, blocks=blocks, iters=iters, warmup=warmup), need_s=10 if not tiny else 2)
+                    if cell:
+                        rows.extend(cell)
+            finally:
+                resident.close()
     record("latency_table", lambda: rows, need_s=0)
 
 
-def _time_cell(exported: dict, model_name: str, dtype: str, batch: int, *, device: str, blocks: int, iters: int,
-               warmup: int, cuda_graph: bool, compile_: bool) -> list[dict]:
-    """Dense and every pruned program of one model at one dtype and batch, all resident, timed in alternating blocks."""
-    import torch
+class ResidentSet:
+    """The dense and every pruned program of one model, loaded once in one dtype and reused for every batch size
+    (CUDA graphs are captured per input shape). A program whose graph cannot be captured is timed eagerly."""
 
-    from tokensieve.runtime.timing import measure_alternating
-    from tokensieve.runtime.torch_runner import TorchRunner, measure_cuda_alternating
+    def __init__(self, exported: dict, device: str, dtype: str, cuda_graph: bool, compile_: bool) -> None:
+        from tokensieve.runtime.torch_runner import TorchRunner
 
-    from tokensieve.errors import TargetError
+        first = next(iter(exported.values()))
+        self.exported, self.device, self.dtype, self.compile = exported, device, dtype, compile_
+        self.paths = {"dense": first["dense_pt2"]} | {r: e["model_pt2"] for r, e in exported.items()}
+        self.modes = {name: "CUDA graph" if cuda_graph else "eager" for name in self.paths}
+        self.runners: dict = {}
+        try:
+            for name, p in self.paths.items():
+                self.runners[name] = TorchRunner(p, device=device, dtype=dtype, cuda_graph=cuda_graph,
+                                                 compile=compile_, name=name).activate()
+        except BaseException:
+            self.close()
+            raise
 
-    first = next(iter(exported.values()))
-    paths = {"dense": first["dense_pt2"]} | {r: e["model_pt2"] for r, e in exported.items()}
-    runners, modes = {}, {}
-    try:
-        for name, p in paths.items():
-            runners[name] = TorchRunner(p, device=device, dtype=dtype, cuda_graph=cuda_graph, compile=compile_,
-                                        name=name).activate()
-        feeds = runners["dense"].make_random_feeds(batch=batch, seed=0)
-        inputs = [torch.from_numpy(feeds[n]).to(device) for n, _, _ in runners["dense"].input_specs]
-        for name in list(runners):
-            modes[name] = "CUDA graph" if cuda_graph else "eager"
+    def _eager(self, name: str) -> None:
+        from tokensieve.runtime.torch_runner import TorchRunner
+
+        self.runners[name].deactivate()
+        self.runners[name] = TorchRunner(self.paths[name], device=self.device, dtype=self.dtype, compile=self.compile,
+                                         name=name).activate()
+        self.modes[name] = "eager (capture failed)"
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+        self.runners = {}
+
+    def time(self, model_name: str, batch: int, *, blocks: int, iters: int, warmup: int) -> list[dict]:
+        """All programs at one batch size, timed in alternating blocks; one row per pruned program."""
+        import torch
+
+        from tokensieve.errors import TargetError
+        from tokensieve.runtime.timing import measure_alternating
+        from tokensieve.runtime.torch_runner import measure_cuda_alternating
+
+        dense_runner = self.runners["dense"]
+        feeds = dense_runner.make_random_feeds(batch=batch, seed=0)
+        inputs = [torch.from_numpy(feeds[n]).to(self.device) for n, _, _ in dense_runner.input_specs]
+        for name in list(self.runners):
             try:
-                runners[name].run(*inputs)  # with cuda_graph: warm-up and capture
-            except TargetError:  # a graph that cannot be captured is timed eagerly, and the row says so
-                runners[name].deactivate()
-                runners[name] = TorchRunner(paths[name], device=device, dtype=dtype, compile=compile_,
-                                            name=name).activate()
-                modes[name] = "eager (capture failed)"
-        cases = {name: (lambda r=r: r.run(*inputs)) for name, r in runners.items()}
-        if device == "cuda":
+                self.runners[name].run(*inputs)  # with CUDA graphs: warm-up and capture for this shape
+            except TargetError:
+                self._eager(name)
+        cases = {name: (lambda r=r: r.run(*inputs)) for name, r in self.runners.items()}
+        if self.device == "cuda":
             stats = measure_cuda_alternating(cases, blocks=blocks, iters=iters, warmup=warmup)
         else:  # CPU ops are synchronous: wall clock per call
             stats = measure_alternating(cases, blocks=blocks, iters=iters, warmup=warmup)
-        label = runners["dense"].device_label
-    finally:
-        for r in runners.values():
-            r.deactivate()
-    dense = stats["dense"]
-    rows = []
-    for recipe, e in exported.items():
-        s = stats[recipe]
-        speedup = dense.median_ms / s.median_ms
-        rows.append({"model": model_name, "recipe": recipe, "dtype": dtype, "batch": batch, "device": label,
-                     "dense_ms": dense.median_ms, "dense_p90_ms": dense.p90_ms, "pruned_ms": s.median_ms,
-                     "pruned_p90_ms": s.p90_ms, "speedup": speedup, "ideal_speedup": e["ideal_speedup"],
-                     "ratio_to_ideal": speedup / e["ideal_speedup"], "samples": s.count,
-                     "mode": {"dense": modes["dense"], "pruned": modes[recipe]}})
-    return rows
+        dense = stats["dense"]
+        rows = []
+        for recipe, e in self.exported.items():
+            s = stats[recipe]
+            speedup = dense.median_ms / s.median_ms
+            rows.append({"model": model_name, "recipe": recipe, "dtype": self.dtype, "batch": batch,
+                         "device": dense_runner.device_label, "dense_ms": dense.median_ms, "dense_p90_ms": dense.p90_ms,
+                         "pruned_ms": s.median_ms, "pruned_p90_ms": s.p90_ms, "speedup": speedup,
+                         "ideal_speedup": e["ideal_speedup"], "ratio_to_ideal": speedup / e["ideal_speedup"],
+                         "tokens": e["tokens"], "samples": s.count,
+                         "mode": {"dense": self.modes["dense"], "pruned": self.modes[recipe]}})
+        return rows
 
 
 # ----------------------------------------------------------------------------------------------- report

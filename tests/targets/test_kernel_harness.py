@@ -102,7 +102,7 @@ def test_expected_outputs_match_the_plugin_tests_float64_mirror():
     rng = np.random.default_rng(0)
     x = kh._with_ties(rng, 3, 41, 24, 1, np.float32)
     raw = rng.random((3, 41)).astype(np.float32)
-    raw[:, 1::5] = raw[:, 1:2]
+    raw[:, 1::5] = raw.max(axis=1, keepdims=True)  # a tie at the first MMR pick
     for mode in (0, 1):
         imp = kh.plugin_importance(raw, 1) if mode == 1 else None
         got = kh.diversity_select_expected(x, 12, mode, 0.6, 1, raw if mode == 1 else None)
@@ -116,6 +116,38 @@ def test_expected_outputs_match_the_plugin_tests_float64_mirror():
         want = mirrors.token_compact_reference(x, keep, 10, dynamic, min_count)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
+
+
+def test_checker_passes_the_float64_mirror_and_catches_a_wrong_kernel():
+    """check_kernels end to end with test_plugins' float64 mirror standing in for the CUDA kernels: every case
+    passes; a kernel with an off-by-one pick, or one that loses a row, is reported."""
+    mirrors = _plugin_mirrors()
+
+    class Mirror:
+        def token_compact(self, x, keep, capacity, dynamic=False, min_count=0):
+            return mirrors.token_compact_reference(x, keep, capacity, dynamic, min_count)
+
+        def diversity_select(self, x, k, mode=0, lam=0.5, num_prefix_tokens=0, importance=None):
+            return mirrors.diversity_select_reference(x.astype(np.float32), k, mode, lam, num_prefix_tokens, importance)
+
+    results = kh.check_kernels(Mirror(), large=False)
+    assert len(results) == 11 and all(r.passed for r in results), [r for r in results if not r.passed]
+
+    class Wrong(Mirror):
+        def token_compact(self, x, keep, capacity, dynamic=False, min_count=0):
+            out = super().token_compact(x, keep, capacity, dynamic, min_count)
+            out[0][:, 0] = 0  # the first kept row lost
+            return out
+
+        def diversity_select(self, x, k, mode=0, lam=0.5, num_prefix_tokens=0, importance=None):
+            idx = super().diversity_select(x, k, mode, lam, num_prefix_tokens, importance)
+            n = x.shape[1]  # an off-by-one last pick: N-1 (or N-2 where N-1 was picked)
+            idx[:, -1] = np.where(idx[:, -1] == n - 1, n - 2, n - 1)
+            return np.sort(idx, axis=1)
+
+    wrong = kh.check_kernels(Wrong(), large=False)
+    assert not any(r.passed for r in wrong if r.kernel == "TokenCompact")
+    assert not all(r.passed for r in wrong if r.kernel == "DiversitySelect")
 
 
 @pytest.mark.gpu
