@@ -40,7 +40,9 @@ class BenchSettings:
     warmup: int = 5
     threads: int | None = None          # onnxruntime
     plugins: str | None = None          # tensorrt: libtokensieve_plugins.so
-    cuda_graph: bool = False            # tensorrt
+    cuda_graph: bool = False            # tensorrt, torch
+    device: str | None = None           # torch: cuda (the default when torch sees a GPU) or cpu
+    dtype: str | None = None            # torch: fp32 (default) or fp16
     sweep: tuple[str, ...] = ()         # keep values for the token sweep ("0.5", "98"); empty: no sweep
     sweep_stage: int = 0                # which recipe stage the sweep varies
     sweep_batch: int | None = None      # batch of the sweep (default: the first of `batches`)
@@ -54,7 +56,8 @@ class BenchSettings:
 
     def runner_options(self) -> dict:
         """The runner keyword arguments that were set, checked against the backend runner's signature."""
-        return runner_options(self.backend, threads=self.threads, plugins=self.plugins, cuda_graph=self.cuda_graph)
+        return runner_options(self.backend, threads=self.threads, plugins=self.plugins, cuda_graph=self.cuda_graph,
+                              device=self.device, dtype=self.dtype)
 
 
 # ----------------------------------------------------------------------------------------- parsing (CLI edge)

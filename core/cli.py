@@ -201,6 +201,7 @@ class Bench(Tool):
         tokensieve bench out/                                   # out/dense.onnx vs out/model.onnx, batch 1
         tokensieve bench out/ --batch 1,8,32 --json b.json --md b.md --plot b.png
         tokensieve bench out/ --backend tensorrt --batch 1,8 --cuda-graph
+        tokensieve bench out/ --backend torch --device cuda --dtype fp16 --cuda-graph   # out/dense.pt2 vs model.pt2
         tokensieve bench out/ --sweep 0.3,0.5,0.7,0.9 --sweep-stage 0 --plot b.png
     """
 
@@ -209,10 +210,14 @@ class Bench(Tool):
     def add_args(self, p):
         p.add_argument("folder", help="folder written by `tokensieve export`")
         p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1), e.g. 1,8,32")
-        p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
+        p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch (the "
+                       "programs api.save(..., parts=('torch',)) writes)")
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for engines with tokensieve plugins")
-        p.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay one CUDA graph per batch size")
+        p.add_argument("--cuda-graph", action="store_true", help="TensorRT, torch: replay one CUDA graph per batch size")
+        p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="torch backend: where to run "
+                       "(default cuda when torch sees a GPU, else cpu)")
+        p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="torch backend: precision (default fp32)")
         p.add_argument("--blocks", type=int, default=4, help="alternating timing blocks per model (default 4)")
         p.add_argument("--iters", type=int, default=20, help="timed runs per block (default 20)")
         p.add_argument("--warmup", type=int, default=5, help="untimed runs before each block (default 5)")
@@ -231,6 +236,7 @@ class Bench(Tool):
         settings = benchmark.BenchSettings(
             backend=args.backend, batches=benchmark.parse_batches(args.batch), blocks=args.blocks, iters=args.iters,
             warmup=args.warmup, threads=args.threads, plugins=args.plugins, cuda_graph=args.cuda_graph,
+            device=args.device, dtype=args.dtype,
             sweep=benchmark.parse_sweep(args.sweep) if args.sweep else (), sweep_stage=args.sweep_stage,
             sweep_batch=args.sweep_batch)
         result = benchmark.bench_folder(args.folder, settings, progress=lambda m: _log(f"      {m}"))
@@ -522,14 +528,14 @@ class Visualize(Tool):
         p.add_argument("--json", default=None, help="also write kept positions and patches per stage to this JSON file")
 
     def run(self, args):
-        from tokensieve.models import BUILTIN, load_model
+        from tokensieve.models import load_model, model_dir
         from tokensieve.recipe import parse_recipe
         from tokensieve.visualize import visualize
 
         recipe = parse_recipe(args.prune)
         model, _ = load_model(args.model)
         s = visualize(model, recipe, args.image, args.output, model_name=str(args.model),
-                          model_dir=None if args.model in BUILTIN else args.model)
+                          model_dir=model_dir(args.model))
         if args.json:
             from tokensieve.fileio import write_json_atomic
 
@@ -539,9 +545,46 @@ class Visualize(Tool):
         return 0
 
 
+# ----------------------------------------------------------------------------------------- eval
+
+
+class Eval(Tool):
+    """Accuracy of an export on your images: model.onnx vs dense.onnx on ONNX Runtime, with 95 % intervals.
+
+        tokensieve eval out/ --images val/            # val/<class>/*.png|jpg: top-1/top-5 + agreement with dense
+        tokensieve eval out/ --images unlabelled/     # unlabelled/*.png: top-1 agreement with dense only
+        # preprocessed by the model's own image processor (preprocessor_config.json in OUT, the exported model's
+        # folder, or --processor DIR); class folders named after the model's id2label labels take those ids,
+        # other names take their sorted position
+    """
+
+    name = "eval"
+
+    def add_args(self, p):
+        p.add_argument("folder", help="export folder (tokensieve export -o)")
+        p.add_argument("--images", required=True, help="image folder: DIR/<class>/*.png|jpg (labels) or DIR/*.png")
+        p.add_argument("--processor", default=None, help="folder with the model's preprocessor_config.json")
+        p.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call (default 32)")
+        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+    def run(self, args):
+        from tokensieve.evaluate import evaluate, format_result
+
+        r = evaluate(args.folder, args.images, processor=args.processor, batch=args.batch, threads=args.threads,
+                     limit=args.limit, progress=_log)
+        if args.json:
+            from tokensieve.fileio import write_json_atomic
+
+            write_json_atomic(args.json, r)
+        print(format_result(r))
+        return 0
+
+
 from tokensieve.cli_vlm import ExportVlm  # noqa: E402 - kept beside its wiring
 
-TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), ExportVlm()]
+TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), Eval(), ExportVlm()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,3 +122,13 @@ def test_errors_are_one_line(saved, tmp_path):
         with pytest.raises(ConfigError) as e:
             runner.infer({"pixel_values": np.zeros((1, 3, 8, 8), np.float32)})
         assert "resize your input" in _one_line(e)
+
+
+def test_bench_settings_pass_device_and_dtype_to_the_torch_runner_only():
+    from tokensieve.benchmark import BenchSettings
+
+    opts = BenchSettings(backend="torch", device="cpu", dtype="fp16").runner_options()
+    assert opts == {"device": "cpu", "dtype": "fp16"}
+    with pytest.raises(ConfigError) as e:
+        BenchSettings(backend="onnxruntime", dtype="fp16")
+    assert "--dtype does not apply to --backend onnxruntime; it is an option of --backend torch" == _one_line(e)
