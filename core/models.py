@@ -29,11 +29,32 @@ def builtin_vit(name: str = "default", seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+# trained models shipped as HF folders inside the package: name -> (folder, summary)
+SHIPPED = {
+    "toy": (Path(__file__).resolve().parent / "toy_vit",
+            "toy ViT trained on generated shapes (64x64, 8x8 patches, 6 blocks; scripts/train_toy_vit.py)"),
+}
+
+
+def model_dir(spec: str | os.PathLike) -> Path | None:
+    """The HF folder a model spec loads from (its config.json, preprocessor_config.json), or None for `default`/`tiny`."""
+    spec = str(spec)
+    if spec in BUILTIN:
+        return None
+    return SHIPPED[spec][0] if spec in SHIPPED else Path(spec)
+
+
 def load_model(spec: str | os.PathLike) -> tuple[nn.Module, tuple[int, ...]]:
-    """`default`, `tiny` or a local Hugging Face checkpoint folder -> (eval model, input shape (1, C, H, W))."""
+    """`default`, `tiny`, `toy` or a local Hugging Face checkpoint folder -> (eval model, input shape (1, C, H, W))."""
     spec = str(spec)
     if spec in BUILTIN:
         model = builtin_vit(spec)
+    elif spec in SHIPPED:
+        folder = SHIPPED[spec][0]
+        if not (folder / "model.safetensors").is_file():
+            raise ModelError(f"The {spec} model's weights are missing from {str(folder)!r}; regenerate them with "
+                             f"python -m tokensieve.scripts.train_toy_vit -o {folder}")
+        model = _load_hf_dir(folder)
     else:
         model = _load_hf_dir(Path(spec))
     return model, input_shape(model)
@@ -41,7 +62,7 @@ def load_model(spec: str | os.PathLike) -> tuple[nn.Module, tuple[int, ...]]:
 
 def _load_hf_dir(path: Path) -> nn.Module:
     if not path.is_dir():
-        raise ModelError(f"Model {str(path)!r} is neither a built-in model ({', '.join(BUILTIN)}) nor a folder; pass --model default or a local HF checkpoint folder")
+        raise ModelError(f"Model {str(path)!r} is neither a built-in model ({', '.join([*BUILTIN, *SHIPPED])}) nor a folder; pass --model default or a local HF checkpoint folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"Model folder {str(path)!r} has no config.json; pass a folder written by save_pretrained()")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
