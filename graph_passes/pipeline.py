@@ -47,5 +47,7 @@ def run_fx_passes(gm: fx.GraphModule, ctx: PassContext, passes=FX_PASSES) -> Pas
 
 
 def run_onnx_passes(model: onnx.ModelProto, ctx: PassContext, passes=ONNX_PASSES) -> onnx.ModelProto:
-    """Run an ONNX pass list on a copy of `model` until nothing changes; `model` itself is left as it is."""
-    return ir.to_proto(run_passes(ir.from_proto(model), passes, ctx).model)
+    """Run an ONNX pass list on a copy of `model` until nothing changes; `model` itself is left as it is (and
+    returned when no pass changed anything)."""
+    result = run_passes(ir.from_proto(model), passes, ctx)
+    return ir.to_proto(result.model) if result.modified else model

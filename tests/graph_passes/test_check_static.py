@@ -25,7 +25,7 @@ def _ctx(recipe: str) -> PassContext:
     return PassContext(stages=tuple(resolve_recipe(parse_recipe(recipe), 2, 17, 1)))
 
 
-def test_static_model_passes_unmodified():
+def test_idempotent():
     model = _model("Relu")
     text = ir.to_proto(model).SerializeToString()
     assert is_check(check_static_model)

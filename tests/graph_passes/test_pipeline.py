@@ -8,7 +8,8 @@ import torch
 from tiny_traced import traced_tiny
 from tokensieve.graph_passes.blocks import discover_blocks, token_layout
 from tokensieve.graph_passes.fx.insert_prune_stages import TAG
-from tokensieve.graph_passes.pipeline import CANONICALIZE_PASSES, FX_PASSES, run_fx_passes
+from tokensieve.graph_passes.onnx.check_static import check_static_model
+from tokensieve.graph_passes.pipeline import CANONICALIZE_PASSES, FX_PASSES, ONNX_PASSES, run_fx_passes, run_onnx_passes
 from tokensieve.graph_passes.pass_manager import PassContext
 from tokensieve.recipe import parse_recipe, resolve_recipe
 
@@ -53,3 +54,27 @@ def test_canonicalization_is_the_head_of_the_list():
     assert gm.code == code
     with torch.no_grad():
         torch.testing.assert_close(gm(x), module(x), rtol=0, atol=1e-6)
+
+
+def _proto(debug: bool):
+    """x -> Relu -> out (+ x -> ArgMax -> kept_idx.1 when `debug`)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["out"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 4])]
+    if debug:
+        nodes.append(helper.make_node("ArgMax", ["x"], ["kept_idx.1"], axis=1))
+        outputs.append(helper.make_tensor_value_info("kept_idx.1", TensorProto.INT64, ["B", 1]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])], outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_onnx_list_makes_the_deployable_model_and_leaves_its_input_alone():
+    debug = _proto(debug=True)
+    before = debug.SerializeToString()
+    model = run_onnx_passes(debug, PassContext())
+    assert [o.name for o in model.graph.output] == ["out"] and [n.op_type for n in model.graph.node] == ["Relu"]
+    assert debug.SerializeToString() == before
+    dense = _proto(debug=False)
+    assert run_onnx_passes(dense, PassContext()) is dense  # nothing to drop: checked, returned as it is
+    assert ONNX_PASSES[-1] is check_static_model
