@@ -147,7 +147,14 @@ def program_module(program, device: str, dtype: str = "fp32"):
     module = move_to_device_pass(program, device).module()
     _drop_dtype_asserts(module)
     if dtype == "fp16":
-        module = module.half()
+        # new half Parameters instead of casting the shared ones in place: the program (whose weights the module
+        # shares when nothing had to move) stays float32 for its next use
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            module = module.half()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
         cast_weight_inputs(module, torch.float16)
     module.graph.lint()
     module.recompile()
@@ -171,7 +178,9 @@ class TorchRunner(BaseRunner):
 
     def __init__(self, model_path: str | Path, *, device: str | None = None, dtype: str | None = None,
                  cuda_graph: bool = False, compile: bool = False, threads: int | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, program: tuple | None = None) -> None:
+        """`program`: (ExportedProgram, metadata) read_program(model_path) already returned, to build several runners
+        (fp32 and fp16) from one load; it is not modified."""
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise TargetError(f"torch program {str(self.model_path)!r} does not exist; write it with "
@@ -191,6 +200,7 @@ class TorchRunner(BaseRunner):
         self.dtype, self.cuda_graph, self.compile, self.threads = dtype, bool(cuda_graph), bool(compile), threads
         self.name = name if name is not None else f"torch:{self.model_path.name}"
         self.inference_time: float | None = None
+        self._loaded = program
         self._program = None
         self._meta: dict = {}
         self._module = None
@@ -213,7 +223,7 @@ class TorchRunner(BaseRunner):
         else:
             trim_freed_heap()
             self._mem_before = process_rss_bytes()
-        program, self._meta = read_program(self.model_path)
+        program, self._meta = self._loaded if self._loaded is not None else read_program(self.model_path)
         module = program_module(program, self.device, self.dtype)
         self._program = program
         self._module = torch.compile(module, dynamic=False) if self.compile else module

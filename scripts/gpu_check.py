@@ -249,12 +249,13 @@ def latency_section(record, budget: Budget, exports: Exports, *, dry_run: bool, 
                 exported[recipe] = got
         if not exported:
             continue
+        loaded: dict = {}  # each .pt2 of this model is read once, for both dtypes
         for dtype in dtypes:
             holder: dict = {}
 
             def load(d=dtype, holder=holder):
                 t0 = time.perf_counter()
-                holder["set"] = ResidentSet(exported, device, d, cuda_graph and not dry_run, compile_)
+                holder["set"] = ResidentSet(exported, device, d, cuda_graph and not dry_run, compile_, loaded)
                 return {"programs": list(holder["set"].paths), "load_s": time.perf_counter() - t0}
 
             if record(f"load:{model_name}:{dtype}", load, need_s=20 if not tiny else 2) is None:
@@ -275,8 +276,10 @@ class ResidentSet:
     """The dense and every pruned program of one model, loaded once in one dtype and reused for every batch size
     (CUDA graphs are captured per input shape). A program whose graph cannot be captured is timed eagerly."""
 
-    def __init__(self, exported: dict, device: str, dtype: str, cuda_graph: bool, compile_: bool) -> None:
-        from tokensieve.runtime.torch_runner import TorchRunner
+    def __init__(self, exported: dict, device: str, dtype: str, cuda_graph: bool, compile_: bool,
+                 loaded: dict | None = None) -> None:
+        """`loaded`: {path: read_program(path)} shared between the dtypes of one model (each file is read once)."""
+        from tokensieve.runtime.torch_runner import TorchRunner, read_program
 
         first = next(iter(exported.values()))
         self.exported, self.device, self.dtype, self.compile = exported, device, dtype, compile_
@@ -284,9 +287,12 @@ class ResidentSet:
         self.modes = {name: "CUDA graph" if cuda_graph else "eager" for name in self.paths}
         self.runners: dict = {}
         try:
+            self.loaded = loaded if loaded is not None else {}
             for name, p in self.paths.items():
+                if p not in self.loaded:
+                    self.loaded[p] = read_program(p)
                 self.runners[name] = TorchRunner(p, device=device, dtype=dtype, cuda_graph=cuda_graph,
-                                                 compile=compile_, name=name).activate()
+                                                 compile=compile_, name=name, program=self.loaded[p]).activate()
         except BaseException:
             self.close()
             raise
@@ -296,7 +302,7 @@ class ResidentSet:
 
         self.runners[name].deactivate()
         self.runners[name] = TorchRunner(self.paths[name], device=self.device, dtype=self.dtype, compile=self.compile,
-                                         name=name).activate()
+                                         name=name, program=self.loaded[self.paths[name]]).activate()
         self.modes[name] = "eager (capture failed)"
 
     def close(self) -> None:

@@ -132,3 +132,15 @@ def test_bench_settings_pass_device_and_dtype_to_the_torch_runner_only():
     with pytest.raises(ConfigError) as e:
         BenchSettings(backend="onnxruntime", dtype="fp16")
     assert "--dtype does not apply to --backend onnxruntime; it is an option of --backend torch" == _one_line(e)
+
+
+def test_one_loaded_program_serves_fp32_and_fp16_runners(saved):
+    """program=(ExportedProgram, meta) builds runners without reading the file again, and fp16 leaves it float32."""
+    _, paths = saved
+    loaded = read_program(paths["torch"])
+    with TorchRunner(paths["torch"], device="cpu", dtype="fp16", program=loaded) as r16:
+        feeds = r16.make_random_feeds(batch=1, seed=3)
+        assert next(iter(r16.infer(feeds).values())).dtype == np.float16
+    assert all(t.dtype == torch.float32 for t in loaded[0].state_dict.values() if t.is_floating_point())
+    with TorchRunner(paths["torch"], device="cpu", program=loaded) as r32:
+        assert next(iter(r32.infer(feeds).values())).dtype == np.float32
