@@ -32,10 +32,9 @@ SETTINGS = settings(max_examples=60, deadline=None)
 # case id -> (tiny model, two-stage recipe, tokens entering block 0 then after each stage, patch tokens kept per stage)
 CASES = {
     "tome-vit": ("vit", "tome@1:0.5+tome@2:5", [17, 9, 6], [8, 5]),
-    # no prefix token: ToMe's unmerged A tokens come in its argsort order (by best similarity), not by position
+    # no prefix token: ToMe's unmerged A tokens come in its argsort order (by best similarity), not by position.
+    # (5 prefix tokens, [CLS] + 4 registers, take the vit case's path; exported in test_tome_prop_attn's "registers")
     "tome-siglip": ("siglip_vision", "tome@1:0.5+tome@2:5", [16, 8, 5], [8, 5]),
-    # 5 prefix tokens ([CLS] + 4 registers) are never merged: 16 -> 8 -> 4 patch tokens
-    "tome-registers": ("dinov2_registers", "tome@1,2:0.5", [21, 13, 9], [8, 4]),
     "tt-vit": ("vit", "token-transforming@1:0.5+token-transforming(temperature=0.5)@2:3", [17, 9, 4], [8, 3]),
     "tt-registers": ("dinov2_registers", "token-transforming(mean_attention=true)@1:0.5+token-transforming@2:0.5",
                      [21, 13, 9], [8, 4]),
