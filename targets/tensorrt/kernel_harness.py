@@ -330,15 +330,17 @@ def check_kernels(harness: KernelHarness, *, seed: int = 0, large: bool = True) 
                + (f" min_count={min_count}" if min_count else "")
         results.append(CaseResult("TokenCompact", name, exact, diff))
     # DiversitySelect: DivPrune (mode 0) and MMR (mode 1), float32 and float16 features, ties.
-    cases = [(0, 3, 65, 48, 20, 1, np.float32), (0, 2, 65, 48, 20, 1, np.float16), (0, 2, 50, 16, 49, 1, np.float32),
-             (1, 3, 65, 48, 20, 1, np.float32), (1, 2, 65, 48, 20, 0, np.float16)]
+    # lam = 0: diversity only, but the first pick is still argmax importance (IDPruner's first round).
+    cases = [(0, 3, 65, 48, 20, 1, np.float32, 0.6), (0, 2, 65, 48, 20, 1, np.float16, 0.6),
+             (0, 2, 50, 16, 49, 1, np.float32, 0.6), (1, 3, 65, 48, 20, 1, np.float32, 0.6),
+             (1, 2, 65, 48, 20, 0, np.float16, 0.6), (1, 2, 65, 48, 20, 1, np.float32, 0.0)]
     if large:
-        cases += [(0, 2, 577, 1024, 64, 1, np.float32), (1, 2, 577, 1024, 64, 1, np.float32)]
-    for mode, B, N, C, K, p, dtype in cases:
+        cases += [(0, 2, 577, 1024, 64, 1, np.float32, 0.6), (1, 2, 577, 1024, 64, 1, np.float32, 0.6)]
+    for mode, B, N, C, K, p, dtype, lam in cases:
         x = _with_ties(rng, B, N, C, p, dtype)
         raw = rng.random((B, N)).astype(np.float32)
-        raw[:, p::5] = raw.max(axis=1, keepdims=True)  # equal top importance: the first MMR pick is a tie
-        lam = 0.6
+        if lam > 0:
+            raw[:, p::5] = raw.max(axis=1, keepdims=True)  # equal top importance: the first MMR pick is a tie
         got = harness.diversity_select(x, K, mode=mode, lam=lam, num_prefix_tokens=p,
                                        importance=plugin_importance(raw, p) if mode == 1 else None)
         # The reference reads the features the kernel read (a float16 input upcast exactly to float32).

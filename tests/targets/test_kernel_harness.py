@@ -131,7 +131,7 @@ def test_checker_passes_the_float64_mirror_and_catches_a_wrong_kernel():
             return mirrors.diversity_select_reference(x.astype(np.float32), k, mode, lam, num_prefix_tokens, importance)
 
     results = kh.check_kernels(Mirror(), large=False)
-    assert len(results) == 11 and all(r.passed for r in results), [r for r in results if not r.passed]
+    assert len(results) == 12 and all(r.passed for r in results), [r for r in results if not r.passed]
 
     class Wrong(Mirror):
         def token_compact(self, x, keep, capacity, dynamic=False, min_count=0):

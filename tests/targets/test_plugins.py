@@ -257,7 +257,9 @@ def diversity_select_reference(x: np.ndarray, k: int, mode: int, lam: float, num
         else:
             score = np.full(len(f), -np.inf)
         for step in range(k):
-            v = score if mode == 0 else lam * importance[b, num_prefix_tokens:] - (1 - lam) * (score if step else 0)
+            imp = None if mode == 0 else importance[b, num_prefix_tokens:]
+            # MMR's first pick is argmax importance for every lam (lam = 0 too), as IDPruner's first round
+            v = score if mode == 0 else imp if step == 0 else lam * imp - (1 - lam) * score
             v = np.where(np.isin(np.arange(len(f)), chosen), -np.inf, v)
             s = int(np.argmax(v))
             chosen.append(s)

@@ -89,7 +89,8 @@ diversitySelectKernel(T const* features, float const* importance, int64_t N, int
         Best best{0.f, -1};
         for (int64_t i = P + threadIdx.x; i < N; i += kThreads) {
             if (taken[i]) continue;
-            float const v = mode == 0 ? score[i] : lambda * imp[i] - (1.f - lambda) * (step == 0 ? 0.f : score[i]);
+            // MMR's first pick is argmax importance for every lambda (IDPruner's first round; lambda = 0 too)
+            float const v = mode == 0 ? score[i] : step == 0 ? imp[i] : lambda * imp[i] - (1.f - lambda) * score[i];
             best = better(best, Best{v, static_cast<int>(i)});
         }
         for (int o = 16; o > 0; o >>= 1) {
