@@ -6,7 +6,7 @@ on ONNX Runtime. For TensorRT, when the build has the plugin library, this rule 
 
     standard form                                                      substituted
     S = [(1-λ) ·] sym(cos(features))[:, p:, p:]
-    pick_0 = argmin max_{j≠i} S[i, j]     (mmr: argmax λ·imp)          idx = DiversitySelect(features[, imp];
+    pick_0 = argmin max_{j≠i} S[i, j]     (mmr: argmax imp, λ > 0)     idx = DiversitySelect(features[, imp];
     state = where(one_hot(pick), +inf, max(state, S[pick]))  × K-1           k=K, mode, lambda=λ,
     pick_t = argmin state                 (mmr: argmax λ·imp - state)        num_prefix_tokens=p)
     TopK(Concat(picks), K, ascending) [+ p]                            Cast(idx, int64) [+ p]
@@ -300,10 +300,26 @@ def _first_pick(pick0: ir.Value, walked: set) -> tuple[int, ir.Value | None, flo
         if _scalar(where.inputs[1]) != -math.inf:
             raise _NoMatch(f"Where {where.name!r} must set the diagonal of S to -inf")
         return 0, None, 0.0, None, where.inputs[2]
-    # MMR: argmax(gain - 0), gain = λ · importance (B, 1, n)
-    sub = _producer(_arg_extreme(pick0, "ArgMax", walked).inputs[0], "Sub", walked)
-    _zeros(sub.inputs[1], walked)
-    gain = sub.inputs[0]
+    argmax = _arg_extreme(pick0, "ArgMax", walked)
+    first = argmax.inputs[0].producer()
+    if first is not None and first.op_type == "Unsqueeze" and first.domain in _ONNX_DOMAINS:
+        # MMR as IDPruner's loop (methods/diversity.mmr_select): argmax(importance) (B, 1, n) whatever λ; the gain
+        # and λ are read from the second pick (_gain_of_second_pick)
+        walked.add(first)
+        _axes_input(first, 3, 1)
+        importance, gain, lam = first.inputs[0], None, math.nan
+    else:  # MMR, earlier export: argmax(gain - 0), gain = λ · importance (B, 1, n)
+        sub = _producer(argmax.inputs[0], "Sub", walked)
+        _zeros(sub.inputs[1], walked)
+        gain = sub.inputs[0]
+        importance, lam = _gain_parts(gain, walked)
+    if importance.dtype not in (None, ir.DataType.FLOAT):
+        raise _NoMatch(f"the MMR importance {_label(importance)} must be float32 (the plugin reads fp32 scores)")
+    return 1, gain, lam, importance, None
+
+
+def _gain_parts(gain: ir.Value, walked: set) -> tuple[ir.Value, float]:
+    """gain = Unsqueeze(λ · importance, [1]) -> (importance, λ); λ in [0, 1]."""
     unsq = _producer(gain, "Unsqueeze", walked)
     _axes_input(unsq, 3, 1)
     importance, lam = unsq.inputs[0], 1.0  # λ = 1 may have been folded away
@@ -316,9 +332,31 @@ def _first_pick(pick0: ir.Value, walked: set) -> tuple[int, ir.Value | None, flo
                 break
     if not 0.0 <= lam <= 1.0:
         raise _NoMatch(f"the MMR weight λ={lam} must be in [0, 1]")
-    if importance.dtype not in (None, ir.DataType.FLOAT):
-        raise _NoMatch(f"the MMR importance {_label(importance)} must be float32 (the plugin reads fp32 scores)")
-    return 1, gain, lam, importance, None
+    return importance, lam
+
+
+def _gain_of_second_pick(concat: ir.Node, form: str, importance: ir.Value, walked: set) -> tuple[ir.Value, float]:
+    """(gain, λ) of an MMR selection whose first pick is argmax(importance): the second pick is
+    argmax(gain - state) (unrolled: picks[1]; loop: the body's pick), gain = λ · the same importance.
+
+    The plugin's first pick is argmax(λ · importance): the same token for λ > 0 (first maximum on ties), token 0
+    for λ = 0, so λ = 0 is declined."""
+    if form == "loop":
+        state_in = _loop_of(concat, walked).attributes["body"].as_graph().inputs[3]
+        subs = [u.node for u in state_in.uses() if u.node.op_type == "Sub" and u.idx == 1]
+        if len(subs) != 1:
+            raise _NoMatch("the Loop body must take its pick from gain - state")
+        sub = subs[0]
+        walked.add(sub)
+    else:
+        sub = _producer(_arg_extreme(concat.inputs[1], "ArgMax", walked).inputs[0], "Sub", walked)
+    gain = sub.inputs[0]
+    weighted, lam = _gain_parts(gain, walked)
+    if weighted is not importance:
+        raise _NoMatch("the MMR gain must weight the importance the first pick is taken from")
+    if lam == 0.0:
+        raise _NoMatch("λ = 0: the method's first pick is the most important token, the plugin's is token 0")
+    return gain, lam
 
 
 def _later_picks_unrolled(concat: ir.Node, k: int, gain, sim_value, n: int | None, walked: set) -> None:
@@ -409,6 +447,8 @@ def _find_selection(values: ir.Value, offset: ir.Value | None, form: str) -> _Se
     mode, gain, lam, importance, first_sim = _first_pick(pick0, walked)
     if k == 1 and first_sim is None:
         raise _NoMatch("a one-token MMR selection is a plain ArgMax of the importance; nothing to substitute")
+    if mode == 1 and gain is None:
+        gain, lam = _gain_of_second_pick(concat, form, importance, walked)
     sim_value = first_sim if first_sim is not None else _first_state_row(_first_state(concat, gain, form, walked), walked)
     sim = _similarity(sim_value, walked)
     shape = sim.features.shape  # n, the candidate count, when the token axis is static (else any arange is taken)

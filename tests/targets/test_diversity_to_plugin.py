@@ -168,8 +168,8 @@ def test_mmr_weight_that_does_not_match_the_similarity_scale_is_declined(case):
 
     def edit(argmax, m):  # gain = importance * λ: give the gain Mul a different λ than S's (1 - λ)
         producer = {o: n for n in m.graph.node for o in n.output}
-        mul = producer[producer[producer[argmax.input[0]].input[0]].input[0]]
-        assert mul.op_type == "Mul"
+        importance = producer[argmax.input[0]].input[0]  # the first pick: argmax(Unsqueeze(importance))
+        mul = next(n for n in m.graph.node if n.op_type == "Mul" and importance in n.input)
         m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.1, np.float32), "other_lambda"))
         mul.input[1] = "other_lambda"
     assert _substituted_stages(_mutated(result.debug_onnx, "ArgMax", edit)) == len(result.stages) - 1
