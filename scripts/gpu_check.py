@@ -396,7 +396,7 @@ def format_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tokensieve.scripts.gpu_check", description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="folder for gpu_check.json, gpu_check.md and the exported programs")
+    ap.add_argument("out", help="folder for gpu_check.json and gpu_check.md (small files only)")
     ap.add_argument("--dry-run", action="store_true", help="no CUDA calls: compile the harness, time on the CPU")
     ap.add_argument("--tiny", action="store_true", help="a 2-block 64x64 ViT, batches 1,2 (CI)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="time budget of the whole run (default 420 s)")
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graph", action="store_true", help="time eager calls instead of CUDA graph replays")
     ap.add_argument("--compile", action="store_true", help="torch.compile the programs (slow to start)")
     ap.add_argument("--harness-dir", default=None, help="build folder of the harness (default: the user cache)")
+    ap.add_argument("--work", default=None, help="folder for the exported .pt2 programs (default: a temporary "
+                    "folder, deleted at the end; they are large, so they never go into OUT)")
     ap.add_argument("--skip-kernels", action="store_true", help="only the latency table")
     ap.add_argument("--export-workers", type=int, default=None,
                     help="export processes (default: CPU cores - 4, at most one per export; <= 1: in this process)")
@@ -457,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipes = tuple(r for r in args.recipes.split(";") if r) if args.recipes else (TINY_RECIPES if args.tiny else RECIPES)
     batches = tuple(int(b) for b in (args.batches or ("1,2" if args.tiny else "1,8,32")).split(","))
-    exports = Exports(TINY_MODELS if args.tiny else MODELS, recipes, args.tiny, out / "programs",
+    import tempfile
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tokensieve-gpu-check-"))
+    exports = Exports(TINY_MODELS if args.tiny else MODELS, recipes, args.tiny, work / "programs",
                       workers=args.export_workers)
     try:
         if not args.skip_kernels:
@@ -468,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                         cuda_graph=not args.no_cuda_graph, compile_=args.compile)
     finally:
         exports.close()
+        if not args.work:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
     write()
     failed = [n for n, s in report["sections"].items() if s["status"] == "failed"]
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {report['seconds']:.0f} s; "

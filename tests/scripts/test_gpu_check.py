@@ -44,6 +44,8 @@ def test_dry_run_end_to_end_through_the_shim(tmp_path):
         assert r["mode"] == {"dense": "eager", "pruned": "eager"}
         assert r["dense_ms"] > 0 and r["pruned_ms"] > 0 and r["ideal_speedup"] > 1
         assert abs(r["ratio_to_ideal"] - r["speedup"] / r["ideal_speedup"]) < 1e-9
+    # the .pt2 programs go to a temporary folder, deleted at the end: OUT (what a GPU session brings back) stays small
+    assert {p.name for p in out.iterdir()} <= {"gpu_check.json", "gpu_check.md", ".shim", "nvidia-smi.txt"}
     md = (out / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| tiny-2-blocks | divprune@0:0.5 | fp16 | 2 |" in md
 
