@@ -11,8 +11,17 @@ from pathlib import Path
 from tokensieve.errors import ConfigError, ModelError, TargetError
 from tokensieve.targets.base import DEFAULT_PRECISION, DEFAULT_TARGET, PRECISIONS
 
-SUPPORTED = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
-LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
+
+def _families() -> dict:
+    """model_type -> the family's adapter class (exporter/vlm/families.py; imported when a VLM command runs)."""
+    from tokensieve.exporter.vlm.families import BY_MODEL_TYPE
+
+    return BY_MODEL_TYPE
+
+
+def _label(kind: str) -> str:
+    """What messages call the family: "LLaVA", "Qwen2-VL"."""
+    return _families()[kind].label.split(" (")[0]
 
 
 def _log(msg: str) -> None:
@@ -81,10 +90,10 @@ class ExportVlm:
             _check_build_args(args)
         kind = vlm_kind(args.model)  # check the arguments before loading any weights
         bias = _inner_bias(args.inner, args.inner_bias)
-        grid = None
-        if kind == "llava" and args.grid:
-            raise ConfigError("--grid is for Qwen2-VL; a LLaVA's image size comes from its vision config")
-        if kind == "qwen2_vl":
+        grid, family = None, _families()[kind]
+        if args.grid and not family.static_grid:
+            raise ConfigError(f"--grid is for Qwen2-VL; a {_label(kind)}'s image size comes from its vision config")
+        if family.static_grid:  # the grid, and the one stage after the whole tower, checked before the weights load
             from tokensieve.vlm_api import parse_qwen2_vl_prune
 
             grid = _grid(args.grid)
@@ -161,8 +170,8 @@ def vlm_kind(path: str | os.PathLike) -> str:
         kind = json.loads(config.read_text()).get("model_type")
     except ValueError as e:
         raise ModelError(f"{str(config)!r} is not valid JSON ({e}); re-save the model") from e
-    if kind not in SUPPORTED:
-        raise ModelError(f"model_type {kind!r} is not a supported VLM ({', '.join(SUPPORTED)}); ViTs go through "
+    if kind not in _families():
+        raise ModelError(f"model_type {kind!r} is not a supported VLM ({', '.join(_families())}); ViTs go through "
                          "`tokensieve export --model DIR`")
     return kind
 
@@ -175,12 +184,12 @@ def load_vlm(path: str | os.PathLike):
 
     from tokensieve.models import quiet_loading
 
-    cls = getattr(transformers, SUPPORTED[kind])
+    cls = getattr(transformers, _families()[kind].hf_class)
     try:
         with quiet_loading():
             model = cls.from_pretrained(str(folder), attn_implementation="sdpa", local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for broken folders
-        raise ModelError(f"Could not load {str(folder)!r} as {SUPPORTED[kind]}: {type(e).__name__}: "
+        raise ModelError(f"Could not load {str(folder)!r} as {_families()[kind].hf_class}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return kind, model.eval()
 
@@ -197,7 +206,7 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
     plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
     build = not args.no_build
     profiles = vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence) if build else None
-    label = LABELS[kind]
+    label = _label(kind)
     inner = f" + {args.inner}" if args.inner else ""
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")

@@ -90,7 +90,8 @@ def read_vlm_manifest(folder: str | Path, name: str | None = None) -> VlmManifes
                           "re-export the folder with `tokensieve export-vlm`")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
-        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-export the folder with `tokensieve export-vlm`")
+        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-export the folder with "
+                          "`tokensieve export-vlm`")
     unknown = sorted(set(data) - {f.name for f in fields(VlmManifest)})
     if unknown:
         raise ConfigError(f"{str(path)!r} has unknown field(s) {', '.join(unknown)}; re-export the folder with this "

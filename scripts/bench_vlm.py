@@ -100,7 +100,8 @@ def part_macs(result, feeds: dict[str, dict[str, np.ndarray]]) -> dict[str, int]
         f = feeds[part]
         params = inspect.signature(module.forward).parameters.values()
         names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL and p.name in f]
-        names += sorted((n for n in f if n.startswith("past.")), key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+        names += sorted((n for n in f if n.startswith("past.")),
+                        key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
         args = tuple(torch.from_numpy(f[n]) for n in names)
         with torch.no_grad():
             ep = torch.export.export(module.eval(), args, strict=False)

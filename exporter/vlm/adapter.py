@@ -65,6 +65,7 @@ class VlmAdapter(ABC):
     label: ClassVar[str]                # what messages call it, e.g. "LLaVA (LlavaForConditionalGeneration)"
     manifest_name: ClassVar[str]        # the export folder's manifest file
     batched: ClassVar[bool]             # the parts take a batch axis (else batch 1)
+    static_grid: ClassVar[bool]         # the export takes a grid (t, h, w) (else the tower's fixed image size)
     default_verify_batch: ClassVar[int]
     prompt_extra: ClassVar[int]         # non-image tokens of the verify prompt (the engine profiles' opt)
     prompt_extra_what: ClassVar[str]    # what they are, for messages

@@ -36,6 +36,7 @@ class LlavaAdapter(VlmAdapter):
     label = "LLaVA (LlavaForConditionalGeneration)"
     manifest_name = "llava_parts.json"
     batched = True
+    static_grid = False
     default_verify_batch = 2
     prompt_extra = sum(PROMPT_TEXT)
     prompt_extra_what = f"{sum(PROMPT_TEXT)} text tokens"

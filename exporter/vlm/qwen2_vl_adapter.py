@@ -51,7 +51,8 @@ from tokensieve.runtime.llava_pipeline import Generation
 PROMPT_LEN = 16    # only sizes the example the LM parts are traced with (their axes are dynamic)
 PROMPT_EXTRA = 9   # sample_prompt: 7 text tokens + <vision_start> + <vision_end> around the image
 
-__all__ = ["Qwen2VLAdapter", "calibrate_qwen2_fastv_bias", "image_prompt", "video_prompt", "vision_prompt", "sample_prompt", "prompt_mrope_positions", "kept_columns",
+__all__ = ["Qwen2VLAdapter", "calibrate_qwen2_fastv_bias", "image_prompt", "video_prompt", "vision_prompt",
+           "sample_prompt", "prompt_mrope_positions", "kept_columns",
            "pruned_mrope_positions", "decode_position_ids", "greedy_eager", "greedy_onnx", "greedy_fastv_reference"]
 
 
@@ -64,6 +65,7 @@ class Qwen2VLAdapter(VlmAdapter):
     label = "Qwen2-VL (Qwen2VLForConditionalGeneration)"
     manifest_name = "manifest.json"
     batched = False
+    static_grid = True
     default_verify_batch = 1
     prompt_extra = PROMPT_EXTRA
     prompt_extra_what = f"{PROMPT_EXTRA} text and vision-marker tokens"

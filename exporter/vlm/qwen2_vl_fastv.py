@@ -102,8 +102,8 @@ class Qwen2VLFastvPrefill(FastvLayers):
         # the K placeholder indices, ascending: the K smallest keys (text columns pushed past T)
         image_positions = torch.topk(ar + (~is_image).to(torch.int64) * t, self.spec.num_image_tokens, dim=-1,
                                      largest=False).indices                      # (1, K)
-        logits, caches, keep_idx, image_keep = self.prefill(h, position_ids, torch.ones_like(input_ids, dtype=torch.bool),
-                                                            image_positions)
+        valid = torch.ones_like(input_ids, dtype=torch.bool)  # batch 1: no padding
+        logits, caches, keep_idx, image_keep = self.prefill(h, position_ids, valid, image_positions)
         return (logits, *caches, keep_idx[0], image_keep[0])
 
 

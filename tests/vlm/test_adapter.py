@@ -37,7 +37,7 @@ def qwen():
 @pytest.mark.parametrize("cls", [LlavaAdapter, Qwen2VLAdapter])
 def test_adapters_implement_the_whole_interface(cls):
     assert issubclass(cls, VlmAdapter) and not inspect.isabstract(cls)
-    for name in ("model_type", "hf_class", "label", "manifest_name", "batched", "default_verify_batch",
+    for name in ("model_type", "hf_class", "label", "manifest_name", "batched", "static_grid", "default_verify_batch",
                  "prompt_extra", "prompt_extra_what"):
         assert getattr(cls, name) is not None and getattr(cls, name) is not getattr(VlmAdapter, name, None), name
     assert ADAPTERS[cls.hf_class] is cls and adapter_by_type(cls.model_type) is cls
