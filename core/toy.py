@@ -1,10 +1,11 @@
-"""The toy task: procedurally generated images whose label is a small object's shape and colour, and the toy ViT.
+"""The toy task: procedurally generated images whose label is one small object's colour, and the toy ViT.
 
-A 64x64 image is a noisy, low-saturation textured background with one small object (about 2x2 to 3x3 of the 8x8
-patches) of a random shape (square, disk, triangle, cross, ring) at a random place. The label (10 classes) is the
-object's colour: only the few patches it covers carry it, so a pruning method that drops them loses the answer. Everything here is a pure function of a seed (numpy's PCG64), so the training set, the held-out split and
-the images `write_image_folder` writes are the same on every machine. A leaf: imports numpy (torch/transformers
-lazily) and tokensieve.errors only.
+A 64x64 image is a noisy, low-saturation textured background with one small object (13-19 px across: it touches 4
+to 9 of the 8x8 patches) of a random shape (square, disk, triangle, cross, ring) at a random place. The label (10
+classes) is the object's colour: only the few patches it covers carry it, so a pruning method that drops them
+loses the answer. Everything here is a pure function of a seed (numpy's PCG64), so the training set, the held-out
+split and the images `write_image_folder` writes are the same on every machine. A leaf: imports numpy
+(torch/transformers lazily) and nothing from tokensieve.
 """
 from __future__ import annotations
 
