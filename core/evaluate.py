@@ -190,6 +190,7 @@ def evaluate(folder: str | Path, images: str | Path, *, processor: str | Path | 
         static_batch = dims[0] if isinstance(dims[0], int) else None
         step = static_batch or batch
         backend = runners["pruned"].device_label
+        every = max(1, math.ceil(n / step) // 10)
         for start in range(0, n, step):
             chunk = imgs.paths[start:start + step]
             pixels = _preprocess(proc, chunk, want)
@@ -198,8 +199,8 @@ def evaluate(folder: str | Path, images: str | Path, *, processor: str | Path | 
             for key, runner in runners.items():
                 out = runner.infer({name: pixels.astype(dtype, copy=False)})
                 logits[key].append(next(iter(out.values()))[: len(chunk)])
-            if progress:
-                done = start + len(chunk)
+            done = start + len(chunk)
+            if progress and (done == n or (start // step) % every == every - 1):  # about 10 lines in all
                 progress(f"eval {done}/{n} images ({time.perf_counter() - t0:.1f} s)")
     pruned, dense = (np.concatenate(logits[k]).reshape(n, -1) for k in ("pruned", "dense"))
     result = {"schema": SCHEMA, "folder": str(folder), "images": str(images), "num_images": n,
