@@ -549,7 +549,7 @@ class Visualize(Tool):
 
 
 class Eval(Tool):
-    """Accuracy of an export on your images: model.onnx vs dense.onnx on ONNX Runtime, with 95 % intervals.
+    """Accuracy of an export on your images: model.onnx vs dense.onnx on ONNX Runtime, with 95 percent confidence intervals.
 
         tokensieve eval out/ --images val/            # val/<class>/*.png|jpg: top-1/top-5 + agreement with dense
         tokensieve eval out/ --images unlabelled/     # unlabelled/*.png: top-1 agreement with dense only
