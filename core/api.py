@@ -471,18 +471,13 @@ REPORT_SCHEMA = "tokensieve.export/1"   # report.json; bump when a reader would 
 def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
     """OUT/report.json as a dict; a one-line ConfigError if it is missing, unreadable, of another schema version or
     lacks `required` keys."""
-    import json
+    from tokensieve.manifest import read_json_object
 
     folder = Path(folder)
     path = folder / ARTIFACTS["report"]
-    try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r}: {type(e).__name__}; re-run `tokensieve export`") from e
-    if not isinstance(report, dict):
-        raise ConfigError(f"{str(path)!r} is not a tokensieve export report (a JSON object); re-run `tokensieve export`")
+    if not path.exists():
+        raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`")
+    report = read_json_object(path, "a tokensieve export report", "re-run `tokensieve export`")
     schema = report.get("schema")
     if schema != REPORT_SCHEMA:
         got = "no schema version (an older tokensieve)" if schema is None else f"schema {str(schema)[:40]!r}"

@@ -59,6 +59,18 @@ class VlmManifest:
 _REQUIRED = [f.name for f in fields(VlmManifest) if f.name not in ("inner", "engines")]
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in `path` (an export's report or manifest); a one-line ConfigError ending in `fix` if it cannot
+    be read or decoded, or holds something other than an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); {fix}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} is not {what} (a JSON object); {fix}")
+    return data
+
+
 def write_vlm_manifest(path: str | Path, manifest: VlmManifest) -> Path:
     """Write `manifest` as JSON at `path`, atomically."""
     return write_json_atomic(Path(path), manifest.to_dict())
@@ -77,12 +89,7 @@ def read_vlm_manifest(folder: str | Path, name: str | None = None) -> VlmManifes
     if path is None:
         raise ConfigError(f"{str(folder)!r} holds no VLM manifest ({' / '.join(VLM_MANIFEST_NAMES)}); pass the folder "
                           "export_vlm (tokensieve export-vlm) wrote")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"Cannot read {str(path)!r} ({type(e).__name__}); pass the folder export_vlm wrote") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} is not a VLM manifest (a JSON object); re-export the folder")
+    data = read_json_object(path, "a VLM manifest", "pass the folder export_vlm wrote, or re-export it")
     version = data.get("version")
     if version != VLM_MANIFEST_VERSION:
         what = "has no version (written by an older tokensieve)" if version is None else f"is version {version!r}"
