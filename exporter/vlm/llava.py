@@ -7,7 +7,7 @@
     ascending.
 
 The CLIP layers after L are never run (LLaVA discards them). The stage makes the calls the ViT FX pass inserts
-(`methods.stage.score_call`, then the method's reduce_fn or `tokensieve::prune_topk`), so every gather method of the
+(`methods.stage.run_stage`: score, then the method's reduce_fn or `tokensieve::prune_topk`), so every gather method of the
 registry that reads q/k, the layer's input/output or its output tokens works unchanged. Running this module
 eagerly is the reference; exporting it is the graph.
 """
@@ -21,11 +21,9 @@ from torch.export import Dim
 
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec
-import tokensieve.graph_passes.methods.ops  # noqa: F401  registers torch.ops.tokensieve.prune_topk
-from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.methods.spec import Reduce, ScoreInput
-from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
+from tokensieve.graph_passes.methods.stage import run_stage
 
 NUM_PREFIX_TOKENS = 1  # CLIP's [CLS]
 
@@ -128,15 +126,10 @@ class VisionPrune(nn.Module):
         last = self.layers[-1]
         q, k, scale = _query_key(last, x)
         x_out = last(x, None)
-        spec, p = METHODS[self.method], NUM_PREFIX_TOKENS
-        fn, args, kwargs = score_call(spec, self.options, self.keep, p, q=q, k=k, scale=scale, x_in=x, x_out=x_out)
-        scores = fn(*args, **kwargs)
-        if spec.reduce_fn is not None:  # greedy selections (DivPrune, MMR): their own select + gather
-            tokens, idx = spec.reduce_fn(x_out, scores, self.keep, p, **reduce_kwargs(spec, self.options))
-        else:  # the FX pass's op: eager = methods.topk.prune_topk, ONNX = TopK + TopK + GatherND
-            tokens, idx = torch.ops.tokensieve.prune_topk.default(x_out, scores, self.keep, p)
-            if self.options.get("recycle"):  # dropped patches averaged into their nearest kept one (VFlowOpt-style)
-                tokens = recycle_dropped_tokens(x_out, idx, p)
+        # the one stage dispatcher (as the ViT FX pass and eager reference): score -> TopK / the method's own
+        # select (DivPrune, MMR) -> recycled dropped patches
+        tokens, idx, _ = run_stage(METHODS[self.method], self.options, self.keep, NUM_PREFIX_TOKENS,
+                                   q=q, k=k, scale=scale, x_in=x, x_out=x_out)
         if not self.layout.keep_cls:
             tokens = tokens[:, NUM_PREFIX_TOKENS:]
         return self.projector(tokens), idx - NUM_PREFIX_TOKENS

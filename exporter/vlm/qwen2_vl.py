@@ -44,9 +44,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec, export_part
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
-from tokensieve.graph_passes.methods.stage import reduce_kwargs, score_call
-from tokensieve.graph_passes.methods.recycle import recycle_dropped_tokens
-from tokensieve.graph_passes.methods.ops import prune_topk_op  # the op the exporter lowers to TopK + Gather
+from tokensieve.graph_passes.methods.stage import run_stage, score_call
 
 # Options that add tokens (EViT's fused token, PosPad markers) have no M-RoPE position of their own.
 _TOKEN_ADDING = ("fuse", "pospad")
@@ -213,13 +211,9 @@ class Qwen2VLVisionPrune(nn.Module):
         x, (q, k, scale) = self._block(blocks[-1], x)
         merged = self.visual.merger(x).unsqueeze(0)                              # (1, N_m, H_lm)
         scores = self._scores(q, k, scale, x_in, x, merged)
-        if self.spec.reduce_fn is not None:
-            tokens, idx = self.spec.reduce_fn(merged, scores, self.keep, 0,
-                                              **reduce_kwargs(self.spec, self.options, frames=self.layout.t))
-        else:
-            tokens, idx = prune_topk_op(merged, scores, self.keep, 0)
-            if self.options.get("recycle"):  # dropped tokens averaged into their nearest kept one (same positions)
-                tokens = recycle_dropped_tokens(merged, idx, 0)
+        # the one stage dispatcher with the scores pooled here: TopK / the method's own select -> recycling
+        tokens, idx, _ = run_stage(self.spec, self.options, self.keep, 0, scores=scores, x_out=merged,
+                                   frames=self.layout.t)
         return tokens.squeeze(0), idx.squeeze(0)
 
     def _block(self, blk: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
