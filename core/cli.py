@@ -387,7 +387,7 @@ class Inspect(Tool):
         print("  outputs: " + "; ".join(io(m.graph.output)))
         census = op_census(m)
         print("  ops:     " + ", ".join(f"{k}×{v}" for k, v in census.most_common()))
-        print(f"  pruning: {census.get('TopK', 0)} TopK, {census.get('GatherND', 0)} GatherND")
+        print(f"  pruning: {census.get('TopK', 0)} TopK, {census.get('GatherElements', 0)} GatherElements")
         return 0
 
 

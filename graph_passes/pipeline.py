@@ -13,6 +13,7 @@ from torch import fx
 
 from tokensieve.graph_passes.fx.add_kept_index_outputs import add_kept_index_outputs
 from tokensieve.graph_passes.fx.compact_token_axis import compact_token_axis
+from tokensieve.graph_passes.fx.hoist_token_gathers import hoist_token_gathers
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages
 from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
 from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
@@ -30,6 +31,7 @@ FX_PASSES = (
     *CANONICALIZE_PASSES,
     insert_prune_stages,              # block output x -> run_stage(x, ...) after each stage's block
     respecialize_token_counts,        # view(x, [B, 197, h, d]) -> view(x, [B, 99, h, d]) downstream of a stage
+    hoist_token_gathers,              # prune_topk(x1 + mlp(x1)) -> take(x1) + mlp(take(x1)): the MLP on K tokens
     add_kept_index_outputs,           # return (out,) -> return (out, kept_0, kept_1, ...)
     compact_token_axis,               # adaptive(compact=true): tokens -> compact_valid(tokens, valid), sym sizes
 )

@@ -54,8 +54,8 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for rs in ctx.stages:
         block = blocks[rs.stage.after_block]
         out = block.output
-        if any(TAG in u.meta for u in out.users):
-            continue  # idempotent: this block already has a stage
+        if out._erased or any(TAG in u.meta for u in out.users):
+            continue  # idempotent: this block already has a stage (hoist_token_gathers may have replaced its output)
         spec, options = METHODS[rs.stage.method], rs.options
         inputs = {"x_out": out, "x_in": current.get(block.input, block.input)}
         if spec.score_input is ScoreInput.ATTENTION_QK:

@@ -1,6 +1,8 @@
 """The ops the FX passes insert; the exporter translates each (exporter/onnx_translations.py).
 
-`tokensieve::prune_topk` (every gather stage) becomes TopK + GatherND. `tokensieve::compact_valid` and
+`tokensieve::prune_topk` (every gather stage) becomes TopK + GatherElements; graph_passes/fx/hoist_token_gathers.py
+splits it into `tokensieve::select_topk` (the positions) and `tokensieve::take_tokens` (the gather) where the gather
+can move up through the block's per-token ops. `tokensieve::compact_valid` and
 `tokensieve::pad_tokens` (adaptive(compact=true)) cut a valid-first sequence to its data-dependent valid count and
 pad a per-token output back to its static shape. Keeping each as one custom op until ONNX conversion keeps the
 graph readable (one node per stage) and gives targets one place to substitute a plugin.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokensieve.graph_passes.methods.topk import prune_topk
+from tokensieve.graph_passes.methods.topk import gather_tokens, prune_topk, select_topk
 
 
 @torch.library.custom_op("tokensieve::prune_topk", mutates_args=())
@@ -27,6 +29,27 @@ def _(x: Tensor, scores: Tensor, keep: int, num_prefix_tokens: int) -> tuple[Ten
         x.new_empty(x.shape[0], keep, dtype=torch.long),
     )
 
+
+@torch.library.custom_op("tokensieve::select_topk", mutates_args=())
+def select_topk_op(scores: Tensor, keep: int, num_prefix_tokens: int) -> Tensor:
+    """(B, N) scores -> (B, keep) kept positions, ascending: prune_topk's selection alone."""
+    return select_topk(scores, keep, num_prefix_tokens).clone()
+
+
+@select_topk_op.register_fake
+def _(scores: Tensor, keep: int, num_prefix_tokens: int) -> Tensor:
+    return scores.new_empty(scores.shape[0], keep, dtype=torch.long)
+
+
+@torch.library.custom_op("tokensieve::take_tokens", mutates_args=())
+def take_tokens_op(x: Tensor, idx: Tensor, num_prefix_tokens: int) -> Tensor:
+    """(B, N, C), (B, K) positions -> (B, num_prefix_tokens + K, C): prune_topk's gather alone (any C)."""
+    return gather_tokens(x, idx, num_prefix_tokens).clone()
+
+
+@take_tokens_op.register_fake
+def _(x: Tensor, idx: Tensor, num_prefix_tokens: int) -> Tensor:
+    return x.new_empty(x.shape[0], num_prefix_tokens + idx.shape[1], x.shape[2])
 
 
 @torch.library.custom_op("tokensieve::compact_valid", mutates_args=())

@@ -149,7 +149,7 @@ def test_vision_prune_op_census(exported):
     vision_onnx = onnx.load(str(result.paths["vision"]))
     census = op_census(vision_onnx)
     assert not set(census) & set(FORBIDDEN_OPS)
-    assert census["TopK"] == 2 and census["GatherND"] == 1          # TopK(K) + TopK(sort indices) -> Gather
+    assert census["TopK"] == 2 and census["GatherElements"] == 1    # TopK(K) + TopK(sort indices) -> Gather
     assert census["Softmax"] == len(result.vision.visual.blocks) + 1  # one per block + the attn-mean score row
     assert dict(census) == result.vision_ops
     check_static(vision_onnx)
