@@ -25,6 +25,7 @@ from tokensieve.graph_passes.methods.reference import HookStage, run_reference
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.recipe import Recipe, ResolvedStage, parse_recipe, resolve_recipe
 from tokensieve.targets.base import DEFAULT_MAX_BATCH, DEFAULT_PRECISION, DEFAULT_TARGET, BuildSpec, Precision
+from tokensieve.trust import check_folder_files
 
 __all__ = ["plan", "Plan", "export", "ExportResult", "verify", "VerifyReport", "check_verified", "save",
            "remove_stale_engines", "build", "bench", "BenchReport", "export_folder", "read_export_report"]
@@ -486,6 +487,7 @@ def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> di
     missing = [k for k in required if k not in report]
     if missing:
         raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
+    check_folder_files(folder, [*ARTIFACTS.values(), *ENGINES, "model.pt2", "dense.pt2"], "re-export into a new folder")
     return report
 
 

@@ -129,8 +129,11 @@ def _inner_bias(inner: str | None, path: str | None):
     if file.suffix != ".npy":
         raise ConfigError(f"--inner-bias {path!r} is not a .npy file; {_MAKE_BIAS}")
     try:
-        bias = np.load(file, allow_pickle=False)
+        bias = np.load(file, allow_pickle=False)  # never unpickle: an object array is refused, not loaded
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError / OSError / EOFError for broken files
+        if "allow_pickle" in str(e):
+            raise ConfigError(f"--inner-bias {file.name!r} holds Python objects (allow_pickle), which tokensieve "
+                              "never loads; save a 1-D float array with numpy.save") from e
         raise ConfigError(f"--inner-bias {path!r} cannot be read as .npy ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); {_MAKE_BIAS}") from e
     if not isinstance(bias, np.ndarray) or not np.issubdtype(bias.dtype, np.floating) or bias.ndim != 1:
@@ -182,12 +185,15 @@ def load_vlm(path: str | os.PathLike):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from tokensieve.models import quiet_loading
+    from tokensieve.models import SAFE_LOADING, quiet_loading
+    from tokensieve.trust import check_model_folder
 
+    check_model_folder(folder)  # custom code (auto_map) is refused before transformers reads the folder
     cls = getattr(transformers, _families()[kind].hf_class)
     try:
         with quiet_loading():
-            model = cls.from_pretrained(str(folder), attn_implementation="sdpa", local_files_only=True)
+            model = cls.from_pretrained(str(folder), attn_implementation="sdpa", local_files_only=True,
+                                        **SAFE_LOADING)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for broken folders
         raise ModelError(f"Could not load {str(folder)!r} as {_families()[kind].hf_class}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e

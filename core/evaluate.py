@@ -127,6 +127,9 @@ def find_processor_dir(folder: Path, report: dict, processor: str | Path | None)
 def load_processor(d: Path):
     import os
 
+    from tokensieve.trust import check_model_folder
+
+    check_model_folder(d, ConfigError, weights=False)  # an image processor's auto_map: refused, never asked about
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoImageProcessor
@@ -135,7 +138,7 @@ def load_processor(d: Path):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            return AutoImageProcessor.from_pretrained(d, local_files_only=True)
+            return AutoImageProcessor.from_pretrained(d, local_files_only=True, trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(verbosity)
     except Exception as e:  # noqa: BLE001

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tokensieve.errors import ConfigError
 from tokensieve.fileio import write_json_atomic
+from tokensieve.trust import check_manifest_files
 
 VLM_MANIFEST_VERSION = 1
 VLM_MANIFEST_NAMES = ("llava_parts.json", "manifest.json")  # LLaVA, Qwen2-VL
@@ -103,4 +104,5 @@ def read_vlm_manifest(folder: str | Path, name: str | None = None) -> VlmManifes
     if unknown:
         raise ConfigError(f"{str(path)!r} has unknown field(s) {', '.join(unknown)}; re-export the folder with this "
                           "tokensieve")
+    check_manifest_files(folder, data["files"], data.get("engines"), path.name, "re-export it with `tokensieve export-vlm`")
     return VlmManifest(**data)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import ModelError, first_line
+from tokensieve.trust import check_model_folder
 
 BUILTIN = {
     # name: (ViTConfig kwargs, summary)
@@ -65,12 +66,13 @@ def _load_hf_dir(path: Path) -> nn.Module:
         raise ModelError(f"Model {str(path)!r} is neither a built-in model ({', '.join([*BUILTIN, *SHIPPED])}) nor a folder; pass --model default or a local HF checkpoint folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"Model folder {str(path)!r} has no config.json; pass a folder written by save_pretrained()")
+    check_model_folder(path)  # custom code (auto_map) is refused before transformers reads the folder
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
         from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     kind = getattr(config, "model_type", None)
@@ -90,7 +92,7 @@ def _load_hf_dir(path: Path) -> nn.Module:
     try:
         with quiet_loading():
             model, info = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                               output_loading_info=True)
+                                               output_loading_info=True, **SAFE_LOADING)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     missing = sorted(info.get("missing_keys") or ())
@@ -98,6 +100,11 @@ def _load_hf_dir(path: Path) -> nn.Module:
         print(f"tokensieve: warning: {len(missing)} weight(s) of {type(model).__name__} are not in {str(path)!r} and "
               f"stay randomly initialized (e.g. {missing[0]!r})", file=sys.stderr)
     return model.eval()
+
+
+# every from_pretrained of a model: no custom code, no stdin prompt, and weights from safetensors only (a
+# pytorch_model.bin is a pickle: refused by transformers with "no file named model.safetensors", never unpickled)
+SAFE_LOADING = dict(trust_remote_code=False, use_safetensors=True, weights_only=True)
 
 
 # model_type -> what it is: checkpoints `tokensieve export-vlm` takes, not `export`

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ConfigError, TargetError
+from ..trust import check_onnx_external_data
 from .base import BaseRunner, Dim, process_rss_bytes, trim_freed_heap
 
 # ONNX Runtime's type strings -> numpy dtypes (onnxruntime/python/onnxruntime_pybind_mlvalue.cc).
@@ -73,6 +74,7 @@ class OrtRunner(BaseRunner):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise TargetError(f"ONNX model {str(self.model_path)!r} does not exist; check the path or re-run `tokensieve export`")
+        check_onnx_external_data(self.model_path)  # before ONNX Runtime opens it: weights only from next to it
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"threads={threads!r} must be a positive integer or None (ONNX Runtime's default)")
         if providers is not None:

@@ -8,6 +8,8 @@ The engine's `<engine>.json` (written by `tokensieve build`) names the flavor (`
 and the I/O tensors. The runner refuses, before deserializing and with one line saying how to fix it, an engine whose
 metadata does not match the installed TensorRT flavor/version or the local GPU's compute capability, whose file size
 or sha256 differs from the metadata, or that needs a plugin library which was not given (`--plugins`).
+An engine is code: plugin code embedded in it (`build --embed-plugins`) runs only when the user allows it
+(`allow_host_code=True` or $TOKENSIEVE_ALLOW_ENGINE_HOST_CODE=1), never because the engine's metadata says so.
 
 Engines built with `--dims` (VLM lm_prefill / lm_decode) also take feeds whose other dynamic dims (sequence,
 past_sequence, ...) vary within the profile; a feed outside it, or two inputs that disagree on a named dim, is refused
@@ -24,6 +26,7 @@ engine's stream from outside needs an engine built with user-managed allocations
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, TargetError, first_line
+from ..trust import ALLOW_HOST_CODE_ENV
 from .base import BaseRunner, Dim, check_batch, random_array
 from .engine_metadata import (OFFSET_DIM, check_engine_compatible, check_engine_file, read_engine_metadata,
                               rebuild_hint)
@@ -79,12 +83,19 @@ class TrtRunner(BaseRunner):
     artifact_suffix = ".engine"  # bench looks for OUT/dense.engine and OUT/model.engine
 
     def __init__(self, engine_path: str | Path, plugins: str | Path | None = None, *, cuda_graph: bool = False,
-                 name: str | None = None) -> None:
+                 name: str | None = None, allow_host_code: bool | None = None) -> None:
+        """`allow_host_code`: run plugin code the engine embeds (None: $TOKENSIEVE_ALLOW_ENGINE_HOST_CODE=1)."""
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise TargetError(f"TensorRT engine {str(self.engine_path)!r} does not exist; build it with "
                               "`tokensieve build OUT/model.onnx --target rtx-smXX` (or --target local)")
         self.metadata = read_engine_metadata(self.engine_path)
+        self.allow_host_code = bool(allow_host_code) if allow_host_code is not None else \
+            os.environ.get(ALLOW_HOST_CODE_ENV) == "1"
+        embeds = any(isinstance(p, dict) and p.get("embedded") for p in self.metadata["plugins"])
+        if embeds and not self.allow_host_code:
+            raise TargetError(f"Engine {self.engine_path.name!r} embeds plugin code, which would run on load; if you "
+                              f"trust it, set {ALLOW_HOST_CODE_ENV}=1 (Python: allow_host_code=True)")
         # Refuse here, before anything is deserialized: a mismatching plan can crash TensorRT instead of failing.
         check_engine_compatible(self.metadata)
         check_engine_file(self.engine_path, self.metadata)
@@ -132,7 +143,7 @@ class TrtRunner(BaseRunner):
             if self.plugins is not None:  # creators must be registered before the plan that uses them is read
                 register_plugin_library(trt, self.plugins, _PLUGIN_HINT)
             runtime = trt.Runtime(logger)
-            if any(p["embedded"] for p in self.metadata["plugins"]):
+            if self.allow_host_code:  # the user's choice only: never the engine's own metadata
                 runtime.engine_host_code_allowed = True  # version-compatible plans that carry plugin code
             try:
                 engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())

@@ -18,7 +18,7 @@ PACKAGE_DIRS = {"core": "tokensieve", "exporter": "tokensieve.exporter", "graph_
 # Bottom to top. A module belongs to the first layer with a matching prefix (exact module or `prefix.`-subtree), most
 # specific prefix wins. A module may import its own layer or lower ones.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("tokensieve.errors", "tokensieve.fileio", "tokensieve.manifest")),
+    ("base", ("tokensieve.errors", "tokensieve.fileio", "tokensieve.manifest", "tokensieve.trust")),
     ("methods", ("tokensieve.graph_passes.methods",)),                     # pure torch math
     ("recipe", ("tokensieve.recipe",)),                                    # the one stage grammar -> typed stages
     ("runtime", ("tokensieve.runtime",)),                                  # loads and runs artifacts

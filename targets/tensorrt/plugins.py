@@ -2,9 +2,11 @@
 
 The C++/CUDA sources live in `plugin_src/` next to this file. They need TensorRT's headers only (no TensorRT library),
 so the library builds on a CPU-only machine with nvcc: headers come from $TENSORRT_INCLUDE_DIR or from the
-TensorRT 10.14 headers vendored in PyPI `kernel-lens==2.0.1` (downloaded once, never imported).
+TensorRT 10.14 headers vendored in PyPI `kernel-lens==2.0.1` (downloaded once by this explicit build step, pinned to
+the wheel's sha256, unpacked into the cache; never installed or imported).
 TensorRT finds the plugins through the library's exported `getCreators`; `load_plugins` registers them with the
-Python registry so the ONNX parser maps `tokensieve` domain nodes onto them.
+Python registry so the ONNX parser maps `tokensieve` domain nodes onto them. A library is code: it is loaded only
+from a path the user gave (`--plugins`, or $TOKENSIEVE_PLUGIN_LIB), never picked up from the cache or plugin_src/build.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ SOURCE_BUILD_DIR = SOURCE_DIR / "build"   # where `cmake -S plugin_src -B plugin
 PLUGIN_NAMESPACE = "tokensieve"
 PLUGIN_VERSION = "1"
 KERNEL_LENS = "kernel-lens==2.0.1"
+# sha256 of kernel_lens-2.0.1-py3-none-any.whl on PyPI (its one file; pip --require-hashes refuses any other bytes)
+KERNEL_LENS_SHA256 = "07cc714e8b5e7f34b672f7c7fad93febe7c747be5837ba276b1527370134ffe0"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"
 _HEADER_PREFIX = "kernel_lens/include/tensorrt/"
 _SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu", ".txt")
@@ -54,21 +58,28 @@ def default_build_dir() -> Path:
 
 
 def plugin_library_path() -> Path:
-    """$TOKENSIEVE_PLUGIN_LIB, else the cached build of the current sources, else plugin_src/build; TargetError if none."""
+    """$TOKENSIEVE_PLUGIN_LIB (the user's explicit choice); TargetError if it is unset or missing.
+
+    A library is code, so one that merely sits in the cache (build_plugin_library's default output) or in
+    plugin_src/build is never loaded implicitly: the error names it, for the user to pass with --plugins."""
     env = os.environ.get(PLUGIN_LIB_ENV)
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
             raise TargetError(f"{PLUGIN_LIB_ENV}={env!r} does not exist; point it at {LIBRARY_NAME} or unset it")
         return path
-    for path in (default_build_dir() / LIBRARY_NAME, SOURCE_BUILD_DIR / LIBRARY_NAME):
-        if path.is_file():
-            return path
+    found = (default_build_dir() / LIBRARY_NAME, SOURCE_BUILD_DIR / LIBRARY_NAME)
+    built = next((p for p in found if p.is_file()), None)
+    if built is not None:
+        raise TargetError(f"No plugin library given; pass --plugins {built} (or set {PLUGIN_LIB_ENV}): a library is "
+                          "code and is never loaded from the cache implicitly")
     raise TargetError(f"The tokensieve plugin library {LIBRARY_NAME} is not built; {_BUILD_HINT}")
 
 
 def ensure_headers() -> Path:
-    """A folder with TensorRT's NvInferRuntime.h: $TENSORRT_INCLUDE_DIR, else kernel-lens's copy in the cache."""
+    """A folder with TensorRT's NvInferRuntime.h: $TENSORRT_INCLUDE_DIR, else kernel-lens's copy in the cache, fetched
+    there on first use (build_plugin_library, `tests/assets.py fetch`: explicit setup steps) by `pip download
+    --require-hashes` of the one pinned wheel; the headers are unpacked from it, nothing is installed."""
     env = os.environ.get(HEADERS_ENV)
     if env:
         if (Path(env) / "NvInferRuntime.h").is_file():
@@ -81,16 +92,19 @@ def ensure_headers() -> Path:
     root = ensure_writable_dir(dest.parent.parent)
     fix = f"set {HEADERS_ENV} to a folder with TensorRT's NvInferRuntime.h"
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
+        pins = Path(tmp) / "requirements.txt"
+        pins.write_text(f"{KERNEL_LENS} --hash=sha256:{KERNEL_LENS_SHA256}\n")
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                            "--timeout", "30", "--retries", "1", "-d", tmp, KERNEL_LENS],
-                           check=True, capture_output=True, text=True, timeout=300)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--require-hashes", "--no-deps",
+                            "--only-binary=:all:", "-q", "--no-input", "--timeout", "30", "--retries", "1",
+                            "-d", str(Path(tmp) / "wheel"), "-r", str(pins)],
+                           check=True, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         except (subprocess.SubprocessError, OSError) as e:
             detail = _last_line(getattr(e, "stderr", None) or str(e))
             raise TargetError(f"Cannot download TensorRT headers ({KERNEL_LENS} from PyPI): {detail}; {fix}") from e
-        wheels = sorted(Path(tmp).glob("kernel_lens-*.whl"))
-        if not wheels:
-            raise TargetError(f"pip download {KERNEL_LENS} produced no wheel; {fix}")
+        wheels = sorted((Path(tmp) / "wheel").glob("kernel_lens-*.whl"))
+        if len(wheels) != 1 or hashlib.sha256(wheels[0].read_bytes()).hexdigest() != KERNEL_LENS_SHA256:
+            raise TargetError(f"pip download {KERNEL_LENS} gave no wheel with the pinned sha256; {fix}")
         staged = Path(tmp) / "include" / "tensorrt"
         staged.mkdir(parents=True)
         with zipfile.ZipFile(wheels[0]) as z:  # the headers only; kernel-lens itself is never imported
@@ -155,7 +169,7 @@ def build_plugin_library(out_dir: str | os.PathLike | None = None, archs: tuple[
 def load_plugins(trt_module: ModuleType, path: str | os.PathLike | None = None) -> Path:
     """Register the library's creators with `trt_module`'s plugin registry (once per process); return its path.
 
-    `path` defaults to `plugin_library_path()`; the registration itself is shared with TrtRunner
+    `path` defaults to `plugin_library_path()` ($TOKENSIEVE_PLUGIN_LIB only); the registration is shared with TrtRunner
     (tokensieve.runtime.tensorrt_plugins).
     """
     lib = Path(path) if path is not None else plugin_library_path()

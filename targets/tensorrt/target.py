@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokensieve.runtime.tensorrt_flavors import import_flavor
 from tokensieve.runtime.tensorrt_runner import TrtRunner
+from tokensieve.trust import check_onnx_external_data
 
 from ..base import BuildSpec, EngineInfo
 from . import builder
@@ -20,6 +21,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
                  extra_metadata: dict | None = None) -> EngineInfo:
     """Lower `onnx_path` for `spec` (tensorrt_lowering), build it for `spec.target`, and write the engine and
     `<engine>.json` atomically."""
+    check_onnx_external_data(onnx_path)  # before the builder reads it: weights only from next to the .onnx
     trt = import_flavor(spec.parsed_target.flavor)
     lowering = tensorrt_lowering(spec, strongly_typed=is_strongly_typed(trt, spec.parsed_target.flavor))
     return builder.build_engine(onnx_path, engine_path, spec, lowering, extra_metadata)
@@ -27,8 +29,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
 
 def build_plugin_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, spec: BuildSpec,
                         library: str | os.PathLike | None = None) -> EngineInfo:
-    """build_engine for a model with tokensieve plugin nodes: the plugin library (default: plugins.plugin_library_path)
-    registered first and recorded in the metadata.
+    """build_engine for a model with tokensieve plugin nodes: the plugin library (default: $TOKENSIEVE_PLUGIN_LIB via
+    plugins.plugin_library_path; never a library found in the cache) registered first and recorded in the metadata.
 
     The engine does not embed the library: whoever runs it loads the same library (Python `load_plugins`,
     `tokensieve-run --plugins`, `trtexec --dynamicPlugins`).

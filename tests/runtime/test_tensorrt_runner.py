@@ -176,7 +176,10 @@ def test_missing_plugin_library_names_plugins_flag(engine, tmp_path):
         TrtRunner(engine, plugins=tmp_path / "nope.so")
     assert "nope.so" in _one_line(e) and "--plugins" in str(e.value)
     _edit_meta(engine, plugins=[{"file": "libtokensieve_plugins.so", "sha256": "0" * 64, "embedded": True}])
-    TrtRunner(engine)  # embedded in the plan: no library needed
+    with pytest.raises(TargetError) as e:  # embedded plugin code runs only when the user allows it, not the metadata
+        TrtRunner(engine)
+    assert "TOKENSIEVE_ALLOW_ENGINE_HOST_CODE=1" in _one_line(e)
+    TrtRunner(engine, allow_host_code=True)  # embedded in the plan: no library needed
 
 
 @pytest.mark.skipif(local_compute_capability() is not None, reason="this machine has a GPU")
