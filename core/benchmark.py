@@ -13,6 +13,8 @@ is built once, with model.engine's target and batch profile (`api.build`), and k
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,11 +67,16 @@ class BenchSettings:
 
 def parse_batches(text: str) -> tuple[int, ...]:
     """'1,8,32' -> (1, 8, 32); anything else is a one-line ConfigError."""
+    from tokensieve.manifest import excerpt
+
     parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) > 64:
+        raise ConfigError(f"--batch lists {len(parts)} batch sizes; time at most 64 in one run")
     out = []
     for p in parts:
-        if not p.isdigit() or int(p) < 1:
-            raise ConfigError(f"--batch {text!r}: {p!r} is not a positive integer; use a comma-separated list like 1,8,32")
+        if not (p.isascii() and p.isdigit()) or len(p) > 12 or int(p) < 1:
+            raise ConfigError(f"--batch {excerpt(text, 40)}: {excerpt(p, 20)} is not a positive integer; use a "
+                              "comma-separated list like 1,8,32")
         out.append(int(p))
     if len(set(out)) != len(out):
         raise ConfigError(f"--batch {text!r} lists a batch size twice; list each once, e.g. 1,8,32")
@@ -87,6 +94,47 @@ def parse_sweep(text: str) -> tuple[str, ...]:
     if len(set(budgets)) != len(budgets):
         raise ConfigError(f"--sweep {text!r} lists a keep value twice; list each once")
     return tuple(budgets)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def batch_memory_estimate(report: dict, batch: int) -> int:
+    """Bytes one run of batch `batch` of this export needs, roughly: the float32 input plus one block's live
+    activations per sample (x, qkv, attention output: 5 (N, C); the MLP's 4C hidden twice: 8 (N, C); scores and
+    softmax: 2 (N, N) per 64-channel head), twice (the eager reference and ONNX Runtime / two sessions hold theirs)."""
+    shape = report.get("input_shape") or []
+    layout = report.get("layout") or {}
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731 - a report.json is input
+    per_input = math.prod(shape[1:]) if len(shape) > 1 and all(ok(v) for v in shape[1:]) else 0
+    n, c = layout.get("num_tokens"), layout.get("hidden_size")
+    per_block = (13 * n * c + 2 * max(1, c // 64) * n * n) if ok(n) and ok(c) else 0
+    return 4 * batch * 2 * (per_input + per_block)
+
+
+def check_batch_memory(report: dict, batch: int, flag: str = "--batch") -> None:
+    """One-line ConfigError, before anything is loaded, if batch `batch` cannot fit in this machine's memory (an
+    estimate that is a lower bound: a refused batch would certainly have failed with a MemoryError)."""
+    need, have = batch_memory_estimate(report, batch), available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"{flag} {batch} needs at least {_gib(need)} of memory (input and one block's activations) "
+                          f"but {_gib(have)} is available; lower {flag}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -142,6 +190,11 @@ def bench_folder(folder: str | Path, settings: BenchSettings = BenchSettings(), 
     """Benchmark OUT (written by `tokensieve export`): dense vs pruned per batch, plus the sweep if asked."""
     folder = Path(folder)
     report = read_export_report(folder, required=("macs_dense", "macs_pruned", "tokens_per_block", "recipe_shorthand"))
+    from tokensieve.manifest import EXPORT_REPORT_TYPES, check_field_types
+
+    check_field_types(report, EXPORT_REPORT_TYPES, repr(str(folder / "report.json")), "re-run `tokensieve export`")
+    for batch in {*settings.batches, settings.sweep_batch or settings.batches[0]}:
+        check_batch_memory(report, batch, "--sweep-batch" if batch not in settings.batches else "--batch")
     if settings.sweep:
         _swept_stage(report, settings.sweep_stage)  # a bad --sweep-stage fails before the timing, not after
     runner_cls = RUNNERS[settings.backend]

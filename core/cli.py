@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import textwrap
@@ -18,6 +19,59 @@ DEFAULT_RECIPE = "cls-topk@3,6,9:0.7"
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- option values
+
+# Upper bounds that no real run reaches; checked when the flags are parsed, before anything is loaded or written.
+MAX_BATCH = 65536          # a batch, or an engine profile's largest batch
+MAX_COUNT = 1_000_000      # inputs, timing blocks, iterations, warmup runs, candidates
+MAX_THREADS = 4096
+
+
+def int_in(low: int, high: int):
+    """argparse type: an integer in [low, high]; argparse turns the ArgumentTypeError into one line, exit 2."""
+    def parse(text: str) -> int:
+        from tokensieve.manifest import excerpt
+
+        try:
+            value = int(text.strip()) if len(text) < 40 else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{excerpt(text, 30)} is not an integer; use {low}..{high}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; use {low}..{high}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """argparse type: a finite number in [low, high] (or (low, high] with low_open); NaN and ±inf are refused."""
+    def parse(text: str) -> float:
+        from tokensieve.manifest import excerpt
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{excerpt(text, 30)} is not a number") from None
+        above = value > low if low_open else value >= low
+        if not math.isfinite(value) or not above or value > high:
+            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            raise argparse.ArgumentTypeError(f"{text.strip()} must be a finite number {bounds}")
+        return value
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `tokensieve CMD: error: ...` (exit 2), like every other user error;
+    the usage itself is one `--help` away."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        if len(message) > 140 and " (choose from " in message:  # the list of commands: --help shows it
+            message = message.split(" (choose from ")[0]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class Tool:
@@ -53,20 +107,25 @@ class Export(Tool):
         p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
         p.add_argument("--target", default=DEFAULT_TARGET,
                        help=f"engine target: rtx-sm75|80|86|89|120|121 or local (default {DEFAULT_TARGET})")
-        p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+        p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=DEFAULT_MAX_BATCH,
                        help=f"largest batch of the engine's profile (default {DEFAULT_MAX_BATCH})")
         p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS,
                        help=f"engine precision; fp16 keeps scores, TopK inputs, norms, softmax fp32 (default {DEFAULT_PRECISION})")
-        p.add_argument("--verify-inputs", type=int, default=8, help="random inputs compared with eager (default 8)")
-        p.add_argument("--atol", type=float, default=1e-4, help="max abs output difference vs eager (default 1e-4)")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for verify/bench")
+        p.add_argument("--verify-inputs", type=int_in(1, MAX_COUNT), default=8,
+                       help="random inputs compared with eager (default 8)")
+        p.add_argument("--atol", type=float_in(0), default=1e-4, help="max abs output difference vs eager (default 1e-4)")
+        p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime threads for verify/bench")
         p.add_argument("--no-build", action="store_true", help="skip the TensorRT engine (a re-export still "
                        "removes model.engine / dense.engine an earlier one built in the folder)")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so: the engine uses tokensieve's plugins "
                        "(DiversitySelect for divprune/mmr) in place of their standard-op forms")
         p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
-        p.add_argument("--bench-blocks", type=int, default=4, help="alternating timing blocks per model (default 4)")
-        p.add_argument("--bench-iters", type=int, default=20, help="timed runs per block (default 20)")
+        p.add_argument("--bench-blocks", type=int_in(1, MAX_COUNT), default=4,
+                       help="alternating timing blocks per model (default 4)")
+        p.add_argument("--bench-iters", type=int_in(1, MAX_COUNT), default=20, help="timed runs per block (default 20)")
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=None, help="batch of a model whose forward fixes "
+                       "it (len(x), ints from x.shape[0]): it is exported for this batch only (default 1; other "
+                       "models get a dynamic batch)")
 
     def run(self, args):
         from tokensieve import api
@@ -75,7 +134,7 @@ class Export(Tool):
             args.model, args.prune, args.output, target=args.target, precision=args.precision,
             max_batch=args.max_batch, plugins=args.plugins, build=not args.no_build, verify_inputs=args.verify_inputs,
             atol=args.atol, threads=args.threads, bench=not args.no_bench, bench_blocks=args.bench_blocks,
-            bench_iters=args.bench_iters, progress=_log)
+            bench_iters=args.bench_iters, progress=_log, batch=args.batch)
         print(format_report(report, Path(args.output)))
         return 0
 
@@ -124,16 +183,20 @@ class Verify(Tool):
 
     def add_args(self, p):
         p.add_argument("folder", help="folder written by `tokensieve export`")
-        p.add_argument("--inputs", type=int, default=8)
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--seed", type=int, default=1)
-        p.add_argument("--atol", type=float, default=1e-4)
+        p.add_argument("--inputs", type=int_in(1, MAX_COUNT), default=8)
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
+        p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=1)
+        p.add_argument("--atol", type=float_in(0), default=1e-4)
 
     def run(self, args):
         from tokensieve import api
 
         folder = Path(args.folder)
-        report = api.read_export_report(folder)
+        report = _checked_report(api.read_export_report(folder), folder,
+                                 required=("model", "block_paths", "layout", "stages", "input_shape"))
+        from tokensieve.benchmark import check_batch_memory
+
+        check_batch_memory(report, args.batch, "--batch")  # before the model loads
         reference, shape, blocks = api.reference_from_report(report)
         ver = api.verify_onnx(reference, shape, blocks, folder / api.ARTIFACTS["debug"], num_inputs=args.inputs,
                               batch=args.batch, seed=args.seed, atol=args.atol,
@@ -167,7 +230,7 @@ class Build(Tool):
         p.add_argument("-o", "--output", default=None, help="engine path (default: next to the ONNX, .engine)")
         p.add_argument("--target", default=DEFAULT_TARGET)
         p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS)
-        p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+        p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=DEFAULT_MAX_BATCH)
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for graphs with tokensieve plugin nodes "
                        "(build it with `python -m tokensieve.targets.tensorrt.plugins`)")
         p.add_argument("--embed-plugins", action="store_true", help="serialize the plugin library into the engine")
@@ -212,18 +275,21 @@ class Bench(Tool):
         p.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1), e.g. 1,8,32")
         p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), tensorrt or torch (the "
                        "programs api.save(..., parts=('torch',)) writes)")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+        p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime intra-op threads")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for engines with tokensieve plugins")
         p.add_argument("--cuda-graph", action="store_true", help="TensorRT, torch: replay one CUDA graph per batch size")
         p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="torch backend: where to run "
                        "(default cuda when torch sees a GPU, else cpu)")
         p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help="torch backend: precision (default fp32)")
-        p.add_argument("--blocks", type=int, default=4, help="alternating timing blocks per model (default 4)")
-        p.add_argument("--iters", type=int, default=20, help="timed runs per block (default 20)")
-        p.add_argument("--warmup", type=int, default=5, help="untimed runs before each block (default 5)")
+        p.add_argument("--blocks", type=int_in(1, MAX_COUNT), default=4,
+                       help="alternating timing blocks per model (default 4)")
+        p.add_argument("--iters", type=int_in(1, MAX_COUNT), default=20, help="timed runs per block (default 20)")
+        p.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=5, help="untimed runs before each block (default 5)")
         p.add_argument("--sweep", default=None, help="keep values for a token sweep of one stage, e.g. 0.3,0.5,0.7")
-        p.add_argument("--sweep-stage", type=int, default=0, help="recipe stage the sweep varies (0-based, default 0)")
-        p.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default: the first --batch)")
+        p.add_argument("--sweep-stage", type=int_in(0, 100_000), default=0,
+                       help="recipe stage the sweep varies (0-based, default 0)")
+        p.add_argument("--sweep-batch", type=int_in(1, MAX_BATCH), default=None,
+                       help="batch of the sweep (default: the first --batch)")
         p.add_argument("--json", default=None, help="write the full result (all stats) to this JSON file")
         p.add_argument("--md", default=None, help="write the markdown table to this file")
         p.add_argument("--plot", default=None, help="write PNG plots to this file (needs tokensieve[plot])")
@@ -282,6 +348,18 @@ def _check_engine(folder: Path, name: str) -> tuple[str, bool]:
             f"{size / 2**20:.1f} MiB, file {_engine_file_checked(meta)}"), True
 
 
+def _checked_report(report: dict, folder: Path, required: tuple[str, ...] = ()) -> dict:
+    """report.json with the `required` fields present and the types of the fields verify / inspect read checked (a
+    hand-edited one: one line, not a KeyError)."""
+    from tokensieve.manifest import EXPORT_REPORT_TYPES, check_field_types
+
+    missing = [k for k in required if k not in report]
+    if missing:
+        raise ConfigError(f"{str(folder / 'report.json')!r} lacks {', '.join(missing)}; re-run `tokensieve export`")
+    check_field_types(report, EXPORT_REPORT_TYPES, repr(str(folder / "report.json")), "re-run `tokensieve export`")
+    return report
+
+
 def _inspect_folder(folder: Path) -> int:
     """Summarize an export folder: a ViT export (report.json) or a VLM export (its parts manifest); 1 if a file it
     lists is missing or an engine does not match its metadata."""
@@ -296,8 +374,8 @@ def _inspect_folder(folder: Path) -> int:
         print(f"  {label:<14}{text}")
 
     if (folder / api.ARTIFACTS["report"]).is_file():
-        r = api.read_export_report(folder, required=("model", "recipe_shorthand", "tokens_per_block",
-                                                     "ideal_speedup", "verify"))
+        r = _checked_report(api.read_export_report(folder, required=("model", "recipe_shorthand", "tokens_per_block",
+                                                                     "ideal_speedup", "verify")), folder)
         print(f"{folder}: ViT export of {r['model']!r}, recipe {r['recipe_shorthand']}")
         tokens = r["tokens_per_block"]
         line("tokens", "→".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
@@ -360,7 +438,8 @@ class Inspect(Tool):
         if path.is_dir():
             return _inspect_folder(path)
         if not path.is_file():
-            raise ConfigError(f"{str(path)!r} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"{str(path)!r} {what}; pass an .onnx or .engine file or an export folder")
         if path.suffix == ".engine":
             from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
 
@@ -377,6 +456,9 @@ class Inspect(Tool):
             m = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"{str(path)!r} is not a readable ONNX file ({type(e).__name__}); re-export it") from e
+
+        if not (m.graph.node or m.graph.input or m.graph.output):  # an empty file parses as an empty ModelProto
+            raise ConfigError(f"{str(path)!r} holds no ONNX graph (empty or not an ONNX file); re-export it")
 
         def io(vs):
             return [f"{v.name} {[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}" for v in vs]
@@ -435,11 +517,12 @@ class Tune(Tool):
         p.add_argument("--model", default="default", help="`default` (ViT-S/16-224), `tiny`, or a local HF checkpoint folder")
         p.add_argument("--prune", default=DEFAULT_RECIPE, help=f"recipe shorthand or file to tune (default {DEFAULT_RECIPE})")
         p.add_argument("-o", "--output", default="tuned.toml", help="snapped recipe file, .toml/.json/.yaml (default tuned.toml)")
-        p.add_argument("--window", type=float, default=0.1, help="candidate K within ± this fraction of the patches (default 0.1)")
-        p.add_argument("--candidates", type=int, default=21, help="at most this many K per stage (default 21)")
-        p.add_argument("--tol", type=float, default=0.02, help="relative latency tolerance of one step (default 0.02)")
-        p.add_argument("--batch", type=int, default=1)
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--window", type=float_in(0, 1, low_open=True), default=0.1,
+                       help="candidate K within ± this fraction of the patches (default 0.1)")
+        p.add_argument("--candidates", type=int_in(2, 10_000), default=21, help="at most this many K per stage (default 21)")
+        p.add_argument("--tol", type=float_in(0), default=0.02, help="relative latency tolerance of one step (default 0.02)")
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
+        p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime threads")
         p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                        help="time on ONNX Runtime (default) or on TensorRT engines built per candidate (needs a GPU)")
         p.add_argument("--target", default="local", help="tensorrt backend: local (TensorRT, this GPU; default) or "
@@ -447,11 +530,13 @@ class Tune(Tool):
         p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS, help="tensorrt backend engine precision")
         p.add_argument("--plugins", default=None, help="tensorrt backend: libtokensieve_plugins.so (plugin substitution)")
         p.add_argument("--cuda-graph", action="store_true", help="tensorrt backend: replay CUDA graphs")
-        p.add_argument("--sweep-blocks", type=int, default=4, help="alternating blocks of the per-stage sweep (default 4)")
-        p.add_argument("--sweep-iters", type=int, default=20, help="timed runs per block in the sweep (default 20)")
-        p.add_argument("--blocks", type=int, default=4, help="alternating blocks of the final run (default 4)")
-        p.add_argument("--iters", type=int, default=20, help="timed runs per block in the final run (default 20)")
-        p.add_argument("--warmup", type=int, default=5)
+        p.add_argument("--sweep-blocks", type=int_in(1, MAX_COUNT), default=4,
+                       help="alternating blocks of the per-stage sweep (default 4)")
+        p.add_argument("--sweep-iters", type=int_in(1, MAX_COUNT), default=20,
+                       help="timed runs per block in the sweep (default 20)")
+        p.add_argument("--blocks", type=int_in(1, MAX_COUNT), default=4, help="alternating blocks of the final run (default 4)")
+        p.add_argument("--iters", type=int_in(1, MAX_COUNT), default=20, help="timed runs per block in the final run (default 20)")
+        p.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=5)
         p.add_argument("--json", default=None, help="also write the report to this JSON file")
         p.add_argument("--plot", default=None, help="write the per-stage latency staircase as PNG (needs tokensieve[plot])")
 
@@ -564,9 +649,9 @@ class Eval(Tool):
         p.add_argument("folder", help="export folder (tokensieve export -o)")
         p.add_argument("--images", required=True, help="image folder: DIR/<class>/*.png|jpg (labels) or DIR/*.png")
         p.add_argument("--processor", default=None, help="folder with the model's preprocessor_config.json")
-        p.add_argument("--batch", type=int, default=32, help="images per ONNX Runtime call (default 32)")
-        p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=32, help="images per ONNX Runtime call (default 32)")
+        p.add_argument("--limit", type=int_in(1, 10**9), default=None, help="evaluate only the first N images")
+        p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime threads")
         p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
     def run(self, args):
@@ -588,7 +673,7 @@ TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Vis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokensieve", description="Compile token-pruned vision transformers to ONNX and TensorRT engines.")
+    parser = _Parser(prog="tokensieve", description="Compile token-pruned vision transformers to ONNX and TensorRT engines.")
     from tokensieve import __version__
 
     parser.add_argument("--version", action="version", version=f"tokensieve {__version__}")
@@ -599,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(tool.name, help=summary, description=summary, epilog="examples:\n" + textwrap.indent(textwrap.dedent(rest), "  ") if rest else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         tool.add_args(p)
-        p.set_defaults(tool=tool)
+        p.set_defaults(tool=tool, subparser=p)
     return parser
 
 
@@ -608,7 +693,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named after the subcommand, like its other usage errors (parse_args would say `tokensieve:`)
+            (getattr(args, "subparser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help / --version (0) or a usage error, already printed in one line (2): returned
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "tool", None):
         parser.print_help()
         return 2
@@ -616,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.tool.run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
         return code
-    except TokenSieveError as e:
-        print(f"tokensieve {args.command}: error: {e}", file=sys.stderr)
+    except TokenSieveError as e:  # one line, whatever the message quoted
+        print(f"tokensieve {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tokensieve: interrupted", file=sys.stderr)

@@ -22,6 +22,11 @@ from pathlib import Path
 
 from tokensieve.errors import ConfigError
 from tokensieve.graph_passes.methods.registry import METHODS
+from tokensieve.manifest import excerpt, read_document
+
+# Beyond any model: a larger block index or keep count is a typo (and would be quoted in full by later messages).
+MAX_BLOCK_INDEX = 100_000
+MAX_KEEP_COUNT = 10**9
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,11 @@ class Budget:
     def __post_init__(self):
         if (self.ratio is None) == (self.count is None):
             raise ConfigError("A budget needs exactly one of a keep ratio or a keep count")
-        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):  # NaN fails too
             raise ConfigError(f"keep ratio {self.ratio} is out of range; use 0 < keep <= 1 (e.g. 0.7)")
-        if self.count is not None and self.count < 1:
-            raise ConfigError(f"keep count {self.count} is out of range; keep at least 1 patch token")
+        if self.count is not None and not 1 <= self.count <= MAX_KEEP_COUNT:
+            raise ConfigError(f"keep count {excerpt(self.count, 30)} is out of range; keep at least 1 patch token "
+                              f"(and at most {MAX_KEEP_COUNT})")
 
     def resolve(self, num_patches: int) -> int:
         """The static K for a stage that receives `num_patches` patch tokens."""
@@ -59,17 +65,23 @@ class Stage:
     params: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)} (see `tokensieve methods`)")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ConfigError(unknown_method(self.method))
+        if not isinstance(self.after_block, int) or isinstance(self.after_block, bool):
+            raise ConfigError(f"after_block {excerpt(self.after_block, 30)} must be an integer block index")
         if self.after_block < 0:
             raise ConfigError(f"after_block={self.after_block} is negative; blocks are numbered from 0")
+        if self.after_block > MAX_BLOCK_INDEX:
+            raise ConfigError(f"after_block={excerpt(self.after_block, 30)} is beyond any model's blocks (at most "
+                              f"{MAX_BLOCK_INDEX}); blocks are numbered from 0")
         spec = METHODS[self.method]
         known = {p.name for p in spec.params}
         checked = []
         for name, value in self.params:
-            if name not in known:
+            if not isinstance(name, str) or name not in known:
                 allowed = ", ".join(sorted(known)) or "none"
-                raise ConfigError(f"Method {self.method!r} has no parameter {name!r}; its parameters: {allowed}")
+                raise ConfigError(f"Method {self.method!r} has no parameter {excerpt(name, 40)}; its parameters: "
+                                  f"{allowed}")
             try:
                 checked.append((name, spec.param(name).check(value, self.method)))
             except ValueError as e:
@@ -98,6 +110,15 @@ class Stage:
         if self.params:
             d["params"] = dict(self.params)
         return d
+
+
+def unknown_method(name: object) -> str:
+    """The one-line message for a method name that is not in METHODS (with the closest names, if any)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.6) if isinstance(name, str) else []
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"Unknown method {excerpt(name, 40)}; {hint}`tokensieve methods` lists all {len(METHODS)}"
 
 
 @dataclass(frozen=True)
@@ -139,6 +160,7 @@ def parse_recipe(text: str) -> Recipe:
 # --------------------------------------------------------------------------- the one stage grammar
 
 RECIPE_EXAMPLE = "METHOD@BLOCKS:KEEP, e.g. cls-topk@3,6,9:0.7 (ratio) or cls-topk@4:98 (count)"
+RECIPE_FILE_FIX = "fix it or pass a shorthand like cls-topk@3:0.7"
 _STAGE = re.compile(r"^(?P<method>[A-Za-z][\w-]*)\s*(?:\((?P<params>[^()]*)\))?\s*(?:@(?P<places>[^:]*))?:(?P<keep>.*)$")
 
 
@@ -167,70 +189,74 @@ class StageText:
 def parse_stage_text(text: str, example: str = RECIPE_EXAMPLE) -> StageText:
     """`cls-topk(fuse=true)@3,6:0.7` -> StageText; a one-line ConfigError naming `example` otherwise. Syntax only:
     what the method accepts is checked where the text gets its role (Stage, FastV)."""
-    where = str(text).strip()
-    m = _STAGE.match(where)
+    text = str(text).strip()
+    where = excerpt(text, 60)  # what messages quote: an excerpt, however long the text
+    m = _STAGE.match(text)
     if not m or not m["keep"].strip() or (m["places"] is not None and not m["places"].strip()):
         kind = "recipe" if example == RECIPE_EXAMPLE else "stage"
-        raise ConfigError(f"Cannot parse {kind} {where!r}; write {example}")
+        empty = " (an empty stage: two '+' in a row, or a '+' at an end)" if not text else ""
+        raise ConfigError(f"Cannot parse {kind} {where}{empty}; write {example}")
     raw: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
         key, eq, value = (x.strip() for x in item.partition("="))
         if not eq or not key:
-            raise ConfigError(f"Parameter {item!r} in {where!r} must be name=value, e.g. cls-topk(fuse=true)@3:0.7")
+            raise ConfigError(f"Parameter {excerpt(item, 40)} in {where} must be name=value, e.g. "
+                              "cls-topk(fuse=true)@3:0.7")
         if key in raw:
-            raise ConfigError(f"Parameter {key!r} is given twice in {where!r}; give it once")
+            raise ConfigError(f"Parameter {excerpt(key, 40)} is given twice in {where}; give it once")
         raw[key] = value
     places = None
     if m["places"] is not None:
         try:
             places = tuple(int(b) for b in m["places"].split(","))
         except ValueError:
-            raise ConfigError(f"Block list {m['places']!r} in {where!r} must be comma-separated integers, e.g. "
-                              "3,6,9") from None
-    return StageText(m["method"], tuple(raw.items()), places, _parse_keep(m["keep"], where=where), where)
+            raise ConfigError(f"Block list {excerpt(m['places'], 40)} in {where} must be comma-separated integers, "
+                              "e.g. 3,6,9") from None
+    return StageText(m["method"], tuple(raw.items()), places, _parse_keep(m["keep"], where=text), text)
 
 
 def _literal(value: str) -> object:
-    """A parameter value as a TOML-like literal (true, 0.5, 3, "x"); anything else stays the written string."""
+    """A parameter value as a TOML-like literal (true, 0.5, 3, "x"); anything else stays the written string (which
+    the method's parameter check then refuses with its type). One line only: a newline would let the value write
+    other TOML keys."""
+    value = value.strip()
+    if any(ch in value for ch in "\r\n"):
+        return value
     try:
-        return tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value.strip()
+        return tomllib.loads(f"v = {value}")["v"]
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: `fuse=[[[[…` nests too deeply to parse
+        return value
 
 
 def _parse_keep(value: object, where: str) -> Budget:
+    """KEEP as written (a string) or as read from a recipe file (a number) -> Budget; a one-line ConfigError for
+    anything else (NaN, inf, booleans, lists, words)."""
+    where = excerpt(str(where), 60)
     if isinstance(value, bool):
-        raise ConfigError(f"keep in {where!r} must be a ratio (0 < r <= 1) or a token count, not a boolean")
+        raise ConfigError(f"keep in {where} must be a ratio (0 < r <= 1) or a token count, not a boolean")
     if isinstance(value, int):
         return Budget(count=value)
     if isinstance(value, float):
         return Budget(ratio=value)
-    s = str(value).strip()
+    if not isinstance(value, str):
+        raise ConfigError(f"keep {excerpt(value, 30)} in {where} is not a number; use a ratio like 0.7 or a count "
+                          "like 98")
+    s = value.strip()
     try:
         return Budget(ratio=float(s)) if any(ch in s for ch in ".eE") else Budget(count=int(s))
     except ValueError:
-        raise ConfigError(f"keep {s!r} in {where!r} is not a number; use a ratio like 0.7 or a count like 98") from None
+        raise ConfigError(f"keep {excerpt(s, 30)} in {where} is not a number; use a ratio like 0.7 or a count like "
+                          "98") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Load a recipe file (.toml, .yaml/.yml, .json) holding `stage = [{method, after_block, keep, params?}, …]`."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"Cannot read recipe file {str(p)!r}: {e.strerror}") from e
-    try:
-        if p.suffix.lower() == ".toml":
-            data = tomllib.loads(raw.decode())
-        elif p.suffix.lower() == ".json":
-            data = json.loads(raw)
-        else:
-            import yaml
-
-            data = yaml.safe_load(raw)
-    except Exception as e:  # noqa: BLE001 - any parser error is the user's file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"Recipe file {str(p)!r} is not valid {p.suffix[1:].upper()}: {first}") from e
+    fmt = {".toml": "toml", ".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(p.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"Recipe file {str(p)!r} must end in .toml, .json, .yaml or .yml")
+    # bounded: a regular file of at most 16 MiB, valid UTF-8, YAML aliases expanding to at most 100000 values
+    data = read_document(p, fmt, "recipe file", RECIPE_FILE_FIX, label=p.suffix[1:].upper())
     return recipe_from_dict(data, where=str(p))
 
 
@@ -246,18 +272,22 @@ def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
     for i, s in enumerate(stages):
         if not isinstance(s, dict):
             raise ConfigError(f"{where}: stage {i} must be a table with method, after_block and keep")
-        unknown = set(s) - {"method", "after_block", "keep", "params"}
+        unknown = [k for k in s if k not in ("method", "after_block", "keep", "params")]
         if unknown:
-            raise ConfigError(f"{where}: stage {i} has unknown field(s) {sorted(unknown)}; allowed: method, after_block, keep, params")
+            raise ConfigError(f"{where}: stage {i} has unknown field(s) {excerpt(unknown, 60)}; allowed: method, "
+                              "after_block, keep, params")
         for key in ("method", "after_block", "keep"):
             if key not in s:
                 raise ConfigError(f"{where}: stage {i} is missing field {key!r}")
         if not isinstance(s["after_block"], int) or isinstance(s["after_block"], bool):
             raise ConfigError(f"{where}: stage {i} after_block must be an integer block index")
         params = s.get("params") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}: stage {i} params must be a table")
-        out.append(Stage(str(s["method"]), s["after_block"], _parse_keep(s["keep"], f"{where} stage {i}"), tuple(sorted(params.items()))))
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise ConfigError(f"{where}: stage {i} params must be a table of name = value")
+        if not isinstance(s["method"], str):
+            raise ConfigError(f"{where}: stage {i} method must be a method name, e.g. method = 'cls-topk'")
+        out.append(Stage(s["method"], s["after_block"], _parse_keep(s["keep"], f"{where} stage {i}"),
+                         tuple(sorted(params.items()))))
     return Recipe(tuple(out))
 
 
@@ -269,9 +299,8 @@ def recipe_from_diffrate(table: object, where: str = "recipe") -> Recipe:
     one entry per block from block 0 (the rest of the blocks keep their tokens). Needs n >= P_0 >= M_0 >= P_1 >= ...
     """
     if not isinstance(table, dict) or not {"patches", "prune", "merge"} <= set(table):
-        raise ConfigError(f"{where}: diffrate needs patches (patch tokens entering block 0), prune and merge (patch "
-                          "tokens after each block's pruning and merging), e.g. {\"patches\": 196, \"prune\": [196, 180], "
-                          "\"merge\": [190, 170]}")
+        raise ConfigError(f"{where}: diffrate needs patches, prune and merge (patch token counts), e.g. "
+                          "{\"patches\": 196, \"prune\": [196, 180], \"merge\": [190, 170]}")
     n, prune, merge = table["patches"], table["prune"], table["merge"]
     counts = [n, *(prune if isinstance(prune, list) else [None]), *(merge if isinstance(merge, list) else [None])]
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
@@ -333,9 +362,8 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
         if prev and METHODS[prev.stage.method].stateful(prev.options) and not (
                 s.method == prev.stage.method and spec.stateful(s.options())):
             raise ConfigError(
-                f"Stage {s.method}@{s.after_block} follows a stateful {prev.stage.method} stage (it carries token "
-                f"validity or sizes that only {prev.stage.method} stages with the same options handle); make the later "
-                "stages the same, or move this stage before it"
+                f"Stage {s.method}@{s.after_block} follows a stateful {prev.stage.method} stage (its token state only "
+                f"{prev.stage.method} with the same options reads); make later stages the same, or move this one first"
             )
         if prev and prev.options.get("compact"):
             raise ConfigError(

@@ -11,7 +11,8 @@ matplotlib draws the figure (Agg canvas, no pyplot state) and reads the image; i
 """
 from __future__ import annotations
 
-import json
+import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,10 @@ __all__ = ["token_origins", "kept_patch_masks", "load_image", "normalization", "
            "visualize"]
 
 DIM = 0.2  # brightness left on a dropped patch
+# An input image is resized to the model's (a few hundred pixels): larger ones are refused before they are decoded
+# (a PNG header may claim 100000 x 100000 pixels: 40 GB decoded).
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- kept positions -> patches (pure)
@@ -99,8 +104,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 
     mpl = _matplotlib()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Image {str(path)!r} does not exist; pass a PNG or JPEG file")
+    raw = _image_bytes(path)
     if path.suffix.lower() != ".png":
         try:
             import PIL  # noqa: F401
@@ -108,7 +112,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
             raise ConfigError(f"Reading {path.suffix or 'non-PNG'} images needs Pillow: pip install pillow "
                               "(or convert the image to PNG)") from None
     try:
-        img = np.asarray(mpl.image.imread(str(path)))
+        img = np.asarray(mpl.image.imread(io.BytesIO(raw), format=path.suffix.lower().lstrip(".") or None))
     except Exception as e:  # noqa: BLE001 - Pillow / matplotlib raise many types for a bad file
         raise ConfigError(f"{str(path)!r} is not a readable image ({first_line(e, 120)}); pass a PNG or JPEG file") from e
     if img.dtype.kind in "ui":
@@ -124,6 +128,36 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
 
 
+def _image_bytes(path: Path) -> bytes:
+    """The file's bytes, once its header shows at most MAX_IMAGE_PIXELS pixels; one-line ConfigError for a missing
+    file, a FIFO / device / folder, a file over MAX_IMAGE_BYTES or a header claiming more pixels (nothing decoded)."""
+    from tokensieve.manifest import read_regular_file
+
+    fix = "pass a PNG or JPEG file"
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"Image {str(path)!r} does not exist; {fix}")
+    raw = read_regular_file(path, "image", fix, limit=MAX_IMAGE_BYTES)
+    size = _header_size(raw)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ConfigError(f"Image {str(path)!r} is {size[0]}x{size[1]} pixels, more than {MAX_IMAGE_PIXELS:,} "
+                          "(it would be decoded in full before resizing); downscale it first")
+    return raw
+
+
+def _header_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels: PNG's IHDR, else Pillow's lazy open; None if
+    neither can tell (the decoder then refuses the file)."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+            return im.size
+    except Exception:  # noqa: BLE001 - not an image Pillow knows (or no Pillow): imread reports it
+        return None
+
+
 def normalization(model, model_dir: str | Path | None = None) -> tuple[list[float], list[float]]:
     """(mean, std) per channel: the model config's, else the folder's preprocessor_config.json, else 0.5 / 0.5."""
     cfg = getattr(model, "config", None)
@@ -131,15 +165,30 @@ def normalization(model, model_dir: str | Path | None = None) -> tuple[list[floa
     mean, std = getattr(cfg, "image_mean", None), getattr(cfg, "image_std", None)
     pre = Path(model_dir) / "preprocessor_config.json" if model_dir else None
     if (mean is None or std is None) and pre is not None and pre.is_file():
-        try:
-            data = json.loads(pre.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"Cannot read {str(pre)!r}: {first_line(e)}; fix or remove it") from e
+        from tokensieve.manifest import read_json_object
+
+        data = read_json_object(pre, "the image processor config", "fix or remove it")
         mean, std = data.get("image_mean"), data.get("image_std")
     if mean is None or std is None:
         return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    mean, std = [float(v) for v in np.atleast_1d(mean)], [float(v) for v in np.atleast_1d(std)]
+    mean, std = _channel_values(mean, "image_mean", pre), _channel_values(std, "image_std", pre, positive=True)
     return (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
+
+
+def _channel_values(value, name: str, where: Path | None, positive: bool = False) -> list[float]:
+    """1 or 3 finite numbers (> 0 for std) from a model config / preprocessor_config.json; one line otherwise."""
+    import numbers
+
+    values = list(value.reshape(-1)) if isinstance(value, np.ndarray) else value if isinstance(value, (list, tuple)) \
+        else [value]
+    ok = 1 <= len(values) <= 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                                       and (v > 0 or not positive) for v in values)
+    if not ok:
+        from tokensieve.manifest import excerpt
+
+        raise ConfigError(f"{name} {excerpt(value, 40)} in {str(where or 'the model config')!r} must be 1 or 3 finite "
+                          f"numbers{' > 0' if positive else ''}; fix or remove it")
+    return [float(v) for v in values]
 
 
 def to_pixels(image: np.ndarray, mean, std, channels: int = 3):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import TargetError
+from ..manifest import read_document
 from .tensorrt_flavors import FLAVOR_LABELS, RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
 
 SCHEMA_PREFIX = "tokensieve.tensorrt-engine/"
@@ -142,12 +142,12 @@ def read_engine_metadata(engine_path: str | os.PathLike) -> dict:
     engine metadata."""
     path = metadata_path_for(engine_path)
     fix = "rebuild the engine with `tokensieve build`"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise TargetError(f"No engine metadata {str(path)!r} next to the engine; {fix}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TargetError(f"Engine metadata {str(path)!r} is unreadable ({type(e).__name__}: {e}); {fix}") from e
+    if not os.path.lexists(path):
+        raise TargetError(f"No engine metadata {str(path)!r} next to the engine; {fix}")
+    try:  # bounded: a regular file of at most 16 MiB (not a FIFO, device or folder), valid UTF-8 JSON
+        meta = read_document(path, "json", "engine metadata", fix, error=TargetError)  # a non-object: normalized
+    except TargetError as e:
+        raise TargetError(f"Engine metadata {str(path)!r} is unreadable ({e.detail}); {fix}") from None
     return normalized(meta, repr(str(path)))
 
 

@@ -1,6 +1,7 @@
 """Method specs: what a pruning method reads from a block, how it selects, how it reduces."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
@@ -34,17 +35,40 @@ class Param:
     high: float | None = None
 
     def check(self, value: object, method: str) -> object:
-        """Return `value` converted to `kind`, or raise ValueError with a one-line reason."""
+        """Return `value` converted to `kind`, or raise ValueError with a one-line reason: the type, then for numbers
+        finiteness (NaN and ±inf compare False with every bound, so they are refused first) and the [low, high] range.
+        The one check of every method option, from the shorthand or from a recipe file."""
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ValueError(f"{method}: {self.name} must be true or false, got {value!r}")
+                raise ValueError(f"{method}: {self.name} must be true or false, got {_show(value)}")
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not float(value).is_integer()):
-            raise ValueError(f"{method}: {self.name} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
-        value = self.kind(value)
+        noun = "an integer" if self.kind is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{method}: {self.name} must be {noun}, got {_show(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{method}: {self.name} must be a finite number, got {value}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ValueError(f"{method}: {self.name}={value} is outside [{self.low}, {self.high}]")
-        return value
+            raise ValueError(f"{method}: {self.name}={_show(value)} is outside [{self.low}, {self.high}]")
+        if self.kind is int and not float(value).is_integer():
+            raise ValueError(f"{method}: {self.name} must be {noun}, got {_show(value)}")
+        try:
+            return self.kind(value)
+        except OverflowError:  # an int beyond float, for a parameter without bounds
+            raise ValueError(f"{method}: {self.name}={_show(value)} is out of range") from None
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """A bounded repr of a user-given value (a huge int or a nested YAML list is cut, not expanded)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 2, 3, 3, limit, limit, limit
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        text = f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 FUSE = Param("fuse", False, "add EViT's extra token: the dropped tokens summed with their attention scores as "
