@@ -15,7 +15,7 @@ from torch import nn
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
-from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace
+from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace, trace_batch
 from tokensieve.fileio import ensure_writable_dir, folder_lock
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
@@ -62,6 +62,8 @@ class ExportResult(Plan):
     _dense_onnx: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     # the rewritten graph the pruned ONNX comes from (outputs: model output + kept_idx.<block>); the torch backend
     pruned_program: torch.export.ExportedProgram | None = field(default=None, repr=False, compare=False)
+    # False when the model fixes its batch (trace_batch fell back): the ONNX takes exactly input_shape[0] images
+    dynamic_batch: bool = field(default=True, compare=False)
 
     @property
     def dense_onnx(self) -> onnx.ModelProto:
@@ -88,6 +90,7 @@ class ExportResult(Plan):
             "recipe": self.recipe.to_dict(),
             "recipe_shorthand": self.recipe.shorthand(),
             "input_shape": list(self.input_shape),
+            "dynamic_batch": self.dynamic_batch,
             "num_blocks": len(self.block_paths),
             "block_paths": self.block_paths,
             "layout": asdict(self.layout),
@@ -113,21 +116,25 @@ class ExportResult(Plan):
 
 
 def plan(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
-         dynamic_batch: bool = True) -> Plan:
+         dynamic_batch: bool = True, batch: int | None = None) -> Plan:
     """Trace `model`, find its blocks and token layout, and bind the recipe to it (what `export` starts with)."""
-    return _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch)[0]
+    return _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch)[0]
 
 
-def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch):
-    """-> (Plan, example tensor, exported program, its GraphModule, blocks, trace seconds)."""
+def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch=None):
+    """-> (Plan, example tensor, exported program, its GraphModule, blocks, trace seconds, dynamic batch)."""
     if isinstance(recipe, str):
         recipe = parse_recipe(recipe)
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise ConfigError("example_inputs must be one (B, C, H, W) image tensor")
+    if batch is not None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"--batch {batch!r} must be an integer >= 1")
+        example = example[:1].expand(batch, *example.shape[1:]).contiguous()
     module = FirstOutput(model.eval())
     t0 = time.perf_counter()
-    ep = trace(module, example, dynamic_batch)
+    ep, dynamic_batch = trace_batch(module, example, dynamic_batch)
     seconds = time.perf_counter() - t0
     gm = ep.module()
     blocks = discover_blocks(gm)
@@ -142,14 +149,17 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch):
     hook_stages = [HookStage.for_block([b.path for b in blocks], s.stage.after_block, s.stage.method, s.keep,
                                        s.num_prefix_tokens, tuple(s.options.items()), layout.grid) for s in stages]
     bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
-    return bound, example, ep, gm, blocks, seconds
+    return bound, example, ep, gm, blocks, seconds, dynamic_batch
 
 
 def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
-           dynamic_batch: bool = True) -> ExportResult:
-    """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX."""
-    bound, example, ep, gm, blocks, trace_seconds = _bind(model, example_inputs, recipe, num_prefix_tokens,
-                                                          dynamic_batch)
+           dynamic_batch: bool = True, batch: int | None = None) -> ExportResult:
+    """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX.
+
+    The batch axis is dynamic unless the model fixes it (`len(x)`, ints from x.shape[0]): then the export is for
+    the example's batch, or `batch` (one warning line says so; ExportResult.dynamic_batch is False)."""
+    bound, example, ep, gm, blocks, trace_seconds, dynamic_batch = _bind(model, example_inputs, recipe,
+                                                                         num_prefix_tokens, dynamic_batch, batch)
     recipe, stages, module = bound.recipe, bound.stages, bound.module
     output_name = _output_name(module.model, example)
     seconds = {"trace": trace_seconds}
@@ -186,7 +196,7 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     return ExportResult(
         **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_program=ep_dense, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
-        _dense_onnx=dense_onnx, pruned_program=ep_pruned if stages else ep_dense,
+        _dense_onnx=dense_onnx, pruned_program=ep_pruned if stages else ep_dense, dynamic_batch=dynamic_batch,
     )
 
 
@@ -325,6 +335,10 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
         if len(runner.output_names) != 1 + len(stage_blocks):
             raise ConfigError(f"{str(onnx_path)!r} has {len(runner.output_names)} outputs, expected the model output + "
                               f"{len(stage_blocks)} kept_idx outputs; verify the model.debug.onnx written by export")
+        fixed = runner.input_specs[0][1][0]
+        if isinstance(fixed, int) and fixed != batch:   # a model that fixes its batch was exported for that batch
+            raise ConfigError(f"{str(onnx_path)!r} takes a fixed batch of {fixed} (the model fixes its batch); "
+                              f"pass --batch {fixed}")
         for _ in range(num_inputs):
             x = torch.randn(batch, *input_shape[1:], generator=gen)
             ref, kept = reference(x)
@@ -382,7 +396,10 @@ def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, targe
                      plugin_library=str(plugin_library) if plugin_library else None, embed_plugins=embed_plugins,
                      dims=dict(dims or {}))
     ensure_writable_dir(engine_path.parent)
-    return get_target("tensorrt").build(onnx_path, spec, engine_path, extra_metadata)
+    from tokensieve.fileio import interruptible
+
+    with interruptible():
+        return get_target("tensorrt").build(onnx_path, spec, engine_path, extra_metadata)
 
 
 # --------------------------------------------------------------------------- bench
@@ -512,50 +529,82 @@ def check_verified(ver: VerifyReport) -> None:
 def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: str = DEFAULT_TARGET,
                   precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH, plugins: str | Path | None = None, build: bool = True,
                   verify_inputs: int = 8, atol: float = 1e-4, threads: int | None = None, bench: bool = True,
-                  bench_blocks: int = 4, bench_iters: int = 20, progress=None) -> dict:
+                  bench_blocks: int = 4, bench_iters: int = 20, progress=None, batch: int | None = None) -> dict:
     """`tokensieve export`: load `model` (`default`, `tiny` or a HF folder), export it with `recipe` into `out`
     (model.onnx, model.debug.onnx, dense.onnx), verify against eager, build the engine (unless `build=False`), time
     dense vs pruned (unless `bench=False`) and write report.json; returns the report.
 
     Arguments are checked before anything is loaded; engines an earlier export left in `out` are removed (they were
     built from the ONNX files replaced here); a failed verification writes report.json, then raises
-    VerificationError. `progress(message)` hears each step."""
-    say = progress or (lambda _msg: None)
+    VerificationError. `batch`: the batch of a model that fixes it (export's `batch`). `progress(message)` hears
+    each step.
+
+    Faults: one writer at a time (a second one fails with one line); the folder holds the previous complete export
+    until the final swap, and a run that stops early (an error, Ctrl-C) leaves it so; a run that created `out`
+    removes it again. A killed run (SIGKILL) leaves a staging folder and temp files the next run removes."""
+    from tokensieve.fileio import check_interrupted, interruptible
+
+    def say(msg):
+        check_interrupted()   # each step: a Ctrl-C Python swallowed (in a finalizer) stops the job here
+        if progress:
+            progress(msg)
+
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     if build:  # a bad target / max batch / precision fails now, not after the export
         BuildSpec(target=target, max_batch=max_batch, precision=Precision.parse(precision), plugin_library=plugins)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"--batch {batch!r} must be an integer >= 1")
     created = not os.path.lexists(out)
     out = ensure_writable_dir(out)
-    try:
-        with folder_lock(out):
+    with interruptible(), folder_lock(out) as out:   # a second writer fails here, before touching the folder
+        try:
             return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs,
-                                  atol, threads, bench, bench_blocks, bench_iters, say)
-    except BaseException:
-        if created:  # leave no empty output folder behind; files written so far (report.json) stay
-            import contextlib
+                                  atol, threads, bench, bench_blocks, bench_iters, say, batch)
+        except BaseException:
+            if created:  # leave no empty output folder behind; files written so far (report.json) stay
+                import contextlib
 
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
 
 
 STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
+# every file name an export may own in its folder: removed before a new export's files move in (_move_into_place)
+_OWNED = (*(ARTIFACTS[k] for k in SAVED_PARTS), *(f"{n}.data" for n in (ARTIFACTS[k] for k in SAVED_PARTS)),
+          "model.pt2", "dense.pt2", *ENGINES, *(f"{e}.json" for e in ENGINES))
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove what killed runs left in `out` (the caller holds its folder lock, so no live run owns any of it):
+    staging folders and the temp files of the atomic writers (fileio.atomic_path) of the export's file names."""
+    import shutil
+
+    from tokensieve.fileio import remove_stale_temps
+
+    for leftover in out.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    remove_stale_temps(out, (*_OWNED, ARTIFACTS["report"]))
 
 
 def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                   threads, do_bench, bench_blocks, bench_iters, say) -> dict:
+                   threads, do_bench, bench_blocks, bench_iters, say, batch=None) -> dict:
     """Everything is written into a staging folder inside `out` and moved into place at the end (report.json last):
     until then `out` still holds the previous complete export; a run killed midway leaves only its staging folder,
     which the next run (holding the folder lock) removes."""
     import shutil
     import tempfile
 
-    for leftover in out.glob(STAGING_PREFIX + "*"):  # a killed run's; we hold the lock, so no live run owns it
-        shutil.rmtree(leftover, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    from tokensieve.fileio import write_error
+
+    remove_stale_staging(out)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    except OSError as e:
+        raise write_error(e, out / STAGING_PREFIX, "create a staging folder in") from e
     try:
         report = _export_into(model_name, recipe, stage, target, precision, max_batch, plugins, do_build,
-                              verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say)
+                              verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say, batch)
         removed = _move_into_place(stage, out, report)
         if removed:
             say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
@@ -570,25 +619,39 @@ def _verify_report(d: dict) -> VerifyReport:
 
 
 def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
-    """Replace the folder's export by the staged one: the old report and the engines of the earlier export go, every
-    staged file is renamed into `out`, report.json last (with the final paths). Returns the stale engines removed."""
-    from tokensieve.fileio import write_json_atomic
+    """Replace the folder's export by the staged one; returns the stale engines removed.
 
-    old_report = out / ARTIFACTS["report"]
-    if old_report.is_file() or old_report.is_symlink():
-        old_report.unlink()
-    removed = remove_stale_engines(out, ENGINES)
-    for file in sorted(stage.iterdir()):
-        os.replace(file, out / file.name)
+    The final report.json is written into the staging folder first (a full disk fails here, the folder untouched);
+    then, with Ctrl-C held, only unlinks and renames: the old report.json goes (from here the folder holds no
+    complete export), then every file of the earlier export (model.onnx, ..., its engines), then the staged files
+    move in, report.json last. A run killed in between leaves files of one run only, without report.json."""
+    from tokensieve.fileio import check_interrupted, deferred_interrupts, write_error, write_json_atomic
+
     report["files"] = {k: str(out / Path(v).name) for k, v in report["files"].items()}
     if "build" in report:
         report["build"] |= {k: str(out / Path(report["build"][k]).name) for k in ("engine", "metadata")}
-    write_json_atomic(old_report, report)
+    write_json_atomic(stage / ARTIFACTS["report"], report)
+    staged = sorted(p for p in stage.iterdir() if p.name != ARTIFACTS["report"]) + [stage / ARTIFACTS["report"]]
+    old_report = out / ARTIFACTS["report"]
+    check_interrupted()
+    with deferred_interrupts():
+        try:
+            if old_report.is_file() or old_report.is_symlink():
+                old_report.unlink()
+            removed = remove_stale_engines(out, ENGINES, keep=())
+            for name in _OWNED:
+                file = out / name
+                if file.is_file() or file.is_symlink():
+                    file.unlink()
+            for file in staged:
+                os.replace(file, out / file.name)
+        except OSError as e:
+            raise write_error(e, out, "move the new export into") from e
     return removed
 
 
 def _export_into(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                 threads, do_bench, bench_blocks, bench_iters, say) -> dict:
+                 threads, do_bench, bench_blocks, bench_iters, say, batch=None) -> dict:
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
     from tokensieve.models import load_model
@@ -598,13 +661,15 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     model, shape = load_model(model_name)
     say(f"[2/5] exporting with recipe {recipe} (torch.export -> graph passes -> ONNX)")
     t0 = time.perf_counter()
-    result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe)
+    result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe, batch=batch)
     paths = save(result, out)
     export_s = time.perf_counter() - t0
+    # a model that fixes its batch was exported for input_shape[0] images: verify and time it at that batch
+    run_batch = 1 if result.dynamic_batch else result.input_shape[0]
     report = {"schema": REPORT_SCHEMA, "model": str(model_name), **result.summary(), "export_seconds": export_s,
               "files": {k: str(v) for k, v in paths.items()}}
     say(f"[3/5] verifying against eager on {verify_inputs} random inputs")
-    ver = verify(result, paths["debug"], num_inputs=verify_inputs, atol=atol, threads=threads)
+    ver = verify(result, paths["debug"], num_inputs=verify_inputs, atol=atol, threads=threads, batch=run_batch)
     report["verify"] = {**ver.to_dict(), "output": result.output_name}
     if not ver.passed:
         return report
@@ -623,7 +688,7 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     if do_bench:
         say("[5/5] benchmarking dense vs pruned on ONNX Runtime (alternating blocks)")
         b = bench(paths["dense"], paths["model"], ideal_speedup=result.ideal_speedup, threads=threads,
-                  blocks=bench_blocks, iters=bench_iters, progress=lambda m: say(f"      {m}"))
+                  blocks=bench_blocks, iters=bench_iters, progress=lambda m: say(f"      {m}"), batch=run_batch)
         report["bench"] = b.to_dict()
     else:
         say("[5/5] benchmark skipped (--no-bench)")

@@ -62,6 +62,34 @@ def batch_dynamic_shapes(max_batch: int = 64) -> dict:
     return {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max_batch)}}
 
 
+def trace_batch(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True,
+                warn=None) -> tuple[torch.export.ExportedProgram, bool]:
+    """trace() with a dynamic batch axis if asked and the model allows it -> (program, whether the batch is dynamic).
+
+    A model whose forward fixes the batch (`len(x)`, Python ints from `x.shape[0]`) cannot be traced with a dynamic
+    batch: it is traced again with the example's batch, and `warn(message)` (default: one line on stderr) says so.
+    If the static trace fails too, the dynamic trace's error is raised."""
+    if not dynamic_batch:
+        return trace(module, example, False), False
+    try:
+        return trace(module, example, True), True
+    except ExportError as dynamic_error:
+        try:
+            ep = trace(module, example, False)
+        except ExportError:
+            raise dynamic_error from None
+    b = int(example.shape[0])
+    (warn or _warn)(f"the model fixes its batch (its forward reads the batch size as a Python int, e.g. len(x)), so "
+                    f"torch.export cannot make it dynamic: exported for batch {b} only; pass --batch N for another")
+    return ep, False
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"tokensieve: warning: {message}", file=sys.stderr, flush=True)
+
+
 def trace(module: nn.Module, example: torch.Tensor, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """torch.export `module(pixel_values)`; a dynamic batch axis needs an example batch >= 2."""
     if dynamic_batch and example.shape[0] < 2:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassBase
 
 from tokensieve.errors import ConfigError, TargetError
-from tokensieve.fileio import atomic_path, ensure_writable_dir
+from tokensieve.fileio import atomic_path, atomic_paths, ensure_writable_dir
 from tokensieve.runtime.engine_metadata import (OFFSET_DIM, engine_metadata, metadata_path_for, network_io,
                                                 sha256_file, tokensieve_version)
 from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor, local_compute_capability
@@ -55,6 +57,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; pass the model written by `tokensieve export`")
     ensure_writable_dir(engine_path.parent)
+    for path in (engine_path, meta_path):  # checked before minutes of building, not after
+        if path.is_dir():
+            raise ConfigError(f"Cannot write the engine to {str(path)!r}: that path is a folder; pass a file path "
+                              "(-o/--output out/model.engine)")
     trt = import_flavor(flavor)
     label = FLAVOR_LABELS[flavor]
     plugin_lib = load_plugins(trt, spec.plugin_library) if spec.plugin_library else None  # before the parser runs
@@ -101,7 +107,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
         cache = _load_timing_cache(config, spec) if flavor != RTX else None
         t0 = time.perf_counter()
-        plan = builder.build_serialized_network(network, config)
+        with _cancel_on_interrupt(trt, config):
+            plan = builder.build_serialized_network(network, config)
         seconds = time.perf_counter() - t0
         if plan is None:
             reasons = plugin_log.reasons(logger)
@@ -137,14 +144,54 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         plugin_substitutions=substituted,
     )
 
-    # Both files appear together or not at all: the metadata rename happens just before the engine's.
-    with atomic_path(engine_path) as tmp_engine, atomic_path(meta_path) as tmp_meta:
+    # Both are written under temp names, then the old metadata goes, the engine is renamed, the metadata last: a run
+    # killed in between leaves an engine without metadata (refused by readers), never new metadata beside an old
+    # engine; a full disk or a file-size limit fails here with one line and leaves the old pair as it was.
+    with atomic_paths(engine_path, meta_path) as (tmp_engine, tmp_meta):
         with open(tmp_engine, "wb") as f:
             f.write(data)
         tmp_meta.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     if cache is not None:
         _save_timing_cache(config, spec)
     return EngineInfo(engine_path, meta_path, metadata, seconds, data.nbytes)
+
+
+@contextmanager
+def _cancel_on_interrupt(trt: ModuleType, config):
+    """Ctrl-C (SIGINT) cancels the build at its next step (TensorRT's progress monitor) instead of after it: the
+    signal only sets a flag while the build runs (an exception raised inside TensorRT's callback would cross C++), and
+    KeyboardInterrupt is raised once the canceled build returns. A no-op off the main thread or where TensorRT has no
+    progress monitor."""
+    monitor_base = getattr(trt, "IProgressMonitor", None)
+    if monitor_base is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = []
+
+    class Monitor(monitor_base):
+        def __init__(self):
+            monitor_base.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not interrupted
+
+        def phase_finish(self, phase_name):
+            pass
+
+    config.progress_monitor = monitor = Monitor()
+    old = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+        with suppress(TypeError):
+            config.progress_monitor = None
+        del monitor
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def run_lowering(lowering: Sequence[PassBase], model: ir.Model) -> bool:
