@@ -17,6 +17,11 @@ Spawn options (all optional):
                       starting with ".") directly in DIR (K = 0: never; the number of such calls goes to count_file)
     "tmpfs": {"path": DIR, "size": "1m"}
                       the child first mounts a tmpfs of that size on DIR in its own mount (and user) namespace
+    "more": [ARGV, ...], "fill": N, "listing": {"dir": DIR, "to": PATH}
+                      after argv, run each of `more` in the same child (the tmpfs stays), first writing a file of N
+                      bytes (or as many as fit) into listing's dir when "fill" is given; after each run append
+                      {"code", "files": {relative path: sha256}} (hidden files included) of that dir to listing's
+                      "to" file (JSON lines): what a tmpfs held, seen from outside its namespace
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ class ForkServer:
         return json.loads(line)
 
     def spawn(self, argv: list[str], log: str | os.PathLike, **options) -> int:
+        if "more" in options:
+            options["more"] = [[str(a) for a in more] for more in options["more"]]
         return self._call({"op": "spawn", "argv": [str(a) for a in argv], "log": str(log), **options})["pid"]
 
     def wait(self, pid: int) -> int:
@@ -188,10 +195,43 @@ def _child(msg: dict) -> int:
         h = msg["hook"]
         done = _install_hook(h["folder"], int(h["at"]), int(h["signal"]), h.get("count_file"))
     code = cli.main(list(msg["argv"]))
+    _listing(msg, code)
+    for i, argv in enumerate(msg.get("more", ())):
+        if i == 0 and msg.get("fill"):
+            _fill(Path(msg["listing"]["dir"]) / "filler", int(msg["fill"]))
+        code = cli.main(list(argv))
+        _listing(msg, code)
     sys.stdout.flush()
     sys.stderr.flush()
     done()
     return code
+
+
+def _fill(path: Path, size: int) -> None:
+    """Write up to `size` bytes to `path`, stopping quietly when the disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        chunk = b"\0" * 65536
+        try:
+            while size > 0:
+                size -= f.write(chunk[: min(size, len(chunk))])
+        except OSError:
+            pass
+
+
+def _listing(msg: dict, code: int) -> None:
+    import hashlib
+
+    if not msg.get("listing"):
+        return
+    root = Path(msg["listing"]["dir"])
+    files = {}
+    for p in sorted(root.rglob("*")) if root.is_dir() else ():
+        if p.is_file() and p.name != "filler":
+            files[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            files[str(p.relative_to(root)) + "/"] = "dir"
+    with open(msg["listing"]["to"], "a") as f:
+        f.write(json.dumps({"code": code, "exists": root.is_dir(), "files": files}) + "\n")
 
 
 def serve():
