@@ -9,9 +9,11 @@ from torch import nn
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.adapter import VlmAdapter
 from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
+from tokensieve.exporter.vlm.qwen2_5_vl_adapter import Qwen25VLAdapter
 from tokensieve.exporter.vlm.qwen2_vl_adapter import Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[VlmAdapter]] = {cls.hf_class: cls for cls in (LlavaAdapter, Qwen2VLAdapter)}
+ADAPTERS: dict[str, type[VlmAdapter]] = {cls.hf_class: cls for cls in (LlavaAdapter, Qwen2VLAdapter,
+                                                                         Qwen25VLAdapter)}
 BY_MODEL_TYPE: dict[str, type[VlmAdapter]] = {cls.model_type: cls for cls in ADAPTERS.values()}
 
 
@@ -22,7 +24,7 @@ def adapter_class(model: nn.Module) -> type[VlmAdapter]:
             return ADAPTERS[cls.__name__]
     kind = getattr(getattr(model, "config", None), "model_type", None)
     got = type(model).__name__ if kind is None else kind
-    raise ConfigError(f"export_vlm supports {' and '.join(c.label for c in ADAPTERS.values())}, got {got!r}; export "
+    raise ConfigError(f"export_vlm supports {', '.join(c.label for c in ADAPTERS.values())}, got {got!r}; export "
                       "other models with tokensieve.api.export")
 
 
@@ -32,7 +34,7 @@ def adapter_for(model: nn.Module) -> VlmAdapter:
 
 
 def adapter_by_type(model_type: str) -> type[VlmAdapter]:
-    """The adapter of a manifest's or result's model_type ("llava", "qwen2_vl")."""
+    """The adapter of a manifest's or result's model_type ("llava", "qwen2_vl", "qwen2_5_vl")."""
     if model_type not in BY_MODEL_TYPE:
         raise ConfigError(f"model type {model_type!r} is not a VLM family tokensieve exports; one of "
                           f"{', '.join(BY_MODEL_TYPE)}")

@@ -123,15 +123,15 @@ def check_keep(layout: ImageLayout, keep: int, spec: PruneMethod | None = None, 
         raise ConfigError(f"{spec.name} {reason} (grid ({layout.t}, {layout.h}, {layout.w}))")
 
 
-def resolve_method(name: str, options: dict | None = None,
-                   layout: ImageLayout | None = None) -> tuple[PruneMethod, dict]:
+def resolve_method(name: str, options: dict | None = None, layout: ImageLayout | None = None,
+                   family: str = "Qwen2-VL") -> tuple[PruneMethod, dict]:
     """The registry entry + checked options of a CLS-free method usable after the merger (on `layout`'s tokens when
-    given: a video refuses feather), or a one-line ConfigError."""
+    given: a video refuses feather), or a one-line ConfigError naming `family` (Qwen2-VL, Qwen2.5-VL)."""
     video = layout is not None and layout.is_video
     usable = cls_free_methods(video)
     spec = METHODS.get(name)
     if spec is None:
-        raise ConfigError(f"Unknown pruning method {name!r}; Qwen2-VL takes one of: {', '.join(usable)}")
+        raise ConfigError(f"Unknown pruning method {name!r}; {family} takes one of: {', '.join(usable)}")
     opts = spec.defaults() | dict(options or {})
     unknown = set(opts) - {p.name for p in spec.params}
     if unknown:
@@ -141,7 +141,7 @@ def resolve_method(name: str, options: dict | None = None,
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if spec.needs_cls(opts):
-        raise ConfigError(f"{name} scores with the [CLS] token, which Qwen2-VL's vision tower does not have; "
+        raise ConfigError(f"{name} scores with the [CLS] token, which {family}'s vision tower does not have; "
                           f"use a CLS-free method: {', '.join(usable)}"
                           + (" (or mean_attention=true)" if any(p.name == "mean_attention" for p in spec.params) else ""))
     if video and _budget_share_on_attention(spec):
@@ -149,9 +149,9 @@ def resolve_method(name: str, options: dict | None = None,
                           f"attention is per temporal step; for grid ({layout.t}, {layout.h}, {layout.w}) use one of: "
                           f"{', '.join(usable)}")
     if name not in usable:
-        raise ConfigError(f"{name} does not apply to Qwen2-VL's merged image tokens; use one of: {', '.join(usable)}")
+        raise ConfigError(f"{name} does not apply to {family}'s merged image tokens; use one of: {', '.join(usable)}")
     if any(opts.get(k) for k in _TOKEN_ADDING):
-        raise ConfigError(f"{name}: fuse/pospad add tokens that have no M-RoPE position; turn them off for Qwen2-VL")
+        raise ConfigError(f"{name}: fuse/pospad add tokens that have no M-RoPE position; turn them off for {family}")
     if opts.get("loop"):
         raise ConfigError(f"{name}: loop=true exports an ONNX Loop; vision_prune must stay loop-free (use loop=false)")
     return spec, opts
@@ -191,9 +191,11 @@ class Qwen2VLVisionPrune(nn.Module):
     (in order), which reproduces HF's `get_image_features` (an image) / `get_video_features` (a video) exactly.
     """
 
+    family = "Qwen2-VL"  # what the messages call the tower's model
+
     def __init__(self, visual: nn.Module, layout: ImageLayout, method: str, keep: int, options: dict | None = None):
         super().__init__()
-        self.spec, self.options = resolve_method(method, options, layout)
+        self.spec, self.options = resolve_method(method, options, layout, self.family)
         check_keep(layout, keep, self.spec, self.options)
         self.visual, self.layout, self.keep = visual, layout, keep
         with torch.no_grad():
@@ -205,10 +207,10 @@ class Qwen2VLVisionPrune(nn.Module):
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
         x = self.visual.patch_embed(pixel_values)                                # (N, C)
         blocks = self.visual.blocks
-        for blk in blocks[:-1]:
-            x, _ = self._block(blk, x)
+        for index, blk in enumerate(blocks[:-1]):
+            x, _ = self._block(index, blk, x)
         x_in = x
-        x, (q, k, scale) = self._block(blocks[-1], x)
+        x, (q, k, scale) = self._block(len(blocks) - 1, blocks[-1], x)
         merged = self.visual.merger(x).unsqueeze(0)                              # (1, N_m, H_lm)
         scores = self._scores(q, k, scale, x_in, x, merged)
         # the one stage dispatcher with the scores pooled here: TopK / the method's own select -> recycling
@@ -216,19 +218,26 @@ class Qwen2VLVisionPrune(nn.Module):
                                    frames=self.layout.t)
         return tokens.squeeze(0), idx.squeeze(0)
 
-    def _block(self, blk: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
-        """HF's Qwen2VLVisionBlock with its attention as one SDPA whose batch is the t temporal steps: HF's cu_seqlens
-        segments [i·hw, (i+1)·hw) (an image: one segment [0, N]); returns the block output and the (t, heads, hw, D)
-        q, k the scores read."""
+    def _block(self, index: int, blk: nn.Module, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float]]:
+        """HF's vision block `index` (norm1, qkv, rotary, attention, proj, norm2, mlp: Qwen2-VL's and Qwen2.5-VL's
+        alike) with its attention by `_attend`; returns the block output and the q, k the scores read."""
         attn = blk.attn
-        n, t = x.shape[0], self.layout.t
+        n = x.shape[0]
         q, k, v = attn.qkv(blk.norm1(x)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = apply_rotary_pos_emb_vision(q, k, self.rope_cos, self.rope_sin)
-        q, k, v = (s.reshape(t, n // t, attn.num_heads, -1).transpose(1, 2) for s in (q, k, v))  # (t, heads, hw, D)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
-        x = x + attn.proj(o.transpose(1, 2).reshape(n, -1))                     # (t, hw, heads, D) -> (N, C)
+        o, q, k = self._attend(index, q, k, v, attn.scaling)
+        x = x + attn.proj(o.reshape(n, -1))                                      # (N, heads, D) -> (N, C)
         x = x + blk.mlp(blk.norm2(x))
         return x, (q, k, attn.scaling)
+
+    def _attend(self, index: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, heads, D) q, k, v of block `index` -> (attention output (N, heads, D), q, k as the scores read them):
+        one SDPA whose batch is the t temporal steps, HF's cu_seqlens segments [i·hw, (i+1)·hw) (an image: one segment
+        [0, N]); q, k (t, heads, hw, D)."""
+        n, heads, t = q.shape[0], q.shape[1], self.layout.t
+        q, k, v = (s.reshape(t, n // t, heads, -1).transpose(1, 2) for s in (q, k, v))  # (t, heads, hw, D)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return o.transpose(1, 2).reshape(n, heads, -1), q, k                    # (t, hw, heads, D) -> (N, heads, D)
 
     def _scores(self, q, k, scale, x_in, x_out, merged) -> Tensor:
         """(1, N_m) scores of the merged tokens (a (1, N_m, N_m) similarity for divprune).
@@ -317,7 +326,7 @@ def export_vision_prune(module: Qwen2VLVisionPrune):
     layout = module.layout
     spec = PartSpec((torch.zeros(layout.num_patches, layout.patch_dim),), (None,), ["pixel_values"],
                     ["image_features", "keep_idx"], {})
-    return export_part(module, spec, what="Qwen2-VL vision_prune")
+    return export_part(module, spec, what=f"{module.family} vision_prune")
 
 
 def _lm_example(model: nn.Module, prompt_len: int):

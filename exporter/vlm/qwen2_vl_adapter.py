@@ -30,6 +30,7 @@ the following text's, as HF does. The decode delta takes max(pos) over all of th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -69,28 +70,34 @@ class Qwen2VLAdapter(VlmAdapter):
     default_verify_batch = 1
     prompt_extra = PROMPT_EXTRA
     prompt_extra_what = f"{PROMPT_EXTRA} text and vision-marker tokens"
+    vision_class: ClassVar[type[Qwen2VLVisionPrune]] = Qwen2VLVisionPrune  # the family's vision_prune
+
+    @property
+    def family(self) -> str:
+        """What messages call the family: "Qwen2-VL"."""
+        return self.label.split(" (")[0]
 
     def layout(self, grid) -> ImageLayout:
         if grid is None:
-            raise ConfigError("Qwen2-VL needs the static image grid: pass grid=(t, h, w) in patches, e.g. (1, 28, 28) "
-                              "for a 392 px image, (2, 28, 28) for a 4-frame video")
+            raise ConfigError(f"{self.family} needs the static image grid: pass grid=(t, h, w) in patches, e.g. "
+                              "(1, 28, 28) for a 392 px image, (2, 28, 28) for a 4-frame video")
         if not hasattr(self.model, "lm_head") or not hasattr(getattr(self.model, "model", None), "visual"):
-            raise ConfigError(f"{type(self.model).__name__} is not a Qwen2VLForConditionalGeneration; load one with "
-                              "transformers' Qwen2VLForConditionalGeneration")
+            raise ConfigError(f"{type(self.model).__name__} is not a {self.hf_class}; load one with transformers' "
+                              f"{self.hf_class}")
         return image_layout(self.model.config.vision_config, grid)
 
     def outer_layer(self, layout: ImageLayout) -> None:
         return None  # after the merger
 
     def check_outer(self, layout: ImageLayout, stage: Stage) -> tuple[int, int, int]:
-        spec, options = resolve_method(stage.method, stage.options(), layout)  # [CLS] methods (a video: feather) fail
+        spec, options = resolve_method(stage.method, stage.options(), layout, self.family)  # [CLS] (a video: feather)
         keep = stage.keep.resolve(layout.num_merged)
         check_keep(layout, keep, spec, options)
         return keep, layout.num_merged, keep
 
     def vision_module(self, plan) -> Qwen2VLVisionPrune:
-        return Qwen2VLVisionPrune(self.model.model.visual, plan.layout, plan.stage.method, plan.keep,
-                                  plan.stage.options()).eval()
+        return self.vision_class(self.model.model.visual, plan.layout, plan.stage.method, plan.keep,
+                                 plan.stage.options()).eval()
 
     def sample_pixels(self, layout: ImageLayout, batch: int, seed: int) -> Tensor:
         return torch.randn(layout.num_patches, layout.patch_dim, generator=torch.Generator().manual_seed(seed))
