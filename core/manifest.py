@@ -189,6 +189,20 @@ def read_regular_file(path: str | Path, what: str, fix: str, *, limit: int = MAX
         os.close(fd)
 
 
+def check_creatable_dir(path: str | Path, flag: str) -> None:
+    """One-line ConfigError unless folder `path` exists or could be created, and is writable, checked WITHOUT creating
+    it: an output is checked before a long run, and a run that then fails leaves no empty folder behind."""
+    import os
+
+    existing = Path(os.path.abspath(path))
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r}: {str(existing)!r} is a file, not a folder; pass another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r}: folder {str(existing)!r} is not writable; pass another {flag}")
+
+
 def parse_document(raw: bytes, fmt: str, what: str, path: str | Path, fix: str, *, label: str | None = None,
                    error: type[Exception] = ConfigError) -> object:
     """`raw` parsed as "json", "toml" or "yaml" (safe: plain data only); a one-line `error` ("Cannot read WHAT 'PATH':
@@ -324,7 +338,9 @@ def read_vlm_manifest(folder: str | Path, name: str | None = None) -> VlmManifes
     check_field_types(data, _VLM_TYPES, repr(str(path)), "re-export the folder with `tokensieve export-vlm`")
     unknown = sorted(set(data) - {f.name for f in fields(VlmManifest)})
     if unknown:
-        raise ConfigError(f"{str(path)!r} has unknown field(s) {excerpt(unknown, 60)}; re-export the folder with this "
+        names = ", ".join(unknown)
+        names = names if len(names) <= 60 else names[:57] + "..."
+        raise ConfigError(f"{str(path)!r} has unknown field(s) {names}; re-export the folder with this "
                           "tokensieve")
     check_manifest_files(folder, data["files"], data.get("engines"), path.name, "re-export it with `tokensieve export-vlm`")
     return VlmManifest(**data)

@@ -578,21 +578,25 @@ RECIPE_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
 
 
 def check_recipe_path(path: str | Path) -> Path:
-    """-o must name a .toml/.json/.yaml file in a writable folder; checked before the (minutes long) run."""
-    from tokensieve.fileio import ensure_writable_dir
+    """-o must name a .toml/.json/.yaml file in a writable (or creatable) folder; checked before the (minutes long)
+    run without creating anything (save_recipe creates the folder)."""
+    from tokensieve.manifest import check_creatable_dir
 
     path = Path(path)
     if path.suffix.lower() not in RECIPE_SUFFIXES or path.is_dir():
         raise ConfigError(f"-o {str(path)!r} must be a recipe file ending in .toml, .json or .yaml, e.g. -o tuned.toml")
-    ensure_writable_dir(path.parent)
+    check_creatable_dir(path.parent, "-o")
     return path
 
 
 def save_recipe(report: TuneReport, path: str | Path) -> Path | None:
     """Write the chosen recipe atomically to `path`; None (nothing written) when dense was chosen."""
+    from tokensieve.fileio import ensure_writable_dir
+
     path = check_recipe_path(path)
     if report.chosen_recipe is None:
         return None
+    ensure_writable_dir(path.parent)
     write_bytes_atomic(path, recipe_file_text(report.chosen_recipe, path.suffix).encode())
     report.recipe_file = str(path)
     return path

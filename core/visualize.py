@@ -214,11 +214,13 @@ def _pixel_mask(mask: np.ndarray, grid: tuple[int, int], shape: tuple[int, int])
 
 
 def check_output(out: str | Path) -> Path:
-    """-o must be a .png path in a writable folder (checked before the export)."""
+    """-o must be a .png path in a writable (or creatable) folder; checked before the export, creating nothing."""
+    from tokensieve.manifest import check_creatable_dir
+
     out = Path(out)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise ConfigError(f"-o {str(out)!r}: visualize writes a PNG; give a path ending in .png")
-    ensure_writable_dir(out.parent)
+    check_creatable_dir(out.parent, "-o")
     return out
 
 
@@ -245,6 +247,7 @@ def render(image: np.ndarray, masks: list[np.ndarray], grid: tuple[int, int], ti
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    ensure_writable_dir(out.parent)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     return out

@@ -47,14 +47,15 @@ class Param:
             raise ValueError(f"{method}: {self.name} must be {noun}, got {_show(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{method}: {self.name} must be a finite number, got {value}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ValueError(f"{method}: {self.name}={_show(value)} is outside [{self.low}, {self.high}]")
-        if self.kind is int and not float(value).is_integer():
+        if self.kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{method}: {self.name} must be {noun}, got {_show(value)}")
         try:
-            return self.kind(value)
-        except OverflowError:  # an int beyond float, for a parameter without bounds
-            raise ValueError(f"{method}: {self.name}={_show(value)} is out of range") from None
+            value = self.kind(value)
+        except OverflowError:  # an int beyond float
+            raise ValueError(f"{method}: {self.name}={_show(value)} is outside [{self.low}, {self.high}]") from None
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{method}: {self.name}={_show(value)} is outside [{self.low}, {self.high}]")
+        return value
 
 
 def _show(value: object, limit: int = 40) -> str:
