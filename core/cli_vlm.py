@@ -1,4 +1,4 @@
-"""`tokensieve export-vlm`: a local LLaVA or Qwen2-VL checkpoint -> pruned vision part + LM prefill/decode ONNX,
+"""`tokensieve export-vlm`: a local LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint -> pruned vision part + LM prefill/decode ONNX,
 verified by greedy decoding against the eager model with the same pruning, then one TensorRT engine per part.
 Qwen2-VL exports one image (--grid 1,H,W) or one video (--grid T,H,W with T > 1 temporal patches)."""
 from __future__ import annotations
@@ -48,12 +48,12 @@ class ExportVlm:
     name = "export-vlm"
 
     def add_args(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="local Hugging Face folder of a LLaVA or Qwen2-VL checkpoint (save_pretrained)")
+        p.add_argument("model", help="local Hugging Face folder of a LLaVA, Qwen2-VL or Qwen2.5-VL (images) checkpoint (save_pretrained)")
         p.add_argument("--prune", default="cls-topk:0.25", help="METHOD[(options)]:KEEP, one outer stage after the "
                        "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...; a "
                        "Qwen2-VL video also takes the video methods evs and holitom)")
         p.add_argument("-o", "--output", required=True, help="output folder")
-        p.add_argument("--grid", default=None, help="Qwen2-VL: the static grid t,h,w in patches: 1,28,28 an image "
+        p.add_argument("--grid", default=None, help="Qwen2-VL / Qwen2.5-VL: the static grid t,h,w in patches: 1,28,28 an image "
                        "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
                        "for 4 frames), attended per temporal patch, its prompt holding video tokens")
         p.add_argument("--inner", default=None, help="inner pruning inside the LLM prefill, fastv@LAYER:KEEP "

@@ -20,6 +20,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.adapter import VlmAdapter
 from tokensieve.exporter.vlm.families import ADAPTERS, adapter_by_type, adapter_class, adapter_for
 from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
+from tokensieve.exporter.vlm.qwen2_5_vl_adapter import Qwen25VLAdapter
 from tokensieve.exporter.vlm.qwen2_vl_adapter import Qwen2VLAdapter
 from tokensieve.vlm_api import plan_vlm
 
@@ -34,7 +35,7 @@ def qwen():
     return _tiny_qwen2_vl()
 
 
-@pytest.mark.parametrize("cls", [LlavaAdapter, Qwen2VLAdapter])
+@pytest.mark.parametrize("cls", [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter])
 def test_adapters_implement_the_whole_interface(cls):
     assert issubclass(cls, VlmAdapter) and not inspect.isabstract(cls)
     for name in ("model_type", "hf_class", "label", "manifest_name", "batched", "static_grid", "default_verify_batch",
