@@ -219,17 +219,28 @@ def check_interrupted() -> None:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM (Ctrl-C) while the block runs, e.g. a few renames that must not stop halfway; a signal that
-    came meanwhile is delivered when it ends. A no-op outside the main thread (signals go to the main thread)."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM while the block runs, e.g. a few renames that must not stop halfway; a signal
+    that came meanwhile takes effect when it ends (the handler in place before is called / SIGTERM is sent again).
+    Python runs signal handlers in the main thread only, so a recording handler defers them whichever thread the
+    kernel picked. A no-op outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    got: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(got):
+            handler = old[sig]
+            if callable(handler):
+                handler(sig, None)       # Python's Ctrl-C handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ final swap (there by a hook that signals the child just before its K-th rename/u
 build's kills land at random times over its measured run, or (one in four) in its final renames by the same hook.
 
 The children are forked from a fork server (forkserver.py) that imported torch once. Default: 5 export kills (one
-per window) and 12 build kills per signal (34 kills, MEASURED_DEFAULT); the full run, 20 per kind (80 kills,
-MEASURED_FULL):
+per window) and 12 build kills per signal (34 kills: 87 s here); the full run, 20 per kind (80 kills: 222 s
+here):
     TOKENSIEVE_FAULT_POINTS=20 .venv/bin/python -m pytest -n 0 tests/hostile/test_faults.py
 TOKENSIEVE_FAULT_SEED picks another seed (default 0).
 """
