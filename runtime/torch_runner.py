@@ -64,6 +64,48 @@ def write_program(program, path: str | Path, output_names: list[str]) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def check_program_archive(path: str | Path) -> None:
+    """One-line TargetError unless the .pt2 at `path` loads without unpickling anything.
+
+    torch.export.load (torch 2.13) unpickles with weights_only=False in three places: payloads whose config says
+    `use_pickle`, custom / opaque object constants, and a `.pt` artifact (sample inputs, legacy weights) that fails
+    to load with weights_only=True. A program tokensieve writes has none of them, so a .pt2 from an untrusted export
+    folder is refused if its payload configs name one, and each of its `.pt` entries must load weights-only here
+    first (then torch's own load takes its weights-only branch)."""
+    import zipfile
+
+    torch = _torch()
+
+    def refuse(what: str) -> TargetError:
+        return TargetError(f"{str(path)!r} holds {what}, which loading would unpickle (run code); tokensieve "
+                           "loads only .pt2 files of plain tensors: re-export with `api.save(..., parts=('torch',))`")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                if name.endswith("_weights_config.json") or name.endswith("_constants_config.json"):
+                    try:
+                        config = json.loads(archive.read(info)).get("config", {})
+                    except (ValueError, AttributeError):
+                        raise refuse(f"an unreadable payload config {name!r}") from None
+                    if not isinstance(config, dict):
+                        raise refuse(f"a malformed payload config {name!r}")
+                    for fqn, meta in config.items():
+                        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+                            raise refuse(f"a pickled payload {str(fqn)[:80]!r}")
+                        if name.endswith("_constants_config.json") and \
+                                not str(meta.get("path_name", "")).startswith("tensor_"):
+                            raise refuse(f"a custom-object constant {str(fqn)[:80]!r}")
+                elif name.endswith(".pt"):
+                    try:
+                        torch.load(io.BytesIO(archive.read(info)), weights_only=True)
+                    except Exception:  # noqa: BLE001 - anything a weights-only unpickler rejects
+                        raise refuse(f"an object artifact {name!r}") from None
+    except zipfile.BadZipFile:
+        raise TargetError(f"cannot load {str(path)!r}: not a torch program archive (.pt2); re-export it") from None
+
+
 def read_program(path: str | Path):
     """(ExportedProgram, metadata dict) of a .pt2 written by `write_program`; one-line TargetError otherwise."""
     torch = _torch()
@@ -71,6 +113,7 @@ def read_program(path: str | Path):
     if not path.is_file():
         raise TargetError(f"torch program {str(path)!r} does not exist; write it with api.save(result, OUT, "
                           "parts=('torch',)) (`tokensieve export` writes only the ONNX files)")
+    check_program_archive(path)  # before torch.export.load, whose fallbacks unpickle
     extra = {META_ENTRY: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)

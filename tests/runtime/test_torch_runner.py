@@ -2,6 +2,8 @@
 the bench backend and the one-line errors. CUDA graphs / CUDA-event timing need a GPU (scripts/gpu_check.sh)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,49 @@ def test_one_loaded_program_serves_fp32_and_fp16_runners(saved):
     assert all(t.dtype == torch.float32 for t in loaded[0].state_dict.values() if t.is_floating_point())
     with TorchRunner(paths["torch"], device="cpu", program=loaded) as r32:
         assert next(iter(r32.infer(feeds).values())).dtype == np.float32
+
+
+class _Payload:
+    """Unpickling this writes a sentinel file: the code a hostile .pt2 would run."""
+
+    def __init__(self, sentinel: str):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def _rewrite(src, dst, replace):
+    """Copy the zip archive `src` to `dst`, entry by entry, with replace(name, data) -> data."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, replace(info.filename, zin.read(info)))
+
+
+@pytest.mark.parametrize("attack", ["pickled sample inputs", "use_pickle weight", "custom-object constant"])
+def test_a_program_archive_that_would_unpickle_is_refused_before_loading(saved, tmp_path, attack):
+    """bench --backend torch on an untrusted export folder: torch.export.load would unpickle these
+    (weights_only=False); read_program refuses them in one line and nothing runs."""
+    import pickle
+
+    _, paths = saved
+    sentinel = tmp_path / "ran"
+    evil = pickle.dumps(_Payload(str(sentinel)))
+
+    def replace(name, data):
+        if attack == "pickled sample inputs" and name.endswith("sample_inputs/model.pt"):
+            return evil
+        if attack == "use_pickle weight" and name.endswith("_weights_config.json"):
+            return data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+        if attack == "custom-object constant" and name.endswith("_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "custom_obj_0", "use_pickle": False}}}).encode()
+        return data
+
+    bad = tmp_path / "model.pt2"
+    _rewrite(paths["torch"], bad, replace)
+    with pytest.raises(TargetError) as e:
+        read_program(bad)
+    assert "unpickle" in _one_line(e) and len(_one_line(e)) < 300
+    assert not sentinel.exists()
