@@ -608,6 +608,10 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
         removed = _move_into_place(stage, out, report)
         if removed:
             say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
+    except ConfigError as e:  # a write that failed in the staging folder: name the file where the user will look
+        if str(stage) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(stage), str(out))) from e
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     check_verified(_verify_report(report["verify"]))
