@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from .errors import ConfigError
 
-TEMP_SUFFIX = ".tmp"   # a temp file of target T is `.T.<random>.tmp` next to T (tempfile.mkstemp)
+TEMP_SUFFIX = ".tmp"   # a temp file of target T is `.T.<8 random characters>.tmp` next to T (tempfile.mkstemp)
 
 # errno -> (why, how to fix) for a file that cannot be written
 _WRITE_FAULTS = {
@@ -85,7 +85,7 @@ def remove_stale_temps(folder: str | os.PathLike, names) -> list[Path]:
 
     removed = []
     for name in names:
-        for p in Path(folder).glob(f".{_glob_escape(name)}.*{TEMP_SUFFIX}"):
+        for p in Path(folder).glob(f".{_glob_escape(name)}.{'?' * 8}{TEMP_SUFFIX}"):  # mkstemp: 8 random characters
             try:
                 fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:

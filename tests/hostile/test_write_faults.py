@@ -147,3 +147,21 @@ def test_a_folder_or_a_file_in_the_way_is_one_line(server, export_dir, paths):
         no_temp_files(folder)
         no_temp_files(export_dir)
     print("\n" + "\n".join(lines))
+
+
+def test_stale_temp_files_go_and_a_live_writers_stay(tmp_path):
+    """The temp files of a killed writer (no flock on them) are removed by the next writer of that target; a live
+    writer's (flock-ed) and files that only look alike stay."""
+    import os
+    import tempfile
+
+    from tokensieve.fileio import atomic_path, remove_stale_temps
+
+    fd, stale = tempfile.mkstemp(prefix=".model.engine.", suffix=".tmp", dir=tmp_path)
+    os.close(fd)
+    (tmp_path / ".model.engine.my-backup.tmp").write_text("not ours")
+    with atomic_path(tmp_path / "model.engine") as live:
+        live.write_text("being written")
+        assert not Path(stale).exists()  # removed when this writer started
+        assert remove_stale_temps(tmp_path, ["model.engine"]) == [] and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.engine.my-backup.tmp", "model.engine"]
