@@ -131,7 +131,9 @@ def _inner_bias(inner: str | None, path: str | None):
     try:
         bias = np.load(file, allow_pickle=False)  # never unpickle: an object array is refused, not loaded
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError / OSError / EOFError for broken files
-        if "allow_pickle" in str(e):
+        with open(file, "rb") as f:
+            is_npy = f.read(6) == b"\x93NUMPY"  # numpy calls any non-.npy bytes "pickled data"
+        if is_npy and "allow_pickle" in str(e):
             raise ConfigError(f"--inner-bias {file.name!r} holds Python objects (allow_pickle), which tokensieve "
                               "never loads; save a 1-D float array with numpy.save") from e
         raise ConfigError(f"--inner-bias {path!r} cannot be read as .npy ({type(e).__name__}: "
