@@ -164,17 +164,15 @@ def _check_build_args(args: argparse.Namespace) -> None:
 
 def vlm_kind(path: str | os.PathLike) -> str:
     """The model_type of a local LLaVA / Qwen2-VL folder; one-line ModelError otherwise."""
-    import json
+    from tokensieve.manifest import read_json_object
 
     folder = Path(path)
     config = folder / "config.json"
     if not config.is_file():
         raise ModelError(f"{str(folder)!r} is not a Hugging Face model folder (no config.json); pass the folder "
                          "written by save_pretrained()")
-    try:
-        kind = json.loads(config.read_text()).get("model_type")
-    except ValueError as e:
-        raise ModelError(f"{str(config)!r} is not valid JSON ({e}); re-save the model") from e
+    kind = read_json_object(config, "a model config", "re-save the model with save_pretrained()",
+                            error=ModelError).get("model_type")
     if kind not in _families():
         raise ModelError(f"model_type {kind!r} is not a supported VLM ({', '.join(_families())}); ViTs go through "
                          "`tokensieve export --model DIR`")
