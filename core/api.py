@@ -376,6 +376,32 @@ def reference_from_report(report: dict):
     return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 
 
+# --------------------------------------------------------------------------- ONNX Runtime optimizer
+
+# What `optimize_folder` writes next to the export's files: the same graphs after ORT's transformer optimizer.
+OPTIMIZED = {"model": "model.opt.onnx", "debug": "model.debug.opt.onnx", "dense": "dense.opt.onnx"}
+
+
+def optimize_folder(folder: str | Path, *, num_inputs: int = 8, batch: int = 1, seed: int = 1,
+                    atol: float = 1e-4) -> dict:
+    """ORT's transformer optimizer on an export's pruned, debug and dense ONNX (dense and pruned alike), then the
+    optimized debug graph verified against the eager model like the export -> {"fused": {part: {op: count}},
+    "verify": VerifyReport}. On a failed verification the optimized files are removed (VerificationError)."""
+    from tokensieve.targets.onnxruntime.optimize import optimize_onnx
+
+    folder = Path(folder)
+    report = read_export_report(folder, required=("model", "block_paths", "layout", "stages", "input_shape"))
+    fused = {part: optimize_onnx(folder / ARTIFACTS[part], folder / name) for part, name in OPTIMIZED.items()}
+    reference, shape, blocks = reference_from_report(report)
+    ver = verify_onnx(reference, shape, blocks, folder / OPTIMIZED["debug"], num_inputs=num_inputs, batch=batch,
+                      seed=seed, atol=atol, padded=pads_output([s["method"] for s in report["stages"]]))
+    if not ver.passed:
+        for name in OPTIMIZED.values():
+            (folder / name).unlink(missing_ok=True)
+    check_verified(ver)
+    return {"fused": fused, "verify": ver}
+
+
 # --------------------------------------------------------------------------- build
 
 

@@ -210,6 +210,45 @@ class Verify(Tool):
         return 0
 
 
+class Optimize(Tool):
+    """Run ONNX Runtime's transformer optimizer on an export (pruned and dense alike), verify the result, optionally
+    time the optimized pair.
+
+        tokensieve optimize out/ --bench
+    """
+
+    name = "optimize"
+
+    def add_args(self, p):
+        p.add_argument("folder", help="folder written by `tokensieve export`")
+        p.add_argument("--inputs", type=int_in(1, MAX_COUNT), default=8, help="verification inputs")
+        p.add_argument("--atol", type=float_in(0), default=1e-4, help="verification tolerance on the outputs")
+        p.add_argument("--bench", action="store_true", help="time dense.opt.onnx vs model.opt.onnx (batch 1, ORT CPU)")
+
+    def run(self, args):
+        from tokensieve import api
+
+        folder = Path(args.folder)
+        out = api.optimize_folder(folder, num_inputs=args.inputs, atol=args.atol)
+        fused, ver = out["fused"], out["verify"]
+        ops = sorted(set(fused["model"]) | set(fused["dense"]))
+        print(f"{'fused op':>26}  dense  pruned")
+        for op in ops:
+            print(f"{op:>26}  {fused['dense'].get(op, 0):>5}  {fused['model'].get(op, 0):>6}")
+        print(f"verify            PASS: kept indices identical at {len(ver.stage_blocks)} stage(s), max |diff| "
+              f"{ver.max_abs_diff:.1e} (atol {ver.atol:g}) over {ver.num_inputs} inputs")
+        if args.bench:
+            report = api.read_export_report(folder)
+            b = api.bench(folder / api.OPTIMIZED["dense"], folder / api.OPTIMIZED["model"],
+                          ideal_speedup=report.get("ideal_speedup"))
+            ratio = f" -> ratio {b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else ""
+            print(f"latency (b=1)     dense.opt {b.dense['median_ms']:.2f} ms (p90 {b.dense['p90_ms']:.2f}), "
+                  f"model.opt {b.pruned['median_ms']:.2f} ms (p90 {b.pruned['p90_ms']:.2f}); speedup "
+                  f"{b.speedup:.2f}x{ratio}")
+        print(f"wrote {folder}/: {', '.join(api.OPTIMIZED.values())}")
+        return 0
+
+
 # ----------------------------------------------------------------------------------------- build
 
 
@@ -669,7 +708,7 @@ class Eval(Tool):
 
 from tokensieve.cli_vlm import ExportVlm  # noqa: E402 - kept beside its wiring
 
-TOOLS = [Export(), Verify(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), Eval(), ExportVlm()]
+TOOLS = [Export(), Verify(), Optimize(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), Eval(), ExportVlm()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ errors because main() only catches TokenSieveError: anything else propagates (= 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -474,3 +475,25 @@ def test_closed_pipe_exits_quietly():
                        capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert p.stdout == "197→139→98\n"
     assert p.stderr == "", p.stderr  # no traceback, no "Exception ignored" line
+
+
+def test_optimize_fuses_pruned_like_dense_verifies_and_cleans_up_on_failure(exported, tmp_path, capsys, monkeypatch):
+    """`tokensieve optimize OUT`: ORT's transformer optimizer on both sides, the same fusion counts, verified against
+    eager; a failed verification (here: a tolerance no float graph meets, forced) leaves no optimized file."""
+    import shutil
+
+    from tokensieve import api
+    from tokensieve.cli import main
+
+    folder = tmp_path / "out"
+    shutil.copytree(exported[0], folder)
+    assert main(["optimize", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "SkipLayerNormalization" in text and "verify            PASS" in text
+    row = next(ln.split() for ln in text.splitlines() if ln.strip().startswith("SkipLayerNormalization"))
+    assert row[1] == row[2] and int(row[1]) > 0  # dense == pruned fusions
+    assert all((folder / n).is_file() for n in api.OPTIMIZED.values())
+    real = api.verify_onnx
+    monkeypatch.setattr(api, "verify_onnx", lambda *a, **k: dataclasses.replace(real(*a, **k), max_abs_diff=1.0))
+    assert main(["optimize", str(folder)]) == 2
+    assert not any((folder / n).exists() for n in api.OPTIMIZED.values())
