@@ -12,7 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from tokensieve.errors import ConfigError
+from tokensieve.errors import ConfigError, VerificationError
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace, trace_batch
@@ -400,6 +400,49 @@ def optimize_folder(folder: str | Path, *, num_inputs: int = 8, batch: int = 1, 
             (folder / name).unlink(missing_ok=True)
     check_verified(ver)
     return {"fused": fused, "verify": ver}
+
+
+# --------------------------------------------------------------------------- int8 (ONNX Runtime QDQ)
+
+QUANTIZED = {"model": "model.int8.onnx", "debug": "model.debug.int8.onnx", "dense": "dense.int8.onnx"}
+
+
+def quantize_folder(folder: str | Path, calibration: list[np.ndarray] | None = None, *, num_inputs: int = 8,
+                    batch: int = 2, seed: int = 1) -> dict:
+    """int8 QDQ copies of an export's pruned, debug and dense ONNX (targets/onnxruntime/quantize.py: score math kept
+    float), calibrated on `calibration` (pixel_values batches; None: seeded random normal batches), then compared with
+    the fp32 debug graph on `num_inputs` seeded random batches -> {"kept_overlap": mean fraction of each stage's kept
+    positions that int8 keeps too, per stage, "cosine": {"min", "mean"} of the outputs, "calibration": "images" |
+    "random", "float_score_nodes": count}. int8 is not verified for equality: the kept tokens may move."""
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+    from tokensieve.targets.onnxruntime.quantize import quantize_int8
+
+    folder = Path(folder)
+    report = read_export_report(folder, required=("input_shape", "stages"))
+    shape = tuple(report["input_shape"])
+    gen = np.random.default_rng(seed)
+    source = "images" if calibration is not None else "random"
+    if calibration is None:
+        calibration = [gen.standard_normal((4, *shape[1:])).astype(np.float32) for _ in range(8)]
+    feeds = [{"pixel_values": np.asarray(c, np.float32)} for c in calibration]
+    summary = {part: quantize_int8(folder / ARTIFACTS[part], folder / name, feeds) for part, name in QUANTIZED.items()}
+    stages = len(report["stages"])
+    overlap, cosines = [[] for _ in range(stages)], []
+    with OrtRunner(folder / ARTIFACTS["debug"]) as fp32, OrtRunner(folder / QUANTIZED["debug"]) as int8:
+        for _ in range(num_inputs):
+            x = {"pixel_values": gen.standard_normal((batch, *shape[1:])).astype(np.float32)}
+            (ref, *ref_kept), (out, *kept) = list(fp32.infer(x).values()), list(int8.infer(x).values())
+            r, o = ref.reshape(batch, -1).astype(np.float64), out.reshape(batch, -1).astype(np.float64)
+            cos = (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
+            if not np.isfinite(out).all():
+                raise VerificationError(f"{QUANTIZED['debug']} gives NaN/Inf outputs; calibrate with images "
+                                        "(--calib DIR)")
+            cosines.extend(cos.tolist())
+            for i, (k, rk) in enumerate(zip(kept, ref_kept)):
+                overlap[i].extend(len(set(a.tolist()) & set(b.tolist())) / max(len(b), 1) for a, b in zip(k, rk))
+    return {"kept_overlap": [float(np.mean(o)) for o in overlap], "cosine": {"min": float(min(cosines)),
+            "mean": float(np.mean(cosines))}, "calibration": source,
+            "float_score_nodes": len(summary["debug"]["score_nodes_float"])}
 
 
 # --------------------------------------------------------------------------- build

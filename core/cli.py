@@ -249,6 +249,53 @@ class Optimize(Tool):
         return 0
 
 
+class Quantize(Tool):
+    """int8 copies of an export for ONNX Runtime (QDQ; each stage's score math stays float), compared with fp32:
+    kept-token overlap and output cosine. Calibrate on your images; without --calib, random inputs (a warning).
+
+        tokensieve quantize out/ --calib images/ --bench
+    """
+
+    name = "quantize"
+
+    def add_args(self, p):
+        p.add_argument("folder", help="folder written by `tokensieve export`")
+        p.add_argument("--calib", default=None, metavar="DIR", help="calibration images (as for `tokensieve eval`)")
+        p.add_argument("--calib-images", type=int_in(1, 4096), default=64, help="at most this many images")
+        p.add_argument("--processor", default=None, help="folder with the model's preprocessor_config.json")
+        p.add_argument("--bench", action="store_true", help="time dense.int8.onnx vs model.int8.onnx (batch 1)")
+
+    def run(self, args):
+        from tokensieve import api
+
+        folder = Path(args.folder)
+        calibration = None
+        if args.calib is None:
+            print("warning: no --calib DIR: calibrating on random inputs; ranges from real images give better int8",
+                  file=sys.stderr)
+        else:
+            from tokensieve.evaluate import _preprocess, find_processor_dir, load_processor, scan_images
+
+            report = api.read_export_report(folder, required=("input_shape",))
+            images = scan_images(args.calib).paths[: args.calib_images]
+            proc = load_processor(find_processor_dir(folder, report, args.processor))
+            want = tuple(report["input_shape"][1:])
+            calibration = [_preprocess(proc, images[i:i + 8], want) for i in range(0, len(images), 8)]
+        out = api.quantize_folder(folder, calibration)
+        overlap = ", ".join(f"{o:.1%}" for o in out["kept_overlap"])
+        print(f"int8 (ORT QDQ)    calibration: {out['calibration']}; {out['float_score_nodes']} score nodes kept float")
+        print(f"vs fp32           kept-token overlap per stage {overlap}; output cosine min {out['cosine']['min']:.4f}"
+              f", mean {out['cosine']['mean']:.4f}")
+        if args.bench:
+            report = api.read_export_report(folder)
+            b = api.bench(folder / api.QUANTIZED["dense"], folder / api.QUANTIZED["model"],
+                          ideal_speedup=report.get("ideal_speedup"))
+            print(f"latency (b=1)     dense.int8 {b.dense['median_ms']:.2f} ms, model.int8 {b.pruned['median_ms']:.2f}"
+                  f" ms; speedup {b.speedup:.2f}x")
+        print(f"wrote {folder}/: {', '.join(api.QUANTIZED.values())}")
+        return 0
+
+
 # ----------------------------------------------------------------------------------------- build
 
 
@@ -708,7 +755,7 @@ class Eval(Tool):
 
 from tokensieve.cli_vlm import ExportVlm  # noqa: E402 - kept beside its wiring
 
-TOOLS = [Export(), Verify(), Optimize(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), Eval(), ExportVlm()]
+TOOLS = [Export(), Verify(), Optimize(), Quantize(), Build(), Bench(), Inspect(), Methods(), Tune(), Visualize(), Eval(), ExportVlm()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -497,3 +497,27 @@ def test_optimize_fuses_pruned_like_dense_verifies_and_cleans_up_on_failure(expo
     monkeypatch.setattr(api, "verify_onnx", lambda *a, **k: dataclasses.replace(real(*a, **k), max_abs_diff=1.0))
     assert main(["optimize", str(folder)]) == 2
     assert not any((folder / n).exists() for n in api.OPTIMIZED.values())
+
+
+def test_quantize_writes_int8_copies_close_to_fp32(exported, tmp_path, capsys):
+    """`tokensieve quantize OUT` (random calibration, with a warning): int8 QDQ copies of the three graphs, compared
+    with fp32 by kept-token overlap and output cosine (not by equality)."""
+    import shutil
+
+    import onnx
+
+    from tokensieve import api
+    from tokensieve.cli import main
+
+    folder = tmp_path / "out"
+    shutil.copytree(exported[0], folder)
+    assert main(["quantize", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert "calibrating on random inputs" in err
+    line = next(ln for ln in out.splitlines() if ln.startswith("vs fp32"))
+    overlap = [float(v.rstrip("%,")) for v in re.findall(r"[\d.]+%", line)]
+    cosine = float(re.search(r"cosine min ([\d.]+)", line).group(1))
+    assert overlap and min(overlap) > 80 and cosine > 0.95, line  # random weights and calibration: loose
+    for name in api.QUANTIZED.values():
+        ops = {n.op_type for n in onnx.load(str(folder / name)).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, name
