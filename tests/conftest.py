@@ -1,4 +1,5 @@
-"""Make the helper modules in tests/ (tiny_models, tiny_traced) importable from every test folder."""
+"""Make the helper modules in tests/ (tiny_models, tiny_traced) importable from every test folder; skip GPU tests
+without a GPU; under `-n N --dist loadfile`, hand out the slowest files first (see HEAVY_FILES)."""
 from __future__ import annotations
 
 import sys
@@ -21,9 +22,66 @@ def _has_gpu() -> bool:
         return False
 
 
+# Test files that take far longer than their test count suggests (module-scoped exports, end-to-end scripts), slowest
+# first (serial seconds on the 2-core CI machine, Dec 2026). pytest-xdist's loadfile queue otherwise orders files by
+# test count, which left several of these (6 tests, 150 s) for the end of the run: one worker then finished minutes
+# after the other. Handing them out first leaves only short files for the tail. A path missing here is only scheduled
+# later; a stale one is ignored.
+HEAVY_FILES = (
+    "tests/vlm/test_fastv.py",                          # 200
+    "tests/vlm/test_qwen2_vl_fastv.py",                 # 185
+    "tests/targets/test_default_model_engines.py",      # 150
+    "tests/targets/test_diversity_to_plugin.py",        # 108
+    "tests/test_cli.py",                                # 94
+    "tests/graph_passes/test_merge_methods.py",         # 92
+    "tests/hostile/test_faults.py",                     # 87
+    "tests/graph_passes/test_zero_tprune.py",           # 85
+    "tests/vlm/test_export_vlm_cli.py",                 # 75
+    "tests/vlm/test_llava_parts.py",                    # 75
+    "tests/vlm/test_qwen2_5_vl.py",                     # 50
+    "tests/scripts/test_bench_video.py",                # 50
+    "tests/graph_passes/test_hoist_token_gathers.py",   # 44
+    "tests/scripts/test_bench_vlm.py",                  # 43
+    "tests/test_tune.py",
+    "tests/test_benchmark.py",
+    "tests/test_api.py",
+    "tests/scripts/test_gpu_check.py",
+    "tests/graph_passes/test_tome_prop_attn.py",
+    "tests/scripts/test_bench_adaptive.py",
+    "tests/targets/test_plugins.py",
+)
+
+
+def pytest_configure(config):
+    """The controller keeps the file order the workers collect (pytest_collection_modifyitems below)."""
+    if getattr(config.option, "dist", "no") == "loadfile":
+        config.option.loadscopereorder = False
+
+
+def _heavy_files_first(items) -> None:
+    """Reorder whole files (each stays contiguous, in its own order): HEAVY_FILES first, then the others by test count
+    (descending, xdist's own order)."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    counts, first = {}, {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::", 1)[0]
+        counts[path] = counts.get(path, 0) + 1
+        first.setdefault(path, i)
+
+    def key(item):
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(rank)), -counts[path], first[path]
+
+    items.sort(key=key)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip every @pytest.mark.gpu test cleanly on a machine without an NVIDIA GPU."""
+    """Skip every @pytest.mark.gpu test cleanly on a machine without an NVIDIA GPU; under xdist's loadfile, put the
+    slowest files first."""
     import pytest
+
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller schedules files in this collection order
+        _heavy_files_first(items)
 
     if any("gpu" in item.keywords for item in items) and not _has_gpu():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi found none)")
