@@ -3,10 +3,11 @@ FastV reference that runs HF's decoder layers by hand (HF eager attention probab
 
 One tiny random-init LLaVA with a 3-layer Llama (layers 0..1 keep every token, layer 2 sees the pruned sequence),
 no outer pruning (cls-topk:1.0 -> 16 image tokens), FastV after layer 1 keeping 6 of the 16 image tokens; exported
-once per module (~20 s). Three more exports of the same model (~20 s each): fastv(debias=true) with a calibrated bias,
-FEATHER (fastv(uniform=0.5)) and ToDRE (outer divprune + inner FastV). HoliTom's inner merge (fastv(merge=true))
-exports only its prefill (~11 s) next to the plain export's vision and decode parts (merging changes neither). The CLI
-test exports the 2-layer `tiny_llava` once more (R = N control, ~18 s).
+once per module (~20 s). fastv(debias=true) with a calibrated bias and FEATHER (fastv(uniform=0.5)) go through
+export_llava but export only their prefill (~11 s each), taking the plain export's vision and decode parts (neither
+option changes them); HoliTom's inner merge (fastv(merge=true)) writes only its prefill next to those parts too. ToDRE
+(outer divprune + inner FastV) is a full export (~20 s). The CLI test exports the 2-layer `tiny_llava` once more (R = N
+control, ~18 s).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -185,14 +187,32 @@ def _inner_keep(out_dir, ids, pixels, mask=None):
     return got.inner_keep_idx
 
 
+def _export_new_prefill(exported, out, inner, inner_bias=None):
+    """export_llava(model, out, "cls-topk:1.0", inner=inner, inner_bias=...) whose vision_prune and lm_decode parts are
+    the plain export's (~8 s less): debias and uniform change only the prefill's selection, so the outer stage, the
+    FastV layer and R must equal the plain export's (checked); verify_llava then runs the reused parts too."""
+    from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
+
+    real = LlavaAdapter.part_exporters
+
+    def part_exporters(self, plan, vision):
+        makers = real(self, plan, vision)
+        assert (plan.prune, plan.inner.layer, plan.inner.keep) == (exported.prune, LAYER, R), plan
+        return dict(makers, **{key: (lambda key=key: ir.load(exported.paths[key])) for key in ("vision", "decode")})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LlavaAdapter, "part_exporters", part_exporters)
+        return export_llava(exported.model, out, "cls-topk:1.0", inner=inner, inner_bias=inner_bias)
+
+
 @pytest.fixture(scope="module")
-def debiased(model, tmp_path_factory):
+def debiased(model, exported, tmp_path_factory):
     """fastv(debias=true) with the bias calibrated on 8 other prompts/images."""
     layout = llava_layout(model)
     cal_pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     bias = calibrate_fastv_bias(model, llava_prompt(layout, N, 8, seed=11), _features(model, cal_pixels), LAYER, IMAGE)
-    return export_llava(model, tmp_path_factory.mktemp("fastv_debias"), "cls-topk:1.0",
-                        inner=f"fastv(debias=true)@{LAYER}:{R}", inner_bias=bias)
+    return _export_new_prefill(exported, tmp_path_factory.mktemp("fastv_debias"), f"fastv(debias=true)@{LAYER}:{R}",
+                               bias)
 
 
 def test_debiased_export_matches_eager_and_moves_selection(debiased, exported):
@@ -211,9 +231,8 @@ def test_debiased_export_matches_eager_and_moves_selection(debiased, exported):
 
 
 @pytest.fixture(scope="module")
-def feather(model, tmp_path_factory):
-    return export_llava(model, tmp_path_factory.mktemp("feather"), "cls-topk:1.0",
-                        inner=f"fastv(uniform=0.5)@{LAYER}:{R}")
+def feather(exported, tmp_path_factory):
+    return _export_new_prefill(exported, tmp_path_factory.mktemp("feather"), f"fastv(uniform=0.5)@{LAYER}:{R}")
 
 
 def test_feather_export_matches_eager_and_keeps_uniform_ordinals(feather, exported, model, pixels):
