@@ -90,10 +90,13 @@ def test_only_the_compacted_axis_is_data_dependent(exported):
         check_static(result.onnx_model)
 
 
-def test_macs_count_the_cap_and_equal_the_capped_form(exported):
+def test_macs_count_the_cap_and_equal_the_capped_form(exported, monkeypatch):
     case, compact = exported
     if case != "vit-one-stage":
         pytest.skip("one case is enough")
+    # the MACs are counted on the traced program, before any ONNX: the capped form's conversion is skipped
+    monkeypatch.setattr(api, "to_onnx", lambda *a, **kw: None)
+    monkeypatch.setattr(api, "run_onnx_passes", lambda *a, **kw: None)
     capped = api.export(*build("vit"), "adaptive@1:0.75")
     assert compact.macs_pruned == capped.macs_pruned < capped.macs_dense
 
