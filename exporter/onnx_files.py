@@ -3,10 +3,12 @@
     with ExitStack() as staged:
         proto = stage_onnx(ir_model, Path("out/model.onnx"), external=True, staged=staged)
         ...  # check `proto` (external weights not loaded); an exception here leaves nothing on disk
-    # on a clean exit: out/model.onnx.data, then out/model.onnx, renamed into place
+    # on a clean exit: the old out/model.onnx goes, out/model.onnx.data, then out/model.onnx are renamed into place
 
 The weights are streamed from the model's tensors by onnx_ir (no 2 GB proto is ever built), written under a
-temporary name, and the .onnx then points at the data file's FINAL name.
+temporary name, and the .onnx then points at the data file's FINAL name. The pair is one fileio.atomic_paths group
+with the .onnx as its commit marker: a run killed between the renames leaves the new .data without any .onnx, never
+a new .onnx beside an old or missing .data, nor an old .onnx beside the new .data.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from tokensieve.fileio import atomic_path
+from tokensieve.fileio import atomic_path, atomic_paths
 
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller initializers (shape constants) stay inline, where shape inference reads them
 PROTO_LIMIT = 2**31 - 1            # protobuf refuses to serialize a message this large
@@ -31,13 +33,14 @@ def stage_onnx(model: ir.Model, path: Path, external: bool, staged: ExitStack) -
     """Write `model` under temporary names next to `path`, renamed into place when `staged` closes (deleted if it
     closes on an error). Inline, or with every initializer of EXTERNAL_TENSOR_MIN_BYTES or more in `<path>.data`,
     streamed from the tensors by onnx_ir. Returns the proto as written (external weights not loaded)."""
-    tmp = staged.enter_context(atomic_path(path))
     if not external:
+        tmp = staged.enter_context(atomic_path(path))
         proto = ir.to_proto(model)
         tmp.write_bytes(proto.SerializeToString())
         return proto
     data = data_path(path)
-    tmp_data = staged.enter_context(atomic_path(data))  # entered last: renamed before the .onnx that points to it
+    # one group, the .onnx its marker: the old .onnx is removed first, then the .data and the .onnx are renamed in
+    tmp_data, tmp = staged.enter_context(atomic_paths(data, path))
     ir.save(model, tmp, format="protobuf", external_data=tmp_data.name, size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
     proto = onnx.load(str(tmp), load_external_data=False)
     for tensor in _initializers(proto.graph):  # the data file's final name, not the temporary one it was written as
