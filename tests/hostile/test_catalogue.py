@@ -604,6 +604,19 @@ def test_closed_pipe_exits_quietly():
     assert b"status=141" in proc.stderr or b"status=0" in proc.stderr, proc.stderr
 
 
+def test_full_disk_stdout_is_one_line(export_dir):
+    """`tokensieve inspect OUT > /dev/full` (and `methods`, a table): one line naming standard output, exit 2, no
+    traceback, and no "Exception ignored" from the interpreter's final flush."""
+    proc = subprocess.run(f"{sys.executable} -m tokensieve.cli inspect {export_dir} >/dev/full; echo \"a=$?\" >&2; "
+                          f"{sys.executable} -m tokensieve.cli methods >/dev/full; echo \"b=$?\" >&2", shell=True,
+                          executable="/bin/bash", capture_output=True, timeout=120)
+    lines = proc.stderr.decode().splitlines()
+    assert lines[1::2] == ["a=2", "b=2"], lines
+    for cmd, line in zip(("inspect", "methods"), lines[0::2]):
+        assert line == f"tokensieve {cmd}: error: Cannot write '<standard output>': the disk is full; free space on " \
+                       "it or write elsewhere", lines
+
+
 def test_stdin_is_never_read(here):
     """A user error with stdin an open pipe that never closes: the command does not wait for input."""
     proc = subprocess.Popen([sys.executable, "-m", "tokensieve.cli", "inspect", "missing.onnx"], cwd=here,
