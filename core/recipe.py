@@ -57,6 +57,10 @@ class Budget:
         return "1.0" if self.ratio == 1.0 else f"{self.ratio:g}"  # "1" would read back as a count of 1
 
 
+# where a stage runs: `paper` = the method's paper placement (default), `block_out` = on the block's output
+PLACEMENTS = ("paper", "block_out")
+
+
 @dataclass(frozen=True)
 class Stage:
     method: str
@@ -78,6 +82,12 @@ class Stage:
         known = {p.name for p in spec.params}
         checked = []
         for name, value in self.params:
+            if name == "at":  # placement, a parameter of every stage (not of its method)
+                if value not in PLACEMENTS:
+                    raise ConfigError(f"{self.method}: at={excerpt(value, 30)} is not a placement; use at=paper (the "
+                                      "paper's place, the default) or at=block_out (on the block's output)")
+                checked.append((name, value))
+                continue
             if not isinstance(name, str) or name not in known:
                 allowed = ", ".join(sorted(known)) or "none"
                 raise ConfigError(f"Method {self.method!r} has no parameter {excerpt(name, 40)}; its parameters: "
@@ -94,8 +104,14 @@ class Stage:
                               f"has nothing left to use; set only one of them")
 
     def options(self) -> dict:
-        """The method's parameters with defaults filled in."""
-        return {**METHODS[self.method].defaults(), **dict(self.params)}
+        """The method's parameters with defaults filled in (the placement `at` is the stage's, not the method's)."""
+        return {**METHODS[self.method].defaults(), **{k: v for k, v in self.params if k != "at"}}
+
+    @property
+    def placement(self) -> str:
+        """`paper`: where the method's paper runs it (a stage whose gather can move into block L runs between its
+        attention and MLP, see graph_passes/fx/hoist_token_gathers.py); `block_out`: on block L's output."""
+        return dict(self.params).get("at", "paper")
 
     def shorthand(self, place: bool = True) -> str:
         """`METHOD[(name=value,…)]@BLOCK:KEEP`, or without `@BLOCK` (a VLM outer stage that has no block to name)."""

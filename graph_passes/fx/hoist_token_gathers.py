@@ -120,6 +120,8 @@ def hoist_token_gathers(gm: fx.GraphModule, ctx) -> PassResult:
 
 
 def _movable(stage: fx.Node) -> bool:
+    if stage.meta.get(TAG, {}).get("placement") == "block_out":
+        return False  # the recipe asked for the block output (`at=block_out`)
     x = stage.args[0]
     return isinstance(x, fx.Node) and len(x.users) == 1 and _per_token(x)
 

@@ -72,7 +72,7 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         users = set(calls.nodes)
         out.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in users)
         info = {"pass": "insert_prune_stages", "block": block.index, "method": rs.stage.method, "keep": rs.keep,
-                "tokens_in": rs.tokens_in, "tokens_out": rs.tokens_out}
+                "tokens_in": rs.tokens_in, "tokens_out": rs.tokens_out, "placement": rs.stage.placement}
         for node in calls.nodes:
             node.meta["nn_module_stack"] = dict(out.meta.get("nn_module_stack") or {})
             node.meta["stack_trace"] = out.meta.get("stack_trace")

@@ -11,6 +11,7 @@ import torch
 from tiny_models import build
 from tiny_traced import traced_tiny
 from tokensieve import api
+from tokensieve.errors import ConfigError
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import discover_blocks, token_layout
 from tokensieve.graph_passes.fx.hoist_token_gathers import PRUNE_TOPK, SELECT_TOPK, TAKE_TOKENS, hoist_token_gathers
@@ -81,6 +82,28 @@ def test_fewer_macs_than_gathering_the_block_output():
     hoisted, gathered = (count_macs(torch.export.export(g, (x,)).graph_module) for g in (gm, plain))
     # tiny ViT: C = 48, MLP 96, N = 17 -> K = 9 + [CLS]: o_proj + fc1 + fc2 = 48·48 + 2·48·96 MACs per token
     assert gathered - hoisted == (17 - 9) * (48 * 48 + 2 * 48 * 96)
+
+
+def test_at_block_out_keeps_the_gather_on_the_block_output():
+    """`at=block_out` (recipe) = the placement before this pass: same graph as without it, same outputs as the default."""
+    gm, ctx, module, x, hooks = _passed("vit", "cls-topk(at=block_out)@1:0.5+cls-topk@2:0.5")
+    targets = _targets(gm)
+    assert targets[PRUNE_TOPK] == 1 and targets[SELECT_TOPK] == 1  # only block 2's stage moved
+    plain, *_ = _passed("vit", "cls-topk(at=block_out)@1:0.5+cls-topk(at=block_out)@2:0.5")
+    assert _targets(plain)[SELECT_TOPK] == 0
+    paper, *_ = _passed("vit", "cls-topk@1,2:0.5")
+    with torch.no_grad():
+        for g in (gm, plain):
+            torch.testing.assert_close(g(x)[0], paper(x)[0], rtol=0, atol=1e-5)
+
+
+def test_at_is_checked_and_round_trips():
+    recipe = parse_recipe("cls-topk(at=block_out)@1:0.5+cls-topk(at=paper)@2:0.5")
+    assert [s.placement for s in recipe.stages] == ["block_out", "paper"]
+    assert "at" not in recipe.stages[0].options()
+    assert parse_recipe(recipe.shorthand()) == recipe
+    with pytest.raises(ConfigError, match="at='inside' is not a placement"):
+        parse_recipe("cls-topk(at=inside)@1:0.5")
 
 
 def test_idempotent():
