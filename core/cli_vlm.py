@@ -201,7 +201,7 @@ def load_vlm(path: str | os.PathLike):
 
 
 def _export(model, args, kind: str, grid, bias=None) -> int:
-    from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm, vlm_profiles
+    from tokensieve.vlm_api import plan_vlm, staged_folder, vlm_profiles
 
     if bias is not None:  # N is the image tokens the outer stage leaves in the prompt: known once the model is loaded
         n = plan_vlm(model, args.prune, grid=grid).num_image_tokens
@@ -210,15 +210,29 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
                               f"sees {n} image tokens (--prune {args.prune}); calibrate with the same --prune")
     # range checks need the model: before the export
     plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
+    profiles = None if args.no_build else vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence)
+    removed = []
+    # one writer per folder; everything is written into a staging folder and swapped in at the end (the manifest
+    # last): an error or Ctrl-C leaves the previous export as it was, a killed run leaves what the next run removes
+    with staged_folder(args.output, removed) as stage:
+        lines, ok, files = _export_into(model, args, kind, grid, bias, plan, profiles, stage)
+    if removed:  # built from the parts just replaced; the new manifest lists no engines
+        _log(f"      removed stale engines of an earlier export: {', '.join(removed)}")
+    lines.append(_files_line(Path(args.output), files))
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path):
+    """Export, verify and build into the staging folder `stage` -> (summary lines, verified, files written)."""
+    from tokensieve.vlm_api import build_vlm, export_vlm, verify_vlm
+
     build = not args.no_build
-    profiles = vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence) if build else None
     label = _label(kind)
     inner = f" + {args.inner}" if args.inner else ""
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
-    result = export_vlm(model, args.output, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
-    if result.removed_engines:  # built from the parts just replaced; the new manifest lists no engines (yet)
-        _log(f"      removed stale engines of an earlier export: {', '.join(result.removed_engines)}")
+    result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     adapter = result.adapter  # the family's facts (exporter/vlm/adapter.py)
     lines.append(adapter.tokens_line(result))
@@ -258,9 +272,7 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
         lines.append("  engines         not built: verification failed")
     else:
         _log("[3/3] engine build skipped (--no-build)")
-    lines.append(_files_line(result.out_dir, [*result.paths.values(), *engines]))
-    print("\n".join(lines))
-    return 0 if ok else 1
+    return lines, ok, [*result.paths.values(), *engines]
 
 
 def _engine_lines(infos: dict, profiles) -> list[str]:

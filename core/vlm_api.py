@@ -53,8 +53,9 @@ export_llava / verify_llava are export_vlm / verify_vlm restricted to a LLaVA.
 """
 from __future__ import annotations
 
+import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ from tokensieve.exporter.vlm.llava import LlavaLayout, llava_layout
 from tokensieve.exporter.vlm.llava_adapter import (PROMPT_TEXT, llava_prompt, reference_generate,
                                                    unpruned_generate)
 from tokensieve.exporter.vlm.qwen2_vl_adapter import PROMPT_EXTRA, PROMPT_LEN, calibrate_qwen2_fastv_bias
-from tokensieve.api import remove_stale_engines
+from tokensieve.api import STAGING_PREFIX, remove_stale_engines
 from tokensieve.fileio import ensure_writable_dir
 from tokensieve.graph_passes.onnx.check_static import FORBIDDEN_OPS, check_static, op_census
 from tokensieve.manifest import VLM_MANIFEST_VERSION, VlmManifest, write_vlm_manifest
@@ -84,7 +85,7 @@ from tokensieve.targets.base import DEFAULT_PRECISION, DEFAULT_TARGET, BuildSpec
 __all__ = ["export_vlm", "verify_vlm", "plan_vlm", "build_vlm", "vlm_profiles", "VlmExportResult", "VlmVerifyReport",
            "VlmPlan", "VlmProfiles", "VLM_TYPES", "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe",
            "llava_prompt", "reference_generate", "unpruned_generate", "write_parts", "EXTERNAL_DATA_THRESHOLD",
-           "calibrate_fastv_bias", "calibrate_qwen2_fastv_bias"]
+           "calibrate_fastv_bias", "calibrate_qwen2_fastv_bias", "staged_folder"]
 
 # model_type -> what the messages call it (the registry's families)
 VLM_TYPES = {cls.model_type: cls.label for cls in ADAPTERS.values()}
@@ -462,6 +463,87 @@ def _engine_entry(info) -> dict:
             "precision": m["precision"], "flavor": m["flavor"], "tensorrt_version": m["tensorrt_version"],
             "size_bytes": info.size_bytes, "seconds": round(info.build_seconds, 3),
             "profile": m.get("optimization_profile", {}), "dims": m.get("dims", {})}
+
+
+# --------------------------------------------------------------------------- the output folder (export-vlm)
+
+
+MANIFESTS = tuple(dict.fromkeys(cls.manifest_name for cls in ADAPTERS.values()))  # llava_parts.json, manifest.json
+# every file an export-vlm owns in its folder besides its manifest: removed before a new export's files move in
+OWNED = (*ARTIFACTS.values(), *(data_path(Path(ARTIFACTS[k])).name for k in ENGINES), *ENGINES.values(),
+         *(f"{e}.json" for e in ENGINES.values()))
+
+
+@contextmanager
+def staged_folder(out_dir: str | Path, removed: list[str] | None = None):
+    """`tokensieve export-vlm`'s output folder, written the way `tokensieve export` writes its own
+    (api.export_folder): lock `out_dir` (a second writer, either command, fails at once with one line), yield a fresh
+    staging folder inside it for export_vlm / verify_vlm / build_vlm, and on a clean exit swap the staged files in,
+    the manifest last. Until the swap the folder holds the previous complete export; a run that stops early (an
+    error, Ctrl-C) leaves it so, and removes the staging folder and `out_dir` itself if it created it. A killed run
+    (SIGKILL) leaves a staging folder and temp files that the next run removes. `removed` (a list) receives the names
+    of the previous export's engine files that the swap deleted and nothing replaced (a --no-build re-export)."""
+    import shutil
+    import tempfile
+
+    from tokensieve.fileio import check_interrupted, folder_lock, interruptible, remove_stale_temps, write_error
+
+    created = not os.path.lexists(out_dir)
+    out = ensure_writable_dir(out_dir)
+    with interruptible(), folder_lock(out, "tokensieve export-vlm") as out:  # before anything in it is touched
+        try:
+            for leftover in out.glob(STAGING_PREFIX + "*"):  # a killed run's (we hold the lock: nobody else's)
+                shutil.rmtree(leftover, ignore_errors=True)
+            remove_stale_temps(out, (*OWNED, *MANIFESTS))
+            try:
+                stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+            except OSError as e:
+                raise write_error(e, out / STAGING_PREFIX, "create a staging folder in") from e
+            try:
+                yield stage
+                check_interrupted()
+                gone = _swap_in(stage, out)
+                if removed is not None:
+                    removed += gone
+            except ConfigError as e:  # a write that failed in the staging folder: name the file where the user looks
+                if str(stage) not in str(e):
+                    raise
+                raise type(e)(str(e).replace(str(stage), str(out))) from e
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        except BaseException:
+            if created:  # leave no output folder behind that this run made
+                with suppress(OSError):
+                    out.rmdir()
+            raise
+
+
+def _swap_in(stage: Path, out: Path) -> list[str]:
+    """Replace the folder's export by the staged one; returns the earlier engine files removed and not replaced.
+    With Ctrl-C held, only unlinks and renames: the old manifest goes first (from here the folder holds no complete
+    export), then every file of the earlier export, then the staged files move in, the manifest last. A run killed in
+    between leaves files of one run only, without a manifest."""
+    from tokensieve.fileio import deferred_interrupts, write_error
+
+    staged = sorted((p for p in stage.iterdir() if p.name not in MANIFESTS), key=lambda p: p.name)
+    staged += [stage / name for name in MANIFESTS if (stage / name).is_file()]
+    names = {p.name for p in staged}
+    engines = [name for e in ENGINES.values() for name in (e, f"{e}.json")]  # remove_stale_engines' order
+    was_export = (out / ARTIFACTS["vision"]).is_file()  # another family's manifest goes too, not a stray user file
+    removed = []
+    with deferred_interrupts():
+        try:
+            for name in (*MANIFESTS, *OWNED):
+                file = out / name
+                if (name in names or was_export or name in OWNED) and (file.is_file() or file.is_symlink()):
+                    file.unlink()
+                    if name in engines and name not in names:
+                        removed.append(name)
+            for file in staged:
+                os.replace(file, out / file.name)
+        except OSError as e:
+            raise write_error(e, out, "move the new export into") from e
+    return sorted(removed, key=engines.index)
 
 
 # --------------------------------------------------------------------------- verify
