@@ -12,7 +12,6 @@ and the top-1 drop (dense - pruned) with a paired bootstrap 95 % interval.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -71,8 +70,8 @@ def scan_images(images_dir: str | Path, id2label: dict[int, str] | None = None) 
     if not root.is_dir():
         raise ConfigError(f"Image folder {str(root)!r} does not exist; pass a folder of images (DIR/<class>/*.png)")
 
-    def images_in(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    def images_in(d: Path) -> list[Path]:  # a FIFO or device named like an image is kept: load_image refuses it
+        return sorted(p for p in d.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and images_in(d))
     top = images_in(root)
@@ -96,16 +95,29 @@ def scan_images(images_dir: str | Path, id2label: dict[int, str] | None = None) 
 
 
 def load_image(path: Path):
+    """The image as RGB; one-line ConfigError for a file that is not a regular one (a FIFO, /dev/zero: nothing read),
+    is larger than MAX_IMAGE_BYTES, whose header claims more than MAX_IMAGE_PIXELS (not decoded), or is unreadable."""
+    import io
+
+    from tokensieve.manifest import read_regular_file
+    from tokensieve.visualize import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, _header_size
+
     try:
         from PIL import Image
     except ImportError:
         raise ConfigError("Reading images needs Pillow; pip install pillow") from None
+    fix = "remove or replace the file"
+    raw = read_regular_file(path, "image", fix, limit=MAX_IMAGE_BYTES)
+    size = _header_size(raw)  # the header only (visualize's check): nothing decoded yet
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ConfigError(f"Image {str(path)!r} is {size[0]}x{size[1]} pixels, more than {MAX_IMAGE_PIXELS:,} "
+                          f"(decoded in full before resizing); downscale it or {fix}")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()
             return im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError ...
-        raise ConfigError(f"Cannot read image {str(path)!r}: {first_line(e, 120)}; remove or replace the file") from e
+        raise ConfigError(f"Cannot read image {str(path)!r}: {first_line(e, 120)}; {fix}") from e
 
 
 def find_processor_dir(folder: Path, report: dict, processor: str | Path | None) -> Path:
@@ -117,7 +129,7 @@ def find_processor_dir(folder: Path, report: dict, processor: str | Path | None)
     else:
         candidates = [folder] + [d for d in [model_dir(report.get("model", ""))] if d is not None]
     for d in candidates:
-        if (d / PREPROCESSOR).is_file():
+        if (d / PREPROCESSOR).exists() or (d / PREPROCESSOR).is_symlink():  # not a regular file: load_processor says so
             return d
     where = " or ".join(repr(str(d)) for d in candidates)
     raise ConfigError(f"No {PREPROCESSOR} in {where}; pass --processor DIR with the model's image processor "
@@ -127,8 +139,13 @@ def find_processor_dir(folder: Path, report: dict, processor: str | Path | None)
 def load_processor(d: Path):
     import os
 
-    from tokensieve.trust import check_model_folder
+    from tokensieve.manifest import read_regular_file
+    from tokensieve.trust import MODEL_CONFIG_FILES, check_model_folder
 
+    fix = "re-save it with save_pretrained() or pass another --processor DIR"
+    for name in MODEL_CONFIG_FILES:  # what transformers may read here: regular files of a bounded size, or absent
+        if name == PREPROCESSOR or (d / name).exists() or (d / name).is_symlink():
+            read_regular_file(d / name, "config", fix)
     check_model_folder(d, ConfigError, weights=False)  # an image processor's auto_map: refused, never asked about
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -149,13 +166,18 @@ def load_processor(d: Path):
 def _id2label(report: dict) -> dict[int, str] | None:
     from tokensieve.models import model_dir
 
+    from tokensieve.manifest import read_json_object
+
     d = model_dir(report.get("model", ""))
-    try:
-        cfg = json.loads((d / "config.json").read_text()) if d is not None else {}
-    except (OSError, ValueError):
+    if d is None or not ((d / "config.json").exists() or (d / "config.json").is_symlink()):
         return None
+    # bounded: a FIFO, a device or a huge file is one line, not a hang
+    cfg = read_json_object(d / "config.json", "a model config", "re-save the model with save_pretrained()")
     labels = cfg.get("id2label")
-    return {int(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None
+    try:
+        return {int(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None
+    except (TypeError, ValueError):  # ids that are not integers: no label mapping (folders sorted instead)
+        return None
 
 
 # ------------------------------------------------------------------------------------------- evaluate

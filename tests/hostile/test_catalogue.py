@@ -316,6 +316,20 @@ OPTIONS = {
     "tune batch 0": (["tune", *TINY, "-o", "t.toml", "--batch", "0"], "argument --batch"),
     "tune output suffix": (["tune", *TINY, "--prune", "cls-topk@1:0.5", "-o", "t.txt"], "must be a recipe file"),
     "tune backend unknown": (["tune", *TINY, "-o", "t.toml", "--backend", "cuda"], "invalid choice"),
+    "tune max-drop nan": (["tune", *TINY, "--images", "i", "--max-drop", "nan"], "argument --max-drop"),
+    "tune max-drop 101": (["tune", *TINY, "--images", "i", "--max-drop", "101"], "<= 100"),
+    "tune max-drop without images": (["tune", *TINY, "--max-drop", "1"], "add --images DIR"),
+    "tune keeps without images": (["tune", *TINY, "--keeps", "0.5"], "add --images DIR"),
+    "tune images with prune": (["tune", *TINY, "--images", "i", "--prune", "cls-topk@1:0.5"], "drop --prune"),
+    "tune time-budget 0": (["tune", *TINY, "--images", "i", "--time-budget", "0"], "argument --time-budget"),
+    "tune time-budget nan": (["tune", *TINY, "--images", "i", "--time-budget", "nan"], "argument --time-budget"),
+    "tune keeps 1": (["tune", *TINY, "--images", "i", "--keeps", "0.5,1"], "keep ratio > 0 and < 1"),
+    "tune keeps nan": (["tune", *TINY, "--images", "i", "--keeps", "nan"], "keep ratio > 0 and < 1"),
+    "tune keeps empty entry": (["tune", *TINY, "--images", "i", "--keeps", "0.5,,0.7"], "without empty entries"),
+    "tune methods unknown": (["tune", *TINY, "--images", "i", "--methods", "cls-topk,nope"], "unknown method 'nope'"),
+    "tune after-blocks negative": (["tune", *TINY, "--images", "i", "--after-blocks", "1", "-1"], "not a block index"),
+    "tune after-blocks huge": (["tune", *TINY, "--images", "i", "--after-blocks", "9" * 5000], "not a block index"),
+    "tune images without processor": (["tune", *TINY, "--images", "i"], "pass --processor DIR"),
     "eval batch 0": (["eval", "x", "--images", "i", "--batch", "0"], "argument --batch"),
     "eval limit -5": (["eval", "x", "--images", "i", "--limit", "-5"], "argument --limit"),
     "eval no images": (["eval", "x"], "the following arguments are required: --images"),
@@ -376,6 +390,12 @@ PATHS = {
                                        "the model has blocks 0..3"),
     "tune output under a file": (_write("f", "x"), ["tune", *TINY, "--prune", "cls-topk@1:0.5", "-o", "f/t.toml"],
                                  "is a file, not a folder"),
+    "tune images missing": (None, ["tune", *TINY, "--images", "nope", "--processor", "p"], "does not exist"),
+    "tune images empty": (_mkdir("imgs"), ["tune", *TINY, "--images", "imgs", "--processor", "p"], "No images"),
+    "tune images a file": (_write("imgs", "x"), ["tune", *TINY, "--images", "imgs", "--processor", "p"],
+                           "does not exist"),
+    "tune images json under a file": (_write("f", "x"), ["tune", *TINY, "--images", "i", "--processor", "p",
+                                                          "--json", "f/front.json"], "is a file, not a folder"),
     "visualize output folder not created": (None, ["visualize", "missing.png", *TINY, "--prune", "cls-topk@1:0.5",
                                                    "-o", "sub/k.png"], "does not exist"),
     "visualize output under a file": (_write("f", "x"), ["visualize", "missing.png", *TINY, "--prune",
@@ -503,6 +523,44 @@ def test_export_folder_missing_parts(here, capsys, export_dir, remove, argv, mat
     if remove:
         (exp / remove).unlink()
     run_case(capsys, here, argv, match)
+
+
+EVAL_FILES = {  # what the hostile entry is, where it goes, and the message's key words
+    "eval image a fifo": ("FIFO", "i/a.png", "it is a FIFO"),
+    "eval image /dev/zero": ("ZERO", "i/a.png", "it is a device"),
+    "eval image huge": ("HUGE", "i/a.png", "more than the 256 MiB"),
+    "eval image png bomb": ("BOMB", "i/a.png", "more than 50,000,000"),
+    "eval processor config a fifo": ("FIFO", "proc/preprocessor_config.json", "it is a FIFO"),
+    "eval processor config /dev/zero": ("ZERO", "proc/preprocessor_config.json", "it is a device"),
+    "eval processor model config a fifo": ("FIFO", "proc/config.json", "it is a FIFO"),
+    "eval model config a fifo": ("FIFO", "m/config.json", "it is a FIFO"),
+    "eval model config /dev/zero": ("ZERO", "m/config.json", "it is a device"),
+}
+
+
+@pytest.mark.parametrize("kind, where, match", EVAL_FILES.values(), ids=EVAL_FILES.keys())
+def test_eval_reads_regular_files_only(here, capsys, export_dir, kind, where, match):
+    """`eval`: an image, the image processor's configs and the model's config.json (id2label) are read bounded, as
+    regular files only: a FIFO or /dev/zero is one line (no hang), a huge file or a bomb's header is refused unread."""
+    from tokensieve import toy
+
+    _edit_report(here, export_dir, _set("model", "m"))
+    (here / "m").mkdir()
+    toy.image_processor().save_pretrained(here / "proc")
+    (here / "i").mkdir()
+    (here / "i" / "b.png").write_bytes(toy.png_bytes(toy.make_images(1, 0)[0][0]))
+    target = here / where
+    target.unlink(missing_ok=True)
+    if kind == "FIFO":
+        os.mkfifo(target)
+    elif kind == "ZERO":
+        target.symlink_to("/dev/zero")
+    elif kind == "HUGE":
+        with open(target, "wb") as f:
+            f.truncate(257 << 20)  # sparse
+    else:
+        target.write_bytes(_png_header(100_000, 100_000))
+    run_case(capsys, here, ["eval", "exp", "--images", "i", "--processor", "proc"], match)
 
 
 # ------------------------------------------------------------------------------------------ engines
