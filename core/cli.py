@@ -596,14 +596,34 @@ class Tune(Tool):
         tokensieve export --model default --prune tuned.toml -o out/     # export the chosen recipe
         # per stage: one block timed at each candidate K (±--window of the patches); then dense, requested and
         # snapped in one alternating run; -o is written only if the snapped recipe beats dense
+        tokensieve tune --model ./my-vit --images val/ --max-drop 0.5 -o tuned.toml   # accuracy budget (pp)
+        # --images: sweeps --methods x --keeps x --after-blocks (until --time-budget), accuracy on DIR (top-1 with
+        # DIR/<class>/*, else agreement with dense), all timed against dense in one alternating run; writes the
+        # Pareto front (tuned.pareto.json/.md/.png, or --json/--md/--plot) and the fastest recipe within the budget
+        # that beats dense (checked on ONNX Runtime); none: dense, and no -o file
     """
 
     name = "tune"
+    IMAGES_ONLY = ("max_drop", "methods", "keeps", "after_blocks", "time_budget", "processor", "md")
 
     def add_args(self, p):
         p.add_argument("--model", default="default", help="`default` (ViT-S/16-224), `tiny`, or a local HF checkpoint folder")
-        p.add_argument("--prune", default=DEFAULT_RECIPE, help=f"recipe shorthand or file to tune (default {DEFAULT_RECIPE})")
+        p.add_argument("--prune", default=None, help=f"recipe shorthand or file to tune (default {DEFAULT_RECIPE})")
         p.add_argument("-o", "--output", default="tuned.toml", help="snapped recipe file, .toml/.json/.yaml (default tuned.toml)")
+        p.add_argument("--images", default=None, help="image folder (DIR/<class>/*.png|jpg, or DIR/*.png): sweep "
+                       "recipes for the fastest within --max-drop of dense's accuracy")
+        p.add_argument("--max-drop", type=float_in(0, 100), default=None,
+                       help="--images: accuracy budget, percentage points below dense (default 0.5)")
+        p.add_argument("--methods", default=None, help="--images: methods to sweep, comma-separated (default "
+                       "cls-topk,attn-mean,tome,divprune)")
+        p.add_argument("--keeps", default=None, help="--images: keep ratios to sweep (default 0.5,0.7,0.9)")
+        p.add_argument("--after-blocks", nargs="+", default=None, metavar="BLOCKS", help="--images: stage blocks to "
+                       "sweep, one candidate set each, e.g. 3 3,6,9 (default: 1/4 of the depth, and 1/4,1/2,3/4)")
+        p.add_argument("--time-budget", type=float_in(0, low_open=True), default=None,
+                       help="--images: start no candidate after this many seconds (default 600)")
+        p.add_argument("--processor", default=None, help="--images: folder with the model's preprocessor_config.json "
+                       "(default: the model folder)")
+        p.add_argument("--md", default=None, help="--images: the front as markdown (default <-o stem>.pareto.md)")
         p.add_argument("--window", type=float_in(0, 1, low_open=True), default=0.1,
                        help="candidate K within ± this fraction of the patches (default 0.1)")
         p.add_argument("--candidates", type=int_in(2, 10_000), default=21, help="at most this many K per stage (default 21)")
@@ -636,12 +656,22 @@ class Tune(Tool):
         from tokensieve.tune import (OrtRunnerFactory, TrtRunnerFactory, check_recipe_path, format_tune, plot_tune,
                                      save_recipe, tune)
 
-        recipe = parse_recipe(args.prune)
+        if args.images is None:
+            given = [k for k in self.IMAGES_ONLY if getattr(args, k) is not None]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} applies to the accuracy sweep only; add --images DIR")
+            recipe = parse_recipe(args.prune or DEFAULT_RECIPE)
+        elif args.prune is not None:
+            raise ConfigError("--images sweeps recipes itself (--methods, --keeps, --after-blocks); drop --prune")
         check_recipe_path(args.output)
         if args.backend == "tensorrt":
             factory = sweep_factory = _tensorrt_factory(args, TrtRunnerFactory)
         else:
             factory, sweep_factory = OrtRunnerFactory(args.threads), OrtRunnerFactory(args.threads, spinning=False)
+        if args.images is not None:
+            from tokensieve.pareto import run_images
+
+            return run_images(args, factory, _log)
         if args.plot:  # a missing matplotlib fails now, not after the sweep
             from tokensieve.benchmark import require_matplotlib
 

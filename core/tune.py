@@ -45,7 +45,8 @@ from tokensieve.recipe import Budget, Recipe, ResolvedStage, Stage, resolve_reci
 from tokensieve.targets.base import DEFAULT_PRECISION
 
 __all__ = ["Step", "Snap", "find_steps", "snap_keep", "candidate_keeps", "OrtRunnerFactory", "TrtRunnerFactory", "TuneReport", "tune",
-           "median_noise", "choose", "recipe_file_text", "check_recipe_path", "save_recipe", "format_tune"]
+           "median_noise", "choose", "recipe_file_text", "check_recipe_path", "save_recipe", "write_recipe",
+           "format_tune"]
 
 DEFAULT_TOL = 0.02
 
@@ -591,14 +592,22 @@ def check_recipe_path(path: str | Path) -> Path:
 
 def save_recipe(report: TuneReport, path: str | Path) -> Path | None:
     """Write the chosen recipe atomically to `path`; None (nothing written) when dense was chosen."""
+    if report.chosen_recipe is None:
+        check_recipe_path(path)
+        return None
+    path = write_recipe(report.chosen_recipe, path)
+    report.recipe_file = str(path)
+    return path
+
+
+def write_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write `recipe` atomically to the .toml/.json/.yaml file `path` (its folder created); `tune` and
+    `tune --images` (tokensieve.pareto) write their chosen recipe with it."""
     from tokensieve.fileio import ensure_writable_dir
 
     path = check_recipe_path(path)
-    if report.chosen_recipe is None:
-        return None
     ensure_writable_dir(path.parent)
-    write_bytes_atomic(path, recipe_file_text(report.chosen_recipe, path.suffix).encode())
-    report.recipe_file = str(path)
+    write_bytes_atomic(path, recipe_file_text(recipe, path.suffix).encode())
     return path
 
 
