@@ -15,7 +15,7 @@ from torch import nn
 from tokensieve.errors import ConfigError, VerificationError
 from tokensieve.exporter.onnx_files import save_onnx
 from tokensieve.exporter.to_onnx import to_onnx
-from tokensieve.exporter.trace import FirstOutput, _is_hf, quiet, trace, trace_batch
+from tokensieve.exporter.trace import FirstOutput, _is_hf, output_fields, quiet, trace, trace_batch
 from tokensieve.fileio import ensure_writable_dir, folder_lock
 from tokensieve.flops import count_macs
 from tokensieve.graph_passes.blocks import TokenLayout, discover_blocks, token_layout
@@ -64,6 +64,13 @@ class ExportResult(Plan):
     pruned_program: torch.export.ExportedProgram | None = field(default=None, repr=False, compare=False)
     # False when the model fixes its batch (trace_batch fell back): the ONNX takes exactly input_shape[0] images
     dynamic_batch: bool = field(default=True, compare=False)
+    # every model output the ONNX returns, in order (output_name is the first); empty: [output_name]
+    output_names: list[str] = field(default_factory=list, compare=False)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The model outputs of the ONNX files, in order (`--outputs`; default the model's first)."""
+        return list(self.output_names) or [self.output_name]
 
     @property
     def dense_onnx(self) -> onnx.ModelProto:
@@ -71,7 +78,7 @@ class ExportResult(Plan):
         export's time, which verification and sweeps of pruned models never need."""
         if self._dense_onnx is None:
             t0 = time.perf_counter()
-            dense = run_onnx_passes(to_onnx(self.dense_program, [self.output_name]), PassContext())
+            dense = run_onnx_passes(to_onnx(self.dense_program, self.outputs), PassContext())
             self._dense_onnx = dense
             self.seconds["onnx_dense"] = time.perf_counter() - t0
         return self._dense_onnx
@@ -90,6 +97,7 @@ class ExportResult(Plan):
             "recipe": self.recipe.to_dict(),
             "recipe_shorthand": self.recipe.shorthand(),
             "input_shape": list(self.input_shape),
+            "outputs": self.outputs,
             "dynamic_batch": self.dynamic_batch,
             "num_blocks": len(self.block_paths),
             "block_paths": self.block_paths,
@@ -116,13 +124,14 @@ class ExportResult(Plan):
 
 
 def plan(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
-         dynamic_batch: bool = True, batch: int | None = None) -> Plan:
+         dynamic_batch: bool = True, batch: int | None = None, outputs=None) -> Plan:
     """Trace `model`, find its blocks and token layout, and bind the recipe to it (what `export` starts with)."""
-    return _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch)[0]
+    return _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch, outputs)[0]
 
 
-def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch=None):
-    """-> (Plan, example tensor, exported program, its GraphModule, blocks, trace seconds, dynamic batch)."""
+def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch=None, outputs=None):
+    """-> (Plan, example tensor, exported program, its GraphModule, blocks, trace seconds, dynamic batch, output
+    names)."""
     if isinstance(recipe, str):
         recipe = parse_recipe(recipe)
     example = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
@@ -132,7 +141,12 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"--batch {batch!r} must be an integer >= 1")
         example = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    module = FirstOutput(model.eval())
+    from tokensieve.models import prepare_for_export, resize_kwargs
+
+    prepare_for_export(model)
+    forward_kwargs = resize_kwargs(model, tuple(example.shape[-2:]))
+    names = choose_outputs(model.eval(), example, outputs, forward_kwargs)
+    module = FirstOutput(model, outputs=tuple(names) if outputs else None, forward_kwargs=forward_kwargs)
     t0 = time.perf_counter()
     ep, dynamic_batch = trace_batch(module, example, dynamic_batch)
     seconds = time.perf_counter() - t0
@@ -146,22 +160,57 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch
                 f"Method {s.stage.method!r} scores tokens by [CLS] attention, but this model has no [CLS] token "
                 "(0 prefix tokens); choose a CLS-free method (see `tokensieve methods`)"
             )
+    if len(names) > 1 and pads_output([s.stage.method for s in stages]):
+        raise ConfigError(f"--outputs {','.join(names)}: a compacting stage (compact=true) exports one output only; "
+                          "pass one name")
     hook_stages = [HookStage.for_block([b.path for b in blocks], s.stage.after_block, s.stage.method, s.keep,
                                        s.num_prefix_tokens, tuple(s.options.items()), layout.grid) for s in stages]
     bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
-    return bound, example, ep, gm, blocks, seconds, dynamic_batch
+    return bound, example, ep, gm, blocks, seconds, dynamic_batch, names
+
+
+def available_outputs(model: nn.Module, example: torch.Tensor, forward_kwargs: dict | None = None) -> list[str]:
+    """The names of the tensors `model` returns for `example` (its ModelOutput fields, in order; ["output"] for a
+    model that returns a plain tensor)."""
+    if not _is_hf(model):
+        return ["output"]
+    with torch.no_grad(), quiet():
+        out = model(pixel_values=example[:1], **(forward_kwargs or {}))
+    return output_fields(out) or ["output"]
+
+
+def choose_outputs(model: nn.Module, example: torch.Tensor, outputs, forward_kwargs: dict | None = None) -> list[str]:
+    """`outputs` (names, or one comma-separated string; None: the model's first output) checked against the
+    model's outputs -> the list of names; a one-line ConfigError lists the available ones."""
+    available = available_outputs(model, example, forward_kwargs)
+    if outputs is None:
+        return available[:1]
+    names = [n.strip() for n in outputs.split(",")] if isinstance(outputs, str) else [str(n) for n in outputs]
+    listed = ", ".join(available)
+    if not names or any(not n for n in names):
+        raise ConfigError(f"--outputs {','.join(names)!r} names no output; choose from {listed}")
+    for n in names:
+        if n not in available:
+            raise ConfigError(f"--outputs {n!r} is not an output of {type(model).__name__}; choose from {listed}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--outputs {','.join(names)} names an output twice; list each once")
+    return names
 
 
 def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix_tokens: int | None = None,
-           dynamic_batch: bool = True, batch: int | None = None) -> ExportResult:
+           dynamic_batch: bool = True, batch: int | None = None, outputs=None) -> ExportResult:
     """Trace `model`, insert the recipe's pruning stages into the graph, convert both pruned and dense to ONNX.
 
     The batch axis is dynamic unless the model fixes it (`len(x)`, ints from x.shape[0]): then the export is for
-    the example's batch, or `batch` (one warning line says so; ExportResult.dynamic_batch is False)."""
-    bound, example, ep, gm, blocks, trace_seconds, dynamic_batch = _bind(model, example_inputs, recipe,
-                                                                         num_prefix_tokens, dynamic_batch, batch)
+    the example's batch, or `batch` (one warning line says so; ExportResult.dynamic_batch is False).
+
+    `outputs`: the model outputs the ONNX returns, by name (ModelOutput fields, e.g. "logits" or
+    ["image_embeds", "last_hidden_state"]); default the model's first. An example whose H, W differ from the
+    config's image size is exported with the model's position-embedding interpolation (models.resize_kwargs)."""
+    bound, example, ep, gm, blocks, trace_seconds, dynamic_batch, output_names = _bind(
+        model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch, outputs)
     recipe, stages, module = bound.recipe, bound.stages, bound.module
-    output_name = _output_name(module.model, example)
+    output_name = output_names[0]
     seconds = {"trace": trace_seconds}
 
     # Canonicalize once for both sides, so dense and pruned differ only by the pruning stages.
@@ -174,16 +223,16 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
     ep_dense = trace(gm, example, dynamic_batch) if canonical else ep
     seconds["trace_dense"] = time.perf_counter() - t0
     macs_dense = count_macs(ep_dense.graph_module)
-    dense_onnx = None if stages else to_onnx(ep_dense, [output_name])  # with stages: on first use (dense_onnx)
+    dense_onnx = None if stages else to_onnx(ep_dense, output_names)  # with stages: on first use (dense_onnx)
 
     if stages:
         t0 = time.perf_counter()
-        run_fx_passes(gm, ctx, FX_PASSES)
+        run_fx_passes(gm, ctx, _fx_passes(len(output_names)))
         seconds["passes"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ep_pruned = trace(gm, example, dynamic_batch)
         seconds["trace_pruned"] = time.perf_counter() - t0
-        names = [output_name] + [f"kept_idx.{s.stage.after_block}" for s in stages]
+        names = [*output_names] + [f"kept_idx.{s.stage.after_block}" for s in stages]
         t0 = time.perf_counter()
         debug_onnx = to_onnx(ep_pruned, names)
         seconds["onnx_pruned"] = time.perf_counter() - t0
@@ -197,16 +246,43 @@ def export(model: nn.Module, example_inputs, recipe: Recipe | str, *, num_prefix
         **{f.name: getattr(bound, f.name) for f in fields(Plan)}, output_name=output_name, onnx_model=onnx_model,
         debug_onnx=debug_onnx, dense_program=ep_dense, macs_dense=macs_dense, macs_pruned=macs_pruned, seconds=seconds,
         _dense_onnx=dense_onnx, pruned_program=ep_pruned if stages else ep_dense, dynamic_batch=dynamic_batch,
+        output_names=list(output_names),
     )
 
 
-def _output_name(model: nn.Module, example: torch.Tensor) -> str:
-    if not _is_hf(model):
-        return "output"
-    with torch.no_grad(), quiet():
-        out = model(pixel_values=example[:1])
-    keys = list(out.keys()) if hasattr(out, "keys") else []
-    return keys[0] if keys else "output"
+def _fx_passes(num_outputs: int) -> tuple:
+    """FX_PASSES for a model with `num_outputs` outputs: add_kept_index_outputs keeps the graph's first output only,
+    so with several it is wrapped to return (every model output, *kept positions)."""
+    from tokensieve.graph_passes.fx.add_kept_index_outputs import add_kept_index_outputs
+
+    if num_outputs == 1:
+        return FX_PASSES
+    return tuple(_keeping_outputs(p, num_outputs) if p is add_kept_index_outputs else p for p in FX_PASSES)
+
+
+def _keeping_outputs(add_kept, num_outputs: int):
+    from onnx_ir.passes import PassResult
+    from torch import fx
+
+    from tokensieve.graph_passes.fx.insert_prune_stages import kept_index_nodes
+
+    def add_kept_index_outputs_all(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """(out_0, ..., out_n) -> (out_0, ..., out_n, *kept positions); idempotent like add_kept_index_outputs."""
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        before, plain = out_node.args, type(gm.graph._codegen) is fx.graph.CodeGen
+        (orig,) = before
+        model_outputs = tuple(orig)[:num_outputs] if isinstance(orig, (tuple, list)) else (orig,)
+        result = add_kept(gm, ctx)
+        kept = kept_index_nodes(gm)
+        if not kept:
+            return result
+        wanted = (tuple([*model_outputs, *kept]),)
+        if out_node.args != wanted:
+            out_node.args = wanted
+            gm.recompile()
+        return PassResult(gm, not (plain and before == wanted))
+
+    return add_kept_index_outputs_all
 
 
 # --------------------------------------------------------------------------- save
@@ -236,10 +312,10 @@ def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[s
     if "torch" in parts:
         from tokensieve.runtime.torch_runner import write_program
 
-        names = [result.output_name] + [f"kept_idx.{s.stage.after_block}" for s in result.stages]
+        names = result.outputs + [f"kept_idx.{s.stage.after_block}" for s in result.stages]
         pruned = result.pruned_program if result.stages else result.dense_program
         paths["torch"] = write_program(pruned, out / "model.pt2", names[: len(pruned.graph_signature.user_outputs)])
-        paths["torch_dense"] = write_program(result.dense_program, out / "dense.pt2", [result.output_name])
+        paths["torch_dense"] = write_program(result.dense_program, out / "dense.pt2", result.outputs)
     for key in (k for k in SAVED_PARTS if k in parts):
         proto = result.onnx_model if key == "model" else result.debug_onnx if key == "debug" else result.dense_onnx
         paths[key] = out / ARTIFACTS[key]
@@ -318,7 +394,8 @@ def pads_output(methods) -> bool:
 def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str | Path, *, num_inputs: int = 8,
                 batch: int = 1, seed: int = 0, atol: float = 1e-4, threads: int | None = None,
                 padded: bool = False) -> VerifyReport:
-    """Compare `reference(x) -> (output, kept per stage)` with the debug ONNX on seeded random inputs.
+    """Compare `reference(x) -> (output or tuple of outputs, kept per stage)` with the debug ONNX (the model's
+    outputs, then one kept_idx.<block> per stage) on seeded random inputs; every output is compared.
 
     NaN or Inf on either side fails, with one exception: when `padded`, whole NaN rows of the eager output are the
     slots a compacting stage left invalid (see pads_output) and are not compared."""
@@ -332,9 +409,10 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
     gen = torch.Generator().manual_seed(seed)
     max_diff, matches, nonfinite, shapes_ok = 0.0, [True] * len(stage_blocks), set(), True
     with OrtRunner(onnx_path, threads=threads) as runner:
-        if len(runner.output_names) != 1 + len(stage_blocks):
-            raise ConfigError(f"{str(onnx_path)!r} has {len(runner.output_names)} outputs, expected the model output + "
-                              f"{len(stage_blocks)} kept_idx outputs; verify the model.debug.onnx written by export")
+        num_model = len(runner.output_names) - len(stage_blocks)
+        if num_model < 1 or any(n.startswith("kept_idx.") for n in runner.output_names[:num_model]):
+            raise ConfigError(f"{str(onnx_path)!r} has {len(runner.output_names)} outputs, expected the model output(s) "
+                              f"+ {len(stage_blocks)} kept_idx outputs; verify the model.debug.onnx written by export")
         fixed = runner.input_specs[0][1][0]
         if isinstance(fixed, int) and fixed != batch:   # a model that fixes its batch was exported for that batch
             raise ConfigError(f"{str(onnx_path)!r} takes a fixed batch of {fixed} (the model fixes its batch); "
@@ -342,20 +420,24 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
         for _ in range(num_inputs):
             x = torch.randn(batch, *input_shape[1:], generator=gen)
             ref, kept = reference(x)
+            refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]
             outs = list(runner.infer({"pixel_values": x.numpy()}).values())
-            got, want = outs[0], ref.numpy()
-            if got.shape != want.shape:
-                shapes_ok = False
-                continue
-            pad = np.isnan(want).all(axis=-1, keepdims=True) if padded and want.ndim >= 3 else np.zeros((), bool)
-            real = ~np.broadcast_to(pad, want.shape)
-            if not np.isfinite(want[real]).all():
-                nonfinite.add("eager")
-            if not np.isfinite(got[real]).all():
-                nonfinite.add("onnx")
-            if not nonfinite:
-                max_diff = max(max_diff, float(np.abs(got - want)[real].max(initial=0.0)))
-            for i, (got, want) in enumerate(zip(outs[1:], kept)):
+            if len(refs) != num_model:
+                raise ConfigError(f"{str(onnx_path)!r} returns {num_model} model output(s), the eager model "
+                                  f"{len(refs)}; re-run `tokensieve export`")
+            for got, want in zip(outs[:num_model], (r.numpy() for r in refs)):
+                if got.shape != want.shape:
+                    shapes_ok = False
+                    continue
+                pad = np.isnan(want).all(axis=-1, keepdims=True) if padded and want.ndim >= 3 else np.zeros((), bool)
+                real = ~np.broadcast_to(pad, want.shape)
+                if not np.isfinite(want[real]).all():
+                    nonfinite.add("eager")
+                if not np.isfinite(got[real]).all():
+                    nonfinite.add("onnx")
+                if not nonfinite:
+                    max_diff = max(max_diff, float(np.abs(got - want)[real].max(initial=0.0)))
+            for i, (got, want) in enumerate(zip(outs[num_model:], kept)):
                 matches[i] &= got.shape == tuple(want.shape) and bool((got == want.numpy()).all())
     return VerifyReport(num_inputs, batch, atol, max_diff, matches, list(stage_blocks), time.perf_counter() - t0,
                         sorted(nonfinite), shapes_ok)
@@ -363,10 +445,13 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
 
 def reference_from_report(report: dict):
     """Rebuild the eager reference of an export folder's report.json (loads the model again)."""
-    from tokensieve.models import load_model
+    from tokensieve.models import load_model, prepare_for_export, resize_kwargs
 
     model, _ = load_model(report["model"])
-    module = FirstOutput(model.eval())
+    prepare_for_export(model)
+    outputs = report.get("outputs")  # absent in reports of an older tokensieve: the model's first output
+    module = FirstOutput(model.eval(), outputs=tuple(outputs) if outputs else None,
+                         forward_kwargs=resize_kwargs(model, tuple(report["input_shape"][-2:])))
     paths = report["block_paths"]
     prefix = report["layout"]["num_prefix_tokens"]
     grid = report["layout"].get("grid")
@@ -429,15 +514,18 @@ def quantize_folder(folder: str | Path, calibration: list[np.ndarray] | None = N
     stages = len(report["stages"])
     overlap, cosines = [[] for _ in range(stages)], []
     with OrtRunner(folder / ARTIFACTS["debug"]) as fp32, OrtRunner(folder / QUANTIZED["debug"]) as int8:
+        n = len(fp32.output_names) - stages   # the model's outputs (--outputs), then kept_idx.<block> per stage
         for _ in range(num_inputs):
             x = {"pixel_values": gen.standard_normal((batch, *shape[1:])).astype(np.float32)}
-            (ref, *ref_kept), (out, *kept) = list(fp32.infer(x).values()), list(int8.infer(x).values())
-            r, o = ref.reshape(batch, -1).astype(np.float64), out.reshape(batch, -1).astype(np.float64)
-            cos = (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
-            if not np.isfinite(out).all():
-                raise VerificationError(f"{QUANTIZED['debug']} gives NaN/Inf outputs; calibrate with images "
-                                        "(--calib DIR)")
-            cosines.extend(cos.tolist())
+            refs, outs = list(fp32.infer(x).values()), list(int8.infer(x).values())
+            ref_kept, kept = refs[n:], outs[n:]
+            for ref, out in zip(refs[:n], outs[:n]):
+                r, o = ref.reshape(batch, -1).astype(np.float64), out.reshape(batch, -1).astype(np.float64)
+                cos = (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
+                if not np.isfinite(out).all():
+                    raise VerificationError(f"{QUANTIZED['debug']} gives NaN/Inf outputs; calibrate with images "
+                                            "(--calib DIR)")
+                cosines.extend(cos.tolist())
             for i, (k, rk) in enumerate(zip(kept, ref_kept)):
                 overlap[i].extend(len(set(a.tolist()) & set(b.tolist())) / max(len(b), 1) for a, b in zip(k, rk))
     return {"kept_overlap": [float(np.mean(o)) for o in overlap], "cosine": {"min": float(min(cosines)),
@@ -598,15 +686,17 @@ def check_verified(ver: VerifyReport) -> None:
 def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: str = DEFAULT_TARGET,
                   precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH, plugins: str | Path | None = None, build: bool = True,
                   verify_inputs: int = 8, atol: float = 1e-4, threads: int | None = None, bench: bool = True,
-                  bench_blocks: int = 4, bench_iters: int = 20, progress=None, batch: int | None = None) -> dict:
+                  bench_blocks: int = 4, bench_iters: int = 20, progress=None, batch: int | None = None,
+                  outputs=None, image_size: tuple[int, int] | None = None) -> dict:
     """`tokensieve export`: load `model` (`default`, `tiny` or a HF folder), export it with `recipe` into `out`
     (model.onnx, model.debug.onnx, dense.onnx), verify against eager, build the engine (unless `build=False`), time
     dense vs pruned (unless `bench=False`) and write report.json; returns the report.
 
     Arguments are checked before anything is loaded; engines an earlier export left in `out` are removed (they were
     built from the ONNX files replaced here); a failed verification writes report.json, then raises
-    VerificationError. `batch`: the batch of a model that fixes it (export's `batch`). `progress(message)` hears
-    each step.
+    VerificationError. `batch`: the batch of a model that fixes it (export's `batch`). `outputs`: the model outputs
+    to export (export's `outputs`). `image_size` (H, W): export for that input size instead of the config's (the
+    model's position-embedding interpolation). `progress(message)` hears each step.
 
     Faults: one writer at a time (a second one fails with one line); the folder holds the previous complete export
     until the final swap, and a run that stops early (an error, Ctrl-C) leaves it so; a run that created `out`
@@ -628,7 +718,7 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     with interruptible(), folder_lock(out) as out:   # a second writer fails here, before touching the folder
         try:
             return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs,
-                                  atol, threads, bench, bench_blocks, bench_iters, say, batch)
+                                  atol, threads, bench, bench_blocks, bench_iters, say, batch, outputs, image_size)
         except BaseException:
             if created:  # leave no empty output folder behind; files written so far (report.json) stay
                 import contextlib
@@ -657,7 +747,7 @@ def remove_stale_staging(out: Path) -> None:
 
 
 def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                   threads, do_bench, bench_blocks, bench_iters, say, batch=None) -> dict:
+                   threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None) -> dict:
     """Everything is written into a staging folder inside `out` and moved into place at the end (report.json last):
     until then `out` still holds the previous complete export; a run killed midway leaves only its staging folder,
     which the next run (holding the folder lock) removes."""
@@ -673,7 +763,8 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
         raise write_error(e, out / STAGING_PREFIX, "create a staging folder in") from e
     try:
         report = _export_into(model_name, recipe, stage, target, precision, max_batch, plugins, do_build,
-                              verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say, batch)
+                              verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say, batch, outputs,
+                              image_size)
         removed = _move_into_place(stage, out, report)
         if removed:
             say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
@@ -724,17 +815,18 @@ def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
 
 
 def _export_into(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                 threads, do_bench, bench_blocks, bench_iters, say, batch=None) -> dict:
+                 threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None) -> dict:
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
     from tokensieve.models import load_model
 
     t_all = time.perf_counter()
     say(f"[1/5] loading model {model_name!r}")
-    model, shape = load_model(model_name)
+    model, shape = load_model(model_name, image_size)
     say(f"[2/5] exporting with recipe {recipe} (torch.export -> graph passes -> ONNX)")
     t0 = time.perf_counter()
-    result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe, batch=batch)
+    result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe, batch=batch,
+                    outputs=outputs)
     paths = save(result, out)
     export_s = time.perf_counter() - t0
     # a model that fixes its batch was exported for input_shape[0] images: verify and time it at that batch
@@ -743,7 +835,7 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
               "files": {k: str(v) for k, v in paths.items()}}
     say(f"[3/5] verifying against eager on {verify_inputs} random inputs")
     ver = verify(result, paths["debug"], num_inputs=verify_inputs, atol=atol, threads=threads, batch=run_batch)
-    report["verify"] = {**ver.to_dict(), "output": result.output_name}
+    report["verify"] = {**ver.to_dict(), "output": result.output_name, "outputs": result.outputs}
     if not ver.passed:
         return report
     if do_build:

@@ -47,6 +47,20 @@ def int_in(low: int, high: int):
     return parse
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type: `H` or `H,W` (pixels, 1..65536) -> (H, W)."""
+    parts = text.replace("x", ",").split(",") if len(text) < 40 else []
+    try:
+        size = tuple(int(v.strip()) for v in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or not all(1 <= v <= 65536 for v in size):
+        from tokensieve.manifest import excerpt
+
+        raise argparse.ArgumentTypeError(f"{excerpt(text, 30)} is not H or H,W in pixels (1..65536), e.g. 224 or 224,160")
+    return (size[0], size[-1])
+
+
 def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
     """argparse type: a finite number in [low, high] (or (low, high] with low_open); NaN and ±inf are refused."""
     def parse(text: str) -> float:
@@ -98,6 +112,7 @@ class Export(Tool):
         tokensieve export --model default --prune cls-topk@3,6,9:0.7 -o out/
         tokensieve export --model ./my-hf-vit --prune recipe.toml -o out/ --target rtx-sm89 --no-bench
         tokensieve export --model default -o out/ --precision fp16      # fp16 engine (scores stay fp32)
+        tokensieve export --model ./dinov2-s --image-size 224 --outputs pooler_output -o out/   # 224x224, pooled
     """
 
     name = "export"
@@ -127,6 +142,11 @@ class Export(Tool):
         p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=None, help="batch of a model whose forward fixes "
                        "it (len(x), ints from x.shape[0]): it is exported for this batch only (default 1; other "
                        "models get a dynamic batch)")
+        p.add_argument("--outputs", default=None, metavar="NAME[,NAME]", help="the model outputs the ONNX returns, by "
+                       "name (logits, pooler_output, image_embeds, last_hidden_state, ...: the model's output fields; "
+                       "default the first one the model returns)")
+        p.add_argument("--image-size", type=image_size, default=None, metavar="H[,W]", help="export for this input "
+                       "size instead of the config's (position embeddings interpolated; a multiple of the patch size)")
 
     def run(self, args):
         from tokensieve import api
@@ -135,7 +155,8 @@ class Export(Tool):
             args.model, args.prune, args.output, target=args.target, precision=args.precision,
             max_batch=args.max_batch, plugins=args.plugins, build=not args.no_build, verify_inputs=args.verify_inputs,
             atol=args.atol, threads=args.threads, bench=not args.no_bench, bench_blocks=args.bench_blocks,
-            bench_iters=args.bench_iters, progress=_log, batch=args.batch)
+            bench_iters=args.bench_iters, progress=_log, batch=args.batch, outputs=args.outputs,
+            image_size=args.image_size)
         print(format_report(report, Path(args.output)))
         return 0
 

@@ -45,8 +45,10 @@ def model_dir(spec: str | os.PathLike) -> Path | None:
     return SHIPPED[spec][0] if spec in SHIPPED else Path(spec)
 
 
-def load_model(spec: str | os.PathLike) -> tuple[nn.Module, tuple[int, ...]]:
-    """`default`, `tiny`, `toy` or a local Hugging Face checkpoint folder -> (eval model, input shape (1, C, H, W))."""
+def load_model(spec: str | os.PathLike, image_size: tuple[int, int] | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """`default`, `tiny`, `toy` or a local Hugging Face checkpoint folder -> (eval model, input shape (1, C, H, W));
+    `image_size` (H, W) replaces the config's size in the shape (checked with resize_kwargs: the model must
+    interpolate its position embeddings)."""
     spec = str(spec)
     if spec in BUILTIN:
         model = builtin_vit(spec)
@@ -58,7 +60,9 @@ def load_model(spec: str | os.PathLike) -> tuple[nn.Module, tuple[int, ...]]:
         model = _load_hf_dir(folder)
     else:
         model = _load_hf_dir(Path(spec))
-    return model, input_shape(model)
+    shape = input_shape(model, image_size)
+    resize_kwargs(model, shape[-2:])  # a model that cannot take that size fails here, before the export
+    return model, shape
 
 
 def _load_hf_dir(path: Path) -> nn.Module:
@@ -69,8 +73,7 @@ def _load_hf_dir(path: Path) -> nn.Module:
     check_model_folder(path)  # custom code (auto_map) is refused before transformers reads the folder
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import transformers
-        from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
@@ -80,19 +83,12 @@ def _load_hf_dir(path: Path) -> nn.Module:
         raise ModelError(f"Model folder {str(path)!r} is a {VLM_TYPES[kind]} vision-language model; `tokensieve export` "
                          f"takes a vision encoder, so export it in parts: tokensieve export-vlm {path} "
                          "--prune cls-topk:0.25 -o OUT")
-    if kind in VISION_TOWERS:  # a dual encoder (image + text): its vision tower alone
-        auto = getattr(transformers, VISION_TOWERS[kind])
-    elif hasattr(config, "vision_config") and hasattr(config, "text_config"):
-        raise ModelError(f"Model folder {str(path)!r} is a {kind!r} vision-language model, which tokensieve cannot "
-                         f"split yet; export-vlm supports {', '.join(sorted(VLM_TYPES))}, export supports vision "
-                         f"encoders (and the vision tower of {', '.join(sorted(VISION_TOWERS))})")
-    else:
-        auto = AutoModelForImageClassification if getattr(config, "architectures", None) and any(
-            a.endswith("ForImageClassification") for a in config.architectures) else AutoModel
+    auto, load_config = model_class(config, path)
     try:
         with quiet_loading():
+            extra = {"config": load_config} if load_config is not None else {}
             model, info = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
-                                               output_loading_info=True, **SAFE_LOADING)
+                                               output_loading_info=True, **extra, **SAFE_LOADING)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     missing = sorted(info.get("missing_keys") or ())
@@ -109,8 +105,47 @@ SAFE_LOADING = dict(trust_remote_code=False, use_safetensors=True, weights_only=
 
 # model_type -> what it is: checkpoints `tokensieve export-vlm` takes, not `export`
 VLM_TYPES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
-# model_type of a dual encoder -> the transformers class of its vision tower (loads from the full checkpoint)
-VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+# model_type of a dual encoder -> the transformers class of its vision tower with its image-embedding head (pooler
+# + projection; loads from the full checkpoint)
+VISION_TOWERS = {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}
+# model_types `tokensieve export` refuses with a reason: their forward does not take (B, C, H, W) images
+UNSUPPORTED = {"siglip2": "SigLIP2 (NaFlex: patchified pixel_values with spatial_shapes, not images)",
+               "siglip2_vision_model": "SigLIP2 (NaFlex: patchified pixel_values with spatial_shapes, not images)"}
+
+
+def model_class(config, path: Path):
+    """The transformers class a folder's config loads as -> (class, config to load it with or None): the vision tower
+    (+ embedding head) of a dual encoder; else the class config.architectures names, when transformers has it and it
+    is a vision encoder or classifier (…ForImageClassification…, …WithTeacher, …VisionModel…, …Model); else
+    AutoModelForImageClassification / AutoModel."""
+    import transformers
+
+    kind = getattr(config, "model_type", None)
+    if kind in UNSUPPORTED:
+        raise ModelError(f"Model folder {str(path)!r} is {UNSUPPORTED[kind]}, which `tokensieve export` cannot trace "
+                         f"yet; export a fixed-resolution encoder (SigLIP, CLIP, ViT, DINOv2)")
+    if kind in VISION_TOWERS:
+        auto = getattr(transformers, VISION_TOWERS[kind], None)
+        if auto is None:
+            raise ModelError(f"Model folder {str(path)!r} is a {kind!r} dual encoder, which this transformers "
+                             f"{transformers.__version__} cannot load ({VISION_TOWERS[kind]} missing); upgrade "
+                             "transformers")
+        tower = config.vision_config
+        if getattr(config, "projection_dim", None) is not None and hasattr(tower, "projection_dim"):
+            tower.projection_dim = config.projection_dim  # CLIP keeps the projection size on the full config
+        return auto, tower
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        raise ModelError(f"Model folder {str(path)!r} is a {kind!r} vision-language model, which tokensieve cannot "
+                         f"split yet; export-vlm supports {', '.join(sorted(VLM_TYPES))}, export supports vision "
+                         f"encoders (and the vision tower of {', '.join(sorted(VISION_TOWERS))})")
+    archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    for name in archs:
+        cls = getattr(transformers, name, None) if name.isidentifier() else None
+        if isinstance(cls, type) and ("ForImageClassification" in name or name.endswith(("Model", "WithProjection"))):
+            return cls, None
+    if any("ForImageClassification" in a for a in archs):
+        return transformers.AutoModelForImageClassification, None
+    return transformers.AutoModel, None
 
 
 @contextlib.contextmanager
@@ -131,11 +166,82 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def input_shape(model: nn.Module) -> tuple[int, ...]:
+def input_shape(model: nn.Module, image_size: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """(1, C, H, W) of the model's config, or with `image_size` (H, W) in place of the config's size."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "vision_config", cfg)
+    channels = getattr(cfg, "num_channels", 3)
+    if image_size is not None:
+        h, w = _check_size(image_size)
+        return (1, channels, h, w)
     size = getattr(cfg, "image_size", None)
     if size is None:
-        raise ModelError("Cannot tell the model's input size (no config.image_size); pass --input-shape B,C,H,W")
+        raise ModelError("Cannot tell the model's input size (no config.image_size); pass --image-size H[,W]")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (1, getattr(cfg, "num_channels", 3), h, w)
+    return (1, channels, h, w)
+
+
+def _check_size(image_size) -> tuple[int, int]:
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+        raise ModelError(f"--image-size {image_size!r} must be H or H,W, integers >= 1, e.g. 224 or 224,160")
+    return size
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """Make `model`'s heads traceable to a static ONNX, in place, with the same values: SigLIP's attention-pooling
+    head repeats its probe by the batch read from the input, which ONNX shape inference cannot size (Tile), so its
+    forward expands the probe instead (Expand, which it can)."""
+    import types
+
+    for module in model.modules():
+        if (type(module).__name__ == "SiglipMultiheadAttentionPoolingHead" and "forward" not in vars(module)
+                and isinstance(getattr(module, "probe", None), nn.Parameter)):
+            module.forward = types.MethodType(_pooling_head_forward, module)
+    return model
+
+
+def _pooling_head_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+    """SiglipMultiheadAttentionPoolingHead.forward (transformers 4.57 / 5.x) with probe.expand for probe.repeat."""
+    probe = self.probe.expand(hidden_state.shape[0], -1, -1)
+    hidden_state = self.attention(probe, hidden_state, hidden_state)[0]
+    residual = hidden_state
+    hidden_state = self.layernorm(hidden_state)
+    hidden_state = residual + self.mlp(hidden_state)
+    return hidden_state[:, 0]
+
+
+# model_type of models whose embeddings interpolate the position table at every call (forward takes no flag)
+INTERPOLATES_ALWAYS = ("dinov2", "dinov2_with_registers")
+
+
+def resize_kwargs(model: nn.Module, size: tuple[int, int]) -> dict:
+    """The forward kwargs with which `model` takes (H, W) = `size` images: {} at the config's size, for a model that
+    is not a transformers one, or one that interpolates its position embeddings itself (DINOv2);
+    {"interpolate_pos_encoding": True} where forward takes that flag (ViT, DeiT, CLIP, SigLIP); else a one-line
+    ModelError (the model cannot change its input size)."""
+    import inspect
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "model_type"):
+        return {}
+    cfg = getattr(cfg, "vision_config", cfg)
+    configured = getattr(cfg, "image_size", None)
+    configured = (configured, configured) if isinstance(configured, int) else tuple(configured or ())
+    h, w = (int(v) for v in size)
+    if (h, w) == configured or not configured:  # no configured size: nothing to interpolate against
+        return {}
+    patch = getattr(cfg, "patch_size", None)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch or (1, 1))
+    if h % patch[0] or w % patch[1]:
+        raise ModelError(f"--image-size {h},{w} is not a multiple of the model's patch size {patch[0]}x{patch[1]}; "
+                         f"pass e.g. --image-size {max(patch[0], h - h % patch[0])},{max(patch[1], w - w % patch[1])}")
+    if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+        return {"interpolate_pos_encoding": True}
+    if getattr(cfg, "model_type", None) in INTERPOLATES_ALWAYS or getattr(model.config, "model_type", None) in INTERPOLATES_ALWAYS:
+        return {}
+    size_text = "x".join(map(str, configured)) if configured else "its configured size"
+    raise ModelError(f"{type(model).__name__} cannot change its input size (no position-embedding interpolation); "
+                     f"export it at {size_text} (drop --image-size)")

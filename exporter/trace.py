@@ -13,19 +13,46 @@ from tokensieve.errors import ExportError, first_line
 
 
 class FirstOutput(nn.Module):
-    """Call `model(pixel_values=x)` (HF) or `model(x)` and return its first tensor output."""
+    """Call `model(pixel_values=x)` (HF) or `model(x)` and return its first tensor output, or the outputs named in
+    `outputs` (fields of the HF ModelOutput, e.g. ("logits",) or ("image_embeds", "last_hidden_state")): one name
+    gives that tensor, several a tuple in their order. `forward_kwargs` go to every HF call, e.g.
+    {"interpolate_pos_encoding": True} for an input size other than the config's."""
 
-    def __init__(self, model: nn.Module, input_name: str = "pixel_values"):
+    def __init__(self, model: nn.Module, input_name: str = "pixel_values", outputs: tuple[str, ...] | None = None,
+                 forward_kwargs: dict | None = None):
         super().__init__()
         self.model = model
         self.input_name = input_name
+        self.outputs = tuple(outputs) if outputs else None
+        self.forward_kwargs = dict(forward_kwargs or {})
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor):
         if _is_hf(self.model):
-            out = self.model(**{self.input_name: pixel_values})
+            out = self.model(**{self.input_name: pixel_values}, **self.forward_kwargs)
         else:
             out = self.model(pixel_values)
+        if self.outputs is None:
+            return first_tensor(out)
+        picked = tuple(pick_output(out, name) for name in self.outputs)
+        return picked[0] if len(picked) == 1 else picked
+
+
+def output_fields(out) -> list[str]:
+    """The names of a model output's tensors: the fields of a HF ModelOutput (those set), else ["output"]."""
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if hasattr(out, "keys"):
+        return [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
+    return ["output"] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else []
+
+
+def pick_output(out, name: str) -> torch.Tensor:
+    """The output called `name` (output_fields); "output" of a plain tensor or tuple is its first tensor."""
+    if hasattr(out, "keys") and name in out.keys():
+        return out[name]
+    if name == "output":
         return first_tensor(out)
+    raise ExportError(f"The model has no output {name!r}; choose from {', '.join(output_fields(out)) or 'none'}")
 
 
 def _is_hf(model: nn.Module) -> bool:

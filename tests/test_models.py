@@ -36,7 +36,7 @@ def test_dual_encoder_folder_loads_its_vision_tower_with_its_weights(clip_dir, c
     path, full = clip_dir
     capsys.readouterr()
     model, shape = load_model(path)
-    assert type(model).__name__ == "CLIPVisionModel" and shape == (1, 3, 32, 32)
+    assert type(model).__name__ == "CLIPVisionModelWithProjection" and shape == (1, 3, 32, 32)  # + image embeddings
     tower = getattr(model, "vision_model", model)  # transformers 5 flattened CLIPVisionModel
     assert torch.equal(tower.embeddings.patch_embedding.weight,
                        full.vision_model.embeddings.patch_embedding.weight)  # the checkpoint's, not random

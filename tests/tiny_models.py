@@ -216,3 +216,77 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     model, shape = TINY_MODELS[name]()
     gen = torch.Generator().manual_seed(SEED + 1)
     return model, torch.randn(shape, generator=gen)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads: models whose export keeps a head (classifier, pooler, projection); not in TINY_MODELS (the per-model sweeps
+# of every test), written as HF folders by the tests that load them (save_tiny_folder)
+# --------------------------------------------------------------------------------------------
+
+# the sizes of _COMMON (no token count equals a channel size), 2 blocks
+_HEAD_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=_IMAGE,
+                    patch_size=_PATCH, num_channels=3)
+_HEAD_TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def tiny_deit_teacher() -> nn.Module:
+    """Distilled DeiT: logits = mean of the [CLS] and distillation heads (DeiTForImageClassificationWithTeacher)."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(SEED)
+    cfg = DeiTConfig(**_HEAD_VISION, num_labels=5, attn_implementation="sdpa")
+    return _finish(DeiTForImageClassificationWithTeacher(cfg))
+
+
+def tiny_clip() -> nn.Module:
+    """Full CLIP dual encoder (image + text towers, projections to 16 dims)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(SEED)
+    cfg = CLIPConfig(vision_config=_HEAD_VISION, text_config=_HEAD_TEXT, projection_dim=16)
+    return _finish(CLIPModel(cfg))
+
+
+def tiny_clip_projection() -> nn.Module:
+    """CLIP's vision tower with its projection (CLIPVisionModelWithProjection: image_embeds first)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(SEED)
+    return _finish(CLIPVisionModelWithProjection(CLIPVisionConfig(**_HEAD_VISION, projection_dim=16,
+                                                                  attn_implementation="sdpa")))
+
+
+def tiny_siglip() -> nn.Module:
+    """Full SigLIP dual encoder; its vision tower pools with an attention-probe head (pooler_output)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(SEED)
+    return _finish(SiglipModel(SiglipConfig(vision_config=_HEAD_VISION, text_config=_HEAD_TEXT)))
+
+
+def tiny_dinov2_small() -> nn.Module:
+    """DINOv2 (Dinov2Model: last_hidden_state first, pooler_output = the normed [CLS] token)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(SEED)
+    cfg = Dinov2Config(**{k: v for k, v in _HEAD_VISION.items() if k != "intermediate_size"}, mlp_ratio=2,
+                       attn_implementation="sdpa")
+    return _finish(Dinov2Model(cfg))
+
+
+TINY_HEAD_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "deit_teacher": tiny_deit_teacher,
+    "clip": tiny_clip,
+    "clip_projection": tiny_clip_projection,
+    "siglip": tiny_siglip,
+    "dinov2": tiny_dinov2_small,
+}
+
+
+def save_tiny_folder(name: str, path) -> nn.Module:
+    """Write TINY_HEAD_MODELS[name] with save_pretrained into `path` (a HF folder, as `--model` takes) and return the
+    model."""
+    model = TINY_HEAD_MODELS[name]()
+    model.save_pretrained(path)
+    return model
