@@ -1,0 +1,72 @@
+"""`--image-size H[,W]`: export at an input size other than the config's, through the position-embedding
+interpolation the model supports (interpolate_pos_encoding=True for ViT/DeiT/CLIP/SigLIP; DINOv2 always
+interpolates); the token counts follow the new patch grid, and a model that cannot change its size says so."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tiny_models import save_tiny_folder, tiny_vit_hf
+from tokensieve import api
+from tokensieve.cli import main
+from tokensieve.errors import ModelError
+from tokensieve.models import load_model, resize_kwargs
+
+
+def _run(proto, x: torch.Tensor) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixel_values": x.numpy()})))
+
+
+def test_vit_exports_at_another_size():
+    model, _ = tiny_vit_hf()   # configured for 32x32, 8x8 patches: 16 patches
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))   # 6 x 5 = 30 patches
+    result = api.export(model, x, "cls-topk@0:0.5")
+    assert result.tokens == [31, 16] and result.tokens_per_block() == [31, 16, 16, 16]
+    ver = api.verify(result, num_inputs=2, batch=2)
+    assert ver.passed and ver.indices_match == [True]
+    dims = [d.dim_value or d.dim_param for d in result.onnx_model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 48, 40]
+    with torch.no_grad():
+        want = model(pixel_values=x, interpolate_pos_encoding=True).logits
+        got = result.dense_program.module()(x)   # the dense trace (dense.onnx's source) at 48x40
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    with torch.no_grad():
+        got = result.pruned_program.module()(x)[0]
+    np.testing.assert_allclose(_run(result.onnx_model, x)["logits"], got.numpy(), atol=1e-5)
+
+
+def test_dinov2_folder_at_another_size_with_its_pooled_output(tmp_path):
+    """The export folder's report records size and output: `tokensieve verify` rebuilds the same reference."""
+    folder, out = tmp_path / "dinov2", tmp_path / "out"
+    saved = save_tiny_folder("dinov2", folder)   # configured for 32x32
+    report = api.export_folder(str(folder), "cls-topk@0:0.5", out, build=False, bench=False, verify_inputs=2,
+                               image_size=(48, 48), outputs="pooler_output")
+    assert report["input_shape"] == [1, 3, 48, 48] and report["outputs"] == ["pooler_output"]
+    assert report["tokens_per_block"] == [37, 19] and report["verify"]["passed"]   # 1 + 6 x 6 patches
+    assert main(["verify", str(out), "--inputs", "1", "--batch", "2"]) == 0
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    sess = ort.InferenceSession(str(out / "dense.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["pooler_output"]
+    with torch.no_grad():
+        want = saved(pixel_values=x).pooler_output
+    np.testing.assert_allclose(sess.run(None, {"pixel_values": x.numpy()})[0], want.numpy(), atol=1e-5)
+
+
+def test_sizes_a_model_cannot_take_are_one_line():
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    model = CLIPForImageClassification(CLIPConfig(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1)))
+    assert resize_kwargs(model, (32, 32)) == {}   # its own size needs nothing
+    with pytest.raises(ModelError, match=r"^CLIPForImageClassification cannot change its input size .*export it at "
+                                         r"32x32 \(drop --image-size\)$"):
+        resize_kwargs(model, (48, 48))
+    with pytest.raises(ModelError, match=r"^--image-size 60,64 is not a multiple of the model's patch size 8x8; pass "
+                                         r"e.g. --image-size 56,64$"):
+        load_model("tiny", image_size=(60, 64))
