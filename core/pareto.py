@@ -318,7 +318,7 @@ def sweep_front(model, example, images: str | Path, *, processor: str | Path, mo
             "metric": "top1" if labelled else "agreement_top1", "classes": imgs.class_names,
             "processor": str(proc_dir), "backend": backend, "batch": batch,
             "timing": {"blocks": blocks, "iters": iters, "warmup": warmup}, "time_budget_s": time_budget,
-            "screening": "eager reference (api.export(...).reference)", "grid": {
+            "screening": "eager reference (ExportResult.reference, the stages the ONNX records)", "grid": {
                 "methods": list(methods), "keeps": list(keeps), "after_blocks": [list(b) for b in after_blocks],
                 "candidates": len(grid), "swept": len(swept), "not_swept": skipped},
             "dense": dense_row, "candidates": rows, "front": [r["name"] for r in [dense_row, *rows] if r.get("on_front")],
@@ -419,8 +419,9 @@ def format_markdown(report: dict, title: str | None = None) -> str:
                                          if "top1_drop" in o else "")) if o else "-"
         lat = f"{c['latency_ms']:.3f}" if c.get("latency_ms") is not None else "-"
         lines.append(f"| {c['max_drop']:g} | `{c['recipe']}` | {c['speedup']:.2f}x | {lat} | {drop} | {acc} |")
+    lines.append("")
     for c in r["choices"]:
-        lines.append(f"\n- {c['max_drop']:g} pp: {c['message']}" + "".join(
+        lines.append(f"- {c['max_drop']:g} pp: {c['message']}" + "".join(
             f"; rejected `{x['recipe']}` ({x['onnx_drop_pp']:.2f} pp on ONNX Runtime)" for x in c["rejected"]))
     header = ["| method | after blocks | keep | tokens | accuracy % | drop pp | median ms | speedup | front | chosen |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -472,14 +473,16 @@ def plot_front(report: dict, path: str | Path) -> Path:
     if front:
         ax.step([x["latency"]["median_ms"] for x in front], [100 * x["accuracy"]["value"] for x in front], where="post",
                 color="gray", linestyle="--", alpha=0.7, label="Pareto front", zorder=2)
-    by = {x["name"]: x for x in timed}
+    by, budgets = {x["name"]: x for x in timed}, {}
     for c in report["choices"]:
-        x = by.get(c["chosen"])
+        budgets.setdefault(c["chosen"], []).append(f"{c['max_drop']:g}")
+    for name, drops in budgets.items():  # one ring per chosen recipe, labelled with every budget that chose it
+        x = by.get(name)
         if x:
             ax.scatter([x["latency"]["median_ms"]], [100 * x["accuracy"]["value"]], s=260, facecolors="none",
                        edgecolors="red", linewidths=1.5, zorder=5)
-            ax.annotate(f"≤{c['max_drop']:g} pp", (x["latency"]["median_ms"], 100 * x["accuracy"]["value"]),
-                        textcoords="offset points", xytext=(8, -12), fontsize=8, color="red")
+            ax.annotate(f"chosen ≤{', '.join(drops)} pp", (x["latency"]["median_ms"], 100 * x["accuracy"]["value"]),
+                        textcoords="offset points", xytext=(9, -13), fontsize=8, color="red")
     metric = "top-1 accuracy %" if report["metric"] == "top1" else "top-1 agreement with dense %"
     ax.set(xlabel=f"median latency ms ({report['backend']}, batch {report['batch']})", ylabel=metric,
            title=f"{report['model']}: {report['num_images']} images, {report['grid']['swept']} recipes")

@@ -162,7 +162,27 @@ FAST = ["--blocks", "2", "--iters", "3", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
-def labelled_run(images):
+def shared_exports():
+    """api.export memoized by recipe for this module's sweeps: both load the same toy weights, so the unlabelled
+    sweep reuses the labelled one's dense and cls-topk@1:0.5 exports (~8 s each on this machine) instead of
+    repeating them; everything after the export (eager screening, timing, ONNX Runtime check) runs again."""
+    from tokensieve import api
+
+    real, cache = api.export, {}
+
+    def export(model, example, recipe, **kw):
+        key = (str(recipe.shorthand() if hasattr(recipe, "shorthand") else recipe), tuple(example.shape))
+        if key not in cache:
+            cache[key] = real(model, example, recipe, **kw)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "export", export)
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def labelled_run(images, shared_exports):
     """2 methods x 2 keeps at block 1 with a time budget that runs out after the first candidate."""
     import contextlib
     import io
@@ -237,10 +257,10 @@ def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def test_unlabelled_sweep_uses_agreement(images, tmp_path, capsys):
+def test_unlabelled_sweep_uses_agreement(images, tmp_path, capsys, shared_exports, labelled_run):
     out = tmp_path / "t.json"
-    rc = main(["tune", "--model", "toy", "--images", str(images["unlabelled"]), "--methods", "uniform", "--keeps", "0.7",
-               "--after-blocks", "2", "--max-drop", "100", "-o", str(tmp_path / "t.json"), "--json",
+    rc = main(["tune", "--model", "toy", "--images", str(images["unlabelled"]), "--methods", "cls-topk", "--keeps",
+               "0.5", "--after-blocks", "1", "--max-drop", "100", "-o", str(tmp_path / "t.json"), "--json",
                str(tmp_path / "front.json"), *FAST])
     assert rc == 0, capsys.readouterr().err
     r = json.loads((tmp_path / "front.json").read_text())
@@ -253,7 +273,7 @@ def test_unlabelled_sweep_uses_agreement(images, tmp_path, capsys):
     if choice["chosen"] == "c0":
         assert "top1" not in choice["onnx"] and choice["onnx"]["drop_pp"] == pytest.approx(
             100 * (1 - choice["onnx"]["agreement_top1"]["value"]))
-        assert json.loads(out.read_text())["stages"][0]["method"] == "uniform"
+        assert json.loads(out.read_text())["stages"][0]["method"] == "cls-topk"
     else:
         assert not out.exists()
     assert "agreement" in capsys.readouterr().out
