@@ -665,8 +665,10 @@ class Tune(Tool):
         p.add_argument("--blocks", type=int_in(1, MAX_COUNT), default=4, help="alternating blocks of the final run (default 4)")
         p.add_argument("--iters", type=int_in(1, MAX_COUNT), default=20, help="timed runs per block in the final run (default 20)")
         p.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=5)
-        p.add_argument("--json", default=None, help="also write the report to this JSON file")
-        p.add_argument("--plot", default=None, help="write the per-stage latency staircase as PNG (needs tokensieve[plot])")
+        p.add_argument("--json", default=None, help="also write the report to this JSON file (--images: the front, "
+                       "default <-o stem>.pareto.json)")
+        p.add_argument("--plot", default=None, help="write the per-stage latency staircase as PNG (needs tokensieve[plot]; "
+                       "--images: latency vs accuracy, default <-o stem>.pareto.png when matplotlib is there)")
 
     def run(self, args):
         import torch
