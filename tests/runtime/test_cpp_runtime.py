@@ -83,6 +83,7 @@ def _error_line(p: subprocess.CompletedProcess, *needles: str) -> str:
     lines = p.stderr.splitlines()
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("tokensieve-run: error: "), lines[0]
+    assert len(lines[0]) <= 200, f"{len(lines[0])} characters: {lines[0]}"
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
@@ -282,6 +283,40 @@ def test_metadata_without_required_fields(runtime_build, tmp_path):
     _error_line(_run(runtime_build, engine), "not tokensieve engine metadata", "tensorrt_version")
 
 
+@pytest.mark.parametrize("kind, needle", [("ZERO", "is a device, not a regular file"),
+                                           ("FIFO", "is a FIFO, not a regular file"),
+                                           ("DIR", "is a folder, not a regular file"),
+                                           ("HUGE", "is more than 16 MiB")])
+def test_metadata_that_is_not_a_small_regular_file(runtime_build, tmp_path, kind, needle):
+    """/dev/zero, a FIFO without a writer, a folder or a 17 MiB file as `<engine>.json`: one line at once, never
+    bad_alloc or a hang (the reader opens it non-blocking and reads at most 16 MiB + 1 byte)."""
+    engine = _engine(tmp_path)
+    meta = Path(str(engine) + ".json")
+    meta.unlink()
+    if kind == "ZERO":
+        meta.symlink_to("/dev/zero")
+    elif kind == "FIFO":
+        os.mkfifo(meta)
+    elif kind == "DIR":
+        meta.mkdir()
+    else:
+        with open(meta, "wb") as f:
+            f.truncate(17 << 20)  # sparse
+    _error_line(_run(runtime_build, engine), "model.engine.json", needle, "tokensieve build")
+
+
+def test_long_paths_and_values_keep_the_line_short(runtime_build, tmp_path):
+    """A 180-character folder name and a 600-byte non-ASCII value are quoted cut in the middle: the line stays within
+    200 characters, valid UTF-8, and still names the file and the fix."""
+    folder = tmp_path / ("d" * 180)
+    folder.mkdir()
+    engine = folder / "garbage.engine"
+    engine.write_bytes(os.urandom(100))
+    line = _error_line(_run(runtime_build, engine), "No engine metadata", "garbage.engine.json'", "tokensieve build")
+    assert "..." in line
+    _error_line(_run(runtime_build, engine, "--iters", "\u00e9" * 300), "--iters expects an integer", "...")
+
+
 def test_truncated_engine(runtime_build, tmp_path):
     engine = _engine(tmp_path, size=4096, recorded=101910316)
     _error_line(_run(runtime_build, engine), "4096 bytes", "engine_size_bytes=101910316", "truncated")
@@ -453,8 +488,7 @@ def test_resolve_input_shapes(runtime_build, tmp_path, args, want):
                                         "set --dim past_sequence=N instead"]),
     (("--dim", "past_sequence=65"), ["--dim past_sequence=65 is outside the engine's profile",
                                      "input 'past' axis 1 (past_sequence) allows 0..64",
-                                     "rebuild the engine with a wider `tokensieve build --dims past_sequence=MIN:OPT:MAX`",
-                                     "to go beyond"]),
+                                     "rebuild with a wider `tokensieve build --dims past_sequence=MIN:OPT:MAX`"]),
     (("--dim", "sequence=0"), ["input 'position_ids' axis 2 (sequence) allows 1..32"]),
     (("--batch", "5"), ["--batch 5 is outside the engine's profile", "batch 1..4", "--max-batch"]),
     (("--shape", "foo=3"), ["--shape foo=3: the engine has no input 'foo' (inputs: past, mask, position_ids)"]),
@@ -633,7 +667,7 @@ def test_libnvinfer_not_found(runtime_build, tmp_path):
     engine = _engine(tmp_path)
     nowhere = tmp_path / "nowhere" / "libnvinfer.so.10"
     _error_line(_run(runtime_build, engine, env=_env(TOKENSIEVE_TENSORRT_LIB=str(nowhere))),
-                "libnvinfer not found", "TOKENSIEVE_TENSORRT_LIB", str(nowhere))
+                "libnvinfer not found", "TOKENSIEVE_TENSORRT_LIB", "nowhere/libnvinfer.so.10'")  # quoted short
 
 
 def test_libnvinfer_dir_not_found(runtime_build, tmp_path):

@@ -16,7 +16,7 @@ namespace tokensieve {
 
 namespace {
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string q(const std::string& s) { return quoted(s); }
 
 std::string last_dlerror() {
     const char* e = dlerror();
@@ -36,21 +36,21 @@ bool exists(const std::string& p) {
 // Sonames tried in a folder or on the loader path. The runtime is compiled against 10.x headers.
 const char* const kNvinferNames[] = {"libnvinfer.so.10", "libnvinfer.so"};
 
-const char* const kFix =
-    "point TOKENSIEVE_TENSORRT_LIB at libnvinfer.so.10 (or TENSORRT_LIB_DIR at its folder; on Jetson "
-    "/usr/lib/aarch64-linux-gnu)";
+const char* const kFix = "set TOKENSIEVE_TENSORRT_LIB to libnvinfer.so.10 (or TENSORRT_LIB_DIR to its folder)";
+const size_t kWhy = 48;  // bytes of the loader's reason quoted in a message
 
 // dlopen + the three C entry points the runtime uses. Empty optional-like result on failure, with `why` set.
 bool try_open(const std::string& path, TensorRTLibrary& out, std::string& why) {
     if (path.find("tensorrt_rtx") != std::string::npos) {
-        why = q(path) + " is TensorRT-RTX, whose C++ ABI differs from the TensorRT 10.x headers this runtime uses";
+        why = "TensorRT-RTX: not TensorRT 10.x's C++ ABI";
         return false;
     }
     dlerror();
     // RTLD_GLOBAL: plugin libraries linked against libnvinfer resolve its symbols from this copy.
     void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL);
     if (!h) {
-        why = last_dlerror();
+        why = last_dlerror();  // "PATH: reason": the message quotes the path already
+        if (why.rfind(path + ": ", 0) == 0) why = why.substr(path.size() + 2);
         return false;
     }
     SharedLibrary lib(h, path);
@@ -104,7 +104,11 @@ SharedLibrary open_plugin_library(const std::string& path) {
     // A path without '/' would be searched on the loader path instead of taken as given.
     std::string p = path.find('/') == std::string::npos ? "./" + path : path;
     void* h = dlopen(p.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!h) throw UsageError("--plugins " + q(path) + " cannot be loaded: " + last_dlerror());
+    if (!h) {
+        std::string why = last_dlerror();  // "PATH: reason": the path is quoted already
+        if (why.rfind(path + ": ", 0) == 0) why = why.substr(path.size() + 2);
+        throw UsageError("--plugins " + q(path) + " cannot be loaded: " + why);
+    }
     SharedLibrary lib(h, p);
     if (!lib.symbol("getCreators") && !lib.symbol("getPluginCreators"))
         throw UsageError("--plugins " + q(path) + " exports neither getCreators nor getPluginCreators, so TensorRT "
@@ -123,13 +127,16 @@ TensorRTLibrary open_tensorrt_library() {
     if (const char* env = std::getenv("TOKENSIEVE_TENSORRT_LIB"); env && *env) {
         std::string p = env;
         bool ok = is_dir(p) ? try_folder(p, out, why) : try_open(p, out, why);
-        if (!ok) throw UsageError("libnvinfer not found: TOKENSIEVE_TENSORRT_LIB=" + q(p) + " failed (" + why + "); " + kFix);
+        if (!ok)
+            throw UsageError("libnvinfer not found at TOKENSIEVE_TENSORRT_LIB=" + quoted(p, 40) + " (" +
+                             elide_middle(why, kWhy) + "); point it at libnvinfer.so.10");
         out.how_found = "TOKENSIEVE_TENSORRT_LIB";
         return out;
     }
     if (const char* env = std::getenv("TENSORRT_LIB_DIR"); env && *env) {
         if (!try_folder(env, out, why))
-            throw UsageError(std::string("libnvinfer not found: TENSORRT_LIB_DIR=") + q(env) + " failed (" + why + "); " + kFix);
+            throw UsageError(std::string("libnvinfer not found in TENSORRT_LIB_DIR=") + quoted(env, 40) + " (" +
+                             elide_middle(why, kWhy) + "); point it at libnvinfer.so.10's folder");
         out.how_found = "TENSORRT_LIB_DIR";
         return out;
     }
@@ -146,7 +153,7 @@ TensorRTLibrary open_tensorrt_library() {
         }
         errors += (errors.empty() ? "" : "; ") + why;
     }
-    throw UsageError("libnvinfer not found on the loader path (" + errors + "); " + kFix);
+    throw UsageError("libnvinfer not found on the loader path (" + elide_middle(errors, 2 * kWhy) + "); " + kFix);
 }
 
 void check_tensorrt_version(const EngineMetadata& meta, const TensorRTLibrary& trt) {

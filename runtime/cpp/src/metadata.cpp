@@ -1,5 +1,7 @@
 // Checks 1, 2, 4, 5a: the engine file and its `<engine>.json`, before anything touches TensorRT or CUDA.
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -14,9 +16,9 @@ namespace tokensieve {
 
 namespace {
 
-const char* const kRebuild = "rebuild the engine with `tokensieve build`";
+const char* const kRebuild = "rebuild with `tokensieve build`";
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string q(const std::string& s) { return quoted(s); }
 
 std::vector<int64_t> dims(const json::Value& v, const std::string& what) {
     std::vector<int64_t> out;
@@ -37,6 +39,62 @@ std::string dims_str(const std::vector<int64_t>& d) {
 
 std::string metadata_path_for(const std::string& engine_path) { return engine_path + ".json"; }
 
+std::string elide_middle(const std::string& text, size_t limit) {
+    if (text.size() <= limit) return text;
+    auto cont = [&](size_t i) { return i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80; };
+    size_t keep = limit > 3 ? limit - 3 : 0, head = keep / 4, tail = text.size() - (keep - head);
+    while (head > 0 && cont(head)) --head;     // cut before a character, not inside one
+    while (tail < text.size() && cont(tail)) ++tail;
+    return text.substr(0, head) + "..." + text.substr(tail);
+}
+
+std::string quoted(const std::string& text, size_t limit) { return "'" + elide_middle(text, limit) + "'"; }
+
+namespace {
+
+// The metadata file's text: a regular file of at most kMaxMetadataBytes. A FIFO or device (/dev/zero) is refused
+// without reading from it (opened non-blocking: a FIFO without a writer cannot hang), and no more than the limit + 1
+// bytes are ever read (a file growing meanwhile cannot exhaust memory).
+std::string read_metadata_text(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            throw UsageError("No engine metadata " + q(path) + " next to the engine (written with it, needed to "
+                             "check it); " + kRebuild);
+        throw UsageError("Engine metadata " + q(path) + " cannot be opened (" + std::strerror(errno) + "); " +
+                         kRebuild);
+    }
+    struct Closer {
+        int fd;
+        ~Closer() { ::close(fd); }
+    } closer{fd};
+    struct stat st {};
+    if (::fstat(fd, &st) != 0)
+        throw UsageError("Engine metadata " + q(path) + " cannot be read (" + std::strerror(errno) + ")");
+    if (!S_ISREG(st.st_mode)) {
+        const char* kind = S_ISDIR(st.st_mode) ? "a folder" : S_ISFIFO(st.st_mode) ? "a FIFO"
+                           : (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) ? "a device" : "not a file";
+        throw UsageError("Engine metadata " + q(path) + " is " + kind + ", not a regular file; " + kRebuild);
+    }
+    const std::string too_big = "Engine metadata " + q(path) + " is more than 16 MiB, too large for engine metadata; " +
+                                kRebuild;
+    if (static_cast<uint64_t>(st.st_size) > kMaxMetadataBytes) throw UsageError(too_big);
+    std::string text;
+    char chunk[1 << 16];
+    while (text.size() <= kMaxMetadataBytes) {
+        ssize_t n = ::read(fd, chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0)
+            throw UsageError("Engine metadata " + q(path) + " cannot be read (" + std::strerror(errno) + ")");
+        if (n == 0) break;
+        text.append(chunk, static_cast<size_t>(n));
+    }
+    if (text.size() > kMaxMetadataBytes) throw UsageError(too_big);  // it grew while being read
+    return text;
+}
+
+}  // namespace
+
 uint64_t check_engine_file(const std::string& engine_path) {
     struct stat st {};
     if (::stat(engine_path.c_str(), &st) != 0) {
@@ -55,16 +113,10 @@ uint64_t check_engine_file(const std::string& engine_path) {
 EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t engine_size) {
     EngineMetadata meta;
     meta.path = metadata_path_for(engine_path);
-    std::ifstream in(meta.path, std::ios::binary);
-    if (!in) {
-        throw UsageError("No engine metadata " + q(meta.path) + " next to the engine (it is written together with "
-                         "the engine and is needed to check it); " + kRebuild);
-    }
-    std::stringstream buf;
-    buf << in.rdbuf();
+    const std::string text = read_metadata_text(meta.path);
     json::Value root;
     try {
-        root = json::parse(buf.str());
+        root = json::parse(text);
     } catch (const json::ParseError& e) {
         throw UsageError("Engine metadata " + q(meta.path) + " is not valid JSON (" + e.what() + "); " + kRebuild);
     }
@@ -74,8 +126,8 @@ EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t eng
     for (const char* key : {"schema", "flavor", "tensorrt_version"}) {
         const json::Value* v = root.find(key);
         if (!v || !v->is_string())
-            throw UsageError(q(meta.path) + " is not tokensieve engine metadata (needs string fields schema, flavor, "
-                             "tensorrt_version; '" + key + "' is missing); " + kRebuild);
+            throw UsageError(q(meta.path) + " is not tokensieve engine metadata (no string '" + key + "'); " +
+                             kRebuild);
     }
     try {
         meta.schema = root.find("schema")->as_string();
@@ -150,12 +202,12 @@ EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t eng
     } catch (const UsageError&) {
         throw;
     } catch (const std::exception& e) {
-        throw UsageError("Engine metadata " + q(meta.path) + " is malformed (" + e.what() + "); " + kRebuild);
+        throw UsageError(quoted(meta.path, 36) + " is malformed: " + elide_middle(e.what(), 96) + "; " + kRebuild);
     }
     if (meta.engine_size_bytes >= 0 && static_cast<uint64_t>(meta.engine_size_bytes) != engine_size) {
-        throw UsageError("Engine file " + q(engine_path) + " has " + std::to_string(engine_size) +
-                         " bytes but its metadata records engine_size_bytes=" + std::to_string(meta.engine_size_bytes) +
-                         " (truncated, or replaced without its .json); " + kRebuild);
+        throw UsageError("Engine " + q(engine_path) + " has " + std::to_string(engine_size) + " bytes but its .json "
+                         "says engine_size_bytes=" + std::to_string(meta.engine_size_bytes) + " (truncated?); " +
+                         kRebuild);
     }
     return meta;
 }
@@ -163,10 +215,9 @@ EngineMetadata read_engine_metadata(const std::string& engine_path, uint64_t eng
 void check_flavor(const EngineMetadata& meta) {
     if (meta.flavor == kFlavorStandard) return;
     if (meta.flavor == kFlavorRtx)
-        throw UsageError("Engine " + q(meta.path.substr(0, meta.path.size() - 5)) + " was built for TensorRT-RTX (" + meta.tensorrt_version +
-                         ", target " + (meta.target.empty() ? "?" : meta.target) +
-                         ") but tokensieve-run targets standard TensorRT; rebuild on the device with "
-                         "`tokensieve build --target local`, or run RTX engines from Python (tensorrt_rtx)");
+        throw UsageError("Engine " + q(meta.path.substr(0, meta.path.size() - 5)) + " is for TensorRT-RTX (" +
+                         (meta.target.empty() ? "?" : meta.target) + "), not standard TensorRT; rebuild with "
+                         "`tokensieve build --target local` or run it from Python");
     throw UsageError("Engine metadata " + q(meta.path) + " names unknown TensorRT flavor " + q(meta.flavor) +
                      " (expected 'tensorrt'); " + kRebuild);
 }

@@ -15,7 +15,7 @@ namespace {
 
 constexpr int64_t kMaxDim = INT32_MAX;
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string q(const std::string& s) { return quoted(s); }
 
 std::string dims_str(const std::vector<int64_t>& d) {
     std::string s = "[";
@@ -223,8 +223,8 @@ std::map<std::string, std::vector<int64_t>> resolve_input_shapes(
                                    : "";
             std::string fix = is_batch ? "--max-batch" : "--dims " + (base.empty() ? "NAME" : base) + "=MIN:OPT:MAX";
             throw UsageError(what + " is outside the engine's profile: " + axis + " allows " + std::to_string(lo) +
-                             ".." + std::to_string(hi) + so + "; pick a value in range, or rebuild the engine with a "
-                             "wider `tokensieve build " + fix + "` to go beyond");
+                             ".." + std::to_string(hi) + so + "; pick one in range or rebuild with a wider "
+                             "`tokensieve build " + fix + "`");
         };
 
         if (auto s = shapes.find(t.name); s != shapes.end()) {

@@ -43,10 +43,12 @@ const char* const kUsage =
     "TENSORRT_LIB_DIR given to CMake, or the loader path. TensorRT-RTX engines are not supported.\n"
     "Exit status: 0 ok, 2 bad argument/file/missing library or GPU, 1 failure while running.\n";
 
-std::string one_line(std::string s) {
+// The line `PREFIX: MESSAGE` of at most 200 characters: newlines become spaces, and a longer message is elided in the
+// middle (its start says what failed, its end how to fix it). Paths and values in messages are quoted short already.
+void print_line(const char* prefix, std::string s) {
     for (char& c : s)
         if (c == '\n' || c == '\r') c = ' ';
-    return s;
+    std::fprintf(stderr, "%s%s\n", prefix, tokensieve::elide_middle(s, 200 - std::strlen(prefix)).c_str());
 }
 
 int parse_int(const std::string& flag, const std::string& v) {
@@ -54,7 +56,7 @@ int parse_int(const std::string& flag, const std::string& v) {
     char* end = nullptr;
     long x = std::strtol(v.c_str(), &end, 10);
     if (v.empty() || *end != '\0' || errno == ERANGE || x < -1000000000L || x > 1000000000L)
-        throw tokensieve::UsageError(flag + " expects an integer, got '" + v + "'");
+        throw tokensieve::UsageError(flag + " expects an integer, got " + tokensieve::quoted(v));
     return static_cast<int>(x);
 }
 
@@ -89,7 +91,7 @@ Args parse_args(int argc, char** argv) {
             } else {
                 if (flag != "--plugins" && flag != "--iters" && flag != "--warmup" && flag != "--batch" &&
                     flag != "--device" && flag != "--json" && flag != "--dim" && flag != "--shape")
-                    throw tokensieve::UsageError("unknown option '" + arg + "'" + hint(flag) + "; see --help");
+                    throw tokensieve::UsageError("unknown option " + tokensieve::quoted(arg) + hint(flag) + "; see --help");
                 if (i + 1 >= argc) throw tokensieve::UsageError(flag + " needs a value");
                 value = argv[++i];
             }
@@ -105,10 +107,10 @@ Args parse_args(int argc, char** argv) {
             else if (flag == "--json") {
                 if (value.empty()) throw tokensieve::UsageError("--json needs an output path");
                 a.options.json_path = value;
-            } else throw tokensieve::UsageError("unknown option '" + flag + "'" + hint(flag) + "; see --help");
+            } else throw tokensieve::UsageError("unknown option " + tokensieve::quoted(flag) + hint(flag) + "; see --help");
             continue;
         }
-        if (!engine.empty()) throw tokensieve::UsageError("unexpected argument '" + arg + "' (one engine at a time)");
+        if (!engine.empty()) throw tokensieve::UsageError("unexpected argument " + tokensieve::quoted(arg) + " (one engine at a time)");
         engine = arg;
     }
     if (engine.empty()) throw tokensieve::UsageError("missing MODEL.engine; see --help");
@@ -118,7 +120,8 @@ Args parse_args(int argc, char** argv) {
         std::string dir = slash == std::string::npos ? "." : a.options.json_path.substr(0, slash + 1);
         struct stat st {};
         if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-            throw tokensieve::UsageError("--json '" + a.options.json_path + "': folder '" + dir + "' does not exist");
+            throw tokensieve::UsageError("--json " + tokensieve::quoted(a.options.json_path) + ": folder " +
+                                         tokensieve::quoted(dir) + " does not exist");
     }
     return a;
 }
@@ -169,17 +172,17 @@ int main(int argc, char** argv) {
         if (!args.options.json_path.empty()) {
             std::ofstream out(args.options.json_path);
             out << tokensieve::report_json(pf, r);
-            if (!out) throw tokensieve::UsageError("cannot write --json '" + args.options.json_path + "'");
+            if (!out) throw tokensieve::UsageError("cannot write --json " + tokensieve::quoted(args.options.json_path));
         }
         return 0;
     } catch (const tokensieve::UsageError& e) {
-        std::fprintf(stderr, "tokensieve-run: error: %s\n", one_line(e.what()).c_str());
+        print_line("tokensieve-run: error: ", e.what());
         return 2;
     } catch (const tokensieve::RuntimeFailure& e) {
-        std::fprintf(stderr, "tokensieve-run: failed: %s\n", one_line(e.what()).c_str());
+        print_line("tokensieve-run: failed: ", e.what());
         return 1;
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "tokensieve-run: internal error: %s\n", one_line(e.what()).c_str());
+        print_line("tokensieve-run: internal error: ", e.what());
         return 1;
     }
 }

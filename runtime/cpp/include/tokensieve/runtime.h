@@ -71,6 +71,13 @@ constexpr const char* kFlavorStandard = "tensorrt";
 constexpr const char* kFlavorRtx = "tensorrt_rtx";
 
 std::string metadata_path_for(const std::string& engine_path);  // model.engine -> model.engine.json
+// `'TEXT'` for a message, TEXT cut to at most `limit` bytes ("start...end", the end kept longer: a path's file name;
+// on UTF-8 boundaries), so an error line stays short whatever path or value the user gave.
+std::string quoted(const std::string& text, size_t limit = 44);
+// `text` elided to at most `limit` bytes, a quarter of them from its start and the rest from its end (UTF-8 safe);
+// unchanged if it fits.
+std::string elide_middle(const std::string& text, size_t limit);
+constexpr uint64_t kMaxMetadataBytes = 16ull << 20;  // an engine's .json is kilobytes; more is not one of ours
 
 // Check 1: the engine file exists, is a regular file and is non-empty; returns its size.
 uint64_t check_engine_file(const std::string& engine_path);
