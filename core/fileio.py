@@ -102,6 +102,57 @@ def remove_stale_temps(folder: str | os.PathLike, names) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def locked_temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A new folder `<parent>/<prefix><8 random characters>` for scratch files, flock-ed while the block runs and
+    removed after it. A process killed meanwhile leaves it unlocked (the kernel drops the lock), so
+    remove_stale_temp_dirs(parent, prefix), which the next run calls, deletes it; a live run's is left alone."""
+    import fcntl
+    import shutil
+
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)   # blocks only while a cleaner holds it for its check
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except OSError:   # a file system without flock: unlocked, so a cleaner may remove it; use it all the same
+            break
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Delete the folders `<parent>/<prefix>*` of locked_temp_dir that no live process holds (a killed run's);
+    returns them. Best effort: one that cannot be checked or removed stays."""
+    import fcntl
+    import shutil
+
+    removed = []
+    for p in Path(parent).glob(f"{_glob_escape(prefix)}{'?' * 8}"):   # mkdtemp: 8 random characters
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.lstat(p).st_ino:
+                shutil.rmtree(p)
+                removed.append(p)
+        except OSError:   # held by a live run (BlockingIOError), gone, or not removable: leave it
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassBase
 
 from tokensieve.errors import ConfigError, TargetError
-from tokensieve.fileio import atomic_path, atomic_paths, ensure_writable_dir
+from tokensieve.fileio import atomic_path, atomic_paths, ensure_writable_dir, locked_temp_dir, remove_stale_temp_dirs
 from tokensieve.runtime.engine_metadata import (OFFSET_DIM, engine_metadata, metadata_path_for, network_io,
                                                 sha256_file, tokensieve_version)
 from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, RTX, import_flavor, local_compute_capability
@@ -37,6 +37,7 @@ from .flavors import ensure_rtx_parser_link, is_strongly_typed, rtx_compute_capa
 from .plugins import load_plugins
 
 PROTO_LIMIT = 2**31 - 1  # protobuf serializes no larger message: a model over it reaches the parser as a file
+SCRATCH_PREFIX = ".tokensieve-build-"  # a build's scratch folder next to its engine (locked while it runs)
 
 
 @runtime_checkable
@@ -57,6 +58,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; pass the model written by `tokensieve export`")
     ensure_writable_dir(engine_path.parent)
+    remove_stale_temp_dirs(engine_path.parent, SCRATCH_PREFIX)  # a killed build's scratch folder (nobody holds it)
     for path in (engine_path, meta_path):  # checked before minutes of building, not after
         if path.is_dir():
             raise ConfigError(f"Cannot write the engine to {str(path)!r}: that path is a folder; pass a file path "
@@ -238,12 +240,12 @@ def _parse(parser, model: ir.Model, onnx_path: Path, scratch_dir: Path, scratch:
     """Parse the lowered `model`; the path lets the parser find the weights still in `onnx_path`'s external data
     (model.onnx.data). A model whose in-memory weights put it over protobuf's limit (the fp16 conversion of a > 2 GB
     part) is saved with external data into a temporary folder in `scratch_dir` (deleted when `scratch` closes, after
-    the build) and parsed from there."""
+    the build; a killed build's is removed by the next build in that folder) and parsed from there."""
     proto = ir.to_proto(model)
     if proto.ByteSize() < PROTO_LIMIT:
         return parser.parse(proto.SerializeToString(), str(onnx_path))
     del proto
-    tmp = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix=".tokensieve-build-", dir=scratch_dir)))
+    tmp = scratch.enter_context(locked_temp_dir(scratch_dir, SCRATCH_PREFIX))
     path = tmp / onnx_path.name
     ir.save(model, str(path), external_data=path.name + ".data")
     return parser.parse_from_file(str(path))

@@ -15,13 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from types import ModuleType
 
 from tokensieve.errors import TargetError
-from tokensieve.fileio import ensure_writable_dir
+from tokensieve.fileio import ensure_writable_dir, locked_temp_dir, remove_stale_temp_dirs
 from tokensieve.runtime.tensorrt_plugins import LIBRARY_NAME, PLUGIN_LIB_ENV, register_plugin_library
 
 HEADERS_ENV = "TENSORRT_INCLUDE_DIR"
@@ -91,7 +90,8 @@ def ensure_headers() -> Path:
         return dest
     root = ensure_writable_dir(dest.parent.parent)
     fix = f"set {HEADERS_ENV} to a folder with TensorRT's NvInferRuntime.h"
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
+    remove_stale_temp_dirs(root, ".download-")  # a killed fetch's (nobody holds it)
+    with locked_temp_dir(root, ".download-") as tmp:
         pins = Path(tmp) / "requirements.txt"
         pins.write_text(f"{KERNEL_LENS} --hash=sha256:{KERNEL_LENS_SHA256}\n")
         try:
@@ -143,7 +143,8 @@ def build_plugin_library(out_dir: str | os.PathLike | None = None, archs: tuple[
     headers, nvcc = ensure_headers(), find_nvcc()
     out = ensure_writable_dir(Path(out_dir) if out_dir is not None else default_build_dir())
     log_path = out / "build.log"
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=out) as tmp:
+    remove_stale_temp_dirs(out, ".build-")  # a killed build's (nobody holds it)
+    with locked_temp_dir(out, ".build-") as tmp:
         work = Path(tmp)
         steps, built = (_cmake_steps if shutil.which("cmake") else _nvcc_steps)(work, headers, nvcc, archs)
         with open(log_path, "w") as log:
