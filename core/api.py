@@ -318,9 +318,37 @@ def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[s
         paths["torch_dense"] = write_program(result.dense_program, out / "dense.pt2", result.outputs)
     for key in (k for k in SAVED_PARTS if k in parts):
         proto = result.onnx_model if key == "model" else result.debug_onnx if key == "debug" else result.dense_onnx
+        set_onnx_metadata(proto, onnx_metadata(result, dense=key == "dense"))
         paths[key] = out / ARTIFACTS[key]
         save_onnx(proto, paths[key])
     return paths
+
+
+METADATA_PREFIX = "tokensieve."   # the ONNX metadata_props keys tokensieve writes (set_onnx_metadata)
+
+
+def onnx_metadata(result: ExportResult, dense: bool = False) -> dict[str, str]:
+    """What an exported ONNX says about itself (metadata_props): tokensieve version, recipe, token counts (the dense
+    baseline's: no stage), input shape and outputs. No file paths."""
+    import json
+
+    from tokensieve import __version__
+
+    tokens = [result.layout.num_tokens] * len(result.block_paths) if dense else result.tokens_per_block()
+    meta = {"version": __version__, "part": "dense" if dense else "pruned", "recipe": result.recipe.shorthand(),
+            "recipe_json": json.dumps(result.recipe.to_dict(), sort_keys=True), "tokens_per_block": json.dumps(tokens),
+            "tokens": json.dumps([result.layout.num_tokens] if dense else result.tokens),
+            "input_shape": json.dumps(list(result.input_shape[1:])), "outputs": json.dumps(result.outputs),
+            "ideal_speedup": "1.0" if dense else f"{result.ideal_speedup:.6g}"}
+    return {METADATA_PREFIX + k: v for k, v in meta.items()}
+
+
+def set_onnx_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> None:
+    """Replace the tokensieve.* entries of `proto`'s metadata_props by `meta` (others stay; edits in place)."""
+    keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del proto.metadata_props[:]
+    for key, value in [*keep, *meta.items()]:
+        proto.metadata_props.add(key=key, value=value)
 
 
 def remove_stale_engines(folder: str | Path, names, keep=()) -> list[str]:
@@ -728,10 +756,13 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
             raise
 
 
+# the HF files an export folder holds (models.hf_files) -> their key in report.json's "files"
+HF_FILES = ("config.json", "preprocessor_config.json")
+HF_KEYS = {"config.json": "config", "preprocessor_config.json": "preprocessor"}
 STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
 # every file name an export may own in its folder: removed before a new export's files move in (_move_into_place)
 _OWNED = (*(ARTIFACTS[k] for k in SAVED_PARTS), *(f"{n}.data" for n in (ARTIFACTS[k] for k in SAVED_PARTS)),
-          "model.pt2", "dense.pt2", *ENGINES, *(f"{e}.json" for e in ENGINES))
+          "model.pt2", "dense.pt2", *ENGINES, *(f"{e}.json" for e in ENGINES), *HF_FILES)
 
 
 def remove_stale_staging(out: Path) -> None:
@@ -818,7 +849,8 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
                  threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None) -> dict:
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
-    from tokensieve.models import load_model
+    from tokensieve.fileio import write_bytes_atomic
+    from tokensieve.models import hf_files, load_model
 
     t_all = time.perf_counter()
     say(f"[1/5] loading model {model_name!r}")
@@ -828,6 +860,8 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe, batch=batch,
                     outputs=outputs)
     paths = save(result, out)
+    for name, data in hf_files(model_name, model, result.input_shape).items():   # config.json, preprocessor_config
+        paths[HF_KEYS[name]] = write_bytes_atomic(out / name, data)
     export_s = time.perf_counter() - t0
     # a model that fixes its batch was exported for input_shape[0] images: verify and time it at that batch
     run_batch = 1 if result.dynamic_batch else result.input_shape[0]

@@ -245,3 +245,43 @@ def resize_kwargs(model: nn.Module, size: tuple[int, int]) -> dict:
     size_text = "x".join(map(str, configured)) if configured else "its configured size"
     raise ModelError(f"{type(model).__name__} cannot change its input size (no position-embedding interpolation); "
                      f"export it at {size_text} (drop --image-size)")
+
+
+def hf_files(spec: str | os.PathLike, model: nn.Module, shape: tuple[int, ...]) -> dict[str, bytes]:
+    """The HF files an export folder holds beside its ONNX, name -> content: the model folder's config.json (copied
+    as it is when the exported class and input size are the folder's own; else the loaded model's config with its
+    class in `architectures` and `image_size` the exported H, W) and its preprocessor_config.json when it has one;
+    for `default`/`tiny`, the config the model was built from and a ViTImageProcessor config at its size."""
+    import json
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return {}
+    folder = model_dir(spec)
+    h, w = (int(v) for v in shape[-2:])
+    name = type(model).__name__
+    files = {}
+    source = folder / "config.json" if folder is not None else None
+    if source is not None and source.is_file():
+        text = source.read_bytes()
+        try:
+            own = json.loads(text)
+        except ValueError:
+            own = {}
+        size = own.get("image_size") if isinstance(own, dict) else None
+        if isinstance(own, dict) and name in (own.get("architectures") or []) and size in ((h, w), [h, w], h if h == w else None):
+            files["config.json"] = text
+    if "config.json" not in files:
+        data = cfg.to_dict()
+        data = {k: v for k, v in data.items() if k != "_name_or_path"}   # where it was loaded from: not the model's
+        data["architectures"] = [name]
+        data["image_size"] = h if h == w else [h, w]
+        files["config.json"] = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode()
+    processor = folder / "preprocessor_config.json" if folder is not None else None
+    if processor is not None and processor.is_file():
+        files["preprocessor_config.json"] = processor.read_bytes()
+    elif str(spec) in BUILTIN:
+        from transformers import ViTImageProcessor
+
+        files["preprocessor_config.json"] = ViTImageProcessor(size={"height": h, "width": w}).to_json_string().encode()
+    return files

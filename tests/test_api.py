@@ -141,7 +141,8 @@ def test_an_interrupted_reexport_keeps_the_previous_result(tmp_path, monkeypatch
     first = api.export_folder("tiny", "cls-topk@1:0.5", out, build=False, bench=False, verify_inputs=1)
     assert first["verify"]["passed"] and api.read_export_report(out)["files"]["model"] == str(out / "model.onnx")
     before = _snapshot(out)
-    assert set(before) == {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json"}
+    assert set(before) == {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json", "config.json",
+                           "preprocessor_config.json"}
     leftover = out / (api.STAGING_PREFIX + "killed")
     leftover.mkdir()
     (leftover / "model.onnx").write_bytes(b"half")

@@ -1,6 +1,7 @@
 """`--image-size H[,W]`: export at an input size other than the config's, through the position-embedding
 interpolation the model supports (interpolate_pos_encoding=True for ViT/DeiT/CLIP/SigLIP; DINOv2 always
-interpolates); the token counts follow the new patch grid, and a model that cannot change its size says so."""
+interpolates); the token counts follow the new patch grid, and a model that cannot change its size says so. The tiny
+ViT at another size: tests/test_hf_folder.py (its export folder is exported at 48x48)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,34 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tiny_models import save_tiny_folder, tiny_vit_hf
+from tiny_models import save_tiny_folder
 from tokensieve import api
 from tokensieve.cli import main
 from tokensieve.errors import ModelError
 from tokensieve.models import load_model, resize_kwargs
-
-
-def _run(proto, x: torch.Tensor) -> dict[str, np.ndarray]:
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixel_values": x.numpy()})))
-
-
-def test_vit_exports_at_another_size():
-    model, _ = tiny_vit_hf()   # configured for 32x32, 8x8 patches: 16 patches
-    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))   # 6 x 5 = 30 patches
-    result = api.export(model, x, "cls-topk@0:0.5")
-    assert result.tokens == [31, 16] and result.tokens_per_block() == [31, 16, 16, 16]
-    ver = api.verify(result, num_inputs=2, batch=2)
-    assert ver.passed and ver.indices_match == [True]
-    dims = [d.dim_value or d.dim_param for d in result.onnx_model.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == ["batch", 3, 48, 40]
-    with torch.no_grad():
-        want = model(pixel_values=x, interpolate_pos_encoding=True).logits
-        got = result.dense_program.module()(x)   # the dense trace (dense.onnx's source) at 48x40
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
-    with torch.no_grad():
-        got = result.pruned_program.module()(x)[0]
-    np.testing.assert_allclose(_run(result.onnx_model, x)["logits"], got.numpy(), atol=1e-5)
 
 
 def test_dinov2_folder_at_another_size_with_its_pooled_output(tmp_path):
