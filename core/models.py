@@ -109,8 +109,8 @@ VLM_TYPES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL
 # + projection; loads from the full checkpoint)
 VISION_TOWERS = {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}
 # model_types `tokensieve export` refuses with a reason: their forward does not take (B, C, H, W) images
-UNSUPPORTED = {"siglip2": "SigLIP2 (NaFlex: patchified pixel_values with spatial_shapes, not images)",
-               "siglip2_vision_model": "SigLIP2 (NaFlex: patchified pixel_values with spatial_shapes, not images)"}
+UNSUPPORTED = {"siglip2": "SigLIP2 NaFlex (patchified inputs, not images)",
+               "siglip2_vision_model": "SigLIP2 NaFlex (patchified inputs, not images)"}
 
 
 def model_class(config, path: Path):
@@ -122,8 +122,8 @@ def model_class(config, path: Path):
 
     kind = getattr(config, "model_type", None)
     if kind in UNSUPPORTED:
-        raise ModelError(f"Model folder {str(path)!r} is {UNSUPPORTED[kind]}, which `tokensieve export` cannot trace "
-                         f"yet; export a fixed-resolution encoder (SigLIP, CLIP, ViT, DINOv2)")
+        raise ModelError(f"Model folder {str(path)!r} is {UNSUPPORTED[kind]}, which `tokensieve export` cannot trace; "
+                         "export a FixRes SigLIP2 checkpoint (model_type siglip) instead")
     if kind in VISION_TOWERS:
         auto = getattr(transformers, VISION_TOWERS[kind], None)
         if auto is None:
@@ -250,7 +250,8 @@ def resize_kwargs(model: nn.Module, size: tuple[int, int]) -> dict:
 def hf_files(spec: str | os.PathLike, model: nn.Module, shape: tuple[int, ...]) -> dict[str, bytes]:
     """The HF files an export folder holds beside its ONNX, name -> content: the model folder's config.json (copied
     as it is when the exported class and input size are the folder's own; else the loaded model's config with its
-    class in `architectures` and `image_size` the exported H, W) and its preprocessor_config.json when it has one;
+    class in `architectures` and `image_size` the exported H, W) and its preprocessor_config.json when it has one
+    (its output size set to the exported H, W where it differs: _resized_processor);
     for `default`/`tiny`, the config the model was built from and a ViTImageProcessor config at its size."""
     import json
 
@@ -279,9 +280,38 @@ def hf_files(spec: str | os.PathLike, model: nn.Module, shape: tuple[int, ...]) 
         files["config.json"] = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode()
     processor = folder / "preprocessor_config.json" if folder is not None else None
     if processor is not None and processor.is_file():
-        files["preprocessor_config.json"] = processor.read_bytes()
+        files["preprocessor_config.json"] = _resized_processor(processor.read_bytes(), h, w)
     elif str(spec) in BUILTIN:
         from transformers import ViTImageProcessor
 
         files["preprocessor_config.json"] = ViTImageProcessor(size={"height": h, "width": w}).to_json_string().encode()
     return files
+
+
+def _resized_processor(text: bytes, h: int, w: int) -> bytes:
+    """A preprocessor_config.json whose images come out (h, w), what the ONNX takes: unchanged if they do (or if its
+    layout is not one of these); else its crop_size set to (h, w) (a shortest_edge resize scaled alike), or, without
+    a center crop, its size {height, width}."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(data, dict):
+        return text
+    size, crop = data.get("size"), data.get("crop_size")
+    if data.get("do_center_crop") and isinstance(crop, dict) and {"height", "width"} <= crop.keys():
+        old = (crop["height"], crop["width"])
+        if old == (h, w):
+            return text
+        data["crop_size"] = {"height": h, "width": w}
+        if isinstance(size, dict) and isinstance(size.get("shortest_edge"), int) and isinstance(old[0], int) and old[0]:
+            data["size"] = {**size, "shortest_edge": round(size["shortest_edge"] * min(h, w) / min(old))}
+    elif isinstance(size, dict) and {"height", "width"} <= size.keys():
+        if (size["height"], size["width"]) == (h, w):
+            return text
+        data["size"] = {**size, "height": h, "width": w}
+    else:
+        return text
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -16,7 +16,7 @@ import torch
 import tokensieve
 from tiny_models import tiny_vit_hf
 from tokensieve import api
-from tokensieve.models import hf_files, load_model
+from tokensieve.models import _resized_processor, hf_files, load_model
 
 REPO = Path(tokensieve.__file__).resolve().parents[1]   # the checkout (core/ is the package tokensieve)
 
@@ -60,7 +60,8 @@ def test_folder_holds_the_hf_configs_and_the_report_lists_them(exported):
     report = json.loads((out / "report.json").read_text())
     assert report["files"]["config"] == str(out / "config.json")
     assert report["files"]["preprocessor"] == str(out / "preprocessor_config.json")
-    assert (out / "preprocessor_config.json").read_bytes() == (folder / "preprocessor_config.json").read_bytes()
+    processor, own = (json.loads((f / "preprocessor_config.json").read_text()) for f in (out, folder))
+    assert processor == {**own, "size": {"height": 48, "width": 48}}   # images come out as the ONNX takes them
     config = AutoConfig.from_pretrained(out)   # exported at 48x48: the config says what the ONNX takes
     assert config.architectures == ["ViTForImageClassification"] and config.image_size == 48
     assert config.hidden_size == 48 and config.num_labels == 10
@@ -72,6 +73,10 @@ def test_configs_copied_as_they_are_or_written_for_builtin_models(exported):
     model, shape = load_model(folder)
     files = hf_files(folder, model, shape)   # the folder's own class and size: its files, byte for byte
     assert files == {name: (folder / name).read_bytes() for name in ("config.json", "preprocessor_config.json")}
+    crop = json.dumps({"do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256}})
+    assert json.loads(_resized_processor(crop.encode(), 112, 112)) == {
+        "do_center_crop": True, "crop_size": {"height": 112, "width": 112}, "size": {"shortest_edge": 128}}
+    assert _resized_processor(crop.encode(), 224, 224) == crop.encode()   # already what the ONNX takes
     model, shape = load_model("tiny")
     files = hf_files("tiny", model, shape)   # built from a config in code: that config, and a processor at its size
     config = json.loads(files["config.json"])
@@ -98,14 +103,18 @@ def test_onnx_metadata_and_no_machine_paths(exported, tmp_path_factory):
         assert not found, f"{name} holds {found}"
 
 
+OPTIMUM_HOW = ("optimum is not installed (optimum-onnx pins transformers<4.58, tokensieve needs 5.x); overlay it: pip "
+               "install --target /tmp/optsite --no-deps optimum-onnx 'optimum~=2.1.0' 'transformers==4.57.*' "
+               "'huggingface_hub<1.0' 'tokenizers>=0.22,<0.23' requests charset-normalizer urllib3 idna certifi, then "
+               "PYTHONPATH=/tmp/optsite python -m pytest -m optimum tests/test_hf_folder.py")
+
+
 @pytest.mark.optimum
 def test_optimum_loads_the_folder(exported):
-    """Run in optimum's own environment (it pins transformers<4.58, never in the main one):
-        python -m venv /tmp/opt && /tmp/opt/bin/pip install optimum-onnx onnxruntime pytest -e .
-        /tmp/opt/bin/python -m pytest -m optimum tests/test_hf_folder.py"""
-    ort_models = pytest.importorskip("optimum.onnxruntime", reason="optimum is not installed: in a separate venv, pip "
-                                     "install optimum-onnx onnxruntime pytest -e . and run pytest -m optimum "
-                                     "tests/test_hf_folder.py")
+    """optimum's ORTModelForImageClassification loads the export folder (config.json + model.onnx) and gives
+    model.onnx's logits; transformers' processor from the same folder feeds it. Run as OPTIMUM_HOW says (passed so
+    with optimum 2.1.0, optimum-onnx 0.1.0, transformers 4.57.6 over this venv: tokensieve exports with 4.57 too)."""
+    ort_models = pytest.importorskip("optimum.onnxruntime", reason=OPTIMUM_HOW)
     _, out = exported
     model = ort_models.ORTModelForImageClassification.from_pretrained(out, file_name="model.onnx")
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
@@ -114,3 +123,9 @@ def test_optimum_loads_the_folder(exported):
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     want = sess.run(None, {"pixel_values": x.numpy()})[0]
     np.testing.assert_allclose(model(pixel_values=x).logits.numpy(), want, atol=1e-5)
+    from transformers import AutoImageProcessor
+
+    image = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    inputs = AutoImageProcessor.from_pretrained(out)(images=image, return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 48, 48)   # the exported size, not the model folder's 32
+    assert model(**inputs).logits.shape == (1, 10)

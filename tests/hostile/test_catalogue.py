@@ -364,6 +364,8 @@ PATHS = {
     "output under a file": (_write("f", "x"), ["export", *TINY, "-o", "f/out", *FAST], "Cannot create output"),
     "unknown model": (None, ["export", "--model", "nonexistent", "-o", OUT, *FAST], "neither a built-in model"),
     "model folder without config": (_mkdir("m"), ["export", "--model", "m", "-o", OUT, *FAST], "has no config.json"),
+    "model siglip2 naflex": (_write("m/config.json", '{"model_type": "siglip2"}'), ["export", "--model", "m", "-o", OUT,
+                             *FAST], "is SigLIP2 NaFlex (patchified inputs, not images), which `tokensieve export` cannot trace"),
     "model config garbage": (_write("m/config.json", b"\xff\x00garbage"), ["export", "--model", "m", "-o", OUT, *FAST],
                              "m"),
     "verify missing folder": (None, ["verify", "missing"], "has no report.json"),
