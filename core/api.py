@@ -850,7 +850,7 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
     from tokensieve.fileio import write_bytes_atomic
-    from tokensieve.models import hf_files, load_model
+    from tokensieve.models import hf_files, load_model, model_dir
 
     t_all = time.perf_counter()
     say(f"[1/5] loading model {model_name!r}")
@@ -860,7 +860,13 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     result = export(model, torch.randn(*shape, generator=torch.Generator().manual_seed(0)), recipe, batch=batch,
                     outputs=outputs)
     paths = save(result, out)
-    for name, data in hf_files(model_name, model, result.input_shape).items():   # config.json, preprocessor_config
+    final = out.parent if out.name.startswith(STAGING_PREFIX) else out
+    source = model_dir(model_name)
+    if source is not None and Path(source).resolve() == final.resolve():  # into the model folder: its own, unchanged
+        hf = {name: (final / name).read_bytes() for name in HF_FILES if (final / name).is_file()}
+    else:
+        hf = hf_files(model_name, model, result.input_shape)
+    for name, data in hf.items():   # config.json, preprocessor_config.json
         paths[HF_KEYS[name]] = write_bytes_atomic(out / name, data)
     export_s = time.perf_counter() - t0
     # a model that fixes its batch was exported for input_shape[0] images: verify and time it at that batch

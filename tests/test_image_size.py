@@ -17,11 +17,14 @@ from tokensieve.models import load_model, resize_kwargs
 
 
 def test_dinov2_folder_at_another_size_with_its_pooled_output(tmp_path):
-    """The export folder's report records size and output: `tokensieve verify` rebuilds the same reference."""
-    folder, out = tmp_path / "dinov2", tmp_path / "out"
+    """The export folder's report records size and output: `tokensieve verify` rebuilds the same reference. Exported
+    into the model folder itself, which keeps its own config.json (not one saying 48x48)."""
+    folder = out = tmp_path / "dinov2"
     saved = save_tiny_folder("dinov2", folder)   # configured for 32x32
+    config = (folder / "config.json").read_bytes()
     report = api.export_folder(str(folder), "cls-topk@0:0.5", out, build=False, bench=False, verify_inputs=2,
                                image_size=(48, 48), outputs="pooler_output")
+    assert (folder / "config.json").read_bytes() == config and report["files"]["config"] == str(folder / "config.json")
     assert report["input_shape"] == [1, 3, 48, 48] and report["outputs"] == ["pooler_output"]
     assert report["tokens_per_block"] == [37, 19] and report["verify"]["passed"]   # 1 + 6 x 6 patches
     assert main(["verify", str(out), "--inputs", "1", "--batch", "2"]) == 0
