@@ -53,7 +53,7 @@ def test_distilled_deit_keeps_its_teacher_head(tmp_path_factory):
     assert _names(result.onnx_model) == ["logits", "cls_logits", "distillation_logits"]
     assert _names(result.debug_onnx) == ["logits", "cls_logits", "distillation_logits", "kept_idx.0"]
     assert result.summary()["outputs"] == ["logits", "cls_logits", "distillation_logits"]
-    got = _run(result.dense_onnx, X)
+    got = _dense(result, X)   # dense.onnx against a HF forward: tests/test_hf_folder.py
     with torch.no_grad():
         want = saved(pixel_values=X)
     for name in ("logits", "cls_logits", "distillation_logits"):
