@@ -88,6 +88,13 @@ class _Parser(argparse.ArgumentParser):
             message = message.split(" (choose from ")[0]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):
+        if file is sys.stdout and message:  # argparse drops a failed write: --help past `ulimit -f`, into a full
+            file.write(message)             # disk or a closed pipe must fail like any other output (main)
+            file.flush()
+        else:
+            super()._print_message(message, file)
+
 
 class Tool:
     """Base: `name`, a docstring (first paragraph = summary, rest = example), add_args(), run()."""
@@ -472,7 +479,7 @@ def _inspect_folder(folder: Path) -> int:
     """Summarize an export folder: a ViT export (report.json) or a VLM export (its parts manifest); 1 if a file it
     lists is missing or an engine does not match its metadata."""
     from tokensieve import api
-    from tokensieve.manifest import VLM_MANIFEST_NAMES, find_vlm_manifest, read_vlm_manifest
+    from tokensieve.manifest import VLM_MANIFEST_NAMES, find_vlm_manifest, read_vlm_manifest, verification_line
 
     problems = 0
 
@@ -489,7 +496,7 @@ def _inspect_folder(folder: Path) -> int:
         line("tokens", "→".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
              + f" over {len(tokens)} blocks; ideal speedup {r['ideal_speedup']:.2f}x")
         v = r["verify"]
-        line("verify", f"{'PASS' if v['passed'] else 'FAIL'}: {v['num_inputs']} inputs, max |diff| "
+        line("verify", f"{'PASS' if v['passed'] else 'FAILED verification'}: {v['num_inputs']} inputs, max |diff| "
                        f"{v['max_abs_diff']:.1e} (atol {v['atol']})", ok=bool(v["passed"]))
         for key in ("model", "debug", "dense"):
             line(key, *_check_file(folder, api.ARTIFACTS[key]))
@@ -512,6 +519,7 @@ def _inspect_folder(folder: Path) -> int:
     line("outer", prune)
     if m.inner:
         line("inner", json.dumps(m.inner, separators=(",", ":")))
+    line("verify", *verification_line(m.verification))  # PASS / FAILED verification (exit 1) / UNVERIFIED
     engines = m.engines
     for part, file in m.files.items():
         if part == "manifest":
@@ -829,25 +837,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _buffer_stdout()
     for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (LANG=C, PYTHONIOENCODING=ascii) gets '?' for '→'
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
     parser = build_parser()
+    prog = "tokensieve"  # the error line's prefix: `tokensieve CMD` once the command is known
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # named after the subcommand, like its other usage errors (parse_args would say `tokensieve:`)
-            (getattr(args, "subparser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as e:  # --help / --version (0) or a usage error, already printed in one line (2): returned
-        return e.code if isinstance(e.code, int) else 2
-    if not getattr(args, "tool", None):
-        parser.print_help()
-        return 2
-    try:
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # named after the subcommand, like its other usage errors (parse_args would say `tokensieve:`)
+                (getattr(args, "subparser", None) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as e:  # --help / --version (0) or a usage error, already printed in one line (2): returned
+            return e.code if isinstance(e.code, int) else 2
+        if not getattr(args, "tool", None):
+            parser.print_help()
+            return 2
+        prog = f"tokensieve {args.command}"
         code = args.tool.run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit
         return code
     except TokenSieveError as e:  # one line, whatever the message quoted
-        print(f"tokensieve {args.command}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tokensieve: interrupted", file=sys.stderr)
@@ -862,11 +873,23 @@ def main(argv: list[str] | None = None) -> int:
 
         _drop_stdout()  # what is still buffered would fail again at exit, as "Exception ignored" + a traceback
         where = e.filename if e.filename is not None else "<standard output>"
-        print(f"tokensieve {args.command}: error: {write_error(e, where)}", file=sys.stderr)
+        print(f"{prog}: error: {write_error(e, where)}", file=sys.stderr)
         return 2
 
 
 _OUTPUT_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}  # a full disk, quota, ulimit -f, an I/O error
+
+
+def _buffer_stdout() -> None:
+    """Under PYTHONUNBUFFERED (python -u) stdout's text layer writes straight to the file and drops, without an error,
+    what a short write left (the part of a long --help past `ulimit -f`). Put a line-buffered BufferedWriter under it
+    (on fd 1, which it never closes): its flush writes the rest, and so meets EFBIG / ENOSPC (main's one line)."""
+    import io
+
+    raw = getattr(sys.stdout, "buffer", None)
+    if sys.stdout is sys.__stdout__ and isinstance(raw, io.FileIO) and not raw.closed and raw.writable():
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(raw.fileno(), "w", closefd=False)),
+                                      encoding=sys.stdout.encoding, errors=sys.stdout.errors, line_buffering=True)
 
 
 def _drop_stdout() -> None:

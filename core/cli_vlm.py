@@ -225,7 +225,7 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
 
 def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path):
     """Export, verify and build into the staging folder `stage` -> (summary lines, verified, files written)."""
-    from tokensieve.vlm_api import build_vlm, export_vlm, verify_vlm
+    from tokensieve.vlm_api import build_vlm, export_vlm, record_verification, verify_vlm
 
     build = not args.no_build
     label = _label(kind)
@@ -256,10 +256,13 @@ def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path
         _log(f"[2/3] greedy decoding {args.steps} tokens: ONNX Runtime vs eager")
         rep = verify_vlm(result, max_new_tokens=args.steps)
         ok = rep.passed
+        record_verification(result, rep)  # the manifest says passed / failed (`tokensieve inspect` shows it)
         lines.append(_verify_line(rep.passed, rep.tokens_match, rep.keep_idx_match, rep.max_abs_diff_logits,
                                   rep.atol, args.steps, rep.batch, rep.inner_keep_idx_match))
     else:
         _log("[2/3] verification skipped (--no-verify)")
+        record_verification(result, None)  # the manifest says "not run": inspect shows the folder as UNVERIFIED
+        lines.append("  verify          UNVERIFIED: skipped (--no-verify)")
     engines = []
     if build and ok:
         _log(f"[3/3] building engines for {args.target} ({args.precision})")

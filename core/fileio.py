@@ -297,7 +297,9 @@ def deferred_interrupts() -> Iterator[None]:
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "tokensieve export") -> Iterator[Path]:
     """Hold an exclusive lock on `folder` (flock on the folder itself: no lock file to leave behind) while one command
-    writes into it; a second writer fails at once with one line instead of mixing its files with the first's. The
+    writes into it; a second writer fails at once with one line instead of mixing its files with the first's. `what`
+    says who may hold the lock, not who asks for it: the default ("Another tokensieve export is writing into ...") is
+    neutral between `tokensieve export` and `export-vlm`, which take the same lock and may meet in one folder. The
     kernel drops the lock when the process ends, however it ends (SIGKILL too). If the folder was removed or replaced
     before the lock was taken (a failed first run removes the folder it created), it is made again and locked."""
     import fcntl

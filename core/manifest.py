@@ -5,8 +5,15 @@
 
 The file is named by the family (LLaVA: llava_parts.json, Qwen2-VL: manifest.json; VLM_MANIFEST_NAMES), the content
 is this one frozen dataclass with a `version`. It is read without fallbacks: every field is required (but `inner`,
-None without inner pruning, and `engines`, empty until engines are built); a manifest without `version` (written
-before this schema) or of another version is refused with one line saying to re-export the folder.
+None without inner pruning, `engines`, empty until engines are built, and `verification`, None until a verification
+is recorded); a manifest without `version` (written before this schema) or of another version is refused with one
+line saying to re-export the folder.
+
+`verification` records the check of the parts against eager (`tokensieve export-vlm`: vlm_api.record_verification
+after verify_vlm, or with --no-verify): {"status": "passed" | "failed" | "not run", "when": UTC ISO time, and for a
+run one the greedy-token / keep_idx equality, the max |diff| of logits and features, atol, batch, steps, backend}.
+A manifest without it records no verification (the Python API's export_vlm alone): `inspect` shows it as UNVERIFIED,
+as it shows "not run", and a failed one as FAILED (verification_line).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ class VlmManifest:
     prefill_ops: dict[str, int]
     inner: dict | None = None       # inner pruning (FastvSpec.to_dict()), None without
     engines: dict[str, dict] = field(default_factory=dict)  # part -> engine entry (vlm_api.build_vlm)
+    verification: dict | None = None  # the recorded check against eager (module docstring), None: none recorded
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -54,10 +62,34 @@ class VlmManifest:
             del out["inner"]
         if not out["engines"]:
             del out["engines"]
+        if out["verification"] is None:
+            del out["verification"]
         return out
 
 
-_REQUIRED = [f.name for f in fields(VlmManifest) if f.name not in ("inner", "engines")]
+_REQUIRED = [f.name for f in fields(VlmManifest) if f.name not in ("inner", "engines", "verification")]
+VERIFICATION_STATUSES = ("passed", "failed", "not run")
+
+
+def verification_line(entry: dict | None) -> tuple[str, bool]:
+    """One line for a manifest's `verification` entry (`tokensieve inspect`) -> (text, not failed):
+    "PASS: ...", "FAILED verification: ..." or "UNVERIFIED: ..."."""
+    if entry is None:
+        return ("UNVERIFIED: the manifest records no verification (exported without `tokensieve export-vlm`'s check "
+                "or by an older tokensieve); re-export with `tokensieve export-vlm`"), True
+    when = f" ({entry['when'].replace('T', ' ').removesuffix('Z')} UTC)"
+    if entry["status"] == "not run":
+        return f"UNVERIFIED: exported with --no-verify{when}", True
+    passed = entry["status"] == "passed"
+    same = {True: "identical", False: "DIFFER"}
+    parts = [f"{entry['steps']} greedy tokens {same[entry['tokens_match']]}"]
+    if entry.get("keep_idx_match") is not None:
+        parts.append(f"keep_idx {same[entry['keep_idx_match']]}")
+    if entry.get("inner_keep_idx_match") is not None:
+        parts.append(f"FastV kept image tokens {same[entry['inner_keep_idx_match']]}")
+    parts.append(f"max |Δ logits| {entry['max_abs_diff_logits']:.1e} (atol {entry['atol']:g})")
+    head = "PASS" if passed else "FAILED verification"
+    return f"{head}: " + ", ".join(parts) + f"; batch {entry['batch']} vs eager on {entry['backend']}{when}", passed
 
 
 # --------------------------------------------------------------------------- field types of a document read back
@@ -103,7 +135,24 @@ _VLM_TYPES = {
     "files": _dict_of(lambda v: isinstance(v, str)), "sizes": _dict_of(_is_num), "seconds": _dict_of(_is_num),
     "vision_ops": _dict_of(_is_num), "prefill_ops": _dict_of(_is_num), "inner": _optional(_dict_of(_any)),
     "engines": _dict_of(lambda v: isinstance(v, dict) and isinstance(v.get("file"), str)),
+    "verification": _optional(lambda v: _is_verification(v)),
 }
+
+
+def _is_verification(v) -> bool:
+    """A `verification` entry verification_line can print: a known status and a time, and for a run one its counts,
+    equalities and diffs of the right types."""
+    short = lambda x: isinstance(x, str) and len(x) <= 40  # noqa: E731 - quoted in the one line
+    if not (isinstance(v, dict) and v.get("status") in VERIFICATION_STATUSES and short(v.get("when"))):
+        return False
+    if v["status"] == "not run":
+        return True
+    flag = _optional(lambda x: isinstance(x, bool))
+    return (isinstance(v.get("tokens_match"), bool) and flag(v.get("keep_idx_match"))
+            and flag(v.get("inner_keep_idx_match")) and _is_num(v.get("max_abs_diff_logits"))
+            and _optional(_is_num)(v.get("max_abs_diff_features")) and _is_num(v.get("atol"))
+            and _is_int(v.get("steps")) and _is_int(v.get("batch")) and short(v.get("backend")))
+
 
 # report.json (tokensieve.export/1) fields that verify / bench / inspect read back
 EXPORT_REPORT_TYPES = {

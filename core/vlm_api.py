@@ -4,6 +4,7 @@
     result = export_vlm(model, "out/qwen", "attn-mean:0.5", grid=(1, 28, 28))    # Qwen2-VL: CLS-free, static grid
     result = export_vlm(model, "out/qwen_video", "attn-mean:0.5", grid=(2, 28, 28))  # Qwen2-VL video (t > 1)
     report = verify_vlm(result)             # ORT greedy ids == eager with the same pruning (keep_idx, logits)
+    record_verification(result, report)     # the manifest's "verification" (what `tokensieve inspect` shows)
 
 Everything here is written once over the VLM model adapters (exporter/vlm/adapter.py; the registry
 exporter/vlm/families.py maps the HF class to LlavaAdapter / Qwen2VLAdapter): the plan (every check before any
@@ -85,7 +86,7 @@ from tokensieve.targets.base import DEFAULT_PRECISION, DEFAULT_TARGET, BuildSpec
 __all__ = ["export_vlm", "verify_vlm", "plan_vlm", "build_vlm", "vlm_profiles", "VlmExportResult", "VlmVerifyReport",
            "VlmPlan", "VlmProfiles", "VLM_TYPES", "vlm_type", "export_llava", "verify_llava", "parse_outer_recipe",
            "llava_prompt", "reference_generate", "unpruned_generate", "write_parts", "EXTERNAL_DATA_THRESHOLD",
-           "calibrate_fastv_bias", "calibrate_qwen2_fastv_bias", "staged_folder"]
+           "calibrate_fastv_bias", "calibrate_qwen2_fastv_bias", "staged_folder", "record_verification"]
 
 # model_type -> what the messages call it (the registry's families)
 VLM_TYPES = {cls.model_type: cls.label for cls in ADAPTERS.values()}
@@ -214,6 +215,7 @@ class VlmExportResult:
     engines: dict[str, dict] = field(default_factory=dict)  # build_vlm: part -> its manifest "engines" entry
     removed_engines: list[str] = field(default_factory=list)  # engine files of an earlier export the manifest no
                                                                # longer lists, deleted when it was written
+    verification: dict | None = None  # record_verification: the manifest's "verification" entry (None: none recorded)
 
     @property
     def adapter(self) -> VlmAdapter:
@@ -243,6 +245,8 @@ class VlmExportResult:
             out["inner"] = self.inner.to_dict()
         if self.engines:
             out["engines"] = self.engines
+        if self.verification is not None:
+            out["verification"] = self.verification
         return out
 
     def manifest(self) -> VlmManifest:
@@ -257,7 +261,8 @@ class VlmExportResult:
             num_text_layers=adapter.lm_layout().num_text_layers, layout=asdict(self.layout),
             files={k: p.name for k, p in self.paths.items() if k != "manifest"}, sizes=dict(self.sizes),
             seconds=dict(self.seconds), vision_ops=dict(self.vision_ops), prefill_ops=dict(self.prefill_ops),
-            inner=None if self.inner is None else self.inner.to_dict(), engines=dict(self.engines))
+            inner=None if self.inner is None else self.inner.to_dict(), engines=dict(self.engines),
+            verification=None if self.verification is None else dict(self.verification))
 
 
 def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.25", *, grid=None,
@@ -490,7 +495,7 @@ def staged_folder(out_dir: str | Path, removed: list[str] | None = None):
 
     created = not os.path.lexists(out_dir)
     out = ensure_writable_dir(out_dir)
-    with interruptible(), folder_lock(out, "tokensieve export-vlm") as out:  # before anything in it is touched
+    with interruptible(), folder_lock(out) as out:  # before anything in it is touched
         try:
             for leftover in out.glob(STAGING_PREFIX + "*"):  # a killed run's (we hold the lock: nobody else's)
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -611,6 +616,26 @@ def verify_vlm(result: VlmExportResult, input_ids: torch.Tensor | None = None,
         max_abs_diff_features=float(np.abs(got.image_features - want.image_features).max()),
         tokens=got.tokens.tolist(), seconds=time.perf_counter() - t0, inner_keep_idx_match=inner_match,
         backend=backend)
+
+
+def record_verification(result: VlmExportResult, report: VlmVerifyReport | None) -> dict:
+    """Record in the export's manifest (rewritten atomically) how its parts were checked against eager: `report`
+    (verify_vlm's; status "passed" / "failed") or None (status "not run", --no-verify), with the time in UTC.
+    Returns the entry (also `result.verification`); build_vlm's manifest keeps it. `tokensieve inspect` prints it."""
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if report is None:
+        entry = {"status": "not run", "when": when}
+    else:
+        entry = {"status": "passed" if report.passed else "failed", "when": when, "backend": report.backend,
+                 "batch": report.batch, "steps": report.max_new_tokens, "tokens_match": report.tokens_match,
+                 "keep_idx_match": report.keep_idx_match, "inner_keep_idx_match": report.inner_keep_idx_match,
+                 "max_abs_diff_logits": report.max_abs_diff_logits,
+                 "max_abs_diff_features": report.max_abs_diff_features, "atol": report.atol}
+    result.verification = entry
+    _write_manifest(result)
+    return entry
 
 
 def verify_llava(result: VlmExportResult, input_ids: torch.Tensor | None = None,

@@ -115,7 +115,7 @@ def test_second_writer_fails_and_nothing_mixes(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert seen["rc"] == 2 and seen["untouched"], seen
     last = seen["err"].strip().splitlines()[-1]
-    assert last.startswith("tokensieve export-vlm: error: Another tokensieve export-vlm is writing into ") and \
+    assert last.startswith("tokensieve export-vlm: error: Another tokensieve export is writing into ") and \
         len(last) <= 200 and "Traceback" not in seen["err"], seen["err"]
     assert_complete(out, "first")
     assert "removed stale engines of an earlier export: " + ", ".join(ENGINES) in err, err
