@@ -14,6 +14,7 @@ Each refusal is one line naming the offending key, tensor or path. Base layer: n
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -94,25 +95,35 @@ def check_manifest_files(folder: str | os.PathLike, files: object, engines: obje
 # ----------------------------------------------------------------------------------------------- model folders
 
 
-def _read_small(path: Path, error: type[Exception], fix: str) -> bytes | None:
-    """The bytes of a regular file of at most MAX_CONFIG_BYTES; None if it does not exist. A FIFO or device is refused
-    without reading (opened non-blocking)."""
+@contextlib.contextmanager
+def _open_regular(path: Path, error: type[Exception], what: str, fix: str) -> Iterator[tuple[int, os.stat_result]]:
+    """(fd, stat) of a regular file, closed on exit; a FIFO or device is refused without reading from it (opened
+    non-blocking, so a FIFO without a writer cannot hang). FileNotFoundError passes through."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return None
+        raise
     except OSError as e:
-        raise error(f"Cannot open {str(path)!r}: {e.strerror}; {fix}") from None
+        raise error(f"Cannot open {what}{str(path)!r}: {e.strerror}; {fix}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{str(path)!r} is not a regular file; {fix}")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise error(f"{str(path)!r} is {st.st_size >> 20} MiB, too large for a config file; {fix}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_CONFIG_BYTES + 1)
+            raise error(f"{what}{str(path)!r} is not a regular file; {fix}")
+        yield fd, st
     finally:
         os.close(fd)
+
+
+def _read_small(path: Path, error: type[Exception], fix: str) -> bytes | None:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES; None if it does not exist."""
+    try:
+        with _open_regular(path, error, "", fix) as (fd, st):
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise error(f"{str(path)!r} is {st.st_size >> 20} MiB, too large for a config file; {fix}")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
 
 
 def check_model_folder(folder: str | os.PathLike, error: type[Exception] = ModelError, *, weights: bool = True) -> None:
@@ -194,21 +205,15 @@ def check_onnx_external_data(onnx_path: str | os.PathLike, error: type[Exception
     path = Path(onnx_path)
     fix = "keep the .data file next to the .onnx"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
+        with _open_regular(path, error, "ONNX file ", "pass the .onnx file itself") as (fd, st):
+            if st.st_size == 0:
+                return  # the loader reports an empty file
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
+                if mm.find(b"location") < 0:
+                    return
+                raw = mm[:]
+    except FileNotFoundError as e:
         raise error(f"Cannot open ONNX file {str(path)!r}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"ONNX file {str(path)!r} is not a regular file; pass the .onnx file itself")
-        if st.st_size == 0:
-            return  # the loader reports an empty file
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mm:
-            if mm.find(b"location") < 0:
-                return
-            raw = mm[:]
-    finally:
-        os.close(fd)
     model = onnx.ModelProto()
     try:
         model.ParseFromString(raw)
