@@ -375,8 +375,8 @@ def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_
                               f"a ViT has no frames; use it on a Qwen2-VL video: tokensieve export-vlm DIR --prune "
                               f"{s.method}:0.25 --grid T,H,W (T > 1)")
         prev = out[-1] if out else None
-        if prev and METHODS[prev.stage.method].stateful(prev.options) and not (
-                s.method == prev.stage.method and spec.stateful(s.options())):
+        if prev and METHODS[prev.stage.method].masks_attention(prev.options) and not (
+                s.method == prev.stage.method and spec.masks_attention(s.options())):
             raise ConfigError(
                 f"Stage {s.method}@{s.after_block} follows a stateful {prev.stage.method} stage (its token state only "
                 f"{prev.stage.method} with the same options reads); make later stages the same, or move this one first"

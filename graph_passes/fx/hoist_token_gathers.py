@@ -113,8 +113,8 @@ def hoist_token_gathers(gm: fx.GraphModule, ctx) -> PassResult:
         if not moved:
             break
         changed = True
-    if changed:
-        graph.eliminate_dead_code()
+    if changed:  # dead code of the moves; an earlier stage's kept positions (read only by a later pass) stay
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get(TAG, {}).get("kept_indices"))
         gm.recompile()
     return PassResult(gm, changed)
 

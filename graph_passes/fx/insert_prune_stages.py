@@ -50,7 +50,7 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph, blocks = gm.graph, ctx.blocks
     inserted = 0
     current: dict[fx.Node, fx.Node] = {}  # a block output replaced by an earlier stage -> its pruned tokens
-    state = None  # (B, N) token state after a stateful stage (adaptive: validity; tome prop_attn: sizes)
+    state, state_of = None, None  # (B, N) token state after a stateful stage (adaptive: validity; tome: sizes), method
     for rs in ctx.stages:
         block = blocks[rs.stage.after_block]
         out = block.output
@@ -64,11 +64,13 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             inputs |= _attention_inputs(block, rs.stage.method) | _earlier_inputs(gm, blocks, rs, spec)
         # The dispatcher the eager reference runs, its calls recorded as nodes right after the block output.
         calls = _GraphCalls(graph, before=out.next)
-        tokens, kept, new_state = run_stage(spec, options, rs.keep, rs.num_prefix_tokens, state, capped=True,
+        mine = state if state_of == rs.stage.method else None  # a state is read by later stages of its method only
+        tokens, kept, new_state = run_stage(spec, options, rs.keep, rs.num_prefix_tokens, mine, capped=True,
                                             call=calls, **inputs)
-        stateful = new_state is not None
-        if stateful:
-            state, mask = new_state, calls(spec.state_mask, new_state)
+        state, state_of = new_state, rs.stage.method
+        masks = new_state is not None and spec.masks_attention(options)
+        if masks:
+            mask = calls(spec.state_mask, new_state)
         users = set(calls.nodes)
         out.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in users)
         info = {"pass": "insert_prune_stages", "block": block.index, "method": rs.stage.method, "keep": rs.keep,
@@ -82,7 +84,7 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         old = out.meta.get("val")
         tokens.meta[TAG]["replaced_shape"] = tuple(old.shape) if old is not None else None
         current[out] = tokens
-        if stateful:
+        if masks:
             _mask_later_attention(blocks[rs.stage.after_block + 1:], mask)
         inserted += 1
     if inserted:

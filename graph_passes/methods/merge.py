@@ -124,7 +124,7 @@ def _tome_groups(metric: Tensor, r: int, p: int, spatial: bool) -> tuple[int, Te
 
 
 def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1, prop_attn: bool = False,
-               state: Tensor | None = None, spatial: bool = False) -> tuple[Tensor, ...]:
+               state: Tensor | None = None, spatial: bool = False, sizes: bool = False) -> tuple[Tensor, ...]:
     """ToMe reduce: merge r = n - keep patch tokens into their bipartite match by a (size-weighted) mean, as MatMuls.
 
     x (B, N, C), metric (B, N, D) = `tome_metric` -> ((B, p + keep, C), surviving positions (B, keep)).
@@ -138,10 +138,11 @@ def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1,
     positions come in that output order. Needs r <= floor(n / 2) (`tome_validate`).
     spatial=True: tokensieve's earlier variant: A/B alternate over the patch tokens only (A = even patch
     positions), survivors in ascending position order, r <= ceil(n / 2).
-    Sizes: without prop_attn every token counts as size 1 at every stage (ToMe carries sizes through every stage:
-    docs/fidelity.md). With prop_attn (ToMe's proportional attention) the sizes are the carried state: `state`
-    (B, N) float sizes in (None = all 1), means are size-weighted, and the sizes out (B, p + keep) are returned
-    third; later attention adds log(size) to its logits (`tome_size_mask`).
+    Sizes (ToMe's merge_wavg): with sizes=True or prop_attn the sizes are the carried state: `state` (B, N) float
+    sizes in (None = all 1), means are size-weighted, and the sizes out (B, p + keep) are returned third, for the
+    next ToMe stage (the method's default: `sizes=true`, as the code carries them through every block). With
+    prop_attn (ToMe's proportional attention) later attention also adds log(size) to its logits (`tome_size_mask`).
+    sizes=False and no prop_attn: every token counts as size 1 at every stage (tokensieve's earlier form).
     """
     p = num_prefix_tokens
     n = x.shape[1] - p
@@ -149,7 +150,7 @@ def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1,
     size = torch.ones_like(x[:, :, 0], dtype=torch.float32) if state is None else state.float()
     if r <= 0:  # keep every patch token (a ratio of 1.0)
         kept = (torch.arange(n, device=x.device) + p).expand(x.shape[0], -1)
-        return (x, kept, size) if prop_attn else (x, kept)
+        return (x, kept, size) if prop_attn or sizes else (x, kept)
     first_a, w_a, w_b, idx = _tome_groups(metric[:, p:], r, p, spatial)
     w_a, w_b = w_a.float(), w_b.float()
     sp = size[:, p:].unsqueeze(-1)                                                # (B, n, 1) token sizes
@@ -160,7 +161,7 @@ def tome_merge(x: Tensor, metric: Tensor, keep: int, num_prefix_tokens: int = 1,
     tokens = (total / count).to(x.dtype)
     if p:
         tokens = torch.cat([x[:, :p], tokens], dim=1)
-    if prop_attn:
+    if prop_attn or sizes:
         return tokens, idx + p, torch.cat([size[:, :p], count.squeeze(-1)], dim=1)
     return tokens, idx + p
 
@@ -227,9 +228,12 @@ METHODS: tuple = (
                 Param("spatial", False, "tokensieve's spatial variant: sets A/B alternate over the patch tokens only "
                       "and the survivors stay in position order, up to ceil(n/2) merges (default: ToMe's code: A/B "
                       "alternate over the whole sequence, survivors ordered unmerged A then B, up to floor(n/2))",
-                      bool)),
-        reduce_params=("prop_attn", "spatial"), carries_state=lambda options: options.get("prop_attn", False),
-        state_mask=tome_size_mask,
+                      bool),
+                Param("sizes", True, "carry token sizes to later tome stages: size-weighted means as ToMe's merge_wavg "
+                      "(false: every stage starts at size 1, tokensieve's earlier form)", bool)),
+        reduce_params=("prop_attn", "spatial", "sizes"),
+        carries_state=lambda options: options.get("prop_attn", False) or options.get("sizes", True),
+        state_mask=tome_size_mask, state_masks=lambda options: options.get("prop_attn", False),
     ),
     PruneMethod(
         name="token-transforming",

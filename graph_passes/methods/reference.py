@@ -113,7 +113,7 @@ def _run_hooked(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple[T
     handles = []
 
     inputs: dict[str, Tensor] = {}
-    state: list[Tensor | None] = [None]  # token state carried by a stateful stage (PruneMethod.carries_state)
+    state: list = [None, None]  # token state carried by a stateful stage (PruneMethod.carries_state), its method
 
     def pre_hook(path):
         def hook(module, args, kwargs):
@@ -135,11 +135,13 @@ def _run_hooked(model: nn.Module, x: Tensor, stages: list[HookStage]) -> tuple[T
                 found |= dict(zip(("q_early", "k_early", "scale_early"), mode.captured.pop(_earlier_path(stage))))
                 found["grid"] = stage.grid
             options = dict(stage.options)
-            pruned, idx, new_state = run_stage(spec, options, stage.keep, stage.num_prefix_tokens, state=state[0],
+            mine = state[0] if state[1] == stage.method else None  # read by later stages of its method only
+            pruned, idx, new_state = run_stage(spec, options, stage.keep, stage.num_prefix_tokens, state=mine,
                                                **found)
             kept.append(idx)
-            if new_state is not None:  # later attention sees the state's key mask (ToMe's log-size bias)
-                state[0], mode.key_mask = new_state, spec.state_mask(new_state)
+            state[:] = [new_state, stage.method]
+            if new_state is not None and spec.masks_attention(options):  # later attention: the state's key mask
+                mode.key_mask = spec.state_mask(new_state)
             return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
         return hook
 

@@ -115,6 +115,10 @@ class PruneMethod:
     # stateful stages of the same method may follow.
     carries_state: Callable[[dict], bool] | None = None
     state_mask: Callable | None = None
+    # Whether a carried state masks later attention (None: always). ToMe carries its sizes to later ToMe stages for
+    # the size-weighted means (as the code's merge_wavg) but biases attention only with prop_attn; a state that does
+    # not mask attention may be followed by any stage (it is read only by later stages of the same method).
+    state_masks: Callable[[dict], bool] | None = None
     # The eager reference really drops invalid slots (batch 1) instead of masking (adaptive), and the stage's score
     # gets the incoming state's key bias (`key_bias=`) so that it sees the attention the block saw.
     compacts: bool = False
@@ -135,6 +139,10 @@ class PruneMethod:
 
     def stateful(self, options: dict) -> bool:
         return self.carries_state is not None and bool(self.carries_state(options))
+
+    def masks_attention(self, options: dict) -> bool:
+        """Whether this stage's carried state gives every later attention op its key mask (state_mask)."""
+        return self.stateful(options) and (self.state_masks is None or bool(self.state_masks(options)))
 
     def needs_cls(self, options: dict) -> bool:
         """Whether this stage scores with the [CLS] token (an option may switch to a CLS-free score)."""

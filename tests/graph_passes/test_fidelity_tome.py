@@ -3,7 +3,7 @@
 Default form: identical merge groups, survivor positions in the code's output order, tokens and sizes <= 1e-5, on
 random metrics with exact ties, for the prefix layouts the code handles ([CLS]: class_token, + a distillation
 token: distill_token, none). Pinned differences (docs/fidelity.md): the spatial variant is the code run on the
-patch tokens alone with the survivors sorted by position; without prop_attn the sizes restart at 1 every stage.
+patch tokens alone with the survivors sorted by position; sizes=false restarts the sizes at 1 every stage.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from reference.tome import tome_step
 from tokensieve.graph_passes.methods.merge import tome_max_merge, tome_merge
+from tokensieve.graph_passes.methods.registry import METHODS
+from tokensieve.graph_passes.methods.stage import run_stage
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -79,19 +81,32 @@ def test_spatial_variant_is_the_code_on_the_patch_tokens_sorted_by_position(case
     torch.testing.assert_close(out[:, :p], x[:, :p], rtol=0, atol=0)
 
 
-def test_without_prop_attn_sizes_restart_at_one_every_stage():
-    """Pinned difference: ToMe's merge_wavg always carries sizes; tokensieve's plain stages weigh every token 1."""
+def test_sizes_are_carried_to_later_stages_by_default():
+    """ToMe's merge_wavg carries sizes through every block: so does `tome` (sizes=true, the default; the state is
+    read by the next tome stage and biases no attention without prop_attn). sizes=false = the earlier form (every
+    stage weighs each token 1), pinned as the code with its sizes dropped."""
+    spec = METHODS["tome"]
+    options = spec.defaults()
+    assert spec.stateful(options) and not spec.masks_attention(options)
+    assert spec.masks_attention({**options, "prop_attn": True}) and not spec.stateful({**options, "sizes": False})
     gen = torch.Generator().manual_seed(0)
     x, metric = torch.randn(1, 17, 4, generator=gen), torch.randn(1, 17, 3, generator=gen)
-    x1, _ = tome_merge(x, metric, 8, 1)
     m1, _ = tome_merge(metric, metric, 8, 1)                                 # the metric merged alike (a stand-in)
-    x2, _ = tome_merge(x1, m1, 4, 1)
     r1, s1, _ = tome_step(x, metric, 8, class_token=True)
     rm1, _, _ = tome_step(metric, metric, 8, class_token=True)
-    unsized, _, _ = tome_step(r1, rm1, 4, class_token=True)                 # the code with sizes dropped
     sized, _, _ = tome_step(r1, rm1, 4, class_token=True, size=s1)          # the code as it runs
-    torch.testing.assert_close(x2, unsized, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(x2, sized, atol=1e-3)
+    unsized, _, _ = tome_step(r1, rm1, 4, class_token=True)                 # the code with sizes dropped
+    assert not torch.allclose(sized, unsized, atol=1e-3)
+    # the stage dispatcher with the method's default options, the state passed on as the pass / reference do
+    x1, _, state = run_stage(spec, options, 8, 1, None, scores=metric, x_out=x)
+    x1_metric = tome_merge(metric, metric, 8, 1)[0]
+    x2, _, _ = run_stage(spec, options, 4, 1, state, scores=x1_metric, x_out=x1)
+    torch.testing.assert_close(x2, sized, rtol=1e-5, atol=1e-5)
+    off = {**options, "sizes": False}
+    y1, _, none = run_stage(spec, off, 8, 1, None, scores=metric, x_out=x)
+    y2, _, _ = run_stage(spec, off, 4, 1, none, scores=x1_metric, x_out=y1)
+    assert none is None
+    torch.testing.assert_close(y2, unsized, rtol=1e-5, atol=1e-5)
     x2p, _, _ = tome_merge(x1, m1, 4, 1, prop_attn=True, state=tome_merge(x, metric, 8, 1, prop_attn=True)[2])
     torch.testing.assert_close(x2p, sized, rtol=1e-5, atol=1e-5)             # prop_attn carries them as the code
 
@@ -99,3 +114,19 @@ def test_without_prop_attn_sizes_restart_at_one_every_stage():
 def test_merge_caps():
     assert [tome_max_merge(n) for n in (8, 9)] == [4, 4]                   # the code: (t - protected) // 2
     assert [tome_max_merge(n, spatial=True) for n in (8, 9)] == [4, 5]     # |A| = ceil(n / 2)
+
+
+def test_carried_sizes_change_the_model_output_and_any_method_may_follow():
+    """End to end on the eager reference (the exports of test_merge_methods verify the graph against it): the two
+    stages of `tome@1:0.5+tome@2:5` weigh the second merge by the first's sizes; a later stage of another method
+    drops the state (sizes are ToMe's, and they bias no attention without prop_attn)."""
+    from tiny_models import build
+    from tokensieve import api
+
+    model, x = build("vit")
+    batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(2))
+    sized = api.plan(model, x, "tome@1:0.5+tome@2:5").reference(batch)[0]
+    unsized = api.plan(model, x, "tome(sizes=false)@1:0.5+tome(sizes=false)@2:5").reference(batch)[0]
+    assert (sized - unsized).abs().max() > 1e-4
+    mixed = api.plan(model, x, "tome@1:0.5+cls-topk@2:0.5")
+    assert mixed.reference(batch)[0].isfinite().all()

@@ -84,6 +84,20 @@ def test_fewer_macs_than_gathering_the_block_output():
     assert gathered - hoisted == (17 - 9) * (48 * 48 + 2 * 48 * 96)
 
 
+@pytest.mark.parametrize("recipe", ["tome@1:0.5+cls-topk@2:0.5", "divprune@0:0.5+cls-topk@2:0.5"])
+def test_an_earlier_stage_keeps_its_kept_positions(recipe):
+    """Regression: the pass's dead-code removal took an earlier merge / greedy stage's kept positions (read only by
+    add_kept_index_outputs, after this pass), so the export had one kept_idx output too few."""
+    gm, ctx, module, x, hooks = _passed("vit", recipe)
+    with torch.no_grad():
+        out, *kept = gm(x)
+        ref, ref_kept = run_reference(module, x, hooks)
+    assert len(kept) == len(ref_kept) == 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for got, want in zip(kept, ref_kept, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_at_block_out_keeps_the_gather_on_the_block_output():
     """`at=block_out` (recipe) = the placement before this pass: same graph as without it, same outputs as the default."""
     gm, ctx, module, x, hooks = _passed("vit", "cls-topk(at=block_out)@1:0.5+cls-topk@2:0.5")
