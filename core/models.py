@@ -75,7 +75,8 @@ def _load_hf_dir(path: Path) -> nn.Module:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with quiet_loading():   # no config warnings (default token ids of a text tower) on stderr: errors stay one line
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError variants
         raise ModelError(f"Cannot load model folder {str(path)!r}: {first_line(e, 200)}") from e
     kind = getattr(config, "model_type", None)
