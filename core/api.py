@@ -288,11 +288,18 @@ def _keeping_outputs(add_kept, num_outputs: int):
 # --------------------------------------------------------------------------- save
 
 
-ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense.onnx", "report": "report.json",
-             "engine": "model.engine"}
-# The engines tokensieve itself writes into an export folder (each with its .json metadata): model.engine
-# (`tokensieve export` / `build`) and dense.engine (`tokensieve bench --backend tensorrt`, built once from dense.onnx).
-ENGINES = (ARTIFACTS["engine"], "dense.engine")
+ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense.onnx", "report": "report.json"}
+# The engines tokensieve writes into an export folder (each with its .json metadata) are named per ONNX, target and
+# precision (targets.base.engine_file_name: model.rtx-sm89.fp16.engine): the export's own, `tokensieve build`'s of the
+# folder's ONNX files, `tokensieve bench --backend tensorrt`'s dense baseline. report.json lists them ("engines").
+ENGINE_STEMS = ("model", "model.debug", "dense")   # the ONNX files (stems) an export folder's engines are built from
+
+
+def folder_engines(folder: str | Path) -> list[str]:
+    """The engine files of an export folder: names engine_file_name gives for its ONNX files, sorted."""
+    from tokensieve.targets.base import is_engine_file_name
+
+    return sorted(p.name for p in Path(folder).glob("*.engine") if is_engine_file_name(p.name, ENGINE_STEMS))
 
 
 SAVED_PARTS = ("model", "debug", "dense")
@@ -302,7 +309,7 @@ OPTIONAL_PARTS = ("torch",)  # model.pt2 + dense.pt2 (torch.export programs, the
 def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[str, Path]:
     """Write model.onnx, model.debug.onnx and dense.onnx (or only `parts` of them) into `out_dir`, each atomically;
     the dense model is converted to ONNX only if "dense" is asked for. Engines an earlier export left there are not
-    touched: remove_stale_engines(out_dir, ENGINES) deletes them (`tokensieve export` does). The part "torch" writes
+    touched: remove_stale_engines(out_dir, folder_engines(out_dir)) deletes them (`tokensieve export` does). The part "torch" writes
     model.pt2 / dense.pt2 (keys "torch" / "torch_dense"), the programs the ONNX files come from."""
     unknown = set(parts) - set(SAVED_PARTS) - set(OPTIONAL_PARTS)
     if unknown or not parts:
@@ -568,23 +575,99 @@ def build(onnx_path: str | Path, engine_path: str | Path | None = None, *, targe
           precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH,
           extra_metadata: dict | None = None,
           plugin_library: str | Path | None = None, embed_plugins: bool = False,
-          dims: dict[str, tuple[int, int, int]] | None = None):
+          dims: dict[str, tuple[int, int, int]] | None = None, opt_batch: int = 1, timing_cache: str | Path | None = None,
+          workspace_mib: int | None = None, builder_optimization_level: int | None = None,
+          layer_info: str | Path | None = None):
     """Build a TensorRT / TensorRT-RTX engine (+ .json metadata) from an ONNX file; `dims` gives each dynamic dim
-    other than batch its (min, opt, max) by ONNX dim name, e.g. {"sequence": (1, 64, 512)} for lm_prefill.onnx."""
+    other than batch its (min, opt, max) by ONNX dim name, e.g. {"sequence": (1, 64, 512)} for lm_prefill.onnx.
+
+    The engine goes to `engine_path`, by default next to the ONNX, named per target and precision
+    (model.rtx-sm89.fp16.engine: default_engine_name). Built from an export folder's ONNX into that folder, it is
+    listed in the folder's report.json ("engines", which `tokensieve inspect` shows), the folder locked meanwhile.
+    Engine options as trtexec / Polygraphy name them: `opt_batch` (the profile's opt), `timing_cache` (a file reused
+    and updated across builds; standard TensorRT), `workspace_mib`, `builder_optimization_level` (0..5),
+    `layer_info` (write the engine inspector's per-layer JSON there)."""
     from tokensieve.targets import get_target
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {str(onnx_path)!r} does not exist; run `tokensieve export` first")
-    engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     spec = BuildSpec(target=target, precision=Precision.parse(precision), max_batch=max_batch,  # checked first
                      plugin_library=str(plugin_library) if plugin_library else None, embed_plugins=embed_plugins,
-                     dims=dict(dims or {}))
+                     dims=dict(dims or {}), opt_batch=opt_batch,
+                     timing_cache=str(timing_cache) if timing_cache is not None else None, workspace_mib=workspace_mib,
+                     builder_optimization_level=builder_optimization_level,
+                     layer_info=str(layer_info) if layer_info is not None else None)
+    engine_path = Path(engine_path) if engine_path else onnx_path.with_name(default_engine_name(onnx_path, target, precision))
     ensure_writable_dir(engine_path.parent)
+    from contextlib import nullcontext
+
     from tokensieve.fileio import interruptible
 
-    with interruptible():
-        return get_target("tensorrt").build(onnx_path, spec, engine_path, extra_metadata)
+    folder = _export_folder_of(onnx_path, engine_path)
+    lock = folder_lock(folder, "tokensieve export, export-vlm or build") if folder else nullcontext()
+    with interruptible(), lock:
+        info = get_target("tensorrt").build(onnx_path, spec, engine_path, extra_metadata)
+        if folder:
+            _record_engine(folder, info)
+    return info
+
+
+def default_engine_name(onnx_path: str | Path, target: str, precision: Precision | str) -> str:
+    """model.onnx -> model.rtx-sm89.fp16.engine (targets.base.engine_file_name; `local`: this GPU's sm)."""
+    from tokensieve.runtime.tensorrt_flavors import STANDARD, local_compute_capability
+    from tokensieve.targets.base import engine_file_name, parse_target
+
+    cc = local_compute_capability() if parse_target(target).flavor == STANDARD else None
+    return engine_file_name(Path(onnx_path).name.removesuffix(".onnx"), target, precision, cc)
+
+
+def engine_entry(info) -> dict:
+    """report.json's "engines" entry of a built engine (EngineInfo): file names and what it was built for."""
+    m = info.metadata
+    return {"file": info.engine_path.name, "metadata": info.metadata_path.name, "onnx": m["onnx"]["file"],
+            "target": m["target"], "precision": m["precision"]}
+
+
+def _export_folder_of(onnx_path: Path, engine_path: Path) -> Path | None:
+    """The export folder whose report.json should list an engine built from `onnx_path` into `engine_path`: both in
+    one folder that holds report.json, the ONNX one of its files; else None."""
+    folder = onnx_path.resolve().parent
+    if engine_path.resolve().parent != folder or not (folder / ARTIFACTS["report"]).is_file():
+        return None
+    return folder if onnx_path.name in {ARTIFACTS[k] for k in SAVED_PARTS} else None
+
+
+def _record_engine(folder: Path, info) -> None:
+    """List `info`'s engine in `folder`'s report.json (replacing an entry of the same file), atomically; the caller
+    holds the folder lock."""
+    from tokensieve.fileio import write_json_atomic
+
+    report = read_export_report(folder)
+    entry = engine_entry(info)
+    report["engines"] = [e for e in report.get("engines", []) if e.get("file") != entry["file"]] + [entry]
+    write_json_atomic(folder / ARTIFACTS["report"], report)
+
+
+def _missing_tensorrt(target: str) -> str | None:
+    """Why no engine can be built here for `target` (its TensorRT flavor is not installed); None when it can."""
+    from tokensieve.runtime.tensorrt_flavors import FLAVOR_LABELS, available_flavors
+    from tokensieve.targets.base import parse_target
+
+    flavor = parse_target(target).flavor
+    return None if available_flavors()[flavor] is not None else f"{FLAVOR_LABELS[flavor]} is not installed"
+
+
+def engine_hint(skipped: dict, folder: str | Path) -> str:
+    """How to get the engine an export skipped (report["engine_skipped"]: reason, target), as one line."""
+    from tokensieve.runtime.tensorrt_flavors import RTX
+    from tokensieve.targets.base import parse_target
+
+    target, model = skipped["target"], Path(folder) / ARTIFACTS["model"]
+    if parse_target(target).flavor == RTX:
+        return f"{skipped['reason']}: pip install 'tokensieve[rtx]', then tokensieve build {model} --target {target}"
+    return (f"{skipped['reason']}: on the GPU machine (JetPack, or NVIDIA's tensorrt wheel) run "
+            f"tokensieve build {model} --target local")
 
 
 # --------------------------------------------------------------------------- bench
@@ -689,7 +772,8 @@ def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> di
     missing = [k for k in required if k not in report]
     if missing:
         raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
-    check_folder_files(folder, [*ARTIFACTS.values(), *ENGINES, "model.pt2", "dense.pt2"], "re-export into a new folder")
+    engines = [e["file"] for e in report.get("engines", []) if isinstance(e, dict) and isinstance(e.get("file"), str)]
+    check_folder_files(folder, [*ARTIFACTS.values(), *engines, "model.pt2", "dense.pt2"], "re-export into a new folder")
     return report
 
 
@@ -715,7 +799,7 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
                   precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH, plugins: str | Path | None = None, build: bool = True,
                   verify_inputs: int = 8, atol: float = 1e-4, threads: int | None = None, bench: bool = True,
                   bench_blocks: int = 4, bench_iters: int = 20, progress=None, batch: int | None = None,
-                  outputs=None, image_size: tuple[int, int] | None = None) -> dict:
+                  outputs=None, image_size: tuple[int, int] | None = None, build_options: dict | None = None) -> dict:
     """`tokensieve export`: load `model` (`default`, `tiny` or a HF folder), export it with `recipe` into `out`
     (model.onnx, model.debug.onnx, dense.onnx), verify against eager, build the engine (unless `build=False`), time
     dense vs pruned (unless `bench=False`) and write report.json; returns the report.
@@ -724,7 +808,9 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     built from the ONNX files replaced here); a failed verification writes report.json, then raises
     VerificationError. `batch`: the batch of a model that fixes it (export's `batch`). `outputs`: the model outputs
     to export (export's `outputs`). `image_size` (H, W): export for that input size instead of the config's (the
-    model's position-embedding interpolation). `progress(message)` hears each step.
+    model's position-embedding interpolation). `build_options`: build()'s engine options (opt_batch, timing_cache,
+    workspace_mib, builder_optimization_level, layer_info). Without the TensorRT flavor the target needs, the engine is
+    skipped (report["engine_skipped"]; engine_hint says how to get it). `progress(message)` hears each step.
 
     Faults: one writer at a time (a second one fails with one line); the folder holds the previous complete export
     until the final swap, and a run that stops early (an error, Ctrl-C) leaves it so; a run that created `out`
@@ -738,7 +824,8 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
 
     recipe = parse_recipe(recipe) if isinstance(recipe, str) else recipe
     if build:  # a bad target / max batch / precision fails now, not after the export
-        BuildSpec(target=target, max_batch=max_batch, precision=Precision.parse(precision), plugin_library=plugins)
+        BuildSpec(target=target, max_batch=max_batch, precision=Precision.parse(precision), plugin_library=plugins,
+                  **(build_options or {}))
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ConfigError(f"--batch {batch!r} must be an integer >= 1")
     created = not os.path.lexists(out)
@@ -746,7 +833,8 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     with interruptible(), folder_lock(out) as out:   # a second writer fails here, before touching the folder
         try:
             return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs,
-                                  atol, threads, bench, bench_blocks, bench_iters, say, batch, outputs, image_size)
+                                  atol, threads, bench, bench_blocks, bench_iters, say, batch, outputs, image_size,
+                                  build_options)
         except BaseException:
             if created:  # leave no empty output folder behind; files written so far (report.json) stay
                 import contextlib
@@ -762,7 +850,7 @@ HF_KEYS = {"config.json": "config", "preprocessor_config.json": "preprocessor"}
 STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
 # every file name an export may own in its folder: removed before a new export's files move in (_move_into_place)
 _OWNED = (*(ARTIFACTS[k] for k in SAVED_PARTS), *(f"{n}.data" for n in (ARTIFACTS[k] for k in SAVED_PARTS)),
-          "model.pt2", "dense.pt2", *ENGINES, *(f"{e}.json" for e in ENGINES), *HF_FILES)
+          "model.pt2", "dense.pt2", *HF_FILES)   # + the folder's engines (folder_engines) and their .json
 
 
 def remove_stale_staging(out: Path) -> None:
@@ -774,11 +862,13 @@ def remove_stale_staging(out: Path) -> None:
 
     for leftover in out.glob(STAGING_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    remove_stale_temps(out, (*_OWNED, ARTIFACTS["report"]))
+    engines = folder_engines(out)
+    remove_stale_temps(out, (*_OWNED, *engines, *(f"{e}.json" for e in engines), ARTIFACTS["report"]))
 
 
 def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                   threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None) -> dict:
+                   threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None,
+                   build_options=None) -> dict:
     """Everything is written into a staging folder inside `out` and moved into place at the end (report.json last):
     until then `out` still holds the previous complete export; a run killed midway leaves only its staging folder,
     which the next run (holding the folder lock) removes."""
@@ -795,7 +885,7 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
     try:
         report = _export_into(model_name, recipe, stage, target, precision, max_batch, plugins, do_build,
                               verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say, batch, outputs,
-                              image_size)
+                              image_size, build_options)
         removed = _move_into_place(stage, out, report)
         if removed:
             say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
@@ -833,7 +923,7 @@ def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
         try:
             if old_report.is_file() or old_report.is_symlink():
                 old_report.unlink()
-            removed = remove_stale_engines(out, ENGINES, keep=())
+            removed = remove_stale_engines(out, folder_engines(out), keep=())
             for name in _OWNED:
                 file = out / name
                 if file.is_file() or file.is_symlink():
@@ -846,7 +936,8 @@ def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
 
 
 def _export_into(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
-                 threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None) -> dict:
+                 threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None,
+                 build_options=None) -> dict:
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
     from tokensieve.fileio import write_bytes_atomic
@@ -878,16 +969,23 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     report["verify"] = {**ver.to_dict(), "output": result.output_name, "outputs": result.outputs}
     if not ver.passed:
         return report
-    if do_build:
+    report["engines"] = []
+    missing = _missing_tensorrt(target) if do_build else None
+    if missing:  # a plain install: the ONNX result is complete; the summary says how to get engines (engine_hint)
+        say(f"[4/5] engine build skipped ({missing})")
+        report["engine_skipped"] = {"reason": missing, "target": target}
+    elif do_build:
         say(f"[4/5] building engine for {target}")
         meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
                 "model": str(model_name)}
-        info = build(paths["model"], out / ARTIFACTS["engine"], target=target, max_batch=max_batch,
-                     precision=precision, extra_metadata={"tokensieve": meta}, plugin_library=plugins)
+        info = build(paths["model"], out / default_engine_name(paths["model"], target, precision), target=target,
+                     max_batch=max_batch, precision=precision, extra_metadata={"tokensieve": meta},
+                     plugin_library=plugins, **(build_options or {}))
         report["build"] = {"target": target, "precision": precision, "engine": str(info.engine_path),
                            "metadata": str(info.metadata_path), "seconds": info.build_seconds,
                            "size_bytes": info.size_bytes, "flavor": info.metadata["flavor"],
                            "tensorrt_version": info.metadata["tensorrt_version"]}
+        report["engines"] = [engine_entry(info)]
     else:
         say("[4/5] engine build skipped (--no-build)")
     if do_bench:

@@ -7,8 +7,9 @@ table and PNG plots.
 
 Models are timed with `measure_alternating` (A B B A ..., warm-up per block) and only one session or engine is
 resident at a time: each block loads its model and frees the other, so neither steals the other's cores (ORT's
-spinning threads) or memory. A TensorRT bench needs OUT/dense.engine next to OUT/model.engine; when it is missing it
-is built once, with model.engine's target and batch profile (`api.build`), and kept in OUT.
+spinning threads) or memory. A TensorRT bench times the engine built from model.onnx that report.json lists last
+against dense.onnx's engine of the same target and precision (dense.<target>.<precision>.engine); when that is missing
+it is built once, with the model engine's target, precision and batch profile (`api.build`), and kept in OUT.
 """
 from __future__ import annotations
 
@@ -157,24 +158,30 @@ def _artifact(folder: Path, stem: str, suffix: str) -> Path:
 
 
 def _engine_build_args(engine: Path) -> dict:
-    """target and max_batch of an existing engine, to build a comparable one (same GPU target, same profile)."""
+    """target, precision and max_batch of an existing engine, to build a comparable one (same GPU target, same
+    precision, same profile)."""
     from tokensieve.runtime.engine_metadata import read_engine_metadata
 
     meta = read_engine_metadata(engine)
     profile = next(iter(meta["optimization_profile"].values()), None)
-    return {"target": meta["target"] or "local", "max_batch": profile["max"][0] if profile else 1}  # None: version 1
+    return {"target": meta["target"] or "local", "precision": meta["precision"] or "fp32",  # None: version 1
+            "max_batch": profile["max"][0] if profile else 1}
 
 
-def _engine_pair(folder: Path, progress: Progress | None) -> tuple[Path, Path]:
-    """OUT/dense.engine, OUT/model.engine; builds dense.engine from dense.onnx like model.engine when it is missing."""
-    model = folder / "model.engine"
-    if not model.is_file():
-        raise ConfigError(f"{str(model)!r} does not exist; build it with `tokensieve build {folder}/model.onnx "
-                          "--target rtx-smXX` (or --target local), or export without --no-build")
+def _engine_pair(folder: Path, report: dict, progress: Progress | None) -> tuple[Path, Path]:
+    """(dense engine, model engine): the engine built from model.onnx that report.json lists last, and dense.onnx's
+    engine of the same name but its stem (built like the model engine when it is missing, and listed too)."""
+    built = [e for e in report.get("engines", []) if e["onnx"] == "model.onnx"] if "engines" in report else None
+    if built is None:
+        raise ConfigError(f"{str(folder / 'report.json')!r} lacks engines; re-run `tokensieve export` with this version")
+    if not built:
+        raise ConfigError(f"{str(folder)!r} holds no engine built from model.onnx; build one with `tokensieve build "
+                          f"{folder / 'model.onnx'} --target rtx-smXX` (or --target local), or export without --no-build")
+    model = folder / built[-1]["file"]
     from tokensieve.runtime.engine_metadata import check_engine_file, read_engine_metadata
 
-    check_engine_file(model, read_engine_metadata(model))  # a truncated model.engine fails before dense is built
-    dense = folder / "dense.engine"
+    check_engine_file(model, read_engine_metadata(model))  # a truncated model engine fails before dense is built
+    dense = folder / ("dense" + model.name.removeprefix("model"))  # model.rtx-sm86.fp16.engine -> dense.rtx-sm86...
     if not dense.is_file():
         from tokensieve import api
 
@@ -200,7 +207,7 @@ def bench_folder(folder: str | Path, settings: BenchSettings = BenchSettings(), 
     runner_cls = RUNNERS[settings.backend]
     suffix = runner_cls.artifact_suffix
     if suffix == ".engine":
-        dense_path, model_path = _engine_pair(folder, progress)
+        dense_path, model_path = _engine_pair(folder, report, progress)
     else:
         dense_path, model_path = _artifact(folder, "dense", suffix), _artifact(folder, "model", suffix)
     ideal = report["macs_dense"] / report["macs_pruned"]

@@ -112,9 +112,10 @@ class Tool:
 class Export(Tool):
     """Export a token-pruned model: ONNX (pruned + dense), verification, engine, benchmark.
 
-    Writes OUT/model.onnx, OUT/model.debug.onnx (+ kept_idx.<block> outputs), OUT/dense.onnx,
-    OUT/model.engine(+.json) and OUT/report.json, then prints a summary table. Re-exporting into a folder
-    removes the engines an earlier export left there (model.engine, dense.engine and their .json; no other file).
+    Writes OUT/model.onnx, OUT/model.debug.onnx (+ kept_idx.<block> outputs), OUT/dense.onnx, the engine
+    OUT/model.<target>.<precision>.engine(+.json) and OUT/report.json, then prints a summary table. Without the
+    TensorRT the target needs, the engine is skipped and the summary says how to get it. Re-exporting into a folder
+    removes the engines built there from the earlier export's ONNX (model.*.engine, dense.*.engine and their .json).
 
         tokensieve export --model default --prune cls-topk@3,6,9:0.7 -o out/
         tokensieve export --model ./my-hf-vit --prune recipe.toml -o out/ --target rtx-sm89 --no-bench
@@ -139,9 +140,10 @@ class Export(Tool):
         p.add_argument("--atol", type=float_in(0), default=1e-4, help="max abs output difference vs eager (default 1e-4)")
         p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime threads for verify/bench")
         p.add_argument("--no-build", action="store_true", help="skip the TensorRT engine (a re-export still "
-                       "removes model.engine / dense.engine an earlier one built in the folder)")
+                       "removes the engines built in the folder from the earlier export's ONNX)")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so: the engine uses tokensieve's plugins "
                        "(DiversitySelect for divprune/mmr) in place of their standard-op forms")
+        add_engine_options(p)
         p.add_argument("--no-bench", action="store_true", help="skip the latency benchmark")
         p.add_argument("--bench-blocks", type=int_in(1, MAX_COUNT), default=4,
                        help="alternating timing blocks per model (default 4)")
@@ -163,6 +165,7 @@ class Export(Tool):
             max_batch=args.max_batch, plugins=args.plugins, build=not args.no_build, verify_inputs=args.verify_inputs,
             atol=args.atol, threads=args.threads, bench=not args.no_bench, bench_blocks=args.bench_blocks,
             bench_iters=args.bench_iters, progress=_log, batch=args.batch, outputs=args.outputs,
+            build_options=engine_options(args),
             image_size=args.image_size)
         print(format_report(report, Path(args.output)))
         return 0
@@ -188,6 +191,10 @@ def format_report(r: dict, out: Path) -> str:
         lines.append(f"  engine          {b['flavor']} {b['tensorrt_version']} {b['target']} {b.get('precision', 'fp32')}:"
                      f" {b['size_bytes'] / 2**20:.1f} MiB,"
                      f" built in {b['seconds']:.1f} s")
+    elif "engine_skipped" in r:
+        from tokensieve.api import engine_hint
+
+        lines.append(f"  engine          none: {engine_hint(r['engine_skipped'], out)}")
     if "bench" in r:
         b = r["bench"]
         lines.append(f"  latency (b={b['batch']})   dense {b['dense']['median_ms']:.2f} ms (p90 {b['dense']['p90_ms']:.2f}),"
@@ -328,11 +335,32 @@ class Quantize(Tool):
 # ----------------------------------------------------------------------------------------- build
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine options trtexec / Polygraphy users expect (`build` and `export`); engine_options reads them back."""
+    p.add_argument("--opt-batch", type=int_in(1, MAX_BATCH), default=1,
+                   help="batch the engine is tuned for, within 1..--max-batch (default 1)")
+    p.add_argument("--timing-cache", default=None, metavar="PATH", help="timing cache file reused and updated across "
+                   "builds (created if missing; standard TensorRT, --target local)")
+    p.add_argument("--workspace", type=int_in(1, 1 << 30), default=None, metavar="MiB",
+                   help="builder workspace limit in MiB (default: TensorRT's, the GPU's memory)")
+    p.add_argument("--builder-opt-level", type=int_in(0, 5), default=None, metavar="0..5",
+                   help="builder optimization level: higher builds longer for faster kernels (TensorRT's default 3)")
+    p.add_argument("--layer-info", default=None, metavar="PATH", help="write the engine inspector's per-layer JSON "
+                   "(layers, precisions, tactics) here; needs the GPU the engine is for")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """api.build's keywords for the add_engine_options flags."""
+    return {"opt_batch": args.opt_batch, "timing_cache": args.timing_cache, "workspace_mib": args.workspace,
+            "builder_optimization_level": args.builder_opt_level, "layer_info": args.layer_info}
+
+
 class Build(Tool):
     """Build a TensorRT-RTX (ahead of time, no GPU needed) or TensorRT engine from an ONNX file.
 
-        tokensieve build out/model.onnx --target rtx-sm86 -o out/model.engine
-        tokensieve build out/model.onnx --target local          # standard TensorRT on this GPU
+        tokensieve build out/model.onnx --target rtx-sm89       # -> out/model.rtx-sm89.fp32.engine
+        tokensieve build out/model.onnx --target local          # standard TensorRT on this GPU (Jetson Orin: sm87)
+        tokensieve build out/model.onnx --target local --timing-cache trt.cache --opt-batch 4 --layer-info layers.json
         tokensieve build out/model.onnx --precision fp16        # fp16 weights/activations, fp32 scores and norms
         tokensieve build compact.onnx --plugins libtokensieve_plugins.so --embed-plugins
         tokensieve build vlm/lm_prefill.onnx --dims sequence=1:64:512,past_sequence=0:64:1024
@@ -342,16 +370,21 @@ class Build(Tool):
 
     def add_args(self, p):
         p.add_argument("onnx")
-        p.add_argument("-o", "--output", default=None, help="engine path (default: next to the ONNX, .engine)")
-        p.add_argument("--target", default=DEFAULT_TARGET)
-        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS)
-        p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=DEFAULT_MAX_BATCH)
+        p.add_argument("-o", "--output", default=None, help="engine path (default: next to the ONNX, named per target "
+                       "and precision: model.rtx-sm86.fp32.engine; from an export folder's ONNX, listed in its report)")
+        p.add_argument("--target", default=DEFAULT_TARGET, help="rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU "
+                       f"needed) or local (TensorRT on this GPU, e.g. a Jetson's) (default {DEFAULT_TARGET})")
+        p.add_argument("--precision", default=DEFAULT_PRECISION.value, choices=PRECISIONS,
+                       help=f"engine precision (default {DEFAULT_PRECISION})")
+        p.add_argument("--max-batch", type=int_in(1, MAX_BATCH), default=DEFAULT_MAX_BATCH,
+                       help=f"largest batch of the engine's profile (default {DEFAULT_MAX_BATCH})")
         p.add_argument("--plugins", default=None, help="libtokensieve_plugins.so for graphs with tokensieve plugin nodes "
                        "(build it with `python -m tokensieve.targets.tensorrt.plugins`)")
         p.add_argument("--embed-plugins", action="store_true", help="serialize the plugin library into the engine")
         p.add_argument("--dims", default=None, help="ranges of dynamic dims other than batch, by ONNX dim name: "
                        "NAME=MIN:OPT:MAX,... e.g. sequence=1:64:512,past_sequence=0:64:1024 (names no input has "
                        "are ignored)")
+        add_engine_options(p)
 
     def run(self, args):
         from tokensieve import api
@@ -359,7 +392,8 @@ class Build(Tool):
 
         dims = parse_dims(args.dims) if args.dims is not None else None
         info = api.build(args.onnx, args.output, target=args.target, precision=args.precision, max_batch=args.max_batch,
-                         plugin_library=args.plugins, embed_plugins=args.embed_plugins, dims=dims)
+                         plugin_library=args.plugins, embed_plugins=args.embed_plugins, dims=dims,
+                         **engine_options(args))
         m = info.metadata
         print(f"built {info.engine_path} ({info.size_bytes / 2**20:.1f} MiB) with {m['flavor']} {m['tensorrt_version']}"
               f" for {m['target']} ({m['precision']}) in {info.build_seconds:.1f} s; metadata {info.metadata_path}")
@@ -373,8 +407,8 @@ class Bench(Tool):
     """Time dense vs pruned per batch size (ONNX Runtime or TensorRT); print a markdown table, write JSON/MD/PNG.
 
     Alternating blocks with one session/engine resident at a time; median/p90/p99, images/s, peak memory, speedup
-    vs the MAC-ideal one. --backend tensorrt times OUT/dense.engine vs OUT/model.engine (dense.engine is built once,
-    like model.engine, when missing). --sweep re-exports the model with one stage's keep varied (latency vs tokens).
+    vs the MAC-ideal one. --backend tensorrt times the model engine report.json lists last (model.<target>.<precision>
+    .engine) vs dense.onnx's engine of the same target and precision (built once, like it, when missing). --sweep re-exports the model with one stage's keep varied (latency vs tokens).
 
         tokensieve bench out/                                   # out/dense.onnx vs out/model.onnx, batch 1
         tokensieve bench out/ --batch 1,8,32 --json b.json --md b.md --plot b.png
@@ -490,7 +524,7 @@ def _inspect_folder(folder: Path) -> int:
 
     if (folder / api.ARTIFACTS["report"]).is_file():
         r = _checked_report(api.read_export_report(folder, required=("model", "recipe_shorthand", "tokens_per_block",
-                                                                     "ideal_speedup", "verify")), folder)
+                                                                     "ideal_speedup", "verify", "engines")), folder)
         print(f"{folder}: ViT export of {r['model']!r}, recipe {r['recipe_shorthand']}")
         tokens = r["tokens_per_block"]
         line("tokens", "→".join(str(t) for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1])
@@ -500,10 +534,11 @@ def _inspect_folder(folder: Path) -> int:
                        f"{v['max_abs_diff']:.1e} (atol {v['atol']})", ok=bool(v["passed"]))
         for key in ("model", "debug", "dense"):
             line(key, *_check_file(folder, api.ARTIFACTS[key]))
-        if r.get("build"):
-            line("engine", *_check_engine(folder, api.ARTIFACTS["engine"]))
-        else:
-            line("engine", "none (exported with --no-build)")
+        for entry in r["engines"]:  # the export's engine and those `tokensieve build` / bench added since
+            line("engine", *_check_engine(folder, entry["file"]))
+        if not r["engines"]:
+            line("engine", f"none: {api.engine_hint(r['engine_skipped'], folder)}" if r.get("engine_skipped") else
+                 f"none (exported with --no-build; add one with `tokensieve build {folder / api.ARTIFACTS['model']}`)")
         return 1 if problems else 0
     path = find_vlm_manifest(folder)
     if path is None:
@@ -540,7 +575,7 @@ class Inspect(Tool):
     checked against their metadata; exit 1 if one is missing or does not match).
 
         tokensieve inspect out/model.onnx
-        tokensieve inspect out/model.engine
+        tokensieve inspect out/model.rtx-sm86.fp32.engine
         tokensieve inspect out/
     """
 

@@ -167,6 +167,10 @@ EXPORT_REPORT_TYPES = {
     "verify": lambda v: isinstance(v, dict) and all(k in v for k in ("passed", "num_inputs", "max_abs_diff", "atol"))
     and _is_num(v["max_abs_diff"]) and _is_num(v["atol"]) and _is_int(v["num_inputs"]),
     "build": _optional(lambda v: isinstance(v, dict)),
+    # every engine built in the folder from its ONNX files (the export's, `tokensieve build`'s, bench's dense one)
+    "engines": _list_of(lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in
+                                                              ("file", "metadata", "onnx", "target", "precision"))),
+    "engine_skipped": lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("reason", "target")),
 }
 
 

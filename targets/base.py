@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from tokensieve.errors import ConfigError
-from tokensieve.runtime.tensorrt_flavors import RTX, RTX_COMPUTE_CAPABILITIES, STANDARD
+from tokensieve.runtime.tensorrt_flavors import RTX, RTX_COMPUTE_CAPABILITIES, STANDARD, local_compute_capability
 from tokensieve.runtime.tensorrt_plugins import LIBRARY_NAME, PLUGIN_LIB_ENV
 
 if TYPE_CHECKING:
@@ -79,7 +79,9 @@ def parse_target(s: str) -> ParsedTarget:
     sm = key.removeprefix("rtx-")
     if key.startswith("rtx-") and sm in RTX_COMPUTE_CAPABILITIES:
         return ParsedTarget(RTX, RTX_COMPUTE_CAPABILITIES[sm])
-    raise ConfigError(f"Unknown TensorRT target {s!r}; use one of {', '.join(VALID_TARGETS)}")
+    device = {"sm87": "Jetson Orin", "sm90": "H100/H200", "sm72": "Jetson Xavier"}.get(sm) if key.startswith("rtx-") else None
+    why = f"; TensorRT-RTX cannot build for {sm} ({device}): use --target local on that device" if device else ""
+    raise ConfigError(f"Unknown TensorRT target {s!r}; use one of {', '.join(VALID_TARGETS)}{why}")
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,10 @@ class BuildSpec:
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = DEFAULT_MAX_BATCH
-    timing_cache: str | None = None  # standard TensorRT only; TensorRT-RTX timing caches are no-ops
-    workspace_mib: int | None = None
+    timing_cache: str | None = None  # file reused across builds (created if missing); standard TensorRT only
+    workspace_mib: int | None = None   # the builder's workspace pool limit (TensorRT's default: the GPU's memory)
+    builder_optimization_level: int | None = None  # 0..5; TensorRT's default 3; higher searches longer for faster kernels
+    layer_info: str | None = None      # write the engine inspector's per-layer JSON here (needs the engine's GPU)
     plugin_library: str | None = None  # libtokensieve_plugins.so, registered before parsing (tokensieve plugin nodes)
     embed_plugins: bool = False        # serialize the library into the plan (VERSION_COMPATIBLE + EXCLUDE_LEAN_RUNTIME)
     dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # dim_param -> (min, opt, max)
@@ -113,12 +117,26 @@ class BuildSpec:
             raise ConfigError(f"--plugins {self.plugin_library!r} does not exist; pass the {LIBRARY_NAME} that "
                               f"`python -m tokensieve.targets.tensorrt.plugins` builds and prints (the Python API "
                               f"also finds it through ${PLUGIN_LIB_ENV})")
-        if self.workspace_mib is not None and self.workspace_mib <= 0:
-            raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
+        if self.workspace_mib is not None and (not _is_int(self.workspace_mib) or self.workspace_mib <= 0):
+            raise ConfigError(f"--workspace {self.workspace_mib!r} must be a positive number of MiB")
+        level = self.builder_optimization_level
+        if level is not None and (not _is_int(level) or not 0 <= level <= 5):
+            raise ConfigError(f"--builder-opt-level {level!r} must be 0..5 (TensorRT's default is 3)")
+        flavor, cc = self.parsed_target
+        if self.timing_cache is not None and flavor == RTX:
+            raise ConfigError(f"--timing-cache: TensorRT-RTX ({self.target}) keeps no timing cache (it picks kernels "
+                              "on the GPU at run time); drop --timing-cache, or build with --target local")
+        if self.layer_info is not None and flavor == RTX and local_compute_capability() != cc:
+            raise ConfigError(f"--layer-info reads the built engine back (TensorRT's engine inspector), which needs a "
+                              f"GPU of compute capability {cc} here; drop it, or build on such a GPU (or --target local)")
 
     @property
     def parsed_target(self) -> ParsedTarget:
         return parse_target(self.target)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _checked_dims(dims) -> dict[str, tuple[int, int, int]]:
@@ -158,6 +176,30 @@ def parse_dims(text: str) -> dict[str, tuple[int, int, int]]:
     if not dims:
         raise ConfigError(f"--dims {text!r} names no dim; e.g. --dims sequence=1:64:512")
     return _checked_dims(dims)
+
+
+def engine_file_name(stem: str, target: str, precision: "Precision | str", compute_capability: str | None = None) -> str:
+    """The engine's default file name, one per ONNX, target and precision, so builds for several GPUs or precisions
+    sit side by side: ('model', 'rtx-sm89', 'fp16') -> 'model.rtx-sm89.fp16.engine'. For `local` the GPU's compute
+    capability (8.7 on a Jetson Orin) names it: 'model.local-sm87.fp16.engine' ('model.local.fp16.engine' without
+    one: that build fails anyway)."""
+    target = parse_target(target)  # a bad name fails here, not in a file name
+    name = f"rtx-sm{target.compute_capability.replace('.', '')}" if target.flavor == RTX else "local"
+    if target.flavor == STANDARD and compute_capability:
+        name += "-sm" + compute_capability.replace(".", "")
+    return f"{stem}.{name}.{Precision.parse(precision).value}.engine"
+
+
+def is_engine_file_name(name: str, stems) -> bool:
+    """Is `name` what engine_file_name gives for one of `stems` (the files an export folder owns)?"""
+    for stem in stems:
+        rest = name[len(stem) + 1:] if name.startswith(stem + ".") else ""
+        target, _, precision = rest.removesuffix(".engine").partition(".")
+        if rest.endswith(".engine") and precision in PRECISIONS and (
+                target == "local" or (target.startswith("local-sm") and target[8:].isdigit())
+                or (target.startswith("rtx-sm") and target[6:] in {s[2:] for s in RTX_COMPUTE_CAPABILITIES})):
+            return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -214,13 +214,16 @@ def test_tensorrt_backend_builds_dense_engine_on_demand(exported, tmp_path, caps
     out = tmp_path / "out"
     shutil.copytree(exported, out)
     assert main(["bench", str(out), "--backend", "tensorrt", *FAST]) == 2
-    assert "model.engine' does not exist" in capsys.readouterr().err
-    api.build(out / "model.onnx", out / "model.engine", target="rtx-sm86", max_batch=2)
+    assert "holds no engine built from model.onnx" in capsys.readouterr().err
+    api.build(out / "model.onnx", target="rtx-sm86", precision="fp16", max_batch=2)  # -> model.rtx-sm86.fp16.engine
     rc = main(["bench", str(out), "--backend", "tensorrt", "--batch", "1", *FAST])
     captured = capsys.readouterr()
-    assert "building dense.engine for rtx-sm86 (max batch 2)" in captured.err
-    meta = json.loads((out / "dense.engine.json").read_text())
+    assert "building dense.rtx-sm86.fp16.engine for rtx-sm86 (max batch 2)" in captured.err
+    meta = json.loads((out / "dense.rtx-sm86.fp16.engine.json").read_text())
     assert meta["target"] == "rtx-sm86" and meta["optimization_profile"]["pixel_values"]["max"][0] == 2
+    assert meta["precision"] == "fp16"  # the model engine's precision, so the pair compares like with like
+    assert [e["file"] for e in json.loads((out / "report.json").read_text())["engines"]] == [
+        "model.rtx-sm86.fp16.engine", "dense.rtx-sm86.fp16.engine"]
     assert meta["onnx"]["file"] == "dense.onnx" and meta["tokensieve"] == {"dense": True}
     if local_compute_capability() is None:  # no GPU: the runner refuses in one line after the checks passed
         assert rc == 2 and "needs an NVIDIA GPU" in captured.err.strip().splitlines()[-1]
@@ -234,10 +237,9 @@ def test_truncated_model_engine_is_refused_before_the_dense_engine_is_built(expo
 
     out = tmp_path / "out"
     shutil.copytree(exported, out)
-    api.build(out / "model.onnx", out / "model.engine", target="rtx-sm86", max_batch=2)
-    engine = out / "model.engine"
+    engine = api.build(out / "model.onnx", target="rtx-sm86", max_batch=2).engine_path
     engine.write_bytes(engine.read_bytes()[:1000])
     assert main(["bench", str(out), "--backend", "tensorrt", *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "is 1000 bytes but its metadata records" in err[-1] and "tokensieve build --target rtx-sm86" in err[-1]
-    assert not (out / "dense.engine").exists()
+    assert not list(out.glob("dense*.engine"))

@@ -27,8 +27,9 @@ from tokensieve.cli import main  # noqa: E402
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 FAST = ["--no-build", "--no-bench", "--verify-inputs", "1"]
 RECIPE = "cls-topk@1,2:0.5"
+ENGINE = "model.rtx-sm86.fp32.engine"  # the export's engine: named per target and precision
 ARTIFACTS = ["model.onnx", "model.debug.onnx", "dense.onnx", "report.json"] + (
-    ["model.engine", "model.engine.json"] if HAVE_RTX else [])
+    [ENGINE, ENGINE + ".json"] if HAVE_RTX else [])
 # stderr lines a failing export may print before its error line: progress, and transformers' weight-loading bar
 PROGRESS = re.compile(r"^(\[\d/5\] |\s+block \d+/\d+: |Loading weights)")
 
@@ -109,7 +110,7 @@ def test_export_end_to_end(exported, vit_dir):
     assert report["ideal_speedup"] > 1
     if HAVE_RTX:
         assert report["build"]["flavor"] == "tensorrt_rtx"
-        meta = json.loads((out / "model.engine.json").read_text())
+        meta = json.loads((out / (ENGINE + ".json")).read_text())
         assert meta["tokensieve"]["tokens_per_block"] == [17, 17, 9, 5]
 
 
@@ -151,18 +152,18 @@ def test_inspect_export_folder(exported, tmp_path, capsys):
     shutil.copytree(out, broken)
     (broken / "dense.onnx").unlink()
     if HAVE_RTX:
-        with open(broken / "model.engine", "ab") as f:
+        with open(broken / ENGINE, "ab") as f:
             f.write(b"x")
     assert main(["inspect", str(broken)]) == 1
     text = capsys.readouterr().out
-    assert "dense.onnx: MISSING" in text and (not HAVE_RTX or "model.engine: PROBLEM: Engine" in text)
+    assert "dense.onnx: MISSING" in text and (not HAVE_RTX or f"{ENGINE}: PROBLEM: Engine" in text)
     run_error(capsys, "inspect", tmp_path, match="holds no report.json")
 
 
-@pytest.mark.skipif(not HAVE_RTX, reason="needs tensorrt_rtx to have built model.engine")
+@pytest.mark.skipif(not HAVE_RTX, reason="needs tensorrt_rtx to have built the engine")
 def test_inspect_engine(exported, capsys):
     out, _ = exported
-    assert main(["inspect", str(out / "model.engine")]) == 0
+    assert main(["inspect", str(out / ENGINE)]) == 0
     captured = capsys.readouterr()
     meta = json.loads(captured.out)  # stdout is the metadata JSON alone; the file check goes to stderr
     assert captured.err == "engine file: OK (size, sha256 match)\n"
@@ -181,13 +182,20 @@ def test_build(exported, capsys):
 
 @pytest.mark.skipif(not HAVE_RTX, reason="needs tensorrt_rtx (builds engines without a GPU)")
 def test_reexport_without_build_removes_stale_engines(exported, vit_dir, tmp_path, capsys):
-    """A --no-build re-export into a folder holding an earlier export's model.engine and a dense.engine (`tokensieve
-    build` of dense.onnx, as `bench --backend tensorrt` makes it) deletes both with their .json (built from the ONNX it
-    replaces), says so in one line, and keeps every other file, engines under other names included."""
+    """A --no-build re-export into a folder holding an earlier export's engine and a dense one (`tokensieve build` of
+    dense.onnx, as `bench --backend tensorrt` makes it; listed in report.json, so `inspect` shows both) deletes both
+    with their .json (built from the ONNX it replaces), says so in one line, and keeps every other file, engines under
+    other names included."""
     out = tmp_path / "out"
     shutil.copytree(exported[0], out)
-    assert main(["build", str(out / "dense.onnx"), "--max-batch", "2"]) == 0  # -> out/dense.engine(+.json)
-    stale = ["model.engine", "model.engine.json", "dense.engine", "dense.engine.json"]
+    assert main(["build", str(out / "dense.onnx"), "--max-batch", "2"]) == 0  # -> out/dense.rtx-sm86.fp32.engine
+    dense = "dense.rtx-sm86.fp32.engine"
+    listed = [e["file"] for e in json.loads((out / "report.json").read_text())["engines"]]
+    assert listed[0] == ENGINE and listed[-1] == dense  # (test_build's other.engine, if it ran, in between)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert [ln.split(":")[0].split()[-1] for ln in capsys.readouterr().out.splitlines() if "  engine " in ln] == listed
+    stale = [dense, dense + ".json", ENGINE, ENGINE + ".json"]
     assert all((out / name).stat().st_size > 0 for name in stale)
     (out / "notes.txt").write_text("mine")
     (out / "mine.engine").write_bytes(b"a user's engine")
@@ -201,8 +209,9 @@ def test_reexport_without_build_removes_stale_engines(exported, vit_dir, tmp_pat
     assert {"notes.txt", "mine.engine", "model.onnx", "dense.onnx", "report.json"} <= names
     assert (out / "mine.engine").read_bytes() == b"a user's engine"
     report = json.loads((out / "report.json").read_text())
-    assert "build" not in report and report["recipe_shorthand"] == "cls-topk@1:0.5"
-    assert "model.engine" not in captured.out  # the summary's file list names no engine
+    assert "build" not in report and report["engines"] == [] and report["recipe_shorthand"] == "cls-topk@1:0.5"
+    assert not any(n.endswith((".engine", ".engine,")) and n not in ("mine.engine", "mine.engine,", "other.engine,")
+                   for n in captured.out.split())  # the summary's file list names no engine of ours (test_build's stays)
     assert "removed" not in exported[1].stderr  # the first export into a fresh folder removed nothing
 
 

@@ -63,6 +63,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         if path.is_dir():
             raise ConfigError(f"Cannot write the engine to {str(path)!r}: that path is a folder; pass a file path "
                               "(-o/--output out/model.engine)")
+    for flag, path in (("--timing-cache", spec.timing_cache), ("--layer-info", spec.layer_info)):
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{flag} {str(path)!r} is a folder; pass a file path")
+        if path is not None:
+            ensure_writable_dir(Path(path).parent)
     trt = import_flavor(flavor)
     label = FLAVOR_LABELS[flavor]
     plugin_lib = load_plugins(trt, spec.plugin_library) if spec.plugin_library else None  # before the parser runs
@@ -107,7 +112,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             config.plugins_to_serialize = [str(plugin_lib)]
         if spec.workspace_mib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-        cache = _load_timing_cache(config, spec) if flavor != RTX else None
+        if spec.builder_optimization_level is not None:
+            config.builder_optimization_level = spec.builder_optimization_level
+        if spec.layer_info is not None:  # layer names, types, precisions, tactics in the inspector's JSON
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        cache = _load_timing_cache(config, spec)  # BuildSpec refuses a timing cache for TensorRT-RTX
         t0 = time.perf_counter()
         with _cancel_on_interrupt(trt, config):
             plan = builder.build_serialized_network(network, config)
@@ -118,11 +127,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
             raise TargetError(f"{label} failed to build {onnx_path.name} for {spec.target}: {why}")
         warnings = [m for sev, m in logger.messages if sev == "WARNING"]
         io = network_io(trt, network)
+        layer_info = _layer_info(trt, logger, plan, label) if spec.layer_info is not None else None
 
     data = memoryview(plan)
     shapes, dims = (profile[1], profile[2]) if profile else ({}, {})
+    options = {"opt_batch": spec.opt_batch, "workspace_mib": spec.workspace_mib,
+               "builder_optimization_level": _optimization_level(config),
+               "timing_cache": None if spec.timing_cache is None else Path(spec.timing_cache).name,
+               "layer_info": None if spec.layer_info is None else Path(spec.layer_info).name}
     metadata = engine_metadata(
-        extra_metadata,
+        {**(extra_metadata or {}), "build_options": options},
         tokensieve_version=tokensieve_version(),
         flavor=flavor,
         tensorrt_version=trt.__version__,
@@ -149,12 +163,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     # Both are written under temp names, then the old metadata goes, the engine is renamed, the metadata last: a run
     # killed in between leaves an engine without metadata (refused by readers), never new metadata beside an old
     # engine; a full disk or a file-size limit fails here with one line and leaves the old pair as it was.
-    with atomic_paths(engine_path, meta_path) as (tmp_engine, tmp_meta):
-        with open(tmp_engine, "wb") as f:
+    # The layer info, when asked for, is written first, with the pair: all three or (failing) none are new.
+    extra = [Path(spec.layer_info)] if layer_info is not None else []
+    with atomic_paths(*extra, engine_path, meta_path) as tmps:
+        if layer_info is not None:
+            tmps[0].write_bytes(layer_info)
+        with open(tmps[-2], "wb") as f:
             f.write(data)
-        tmp_meta.write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        tmps[-1].write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     if cache is not None:
-        _save_timing_cache(config, spec)
+        _save_timing_cache(config, cache, spec)
     return EngineInfo(engine_path, meta_path, metadata, seconds, data.nbytes)
 
 
@@ -425,16 +443,46 @@ def _profile(builder, network, spec: BuildSpec):
     return profile, shapes, extra
 
 
+def _optimization_level(config) -> int | None:
+    """The builder optimization level the build used (TensorRT's default where none was asked for)."""
+    level = getattr(config, "builder_optimization_level", None)
+    return None if level is None else int(level)
+
+
+def _layer_info(trt: ModuleType, logger, plan, label: str) -> bytes:
+    """The engine inspector's JSON (every layer: name, type, precisions, tactic) of the engine `plan`, which is
+    deserialized here for it: that needs the GPU the engine is for (BuildSpec checks TensorRT-RTX targets up front)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise TargetError(f"--layer-info: {label} cannot load the engine it built on this machine "
+                          f"({logger.summary(160)}); drop --layer-info, or build on the GPU the engine is for")
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    return (text if isinstance(text, str) else str(text)).encode()
+
+
+_CACHE_FIX = "delete it or pass another --timing-cache"
+
+
 def _load_timing_cache(config, spec: BuildSpec):
+    """The cache in `spec.timing_cache` (an empty one if the file does not exist yet), set on `config`."""
     if spec.timing_cache is None:
         return None
     path = Path(spec.timing_cache)
     blob = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None:
+        raise ConfigError(f"--timing-cache {str(path)!r} is not a TensorRT timing cache; {_CACHE_FIX}")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise ConfigError(f"--timing-cache {str(path)!r} was made by another TensorRT version or GPU; {_CACHE_FIX}")
     return cache
 
 
-def _save_timing_cache(config, spec: BuildSpec) -> None:
-    with atomic_path(spec.timing_cache) as tmp:
-        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+def _save_timing_cache(config, cache, spec: BuildSpec) -> None:
+    """Write the build's cache back, atomically, merged with what another build saved to the file meanwhile."""
+    path = Path(spec.timing_cache)
+    if path.is_file():
+        theirs = config.create_timing_cache(path.read_bytes())
+        if theirs is not None:
+            cache.combine(theirs, ignore_mismatch=False)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(memoryview(cache.serialize()))

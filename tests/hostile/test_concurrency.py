@@ -38,13 +38,16 @@ def _build_flag() -> list[str]:
     return []
 
 
+ENGINE = "model.rtx-sm86.fp32.engine"  # the export's engine (default target and precision)
+
+
 def check_one_run(out) -> dict:
     names = sorted(p.name for p in out.iterdir())
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     expected = {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json", "config.json", "preprocessor_config.json"}
     if "build" in report:
-        expected |= {"model.engine", "model.engine.json"}
+        expected |= {ENGINE, ENGINE + ".json"}
     assert set(names) == expected, names  # no staging folder, no temp file, nothing of another run
     model = onnx.load(str(out / "model.onnx"))
     debug = onnx.load(str(out / "model.debug.onnx"), load_external_data=False)
@@ -54,10 +57,10 @@ def check_one_run(out) -> dict:
     assert [int(o.name.split(".")[1]) for o in kept] == [s["after_block"] for s in stages]
     assert [o.type.tensor_type.shape.dim[1].dim_value for o in kept] == [s["tokens_out"] - 1 for s in stages]
     if "build" in report:
-        meta = json.loads((out / "model.engine.json").read_text())
+        meta = json.loads((out / (ENGINE + ".json")).read_text())
         assert meta["tokensieve"]["recipe"] == report["recipe"]
         assert meta["onnx"]["sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
-        assert meta["engine_sha256"] == hashlib.sha256((out / "model.engine").read_bytes()).hexdigest()
+        assert meta["engine_sha256"] == hashlib.sha256((out / ENGINE).read_bytes()).hexdigest()
     return report
 
 

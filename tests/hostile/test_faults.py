@@ -97,6 +97,9 @@ def server():
 # ------------------------------------------------------------------------------------------------------ export
 
 
+ENGINE = "model.rtx-sm86.fp32.engine"  # an export's engine (default target and precision)
+
+
 def complete_new_export(files: dict[str, bytes], ref: dict[str, bytes]) -> None:
     """`files` is a whole export of NEW_RECIPE: the reference's file set, its ONNX bytes, a report of that recipe,
     an engine whose metadata matches it and model.onnx."""
@@ -105,9 +108,9 @@ def complete_new_export(files: dict[str, bytes], ref: dict[str, bytes]) -> None:
         assert files[name] == ref[name], name
     report = json.loads(files["report.json"])
     assert report["recipe_shorthand"] == json.loads(ref["report.json"])["recipe_shorthand"]
-    if "model.engine" in ref:
-        meta = json.loads(files["model.engine.json"])
-        assert meta["engine_sha256"] == sha(files["model.engine"])
+    if ENGINE in ref:
+        meta = json.loads(files[ENGINE + ".json"])
+        assert meta["engine_sha256"] == sha(files[ENGINE])
         assert meta["onnx"]["sha256"] == sha(files["model.onnx"])
 
 
@@ -126,8 +129,8 @@ def check_export_state(files: dict[str, bytes], previous: dict[str, bytes], ref:
         if old != new:
             runs.add("previous" if old else "new")
     assert len(runs) <= 1, f"files of two runs side by side: {sorted(files)}"
-    if "model.engine" in files and "model.engine.json" in files:
-        assert json.loads(files["model.engine.json"])["engine_sha256"] == sha(files["model.engine"])
+    if ENGINE in files and ENGINE + ".json" in files:
+        assert json.loads(files[ENGINE + ".json"])["engine_sha256"] == sha(files[ENGINE])
     return "absent"
 
 

@@ -194,13 +194,13 @@ def test_cli_build_and_export_fp16(rtx, tmp_path, capsys):
     onnx_path = _save(_exported("cls-topk").onnx_model, tmp_path / "model.onnx")
     assert main(["build", str(onnx_path), "--precision", "fp16", "--max-batch", "2"]) == 0
     assert "(fp16)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "model.engine.json").read_text())["precision"] == "fp16"
+    assert json.loads((tmp_path / "model.rtx-sm86.fp16.engine.json").read_text())["precision"] == "fp16"
     out = tmp_path / "out"
     assert main(["export", "--model", "tiny", "--prune", "cls-topk@1:0.5", "-o", str(out), "--precision", "fp16",
                  "--no-bench", "--verify-inputs", "1", "--max-batch", "2"]) == 0
     assert " fp16: " in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["build"]["precision"] == "fp16"
-    assert json.loads((out / "model.engine.json").read_text())["precision"] == "fp16"
+    assert json.loads((out / "model.rtx-sm86.fp16.engine.json").read_text())["precision"] == "fp16"
 
 
 def test_unknown_precision_is_one_line(tmp_path):
