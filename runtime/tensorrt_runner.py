@@ -80,7 +80,7 @@ def _io_from_metadata(meta: dict, path: Path) -> list[_Tensor]:
 class TrtRunner(BaseRunner):
     """Runs one serialized engine; `activate()` deserializes it and allocates buffers, `deactivate()` frees them."""
 
-    artifact_suffix = ".engine"  # bench looks for OUT/dense.engine and OUT/model.engine
+    artifact_suffix = ".engine"  # bench pairs report.json's model engine with dense.<target>.<precision>.engine
 
     def __init__(self, engine_path: str | Path, plugins: str | Path | None = None, *, cuda_graph: bool = False,
                  name: str | None = None, allow_host_code: bool | None = None) -> None:

@@ -1,5 +1,6 @@
-"""The sdist a user gets from `pip download --no-binary tokensieve` / `python -m build --sdist`: it carries the C++
-runtime (runtime/cpp) and the plugin sources, the LICENSE, and builds without a setuptools warning."""
+"""What `python -m build` / `pip install` make of the tree: the sdist carries the C++ runtime (runtime/cpp), the plugin
+sources and the LICENSE; the wheel (and the editable install, the same setuptools configuration) carries the plugin,
+kernel-harness and toy-ViT files but not the C++ runtime; neither build prints a setuptools warning."""
 from __future__ import annotations
 
 import os
@@ -28,15 +29,20 @@ def test_sdist_ships_cpp_runtime_plugins_and_license(tmp_path):
             shutil.copytree(path, src / name, ignore=_tracked)
         else:
             shutil.copy2(path, src / name)
-    code = ("import sys; from setuptools import build_meta; "
-            "print('SDIST', build_meta.build_sdist(sys.argv[1]))")
-    proc = subprocess.run([sys.executable, "-W", "always", "-c", code, str(tmp_path / "dist")], cwd=src,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "always"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    log = proc.stdout + proc.stderr
-    warnings = [line for line in log.splitlines() if "warning" in line.lower()]
-    assert not warnings, warnings  # e.g. SetuptoolsDeprecationWarning: `project.license` as a TOML table
-    sdist = tmp_path / "dist" / log.split("SDIST ", 1)[1].split()[0]
+    log = ""
+    for hook in ("build_sdist", "build_wheel"):  # one process each, as pip / build run them
+        code = f"import sys; from setuptools import build_meta; build_meta.{hook}(sys.argv[1])"
+        proc = subprocess.run([sys.executable, "-W", "always", "-c", code, str(tmp_path / "dist")], cwd=src,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONWARNINGS": "always"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        log += proc.stdout + proc.stderr
+    warnings = [line for line in log.splitlines() if "warning" in line.lower()
+                and "byte-compiling is disabled" not in line]  # $PYTHONDONTWRITEBYTECODE, not the configuration
+    # e.g. SetuptoolsDeprecationWarning: `project.license` as a TOML table; "Package 'tokensieve.runtime.cpp' is
+    # absent from the `packages` configuration" (MANIFEST.in files taken as package data)
+    assert not warnings, warnings
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO")
@@ -49,3 +55,12 @@ def test_sdist_ships_cpp_runtime_plugins_and_license(tmp_path):
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".engine"))]
     assert "License-Expression: Apache-2.0" in pkg_info and "License-File: LICENSE" in pkg_info
     assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as whl:
+        files = set(whl.namelist())
+    assert {"tokensieve/targets/tensorrt/plugin_src/token_compact.cu", "tokensieve/targets/tensorrt/harness/harness.cu",
+            "tokensieve/toy_vit/config.json"} <= files
+    assert not [n for n in files if "/cpp/" in n]  # the C++ runtime is built from the sdist / repository, not installed
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in files)

@@ -6,11 +6,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-from tokensieve.runtime.tensorrt_flavors import import_flavor
+from tokensieve.runtime import tensorrt_flavors
+from tokensieve.runtime.tensorrt_flavors import STANDARD, import_flavor
 from tokensieve.runtime.tensorrt_runner import TrtRunner
 from tokensieve.trust import check_onnx_external_data
 
-from ..base import BuildSpec, EngineInfo
+from ..base import BuildSpec, EngineInfo, engine_file_name
 from . import builder
 from .flavors import is_strongly_typed
 from .lowering import tensorrt_lowering
@@ -46,8 +47,12 @@ class TensorRTTarget:
 
     def build(self, model: str | os.PathLike, spec: BuildSpec, out: str | os.PathLike | None = None,
               extra_metadata: dict | None = None) -> EngineInfo:
-        """model.onnx -> `out` (default: model.engine next to it) + `<out>.json`."""
-        out = Path(out) if out is not None else Path(model).with_suffix(".engine")
+        """model.onnx -> `out` (default: next to it, named per target and precision: model.rtx-sm86.fp32.engine)
+        + `<out>.json`."""
+        if out is None:
+            cc = tensorrt_flavors.local_compute_capability() if spec.parsed_target.flavor == STANDARD else None
+            out = Path(model).with_name(engine_file_name(Path(model).name.removesuffix(".onnx"), spec.target,
+                                                         spec.precision, cc))
         return build_engine(model, out, spec, extra_metadata)
 
     def runner(self, artifact: EngineInfo | str | os.PathLike, **options) -> TrtRunner:

@@ -132,7 +132,7 @@ def _report(folder: Path) -> Path:
               "block_paths": [f"vit.encoder.layer.{i}" for i in range(4)], "stages": [],
               "layout": {"num_prefix_tokens": 1, "grid": None}, "tokens_per_block": [65] * 4, "macs_dense": 1,
               "macs_pruned": 1, "ideal_speedup": 1.0, "verify": {"passed": True, "num_inputs": 1, "max_abs_diff": 0,
-                                                                 "atol": 1e-4}}
+                                                                 "atol": 1e-4}, "engines": []}
     (folder / "report.json").write_text(json.dumps(report))
     return folder
 

@@ -51,7 +51,7 @@ def built(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("engine")
     onnx_path = _linear_onnx(d / "linear.onnx")
     assert main(["build", str(onnx_path), "--target", "rtx-sm86", "--max-batch", str(MAX_BATCH)]) == 0
-    return d / "linear.engine"
+    return d / "linear.rtx-sm86.fp32.engine"  # the default name: per target and precision
 
 
 @pytest.fixture

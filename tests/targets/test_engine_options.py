@@ -175,3 +175,10 @@ def test_export_without_tensorrt_finishes_with_a_hint(monkeypatch, tmp_path, cap
     assert report["engines"] == [] and "build" not in report and not list(out.glob("*.engine"))
     assert main(["inspect", str(out)]) == 0
     assert "none: TensorRT-RTX is not installed: pip install" in capsys.readouterr().out
+
+
+def test_target_interface_names_the_engine_too(orin, tmp_path):
+    from tokensieve.targets.registry import TARGETS
+
+    info = TARGETS["tensorrt"].build(_score_model(tmp_path / "model.onnx"), BuildSpec(target="local", precision="fp16"))
+    assert info.engine_path == tmp_path / "model.local-sm87.fp16.engine" and info.metadata_path.is_file()
