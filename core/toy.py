@@ -1,10 +1,12 @@
-"""The toy task: procedurally generated images whose label is one small object's colour, and the toy ViT.
+"""The toy task: procedurally generated images whose label is one small object's shape, and the toy ViT.
 
-A 64x64 image is a noisy, low-saturation textured background with one small object (13-19 px across: it touches 4
-to 9 of the 8x8 patches) of a random shape (square, disk, triangle, cross, ring) at a random place. The label (10
-classes) is the object's colour: only the few patches it covers carry it, so a pruning method that drops them
-loses the answer. Everything here is a pure function of a seed (numpy's PCG64), so the training set, the held-out
-split and the images `write_image_folder` writes are the same on every machine. A leaf: imports numpy
+A 64x64 image is a dark, noisy, textured background with one small bright object (12-18 px across: it touches 4 to
+9 of the 8x8 patches) of a random colour at a random place. The label (5 classes) is the object's shape (square,
+disk, triangle, cross, ring): only the patches the object covers carry it, and telling the shapes apart takes the
+object's patches together (its outline spans several patches), so the model needs them over several blocks and a
+pruning method that drops them early loses the answer, while the object is easy to find (bright on dark) for a
+selection rule that looks for it. Everything here is a pure function of a seed (numpy's PCG64), so the training set,
+the held-out split and the images `write_image_folder` writes are the same on every machine. A leaf: imports numpy
 (torch/transformers lazily) and nothing from tokensieve.
 """
 from __future__ import annotations
@@ -17,10 +19,13 @@ import numpy as np
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
 SHAPES = ("square", "disk", "triangle", "cross", "ring")
-COLOURS = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (235, 225, 25), "green": (30, 190, 40),
-           "cyan": (25, 205, 215), "blue": (35, 60, 235), "purple": (135, 40, 205), "magenta": (235, 40, 190),
-           "white": (252, 252, 252), "black": (5, 5, 5)}
-LABELS = tuple(COLOURS)  # label = index of the object's colour
+LABELS = SHAPES  # label = index of the object's shape
+# the object's colour is drawn from these (bright, so that it stands out from the dark background)
+COLOURS = {"red": (235, 40, 40), "orange": (250, 150, 30), "yellow": (240, 235, 40), "lime": (150, 245, 40),
+           "green": (40, 210, 60), "cyan": (40, 220, 230), "blue": (70, 110, 255), "purple": (170, 80, 250),
+           "magenta": (245, 60, 200), "white": (252, 252, 252)}
+# the object's radius in pixels (uniform in this range)
+OBJECT_RADIUS = (6.0, 9.0)
 # seeds of the splits: training draws batches from TRAIN_SEED + step; the held-out split is one draw from HELDOUT_SEED
 TRAIN_SEED = 0
 HELDOUT_SEED = 1_000_003
@@ -44,12 +49,12 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(rng: np.random.Generator) -> np.ndarray:
     s = IMAGE_SIZE
-    coarse = rng.uniform(70, 180, (4, 4, 1)) + rng.uniform(-20, 20, (4, 4, 3))  # low-saturation colour blobs
+    coarse = rng.uniform(15, 75, (4, 4, 1)) + rng.uniform(-10, 10, (4, 4, 3))  # dark, low-saturation blobs
     bg = np.kron(coarse, np.ones((s // 4, s // 4, 1)))
     yy, xx = np.mgrid[0:s, 0:s]
     angle, freq = rng.uniform(0, np.pi), rng.uniform(0.15, 0.6)
-    stripes = 20 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
-    return bg + stripes[..., None] + rng.normal(0, 15, (s, s, 3))
+    stripes = 12 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+    return bg + stripes[..., None] + rng.normal(0, 10, (s, s, 3))
 
 
 def _mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
@@ -66,9 +71,9 @@ def _mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
 
 
 def _draw(rng: np.random.Generator, label: int) -> np.ndarray:
-    shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS.values())[label]
+    shape, colour = SHAPES[label], list(COLOURS.values())[rng.integers(len(COLOURS))]
     img = _background(rng)
-    r = rng.uniform(6.5, 9.5)
+    r = rng.uniform(*OBJECT_RADIUS)
     cy, cx = rng.uniform(r + 1, IMAGE_SIZE - r - 1, 2)
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
     m = _mask(shape, yy - cy, xx - cx, r)

@@ -101,7 +101,8 @@ def markdown(res: dict) -> str:
         "",
         "- Model: `--model toy` (tokensieve.toy: HF ViTForImageClassification, 64x64 input, 8x8 patches, 64 patches +",
         "  [CLS], 6 blocks, hidden 96), trained by `scripts/train_toy_vit.py` on generated images whose label is the",
-        "  colour of one small object on a textured background.",
+        "  shape of one small bright object on a dark textured background (half of the training steps drop random",
+        "  tokens after an early block, so the model is used to fewer tokens without preferring any selection rule).",
         f"- Images: the first {res['images']} of the held-out split (seed {res['heldout_seed']}), never seen in training.",
         f"- Pruning: one stage after block {' or '.join(map(str, res['after_blocks']))} (0-based) keeping the given ratio of the patches;",
         "  [CLS] is always kept.",
@@ -127,7 +128,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=1000, help="held-out images (default 1000)")
-    p.add_argument("--after-blocks", default="0,1", help="blocks the stage follows, one table each (0-based, default 0,1)")
+    p.add_argument("--after-blocks", default="0,1,2", help="blocks the stage follows, one table each (0-based, default 0,1,2)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     p.add_argument("--onnx", action="store_true", help="also export the keep-0.5 recipes and run them on ONNX Runtime")

@@ -7,7 +7,7 @@
 #   docs/vlm.{md,json}         LLaVA in parts: dense vs outer (cls-topk:0.25) vs inner (fastv@2:0.25) (scripts/bench_vlm.py)
 #   docs/video.{md,json}       Qwen2-VL video (grid 8,16,16: 512 tokens) in parts: dense vs evs / holitom / attn-mean at
 #                              0.25 (scripts/bench_video.py)
-#   docs/kept.png              kept patches per stage on matplotlib's sample photo (random-init weights!)
+#   docs/kept.png              kept patches per stage on a held-out image of the trained toy ViT (scripts/train_toy_vit.py)
 # Usage: bash scripts/make_docs.sh [bench|tune|methods|adaptive|vlm|video|kept ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +36,8 @@ for part in "${parts[@]}"; do
     video)
       .venv/bin/python -m tokensieve.scripts.bench_video -o docs ;;
     kept)
-      img=$(.venv/bin/python -c "import matplotlib.cbook as c; print(c.get_sample_data('grace_hopper.jpg', asfileobj=False))")
-      $TS visualize "$img" --model default --prune "$RECIPE" -o docs/kept.png ;;
+      .venv/bin/python -c "from tokensieve import toy; toy.write_image_folder('$work/toy', 1, labels=False)"
+      $TS visualize "$work/toy/00000.png" --model toy --prune "cls-topk@0,2:0.5" -o docs/kept.png ;;
     *) echo "make_docs.sh: unknown part '$part' (bench, tune, methods, adaptive, vlm, video, kept)" >&2; exit 2 ;;
   esac
 done
