@@ -93,11 +93,11 @@ def check_outer_method(method: str, options: dict, num_patches: int, keep: int) 
     if spec.score_input is ScoreInput.ATTENTION_QK_TWO_BLOCKS:
         raise ConfigError(f"{method} reads two vision layers; outer VLM pruning supports one-layer methods only")
     options = {**spec.defaults(), **options}
+    if spec.reduce is not Reduce.GATHER:
+        raise ConfigError(f"{method} merges tokens; outer VLM pruning keeps patches (keep_idx), use a gather method")
     if spec.stateful(options) or spec.compacts:
         raise ConfigError(f"{method} with these options carries token state or compacts; outer pruning needs a "
                           "fixed K with no validity mask")
-    if spec.reduce is not Reduce.GATHER:
-        raise ConfigError(f"{method} merges tokens; outer VLM pruning keeps patches (keep_idx), use a gather method")
     if options.get("fuse") or options.get("pospad"):
         raise ConfigError(f"{method}: fuse/pospad add tokens that are not kept patches; not supported for outer "
                           "VLM pruning, drop the option")
