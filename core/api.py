@@ -339,8 +339,12 @@ def onnx_metadata(result: ExportResult, dense: bool = False) -> dict[str, str]:
     baseline's: no stage), input shape and outputs. No file paths."""
     import json
 
-    from tokensieve import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("tokensieve")
+    except PackageNotFoundError:  # a source tree that is not installed
+        __version__ = "unknown"
     tokens = [result.layout.num_tokens] * len(result.block_paths) if dense else result.tokens_per_block()
     meta = {"version": __version__, "part": "dense" if dense else "pruned", "recipe": result.recipe.shorthand(),
             "recipe_json": json.dumps(result.recipe.to_dict(), sort_keys=True), "tokens_per_block": json.dumps(tokens),

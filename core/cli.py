@@ -933,7 +933,5 @@ def _drop_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-
-
 if __name__ == "__main__":
     sys.exit(main())
