@@ -216,6 +216,12 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
     # last): an error or Ctrl-C leaves the previous export as it was, a killed run leaves what the next run removes
     with staged_folder(args.output, removed) as stage:
         lines, ok, files = _export_into(model, args, kind, grid, bias, plan, profiles, stage)
+    result = getattr(args, "vlm_result", None)
+    if result is not None:  # swapped in: the result names the files where they now are
+        final = Path(args.output)
+        result.paths = {k: final / Path(v).relative_to(stage) if Path(v).is_relative_to(stage) else v
+                        for k, v in result.paths.items()}
+        result.out_dir = final
     if removed:  # built from the parts just replaced; the new manifest lists no engines
         _log(f"      removed stale engines of an earlier export: {', '.join(removed)}")
     lines.append(_files_line(Path(args.output), files))
@@ -233,6 +239,7 @@ def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
     result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
+    args.vlm_result = result
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     adapter = result.adapter  # the family's facts (exporter/vlm/adapter.py)
     lines.append(adapter.tokens_line(result))
