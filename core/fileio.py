@@ -317,8 +317,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "tokensieve export") -> I
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"Another {what} is writing into {str(folder)!r}; wait for it to finish or pass another "
-                              "-o/--output") from None
+            raise ConfigError(f"Another {what} is writing into {str(folder)!r}; wait for it or pass another -o") from None
         try:
             same = os.stat(folder).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
