@@ -104,7 +104,8 @@ class ExportResult(Plan):
             "layout": asdict(self.layout),
             "stages": [
                 {"after_block": s.stage.after_block, "method": s.stage.method, "keep": s.keep, "options": s.options,
-                 "tokens_in": s.tokens_in, "tokens_out": s.tokens_out} for s in self.stages
+                 "tokens_in": s.tokens_in, "tokens_out": s.tokens_out, "placement": s.stage.placement}
+                for s in self.stages
             ],
             "tokens_per_block": self.tokens_per_block(),
             "macs_dense": self.macs_dense,
@@ -164,7 +165,8 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch
         raise ConfigError(f"--outputs {','.join(names)}: a compacting stage (compact=true) exports one output only; "
                           "pass one name")
     hook_stages = [HookStage.for_block([b.path for b in blocks], s.stage.after_block, s.stage.method, s.keep,
-                                       s.num_prefix_tokens, tuple(s.options.items()), layout.grid) for s in stages]
+                                       s.num_prefix_tokens, tuple(s.options.items()), layout.grid,
+                                       s.stage.placement) for s in stages]
     bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
     return bound, example, ep, gm, blocks, seconds, dynamic_batch, names
 
@@ -494,8 +496,10 @@ def reference_from_report(report: dict):
     paths = report["block_paths"]
     prefix = report["layout"]["num_prefix_tokens"]
     grid = report["layout"].get("grid")
+    # no placement recorded: a report from before in-block stages, whose stages all ran on the block output
     hooks = [HookStage.for_block(paths, s["after_block"], s["method"], s["keep"], prefix,
-                                 tuple(s.get("options", {}).items()), tuple(grid) if grid else None)
+                                 tuple(s.get("options", {}).items()), tuple(grid) if grid else None,
+                                 s.get("placement", "block_out"))
              for s in report["stages"]]
     return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 
@@ -511,19 +515,28 @@ def optimize_folder(folder: str | Path, *, num_inputs: int = 8, batch: int = 1, 
     """ORT's transformer optimizer on an export's pruned, debug and dense ONNX (dense and pruned alike), then the
     optimized debug graph verified against the eager model like the export -> {"fused": {part: {op: count}},
     "verify": VerifyReport}. On a failed verification the optimized files are removed (VerificationError)."""
-    from tokensieve.targets.onnxruntime.optimize import optimize_onnx
-
     folder = Path(folder)
     report = read_export_report(folder, required=("model", "block_paths", "layout", "stages", "input_shape"))
-    fused = {part: optimize_onnx(folder / ARTIFACTS[part], folder / name) for part, name in OPTIMIZED.items()}
+    fused = optimize_files(folder)
     reference, shape, blocks = reference_from_report(report)
     ver = verify_onnx(reference, shape, blocks, folder / OPTIMIZED["debug"], num_inputs=num_inputs, batch=batch,
                       seed=seed, atol=atol, padded=pads_output([s["method"] for s in report["stages"]]))
     if not ver.passed:
-        for name in OPTIMIZED.values():
-            (folder / name).unlink(missing_ok=True)
+        remove_files(folder, OPTIMIZED.values())
     check_verified(ver)
     return {"fused": fused, "verify": ver}
+
+
+def optimize_files(folder: Path) -> dict[str, dict[str, int]]:
+    """OPTIMIZED's files from ARTIFACTS' in `folder` -> {part: {fused op: count}} (not verified)."""
+    from tokensieve.targets.onnxruntime.optimize import optimize_onnx
+
+    return {part: optimize_onnx(folder / ARTIFACTS[part], folder / name) for part, name in OPTIMIZED.items()}
+
+
+def remove_files(folder: Path, names) -> None:
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- int8 (ONNX Runtime QDQ)
@@ -532,34 +545,46 @@ QUANTIZED = {"model": "model.int8.onnx", "debug": "model.debug.int8.onnx", "dens
 
 
 def quantize_folder(folder: str | Path, calibration: list[np.ndarray] | None = None, *, num_inputs: int = 8,
-                    batch: int = 2, seed: int = 1) -> dict:
+                    batch: int = 2, seed: int = 1, symmetric: bool = False) -> dict:
     """int8 QDQ copies of an export's pruned, debug and dense ONNX (targets/onnxruntime/quantize.py: score math kept
     float), calibrated on `calibration` (pixel_values batches; None: seeded random normal batches), then compared with
-    the fp32 debug graph on `num_inputs` seeded random batches -> {"kept_overlap": mean fraction of each stage's kept
+    the fp32 debug graph on the first `num_inputs` calibration batches (or seeded random ones) -> {"kept_overlap": mean fraction of each stage's kept
     positions that int8 keeps too, per stage, "cosine": {"min", "mean"} of the outputs, "calibration": "images" |
-    "random", "float_score_nodes": count}. int8 is not verified for equality: the kept tokens may move."""
+    "random", "float_score_nodes": count, "symmetric"}. int8 is not verified for equality: the kept tokens may move.
+    `symmetric`: zero points 0 (what a TensorRT int8 engine needs; `tokensieve build --precision int8`)."""
+    folder = Path(folder)
+    report = read_export_report(folder, required=("input_shape", "stages"))
+    return quantize_files(folder, tuple(report["input_shape"]), len(report["stages"]), calibration,
+                          num_inputs=num_inputs, batch=batch, seed=seed, symmetric=symmetric)
+
+
+def quantize_files(folder: Path, shape: tuple, stages: int, calibration: list[np.ndarray] | None, *,
+                   num_inputs: int = 8, batch: int = 2, seed: int = 1, symmetric: bool = False) -> dict:
+    """quantize_folder's work on `folder`'s ARTIFACTS (input `shape`, `stages` pruning stages)."""
     from tokensieve.runtime.onnxruntime_runner import OrtRunner
     from tokensieve.targets.onnxruntime.quantize import quantize_int8
 
-    folder = Path(folder)
-    report = read_export_report(folder, required=("input_shape", "stages"))
-    shape = tuple(report["input_shape"])
     gen = np.random.default_rng(seed)
     source = "images" if calibration is not None else "random"
     if calibration is None:
         calibration = [gen.standard_normal((4, *shape[1:])).astype(np.float32) for _ in range(8)]
     feeds = [{"pixel_values": np.asarray(c, np.float32)} for c in calibration]
-    summary = {part: quantize_int8(folder / ARTIFACTS[part], folder / name, feeds) for part, name in QUANTIZED.items()}
-    stages = len(report["stages"])
+    summary = {part: quantize_int8(folder / ARTIFACTS[part], folder / name, feeds, symmetric=symmetric)
+               for part, name in QUANTIZED.items()}
     overlap, cosines = [[] for _ in range(stages)], []
     with OrtRunner(folder / ARTIFACTS["debug"]) as fp32, OrtRunner(folder / QUANTIZED["debug"]) as int8:
         n = len(fp32.output_names) - stages   # the model's outputs (--outputs), then kept_idx.<block> per stage
-        for _ in range(num_inputs):
-            x = {"pixel_values": gen.standard_normal((batch, *shape[1:])).astype(np.float32)}
+        # compared on the calibration images when there are some (random inputs are out of their ranges), else on
+        # seeded random batches
+        inputs = [f["pixel_values"] for f in feeds[:num_inputs]] if source == "images" else \
+            [gen.standard_normal((batch, *shape[1:])).astype(np.float32) for _ in range(num_inputs)]
+        for pixels in inputs:
+            x = {"pixel_values": pixels}
+            rows = len(pixels)
             refs, outs = list(fp32.infer(x).values()), list(int8.infer(x).values())
             ref_kept, kept = refs[n:], outs[n:]
             for ref, out in zip(refs[:n], outs[:n]):
-                r, o = ref.reshape(batch, -1).astype(np.float64), out.reshape(batch, -1).astype(np.float64)
+                r, o = ref.reshape(rows, -1).astype(np.float64), out.reshape(rows, -1).astype(np.float64)
                 cos = (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
                 if not np.isfinite(out).all():
                     raise VerificationError(f"{QUANTIZED['debug']} gives NaN/Inf outputs; calibrate with images "
@@ -569,7 +594,7 @@ def quantize_folder(folder: str | Path, calibration: list[np.ndarray] | None = N
                 overlap[i].extend(len(set(a.tolist()) & set(b.tolist())) / max(len(b), 1) for a, b in zip(k, rk))
     return {"kept_overlap": [float(np.mean(o)) for o in overlap], "cosine": {"min": float(min(cosines)),
             "mean": float(np.mean(cosines))}, "calibration": source,
-            "float_score_nodes": len(summary["debug"]["score_nodes_float"])}
+            "float_score_nodes": len(summary["debug"]["score_nodes_float"]), "symmetric": symmetric}
 
 
 # --------------------------------------------------------------------------- build
@@ -803,7 +828,8 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
                   precision: Precision | str = DEFAULT_PRECISION, max_batch: int = DEFAULT_MAX_BATCH, plugins: str | Path | None = None, build: bool = True,
                   verify_inputs: int = 8, atol: float = 1e-4, threads: int | None = None, bench: bool = True,
                   bench_blocks: int = 4, bench_iters: int = 20, progress=None, batch: int | None = None,
-                  outputs=None, image_size: tuple[int, int] | None = None, build_options: dict | None = None) -> dict:
+                  outputs=None, image_size: tuple[int, int] | None = None, build_options: dict | None = None,
+                  optimize: bool = False, calibration=None) -> dict:
     """`tokensieve export`: load `model` (`default`, `tiny` or a HF folder), export it with `recipe` into `out`
     (model.onnx, model.debug.onnx, dense.onnx), verify against eager, build the engine (unless `build=False`), time
     dense vs pruned (unless `bench=False`) and write report.json; returns the report.
@@ -815,6 +841,11 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
     model's position-embedding interpolation). `build_options`: build()'s engine options (opt_batch, timing_cache,
     workspace_mib, builder_optimization_level, layer_info). Without the TensorRT flavor the target needs, the engine is
     skipped (report["engine_skipped"]; engine_hint says how to get it). `progress(message)` hears each step.
+    `optimize`: also ORT's transformer optimizer on dense and pruned (OPTIMIZED's files, verified like the export,
+    report["optimize"], and timed: report["bench_optimized"]). `precision="int8"`: int8 Q/DQ copies (QUANTIZED's
+    files, symmetric so TensorRT takes them) compared with fp32 (report["int8"]: kept-token overlap, cosine; timed:
+    report["bench_int8"]), the engine built from model.int8.onnx; `calibration(input_shape, folder)` gives the
+    calibration batches (`folder` holds the export's preprocessor_config.json; None: seeded random inputs).
 
     Faults: one writer at a time (a second one fails with one line); the folder holds the previous complete export
     until the final swap, and a run that stops early (an error, Ctrl-C) leaves it so; a run that created `out`
@@ -838,7 +869,7 @@ def export_folder(model: str, recipe: Recipe | str, out: str | Path, *, target: 
         try:
             return _export_folder(model, recipe, out, target, precision, max_batch, plugins, build, verify_inputs,
                                   atol, threads, bench, bench_blocks, bench_iters, say, batch, outputs, image_size,
-                                  build_options)
+                                  build_options, optimize, calibration)
         except BaseException:
             if created:  # leave no empty output folder behind; files written so far (report.json) stay
                 import contextlib
@@ -854,7 +885,8 @@ HF_KEYS = {"config.json": "config", "preprocessor_config.json": "preprocessor"}
 STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
 # every file name an export may own in its folder: removed before a new export's files move in (_move_into_place)
 _OWNED = (*(ARTIFACTS[k] for k in SAVED_PARTS), *(f"{n}.data" for n in (ARTIFACTS[k] for k in SAVED_PARTS)),
-          "model.pt2", "dense.pt2", *HF_FILES)   # + the folder's engines (folder_engines) and their .json
+          "model.pt2", "dense.pt2", *HF_FILES, *OPTIMIZED.values(),
+          *QUANTIZED.values())   # + the folder's engines (folder_engines) and their .json
 
 
 def remove_stale_staging(out: Path) -> None:
@@ -872,7 +904,7 @@ def remove_stale_staging(out: Path) -> None:
 
 def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
                    threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None,
-                   build_options=None) -> dict:
+                   build_options=None, optimize=False, calibration=None) -> dict:
     """Everything is written into a staging folder inside `out` and moved into place at the end (report.json last):
     until then `out` still holds the previous complete export; a run killed midway leaves only its staging folder,
     which the next run (holding the folder lock) removes."""
@@ -889,7 +921,7 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
     try:
         report = _export_into(model_name, recipe, stage, target, precision, max_batch, plugins, do_build,
                               verify_inputs, atol, threads, do_bench, bench_blocks, bench_iters, say, batch, outputs,
-                              image_size, build_options)
+                              image_size, build_options, optimize, calibration)
         removed = _move_into_place(stage, out, report)
         if removed:
             say(f"      removed stale engines of an earlier export: {', '.join(removed)}")
@@ -900,6 +932,8 @@ def _export_folder(model_name, recipe, out: Path, target, precision, max_batch, 
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     check_verified(_verify_report(report["verify"]))
+    if "optimize" in report:
+        check_verified(_verify_report(report["optimize"]["verify"]))
     return report
 
 
@@ -941,7 +975,7 @@ def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
 
 def _export_into(model_name, recipe, out: Path, target, precision, max_batch, plugins, do_build, verify_inputs, atol,
                  threads, do_bench, bench_blocks, bench_iters, say, batch=None, outputs=None, image_size=None,
-                 build_options=None) -> dict:
+                 build_options=None, optimize=False, calibration=None) -> dict:
     """The main job's steps, writing into the (staging) folder `out`; a failed verification stops before the build
     and returns the report that records it."""
     from tokensieve.fileio import write_bytes_atomic
@@ -973,6 +1007,23 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
     report["verify"] = {**ver.to_dict(), "output": result.output_name, "outputs": result.outputs}
     if not ver.passed:
         return report
+    int8 = Precision.parse(precision) is Precision.INT8
+    if optimize:
+        say("      --optimize: ONNX Runtime's transformer optimizer on dense and pruned, verified again")
+        fused = optimize_files(out)
+        over = verify(result, out / OPTIMIZED["debug"], num_inputs=verify_inputs, atol=atol, threads=threads,
+                      batch=run_batch)
+        report["optimize"] = {"fused": fused, "verify": over.to_dict(),
+                              "files": {k: str(out / v) for k, v in OPTIMIZED.items()}}
+        if not over.passed:
+            remove_files(out, OPTIMIZED.values())
+            return report
+    if int8:
+        say("      int8: Q/DQ copies of dense and pruned (symmetric, score math float), compared with fp32")
+        batches = calibration(result.input_shape, out) if calibration is not None else None
+        report["int8"] = {**quantize_files(out, result.input_shape, len(result.stages), batches,
+                                           num_inputs=verify_inputs, batch=max(2, run_batch), symmetric=True),
+                          "files": {k: str(out / v) for k, v in QUANTIZED.items()}}
     report["engines"] = []
     missing = _missing_tensorrt(target) if do_build else None
     if missing:  # a plain install: the ONNX result is complete; the summary says how to get engines (engine_hint)
@@ -982,7 +1033,8 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
         say(f"[4/5] building engine for {target}")
         meta = {"recipe": result.recipe.to_dict(), "tokens_per_block": result.tokens_per_block(),
                 "model": str(model_name)}
-        info = build(paths["model"], out / default_engine_name(paths["model"], target, precision), target=target,
+        source = out / QUANTIZED["model"] if int8 else paths["model"]
+        info = build(source, out / default_engine_name(paths["model"], target, precision), target=target,
                      max_batch=max_batch, precision=precision, extra_metadata={"tokensieve": meta},
                      plugin_library=plugins, **(build_options or {}))
         report["build"] = {"target": target, "precision": precision, "engine": str(info.engine_path),
@@ -997,6 +1049,13 @@ def _export_into(model_name, recipe, out: Path, target, precision, max_batch, pl
         b = bench(paths["dense"], paths["model"], ideal_speedup=result.ideal_speedup, threads=threads,
                   blocks=bench_blocks, iters=bench_iters, progress=lambda m: say(f"      {m}"), batch=run_batch)
         report["bench"] = b.to_dict()
+        pairs = ([("bench_optimized", OPTIMIZED, "optimized")] if optimize else []) + \
+            ([("bench_int8", QUANTIZED, "int8")] if int8 else [])
+        for key, names, what in pairs:
+            say(f"      {what} pair: {names['dense']} vs {names['model']}")
+            b = bench(out / names["dense"], out / names["model"], ideal_speedup=result.ideal_speedup, threads=threads,
+                      blocks=bench_blocks, iters=bench_iters, progress=lambda m: say(f"      {m}"), batch=run_batch)
+            report[key] = b.to_dict()
     else:
         say("[5/5] benchmark skipped (--no-bench)")
     report["total_seconds"] = time.perf_counter() - t_all

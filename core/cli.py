@@ -121,6 +121,7 @@ class Export(Tool):
         tokensieve export --model ./my-hf-vit --prune recipe.toml -o out/ --target rtx-sm89 --no-bench
         tokensieve export --model default -o out/ --precision fp16      # fp16 engine (scores stay fp32)
         tokensieve export --model ./dinov2-s --image-size 224 --outputs pooler_output -o out/   # 224x224, pooled
+        tokensieve export --model default -o out/ --optimize --precision int8 --calib images/  # ORT-optimized + int8
     """
 
     name = "export"
@@ -156,9 +157,29 @@ class Export(Tool):
                        "default the first one the model returns)")
         p.add_argument("--image-size", type=image_size, default=None, metavar="H[,W]", help="export for this input "
                        "size instead of the config's (position embeddings interpolated; a multiple of the patch size)")
+        p.add_argument("--optimize", action="store_true", help="also run ONNX Runtime's transformer optimizer on dense "
+                       "and pruned (model.opt.onnx, dense.opt.onnx), verified and timed like the export")
+        p.add_argument("--calib", default=None, metavar="DIR", help="--precision int8: calibration images (as for "
+                       "`tokensieve eval`; default random inputs, with a warning)")
+        p.add_argument("--calib-images", type=int_in(1, 4096), default=64, help="at most this many --calib images")
 
     def run(self, args):
         from tokensieve import api
+
+        if args.calib is not None and args.precision != "int8":
+            raise ConfigError(f"--calib calibrates int8; add --precision int8 (got --precision {args.precision})")
+        calibration = None
+        if args.precision == "int8" and args.calib is None:
+            print("warning: no --calib DIR: calibrating int8 on random inputs; ranges from real images give better "
+                  "int8", file=sys.stderr)
+        elif args.precision == "int8":
+            from tokensieve.evaluate import calibration_batches, find_processor_dir, scan_images
+
+            scan_images(args.calib)  # a bad folder fails now, not after the export
+
+            def calibration(shape, folder):  # the export's own preprocessor_config.json
+                proc_dir = find_processor_dir(folder, {"model": args.model}, None)
+                return calibration_batches(args.calib, proc_dir, tuple(shape[1:]), limit=args.calib_images)
 
         report = api.export_folder(
             args.model, args.prune, args.output, target=args.target, precision=args.precision,
@@ -166,7 +187,7 @@ class Export(Tool):
             atol=args.atol, threads=args.threads, bench=not args.no_bench, bench_blocks=args.bench_blocks,
             bench_iters=args.bench_iters, progress=_log, batch=args.batch, outputs=args.outputs,
             build_options=engine_options(args),
-            image_size=args.image_size)
+            image_size=args.image_size, optimize=args.optimize, calibration=calibration)
         print(format_report(report, Path(args.output)))
         return 0
 
@@ -201,6 +222,21 @@ def format_report(r: dict, out: Path) -> str:
                      f" pruned {b['pruned']['median_ms']:.2f} ms (p90 {b['pruned']['p90_ms']:.2f}) on {b['backend']}")
         lines.append(f"  speedup         {b['speedup']:.2f}x measured vs {b['ideal_speedup']:.2f}x MAC-ideal"
                      f" -> ratio {b['ratio_to_ideal']:.2f}")
+    if "optimize" in r:
+        o, fused = r["optimize"], r["optimize"]["fused"]
+        ops = ", ".join(f"{op} {fused['dense'].get(op, 0)}/{fused['model'].get(op, 0)}"
+                        for op in sorted(set(fused["dense"]) | set(fused["model"])))
+        lines.append(f"  --optimize      fused (dense/pruned): {ops or 'none'}; verify "
+                     f"{'PASS' if o['verify']['passed'] else 'FAIL'}, max |diff| {o['verify']['max_abs_diff']:.1e}")
+    if "int8" in r:
+        q = r["int8"]
+        lines.append(f"  int8 vs fp32    kept-token overlap {', '.join(f'{x:.1%}' for x in q['kept_overlap'])}; output "
+                     f"cosine min {q['cosine']['min']:.4f} (calibration: {q['calibration']})")
+    for key, what in (("bench_optimized", "optimized"), ("bench_int8", "int8")):
+        if key in r:
+            b = r[key]
+            lines.append(f"  {what + ' pair':<16}dense {b['dense']['median_ms']:.2f} ms, pruned {b['pruned']['median_ms']:.2f}"
+                         f" ms: {b['speedup']:.2f}x -> ratio {b['ratio_to_ideal']:.2f} of MAC-ideal")
     lines.append("")
     lines.append(f"  wrote {out}/: " + ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
     return "\n".join(lines)
@@ -300,6 +336,8 @@ class Quantize(Tool):
         p.add_argument("--calib-images", type=int_in(1, 4096), default=64, help="at most this many images")
         p.add_argument("--processor", default=None, help="folder with the model's preprocessor_config.json")
         p.add_argument("--bench", action="store_true", help="time dense.int8.onnx vs model.int8.onnx (batch 1)")
+        p.add_argument("--symmetric", action="store_true", help="zero points 0 (what `tokensieve build --precision "
+                       "int8` needs for TensorRT)")
 
     def run(self, args):
         from tokensieve import api
@@ -310,14 +348,12 @@ class Quantize(Tool):
             print("warning: no --calib DIR: calibrating on random inputs; ranges from real images give better int8",
                   file=sys.stderr)
         else:
-            from tokensieve.evaluate import _preprocess, find_processor_dir, load_processor, scan_images
+            from tokensieve.evaluate import calibration_batches, find_processor_dir
 
             report = api.read_export_report(folder, required=("input_shape",))
-            images = scan_images(args.calib).paths[: args.calib_images]
-            proc = load_processor(find_processor_dir(folder, report, args.processor))
-            want = tuple(report["input_shape"][1:])
-            calibration = [_preprocess(proc, images[i:i + 8], want) for i in range(0, len(images), 8)]
-        out = api.quantize_folder(folder, calibration)
+            calibration = calibration_batches(args.calib, find_processor_dir(folder, report, args.processor),
+                                              tuple(report["input_shape"][1:]), limit=args.calib_images)
+        out = api.quantize_folder(folder, calibration, symmetric=args.symmetric)
         overlap = ", ".join(f"{o:.1%}" for o in out["kept_overlap"])
         print(f"int8 (ORT QDQ)    calibration: {out['calibration']}; {out['float_score_nodes']} score nodes kept float")
         print(f"vs fp32           kept-token overlap per stage {overlap}; output cosine min {out['cosine']['min']:.4f}"

@@ -246,6 +246,15 @@ def evaluate(folder: str | Path, images: str | Path, *, processor: str | Path | 
     return result
 
 
+def calibration_batches(images_dir: str | Path, processor_dir: Path, want: tuple[int, ...], *, limit: int = 64,
+                        batch: int = 8) -> list[np.ndarray]:
+    """int8 calibration batches (pixel_values, at most `limit` images of `images_dir`, `batch` per array) through the
+    image processor in `processor_dir`; `want`: the model's (C, H, W), checked per image (one-line ConfigError)."""
+    images = scan_images(images_dir).paths[:limit]
+    proc = load_processor(processor_dir)
+    return [_preprocess(proc, images[i:i + batch], tuple(want)) for i in range(0, len(images), batch)]
+
+
 def _preprocess(proc, paths: list[Path], want: tuple[int, ...] | None) -> np.ndarray:
     pics = [load_image(p) for p in paths]
     try:

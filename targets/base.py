@@ -32,6 +32,7 @@ class Precision(str, enum.Enum):
 
     FP32 = "fp32"   # TF32 math where the GPU has it (TensorRT's default)
     FP16 = "fp16"   # weights and activations fp16; scores, TopK inputs, norms and softmax stay fp32
+    INT8 = "int8"   # from a Q/DQ ONNX (tokensieve quantize / export --precision int8): the MatMuls int8, the rest fp32
 
     def __str__(self) -> str:
         return self.value

@@ -63,9 +63,11 @@ class _Batches:
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: Iterable[Mapping[str, np.ndarray]],
-                  *, per_channel: bool = True) -> dict:
+                  *, per_channel: bool = True, symmetric: bool = False) -> dict:
     """Quantize `src` to int8 QDQ into `dst` (atomically) with `calibration` (feeds by input name) -> a summary:
-    quantized / kept-float node counts and the score nodes kept in float."""
+    quantized / kept-float node counts and the score nodes kept in float. `symmetric`: activations too are
+    quantized symmetrically (zero points 0), as TensorRT requires; else their ranges are asymmetric (ORT's CPU
+    kernels' usual form)."""
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -83,7 +85,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: I
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         except (ConfigError, TargetError):
             raise
         except Exception as e:  # noqa: BLE001 - ORT's quantizer raises anything on a graph it cannot handle

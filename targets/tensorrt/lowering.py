@@ -11,6 +11,7 @@ import logging
 from onnx_ir.passes import PassBase
 
 from ..base import BuildSpec, Precision
+from .check_quantization import CheckQuantizationPass
 from .compact_to_plugin import CompactToPluginPass
 from .convert_to_fp16 import ConvertToFp16Pass, MarkFp32NodesPass
 from .diversity_to_plugin import DiversityToPluginPass
@@ -18,10 +19,11 @@ from .lint import LintForTensorRTPass
 from .split_large_topk import SplitLargeTopKPass
 
 
-def tensorrt_lowering(spec: BuildSpec, *, strongly_typed: bool) -> list[PassBase]:
+def tensorrt_lowering(spec: BuildSpec, *, strongly_typed: bool, source: str = "the ONNX") -> list[PassBase]:
     """The passes for one build, in order. `strongly_typed`: the flavor takes precision from the ONNX (TensorRT-RTX,
-    TensorRT 11; targets/tensorrt/flavors.is_strongly_typed) rather than from an FP16 builder flag (TensorRT 10.x)."""
-    passes: list[PassBase] = []
+    TensorRT 11; targets/tensorrt/flavors.is_strongly_typed) rather than from an FP16 builder flag (TensorRT 10.x).
+    `source`: the file's name, for messages."""
+    passes: list[PassBase] = [CheckQuantizationPass(spec.precision, source)]  # int8 <=> a (symmetric) Q/DQ graph
     if spec.plugin_library:  # only a build that loads the plugin library can parse plugin nodes
         passes += [DiversityToPluginPass(),   # greedy DivPrune / MMR selection -> DiversitySelect
                    CompactToPluginPass()]     # adaptive(compact=true)'s cut -> TokenCompact(dynamic=1)

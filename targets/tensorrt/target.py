@@ -24,7 +24,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     `<engine>.json` atomically."""
     check_onnx_external_data(onnx_path)  # before the builder reads it: weights only from next to the .onnx
     trt = import_flavor(spec.parsed_target.flavor)
-    lowering = tensorrt_lowering(spec, strongly_typed=is_strongly_typed(trt, spec.parsed_target.flavor))
+    lowering = tensorrt_lowering(spec, strongly_typed=is_strongly_typed(trt, spec.parsed_target.flavor),
+                                 source=Path(onnx_path).name)
     return builder.build_engine(onnx_path, engine_path, spec, lowering, extra_metadata)
 
 

@@ -21,13 +21,14 @@ def _names(passes) -> list[str]:
 def test_list_per_spec(tmp_path):
     lib = tmp_path / "libtokensieve_plugins.so"
     lib.write_bytes(b"")
-    assert _names(tensorrt_lowering(BuildSpec(), strongly_typed=True)) == ["SplitLargeTopKPass", "LintForTensorRTPass"]
+    assert _names(tensorrt_lowering(BuildSpec(), strongly_typed=True)) == ["CheckQuantizationPass", "SplitLargeTopKPass",
+                                                                              "LintForTensorRTPass"]
     fp16 = BuildSpec(precision=Precision.FP16)
     assert _names(tensorrt_lowering(fp16, strongly_typed=True))[-1] == "ConvertToFp16Pass"
     assert _names(tensorrt_lowering(fp16, strongly_typed=False))[-1] == "MarkFp32NodesPass"
     plugins = tensorrt_lowering(BuildSpec(plugin_library=str(lib)), strongly_typed=True)
-    assert _names(plugins)[:2] == ["DiversityToPluginPass", "CompactToPluginPass"]
-    assert all(hasattr(p, "substitutions") for p in plugins[:2])
+    assert _names(plugins)[1:3] == ["DiversityToPluginPass", "CompactToPluginPass"]
+    assert all(hasattr(p, "substitutions") for p in plugins[1:3])
 
 
 def _model(k: int, dropped_op: str | None = None) -> ir.Model:
