@@ -782,21 +782,15 @@ REPORT_SCHEMA = "tokensieve.export/1"   # report.json; bump when a reader would 
 def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> dict:
     """OUT/report.json as a dict; a one-line ConfigError if it is missing, unreadable, of another schema version or
     lacks `required` keys."""
-    from tokensieve.manifest import read_json_object
+    from tokensieve.manifest import check_version, read_json_object
 
     folder = Path(folder)
     path = folder / ARTIFACTS["report"]
     if not path.exists():
         raise ConfigError(f"{str(folder)!r} has no report.json; pass a folder written by `tokensieve export`")
     report = read_json_object(path, "a tokensieve export report", "re-run `tokensieve export`")
-    schema = report.get("schema")
-    if schema != REPORT_SCHEMA:
-        got = "no schema version (an older tokensieve)" if schema is None else f"schema {str(schema)[:40]!r}"
-        raise ConfigError(f"{str(path)!r} has {got}, this tokensieve reads {REPORT_SCHEMA}; re-run `tokensieve "
-                          "export` into that folder")
-    missing = [k for k in required if k not in report]
-    if missing:
-        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-run `tokensieve export` with this version")
+    check_version(report, path, "schema", REPORT_SCHEMA, "schema version", required,
+                  "re-run `tokensieve export` into that folder", REPORT_SCHEMA)
     engines = [e["file"] for e in report.get("engines", []) if isinstance(e, dict) and isinstance(e.get("file"), str)]
     check_folder_files(folder, [*ARTIFACTS.values(), *engines, "model.pt2", "dense.pt2"], "re-export into a new folder")
     return report

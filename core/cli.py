@@ -310,13 +310,7 @@ class Optimize(Tool):
         print(f"verify            PASS: kept indices identical at {len(ver.stage_blocks)} stage(s), max |diff| "
               f"{ver.max_abs_diff:.1e} (atol {ver.atol:g}) over {ver.num_inputs} inputs")
         if args.bench:
-            report = api.read_export_report(folder)
-            b = api.bench(folder / api.OPTIMIZED["dense"], folder / api.OPTIMIZED["model"],
-                          ideal_speedup=report.get("ideal_speedup"))
-            ratio = f" -> ratio {b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else ""
-            print(f"latency (b=1)     dense.opt {b.dense['median_ms']:.2f} ms (p90 {b.dense['p90_ms']:.2f}), "
-                  f"model.opt {b.pruned['median_ms']:.2f} ms (p90 {b.pruned['p90_ms']:.2f}); speedup "
-                  f"{b.speedup:.2f}x{ratio}")
+            _bench_copies(folder, api.OPTIMIZED)
         print(f"wrote {folder}/: {', '.join(api.OPTIMIZED.values())}")
         return 0
 
@@ -359,13 +353,21 @@ class Quantize(Tool):
         print(f"vs fp32           kept-token overlap per stage {overlap}; output cosine min {out['cosine']['min']:.4f}"
               f", mean {out['cosine']['mean']:.4f}")
         if args.bench:
-            report = api.read_export_report(folder)
-            b = api.bench(folder / api.QUANTIZED["dense"], folder / api.QUANTIZED["model"],
-                          ideal_speedup=report.get("ideal_speedup"))
-            print(f"latency (b=1)     dense.int8 {b.dense['median_ms']:.2f} ms, model.int8 {b.pruned['median_ms']:.2f}"
-                  f" ms; speedup {b.speedup:.2f}x")
+            _bench_copies(folder, api.QUANTIZED)
         print(f"wrote {folder}/: {', '.join(api.QUANTIZED.values())}")
         return 0
+
+
+def _bench_copies(folder: Path, names: dict[str, str]) -> None:
+    """Time an export's dense vs pruned copies `names` (api.OPTIMIZED / api.QUANTIZED) at batch 1 and print it."""
+    from tokensieve import api
+
+    b = api.bench(folder / names["dense"], folder / names["model"],
+                  ideal_speedup=api.read_export_report(folder).get("ideal_speedup"))
+    ratio = f" -> ratio {b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else ""
+    print(f"latency (b=1)     {names['dense']} {b.dense['median_ms']:.2f} ms (p90 {b.dense['p90_ms']:.2f}), "
+          f"{names['model']} {b.pruned['median_ms']:.2f} ms (p90 {b.pruned['p90_ms']:.2f}); speedup "
+          f"{b.speedup:.2f}x{ratio}")
 
 
 # ----------------------------------------------------------------------------------------- build

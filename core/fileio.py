@@ -81,24 +81,31 @@ def _locked_temp(target: Path) -> tuple[int, Path]:
 def remove_stale_temps(folder: str | os.PathLike, names) -> list[Path]:
     """Delete the temp files of the targets `names` in `folder` that no live writer holds (a killed run's); returns
     them. Best effort: a file that cannot be checked or removed stays."""
+    paths = [p for name in names  # mkstemp: 8 random characters
+             for p in Path(folder).glob(f".{_glob_escape(name)}.{'?' * 8}{TEMP_SUFFIX}")]
+    return _remove_unheld(paths, os.O_RDONLY | os.O_NOFOLLOW, Path.unlink)
+
+
+def _remove_unheld(paths, open_flags: int, remove) -> list[Path]:
+    """`remove(p)` for each of `paths` no live process holds flock-ed (opened with `open_flags`, checked to be the
+    same inode after the lock); returns those removed. One that cannot be checked or removed stays."""
     import fcntl
 
     removed = []
-    for name in names:
-        for p in Path(folder).glob(f".{_glob_escape(name)}.{'?' * 8}{TEMP_SUFFIX}"):  # mkstemp: 8 random characters
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino == os.lstat(p).st_ino:
-                    p.unlink()
-                    removed.append(p)
-            except OSError:   # held by a live writer (BlockingIOError), gone, or not removable: leave it
-                pass
-            finally:
-                os.close(fd)
+    for p in paths:
+        try:
+            fd = os.open(p, open_flags)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino == os.lstat(p).st_ino:
+                remove(p)
+                removed.append(p)
+        except OSError:   # held by a live process (BlockingIOError), gone, or not removable: leave it
+            pass
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -132,25 +139,10 @@ def locked_temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
 def remove_stale_temp_dirs(parent: str | os.PathLike, prefix: str) -> list[Path]:
     """Delete the folders `<parent>/<prefix>*` of locked_temp_dir that no live process holds (a killed run's);
     returns them. Best effort: one that cannot be checked or removed stays."""
-    import fcntl
     import shutil
 
-    removed = []
-    for p in Path(parent).glob(f"{_glob_escape(prefix)}{'?' * 8}"):   # mkdtemp: 8 random characters
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_ino == os.lstat(p).st_ino:
-                shutil.rmtree(p)
-                removed.append(p)
-        except OSError:   # held by a live run (BlockingIOError), gone, or not removable: leave it
-            pass
-        finally:
-            os.close(fd)
-    return removed
+    paths = Path(parent).glob(f"{_glob_escape(prefix)}{'?' * 8}")   # mkdtemp: 8 random characters
+    return _remove_unheld(paths, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, shutil.rmtree)
 
 
 def _glob_escape(name: str) -> str:

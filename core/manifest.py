@@ -365,6 +365,19 @@ def write_vlm_manifest(path: str | Path, manifest: VlmManifest) -> Path:
     return write_json_atomic(Path(path), manifest.to_dict())
 
 
+def check_version(data: dict, path: Path, key: str, want, label: str, required, fix: str, reads: str) -> None:
+    """One-line ConfigError unless `data[key] == want` (the file's format version: `label` in the message, `reads`
+    what this tokensieve reads) and every `required` key is there; `fix` says what to do."""
+    got = data.get(key)
+    if got != want:
+        shown = repr(str(got)[:30]) if isinstance(got, str) else str(got)[:30]
+        what = f"has no {label} (an older tokensieve)" if got is None else f"is {label} {shown}"
+        raise ConfigError(f"{str(path)!r} {what}; this tokensieve reads {reads}: {fix}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; {fix}")
+
+
 def find_vlm_manifest(folder: str | Path) -> Path | None:
     """The VLM manifest file in `folder` (one of VLM_MANIFEST_NAMES), or None."""
     return next((Path(folder) / n for n in VLM_MANIFEST_NAMES if (Path(folder) / n).is_file()), None)
@@ -379,15 +392,8 @@ def read_vlm_manifest(folder: str | Path, name: str | None = None) -> VlmManifes
         raise ConfigError(f"{str(folder)!r} holds no VLM manifest ({' / '.join(VLM_MANIFEST_NAMES)}); pass the folder "
                           "export_vlm (tokensieve export-vlm) wrote")
     data = read_json_object(path, "a VLM manifest", "pass the folder export_vlm wrote, or re-export it")
-    version = data.get("version")
-    if version != VLM_MANIFEST_VERSION:
-        what = "has no version (written by an older tokensieve)" if version is None else f"is version {version!r}"
-        raise ConfigError(f"{str(path)!r} {what}; this tokensieve reads VLM manifest version {VLM_MANIFEST_VERSION}: "
-                          "re-export the folder with `tokensieve export-vlm`")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise ConfigError(f"{str(path)!r} lacks {', '.join(missing)}; re-export the folder with "
-                          "`tokensieve export-vlm`")
+    check_version(data, path, "version", VLM_MANIFEST_VERSION, "version", _REQUIRED,
+                  "re-export the folder with `tokensieve export-vlm`", f"VLM manifest version {VLM_MANIFEST_VERSION}")
     check_field_types(data, _VLM_TYPES, repr(str(path)), "re-export the folder with `tokensieve export-vlm`")
     unknown = sorted(set(data) - {f.name for f in fields(VlmManifest)})
     if unknown:
