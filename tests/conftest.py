@@ -52,6 +52,11 @@ HEAVY_FILES = (
     "tests/scripts/test_gpu_check.py",
     "tests/scripts/test_bench_adaptive.py",
     "tests/targets/test_plugins.py",
+    "tests/test_export_int8_optimize.py",               # 24
+    "tests/test_heads.py",
+    "tests/test_hf_folder.py",
+    "tests/test_pareto.py",
+    "tests/targets/test_engine_options.py",
 )
 
 
