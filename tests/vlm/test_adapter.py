@@ -19,6 +19,7 @@ import tokensieve.exporter.vlm.qwen2_vl_adapter as qa
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.adapter import VlmAdapter
 from tokensieve.exporter.vlm.families import ADAPTERS, adapter_by_type, adapter_class, adapter_for
+from tokensieve.exporter.vlm.gemma3_adapter import Gemma3Adapter
 from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
 from tokensieve.exporter.vlm.qwen2_5_vl_adapter import Qwen25VLAdapter
 from tokensieve.exporter.vlm.qwen2_vl_adapter import Qwen2VLAdapter
@@ -35,7 +36,7 @@ def qwen():
     return _tiny_qwen2_vl()
 
 
-@pytest.mark.parametrize("cls", [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter])
+@pytest.mark.parametrize("cls", [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Gemma3Adapter])
 def test_adapters_implement_the_whole_interface(cls):
     assert issubclass(cls, VlmAdapter) and not inspect.isabstract(cls)
     for name in ("model_type", "hf_class", "label", "manifest_name", "batched", "static_grid", "default_verify_batch",
@@ -57,8 +58,8 @@ def test_registry_picks_the_family_and_refuses_others(llava, qwen):
         msg = _one_line(e)
         assert got in msg and all(hf in msg for hf in ADAPTERS)
     with pytest.raises(ConfigError) as e:
-        adapter_by_type("gemma3")
-    assert "'gemma3'" in _one_line(e) and "qwen2_vl" in str(e.value)
+        adapter_by_type("mllama")
+    assert "'mllama'" in _one_line(e) and "qwen2_vl" in str(e.value)
 
 
 def test_family_facts_come_from_the_adapter(llava, qwen):
