@@ -36,6 +36,7 @@ class ExportVlm:
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
         tokensieve export-vlm qwen2vl_dir --prune divprune:0.25 --grid 2,28,28 -o out_video/  # a 4-frame video
         tokensieve export-vlm qwen2vl_dir --prune uniform:1.0 --grid 1,28,28 --inner fastv@1:0.5 -o out_qfastv/
+        tokensieve export-vlm internvl_dir --prune cls-topk:0.25 --tiles 7 -o out_internvl/   # K per tile
         tokensieve export-vlm llava_dir --inner "fastv(debias=true)@1:0.5" --inner-bias bias.npy -o out_debias/
         tokensieve export-vlm llava_dir -o out/ --target rtx-sm89 --precision fp16 --max-batch 4 --max-sequence 2048
         tokensieve export-vlm llava_dir -o out/ --no-build            # ONNX only
@@ -56,6 +57,9 @@ class ExportVlm:
         p.add_argument("--grid", default=None, help="Qwen2-VL / Qwen2.5-VL: the static grid t,h,w in patches: 1,28,28 an image "
                        "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
                        "for 4 frames), attended per temporal patch, its prompt holding video tokens")
+        p.add_argument("--tiles", type=int, default=None, help="InternVL: the static tile count per image (default "
+                       "1): vision_prune takes pixel_values (N, 3, S, S), the prompt the image tokens of all N tiles "
+                       "in order; each tile keeps KEEP of its tokens")
         p.add_argument("--inner", default=None, help="inner pruning inside the LLM prefill, fastv@LAYER:KEEP "
                        "(drop image tokens after 0-based decoder LAYER by the last prompt position's attention; KEEP "
                        "a ratio of the prompt's image tokens, i.e. of those --prune keeps, or a count), e.g. "
@@ -91,6 +95,9 @@ class ExportVlm:
         kind = vlm_kind(args.model)  # check the arguments before loading any weights
         bias = _inner_bias(args.inner, args.inner_bias)
         grid, family = None, _families()[kind]
+        if args.tiles is not None and (not family.tiled or args.tiles < 1):
+            raise ConfigError(f"--tiles {args.tiles} must be >= 1" if family.tiled else
+                              f"--tiles is for InternVL; a {_label(kind)} takes no tiles, drop --tiles")
         if args.grid and not family.static_grid:
             raise ConfigError(f"--grid is for Qwen2-VL; a {_label(kind)}'s image size comes from its vision config")
         if family.static_grid:  # the grid, and the one stage after the whole tower, checked before the weights load
@@ -204,12 +211,12 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
     from tokensieve.vlm_api import plan_vlm, staged_folder, vlm_profiles
 
     if bias is not None:  # N is the image tokens the outer stage leaves in the prompt: known once the model is loaded
-        n = plan_vlm(model, args.prune, grid=grid).num_image_tokens
+        n = plan_vlm(model, args.prune, grid=grid, tiles=args.tiles).num_image_tokens
         if bias.shape != (n,):
             raise ConfigError(f"--inner-bias {args.inner_bias!r} holds {bias.shape[0]} values but the inner stage "
                               f"sees {n} image tokens (--prune {args.prune}); calibrate with the same --prune")
     # range checks need the model: before the export
-    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
+    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles)
     profiles = None if args.no_build else vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence)
     removed = []
     # one writer per folder; everything is written into a staging folder and swapped in at the end (the manifest
@@ -238,7 +245,7 @@ def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path
     inner = f" + {args.inner}" if args.inner else ""
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
-    result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias)
+    result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles)
     args.vlm_result = result
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     adapter = result.adapter  # the family's facts (exporter/vlm/adapter.py)

@@ -79,11 +79,12 @@ def part_runners(out_dir: str | Path, manifest: VlmManifest, backend: str = "onn
 class LlavaPipeline:
     """Greedy LLaVA decoding over the three parts of an export folder on `backend` ("onnxruntime" or "tensorrt")."""
 
-    def __init__(self, out_dir: str | Path, *, backend: str = "onnxruntime", threads: int | None = None):
+    def __init__(self, out_dir: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
+                 manifest_name: str = MANIFEST):  # another 1-D-position family's manifest (InternVL: manifest.json)
         self.out_dir = Path(out_dir)
-        self.manifest = m = read_vlm_manifest(self.out_dir, MANIFEST)
+        self.manifest = m = read_vlm_manifest(self.out_dir, manifest_name)
         self.backend = backend
-        runners = part_runners(self.out_dir, m, backend, threads=threads)
+        runners = part_runners(self.out_dir, m, backend, threads=threads, manifest_name=manifest_name)
         self.vision, self.prefill, self.decode = (runners[k] for k in PARTS)
         self.embed_tokens = np.load(self.out_dir / m.files["embed"])
         self.num_image_tokens, self.image_token_id = m.num_image_tokens, m.placeholder_token_id

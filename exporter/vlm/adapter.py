@@ -7,9 +7,10 @@ calibration) and the benchmarks are written once over this interface; a family i
 and is registered in exporter/vlm/families.py (one dict from the HF class name to its adapter).
 
 What an adapter answers, part by part:
-    vision part      `layout(grid)`, `outer_layer(layout)` (where the outer stage sits), `check_outer(layout, stage)`
-                     (K and the prompt's image-token count); `vision_module(plan)` the eager vision_prune (pixels ->
-                     image features + keep_idx) that is both the reference and what is exported; `sample_pixels`.
+    vision part      `layout(grid)` (`tiled_layout(grid, tiles)`: InternVL's static tiles), `outer_layer(layout)`
+                     (where the outer stage sits), `check_outer(layout, stage)` (K and the prompt's image-token count);
+                     `vision_module(plan)` the eager vision_prune (pixels -> image features + keep_idx) that is both
+                     the reference and what is exported; `sample_pixels`.
     prompt layout    `placeholder_id(layout)`, `sample_prompt(layout, n, batch, seed)` (the verify prompt),
                      `prompt_extra` (its non-image tokens: the engine profiles' opt), `batched` (batch axis or 1).
     positions        `gather_positions(pos, cols)`: 1-D ids (B, T) for LLaVA, M-RoPE ids (3, B, T) for Qwen2-VL; the
@@ -69,6 +70,7 @@ class VlmAdapter(ABC):
     default_verify_batch: ClassVar[int]
     prompt_extra: ClassVar[int]         # non-image tokens of the verify prompt (the engine profiles' opt)
     prompt_extra_what: ClassVar[str]    # what they are, for messages
+    tiled: ClassVar[bool] = False       # the export takes a static tile count per image (InternVL: tiles=N)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -77,6 +79,13 @@ class VlmAdapter(ABC):
     @abstractmethod
     def layout(self, grid):
         """The static layout of the vision part (`grid` for a family with a static grid, else None); ConfigError."""
+
+    def tiled_layout(self, grid, tiles: int):
+        """The layout with `tiles` static tiles per image (a `tiled` family); the others refuse in one line."""
+        from tokensieve.errors import ConfigError
+
+        raise ConfigError(f"tiles={tiles!r}: {self.label.split(' (')[0]} takes no tiles (InternVL does); drop tiles "
+                          "/ --tiles")
 
     @abstractmethod
     def outer_layer(self, layout) -> int | None:

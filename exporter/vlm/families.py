@@ -9,12 +9,14 @@ from torch import nn
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.adapter import VlmAdapter
 from tokensieve.exporter.vlm.gemma3_adapter import Gemma3Adapter
+from tokensieve.exporter.vlm.internvl_adapter import InternVLAdapter
 from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
 from tokensieve.exporter.vlm.qwen2_5_vl_adapter import Qwen25VLAdapter
 from tokensieve.exporter.vlm.qwen2_vl_adapter import Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[VlmAdapter]] = {cls.hf_class: cls for cls in (LlavaAdapter, Qwen2VLAdapter,
-                                                                         Qwen25VLAdapter, Gemma3Adapter)}
+                                                                         Qwen25VLAdapter, Gemma3Adapter,
+                                                                         InternVLAdapter)}
 BY_MODEL_TYPE: dict[str, type[VlmAdapter]] = {cls.model_type: cls for cls in ADAPTERS.values()}
 
 

@@ -95,7 +95,7 @@ class LlavaAdapter(VlmAdapter):
         return {"embed": path}
 
     def generate_parts(self, result, input_ids, pixel_values, steps, threads, backend) -> Generation:
-        with LlavaPipeline(result.out_dir, backend=backend, threads=threads) as pipe:
+        with LlavaPipeline(result.out_dir, backend=backend, threads=threads, manifest_name=self.manifest_name) as pipe:
             return pipe.generate(input_ids.numpy(), pixel_values.numpy(), steps)  # checks the prompt first
 
     def generate_reference(self, result, input_ids, pixel_values, steps) -> Generation:
@@ -157,9 +157,11 @@ def _greedy(model: nn.Module, input_ids: torch.Tensor, steps: int, attention_mas
 
 def reference_generate(model: nn.Module, vision: VisionPrune, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                        max_new_tokens: int = 8, attention_mask: torch.Tensor | None = None, *,
-                       inner: FastvSpec | None = None) -> Generation:
+                       inner: FastvSpec | None = None, pooler=list) -> Generation:
     """Eager: `vision` (the same pruning in torch) gives the features, HF LLaVA places them and decodes greedily;
-    with `inner`, the eager FastV reference (fastv.reference_fastv_generate) decodes instead."""
+    with `inner`, the eager FastV reference (fastv.reference_fastv_generate) decodes instead. `pooler`: the features
+    as the family's HF forward takes them in mm_encoder_outputs (LLaVA: a list, one (K, H) per image; InternVL: the
+    tensor itself)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     with torch.no_grad():
@@ -169,7 +171,7 @@ def reference_generate(model: nn.Module, vision: VisionPrune, input_ids: torch.T
                                        max_new_tokens, attention_mask)
         return Generation(ref.tokens.numpy(), ref.logits.numpy(), keep_idx.numpy(), features.numpy(),
                           ref.image_keep_idx.numpy(), ref.keep_idx.numpy())
-    image = BaseModelOutputWithPooling(pooler_output=list(features))
+    image = BaseModelOutputWithPooling(pooler_output=pooler(features))
     tokens, logits = _greedy(model, input_ids, max_new_tokens, attention_mask, mm_encoder_outputs={"image": image})
     return Generation(tokens.numpy(), logits.numpy(), keep_idx.numpy(), features.numpy())
 
