@@ -104,7 +104,8 @@ class ExportResult(Plan):
             "layout": asdict(self.layout),
             "stages": [
                 {"after_block": s.stage.after_block, "method": s.stage.method, "keep": s.keep, "options": s.options,
-                 "tokens_in": s.tokens_in, "tokens_out": s.tokens_out} for s in self.stages
+                 "tokens_in": s.tokens_in, "tokens_out": s.tokens_out, "placement": s.stage.placement}
+                for s in self.stages
             ],
             "tokens_per_block": self.tokens_per_block(),
             "macs_dense": self.macs_dense,
@@ -164,7 +165,8 @@ def _bind(model, example_inputs, recipe, num_prefix_tokens, dynamic_batch, batch
         raise ConfigError(f"--outputs {','.join(names)}: a compacting stage (compact=true) exports one output only; "
                           "pass one name")
     hook_stages = [HookStage.for_block([b.path for b in blocks], s.stage.after_block, s.stage.method, s.keep,
-                                       s.num_prefix_tokens, tuple(s.options.items()), layout.grid) for s in stages]
+                                       s.num_prefix_tokens, tuple(s.options.items()), layout.grid,
+                                       s.stage.placement) for s in stages]
     bound = Plan(module, tuple(example.shape), recipe, stages, hook_stages, layout, [b.path for b in blocks])
     return bound, example, ep, gm, blocks, seconds, dynamic_batch, names
 
@@ -494,8 +496,10 @@ def reference_from_report(report: dict):
     paths = report["block_paths"]
     prefix = report["layout"]["num_prefix_tokens"]
     grid = report["layout"].get("grid")
+    # no placement recorded: a report from before in-block stages, whose stages all ran on the block output
     hooks = [HookStage.for_block(paths, s["after_block"], s["method"], s["keep"], prefix,
-                                 tuple(s.get("options", {}).items()), tuple(grid) if grid else None)
+                                 tuple(s.get("options", {}).items()), tuple(grid) if grid else None,
+                                 s.get("placement", "block_out"))
              for s in report["stages"]]
     return (lambda x: run_reference(module, x, hooks)), tuple(report["input_shape"]), [s["after_block"] for s in report["stages"]]
 

@@ -15,6 +15,7 @@ from tokensieve.graph_passes.fx.add_kept_index_outputs import add_kept_index_out
 from tokensieve.graph_passes.fx.compact_token_axis import compact_token_axis
 from tokensieve.graph_passes.fx.hoist_token_gathers import hoist_token_gathers
 from tokensieve.graph_passes.fx.insert_prune_stages import insert_prune_stages
+from tokensieve.graph_passes.fx.place_in_block import place_in_block
 from tokensieve.graph_passes.fx.remove_constant_attention_mask import remove_constant_attention_mask
 from tokensieve.graph_passes.fx.respecialize_token_counts import respecialize_token_counts
 from tokensieve.graph_passes.onnx.check_static import check_static_model
@@ -30,6 +31,7 @@ CANONICALIZE_PASSES = (
 FX_PASSES = (
     *CANONICALIZE_PASSES,
     insert_prune_stages,              # block output x -> run_stage(x, ...) after each stage's block
+    place_in_block,                   # run_stage(x_mid + mlp(x_mid)) -> t = run_stage(x_mid); t + mlp(t) (merge, fuse)
     respecialize_token_counts,        # view(x, [B, 197, h, d]) -> view(x, [B, 99, h, d]) downstream of a stage
     hoist_token_gathers,              # prune_topk(x1 + mlp(x1)) -> take(x1) + mlp(take(x1)): the MLP on K tokens
     add_kept_index_outputs,           # return (out,) -> return (out, kept_0, kept_1, ...)

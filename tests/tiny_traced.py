@@ -23,3 +23,20 @@ def traced_tiny(name: str):
 def random_batch(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """A seeded input shaped like `x` with batch size `n`."""
     return torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+
+def run_recipe(ep, x: torch.Tensor, recipe: str, passes=None):
+    """A fresh GraphModule of `ep` with `recipe`'s stages run through the FX passes (default FX_PASSES) on example
+    input `x` -> (gm, PassContext, blocks, token layout)."""
+    from tokensieve.graph_passes.blocks import discover_blocks, token_layout
+    from tokensieve.graph_passes.pass_manager import PassContext
+    from tokensieve.graph_passes.pipeline import FX_PASSES, run_fx_passes
+    from tokensieve.recipe import parse_recipe, resolve_recipe
+
+    gm = ep.module()
+    blocks = discover_blocks(gm)
+    layout = token_layout(gm, blocks)
+    stages = resolve_recipe(parse_recipe(recipe), len(blocks), layout.num_tokens, layout.num_prefix_tokens)
+    ctx = PassContext(tuple(blocks), tuple(stages), (x,))
+    run_fx_passes(gm, ctx, FX_PASSES if passes is None else passes)
+    return gm, ctx, blocks, layout

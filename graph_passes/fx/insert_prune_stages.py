@@ -51,11 +51,12 @@ def insert_prune_stages(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inserted = 0
     current: dict[fx.Node, fx.Node] = {}  # a block output replaced by an earlier stage -> its pruned tokens
     state, state_of = None, None  # (B, N) token state after a stateful stage (adaptive: validity; tome: sizes), method
+    staged = {n.meta[TAG].get("block") for n in graph.nodes if TAG in n.meta}
     for rs in ctx.stages:
         block = blocks[rs.stage.after_block]
         out = block.output
-        if out._erased or any(TAG in u.meta for u in out.users):
-            continue  # idempotent: this block already has a stage (hoist_token_gathers may have replaced its output)
+        if out._erased or block.index in staged:
+            continue  # idempotent: this block already has a stage (hoist_token_gathers / place_in_block moved it)
         spec, options = METHODS[rs.stage.method], rs.options
         inputs = {"x_out": out, "x_in": current.get(block.input, block.input)}
         if spec.score_input is ScoreInput.ATTENTION_QK:

@@ -234,6 +234,8 @@ METHODS: tuple = (
         reduce_params=("prop_attn", "spatial", "sizes"),
         carries_state=lambda options: options.get("prop_attn", False) or options.get("sizes", True),
         state_mask=tome_size_mask, state_masks=lambda options: options.get("prop_attn", False),
+
+        in_block=lambda options: True,  # ToMeBlock: x = x + attn; merge; x = x + mlp(x)
     ),
     PruneMethod(
         name="token-transforming",

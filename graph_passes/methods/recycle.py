@@ -118,5 +118,6 @@ METHODS: tuple = (
                 Param("key_metric", False, "merge by the cosine of the head-averaged keys (tokensieve's earlier "
                       "form) instead of the tokens themselves (DiffRate's code)", bool)),
         score_params=("key_metric",),
+        in_block=lambda options: True,  # DiffRateBlock: x = x + attn; prune, merge; x = x + mlp(x)
     ),
 )

@@ -24,6 +24,8 @@ METHODS: dict[str, PruneMethod] = {
             paper="EViT (Liang et al., ICLR 2022); FasterVLM (Zhang et al., 2024)",
             score_input=ScoreInput.ATTENTION_QK, score=cls_attention_scores, requires_cls=True,
             params=(FUSE, FUSE_MEAN, POSPAD, RECYCLE),
+            # EViT's Block.forward fuses the dropped tokens between the attention residual and the MLP
+            in_block=lambda options: bool(options.get("fuse")),
         ),
         PruneMethod(
             name="attn-mean",

@@ -126,6 +126,15 @@ class PruneMethod:
     # (the layout's, not an option). validate_video(num_tokens, frames, keep, options) -> None or a one-line reason.
     # Only a video layout supplies frames (export-vlm on a Qwen2-VL grid): ViT recipes refuse these methods.
     validate_video: Callable[[int, int, int, dict], str | None] | None = None
+    # Whether the paper runs the stage INSIDE block L, between the attention residual add and the MLP (the merged /
+    # fused tokens then go through block L's MLP): in_block(options) -> bool. Used at the default placement
+    # (`at=paper`) by graph_passes/fx/place_in_block.py and the eager reference. Gather-only stages get there by
+    # hoist_token_gathers (exact by commutation) and leave this None.
+    in_block: Callable[[dict], bool] | None = None
+
+    def runs_in_block(self, options: dict, placement: str = "paper") -> bool:
+        """Whether a stage of this method with these options and placement runs inside its block."""
+        return placement == "paper" and self.in_block is not None and bool(self.in_block(options))
 
     @property
     def video(self) -> bool:

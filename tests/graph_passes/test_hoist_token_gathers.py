@@ -9,30 +9,23 @@ import pytest
 import torch
 
 from tiny_models import build
-from tiny_traced import traced_tiny
+from tiny_traced import run_recipe, traced_tiny
 from tokensieve import api
 from tokensieve.errors import ConfigError
 from tokensieve.flops import count_macs
-from tokensieve.graph_passes.blocks import discover_blocks, token_layout
 from tokensieve.graph_passes.fx.hoist_token_gathers import PRUNE_TOPK, SELECT_TOPK, TAKE_TOKENS, hoist_token_gathers
 from tokensieve.graph_passes.methods.reference import HookStage, run_reference
-from tokensieve.graph_passes.pass_manager import PassContext
 from tokensieve.graph_passes.pipeline import FX_PASSES, run_fx_passes
-from tokensieve.recipe import parse_recipe, resolve_recipe
+from tokensieve.recipe import parse_recipe
 
 WITHOUT_HOIST = tuple(p for p in FX_PASSES if p is not hoist_token_gathers)
 
 
 def _passed(name: str, recipe: str, passes=FX_PASSES):
     module, x, ep = traced_tiny(name)
-    gm = ep.module()
-    blocks = discover_blocks(gm)
-    layout = token_layout(gm, blocks)
-    stages = resolve_recipe(parse_recipe(recipe), len(blocks), layout.num_tokens, layout.num_prefix_tokens)
-    ctx = PassContext(tuple(blocks), tuple(stages), (x,))
-    run_fx_passes(gm, ctx, passes)
+    gm, ctx, blocks, _ = run_recipe(ep, x, recipe, passes)
     hooks = [HookStage(blocks[s.stage.after_block].path, s.stage.method, s.keep, s.num_prefix_tokens,
-                       tuple(s.options.items())) for s in stages]
+                       tuple(s.options.items()), placement=s.stage.placement) for s in ctx.stages]
     return gm, ctx, module, x, hooks
 
 
