@@ -1,7 +1,8 @@
 """Recipes: typed, validated pruning stages (method, after which block, budget).
 
 CLI shorthand: `METHOD[(name=value,…)]@BLOCKS:KEEP[+…]`, e.g. `cls-topk@3,6,9:0.7` or
-`cls-topk(fuse=true)@4:0.5+ttv@8:0.5`. Blocks are
+`cls-topk(fuse=true)@4:0.5+ttv@8:0.5`, or ToMe's own form `tome(r=R[,inflect=I])`: R tokens merged inside every
+block (its `parse_r` schedule; `MergeSchedule`), expanded to one stage per block when the model is known. Blocks are
 0-based indices of the model's transformer blocks; KEEP with a dot is a ratio of the patch tokens
 entering the stage (0 < r ≤ 1, kept count = ceil(r·n)); KEEP without a dot is a count of patch tokens.
 Files (.toml, .yaml/.yml, .json) hold a list of stages:
@@ -137,20 +138,84 @@ def unknown_method(name: object) -> str:
     return f"Unknown method {excerpt(name, 40)}; {hint}`tokensieve methods` lists all {len(METHODS)}"
 
 
+MAX_TOME_R = 10**6  # tokens merged per block: beyond any model
+
+
+@dataclass(frozen=True)
+class MergeSchedule:
+    """ToMe's recipe form `tome(r=R[,inflect=I][,tome options])`: merge in every block, block i merging r_i tokens by
+    facebookresearch/ToMe tome/utils.py `parse_r`: lo = int(R·(1 − I)), hi = 2R − lo, r_i = int(lo + (hi − lo)/(L − 1)·i)
+    (I = 0: R in every block; I = −1: the paper's decreasing schedule, 2R down to 0), each capped at half the patch
+    tokens entering the block as `bipartite_soft_matching` does (min(r, (t − protected) // 2)). The counts are static,
+    as the code's: `stages` expands it once the block count and token layout are known."""
+
+    r: int
+    inflect: float = 0.0
+    params: tuple[tuple[str, object], ...] = ()   # the other tome options (and `at`), checked as a Stage's
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_TOME_R:
+            raise ConfigError(f"tome: r={excerpt(self.r, 30)} must be an integer from 1 to {MAX_TOME_R} (tokens merged "
+                              "per block), e.g. tome(r=8)")
+        bad = isinstance(self.inflect, bool) or not isinstance(self.inflect, (int, float))
+        if bad or not -1.0 <= self.inflect <= 1.0:  # NaN fails the range
+            raise ConfigError(f"tome: inflect={excerpt(self.inflect, 30)} must be a number in [-1, 1] (ToMe's parse_r: "
+                              "-1 decreasing from 2r to 0, 0 constant, 1 increasing), e.g. tome(r=8,inflect=-1)")
+        object.__setattr__(self, "inflect", float(self.inflect))
+        # the options as a tome stage checks them (one-line errors for unknown names and bad values)
+        object.__setattr__(self, "params", Stage("tome", 0, Budget(count=1), tuple(self.params)).params)
+
+    def per_block(self, num_blocks: int) -> list[int]:
+        """ToMe's parse_r(num_blocks, (r, inflect)): tokens to merge in each block, before the cap."""
+        lo = int(self.r * (1.0 - self.inflect))
+        hi = 2 * self.r - lo
+        step = (hi - lo) / (num_blocks - 1) if num_blocks > 1 else 0.0  # parse_r divides by zero for one block
+        return [int(lo + step * i) for i in range(num_blocks)]
+
+    def stages(self, num_blocks: int, num_tokens: int, num_prefix_tokens: int) -> tuple[Stage, ...]:
+        """One `tome@i:count` stage per block that merges (r_i capped at half its entering patch tokens, > 0)."""
+        from tokensieve.graph_passes.methods.merge import tome_max_merge
+
+        spatial = dict(self.params).get("spatial", False)
+        out, n = [], num_tokens - num_prefix_tokens
+        for i, r in enumerate(self.per_block(num_blocks)):
+            r = min(r, tome_max_merge(n, spatial))
+            if r > 0:
+                out.append(Stage("tome", i, Budget(count=n - r), self.params))
+                n -= r
+        return tuple(out)
+
+    def shorthand(self) -> str:
+        inflect = f",inflect={self.inflect:g}" if self.inflect else ""
+        rest = "".join(f",{k}={json.dumps(v)}" for k, v in self.params)
+        return f"tome(r={self.r}{inflect}{rest})"
+
+    def to_dict(self) -> dict:
+        return {"method": "tome", "r": self.r, "inflect": self.inflect, "params": dict(self.params)}
+
+
 @dataclass(frozen=True)
 class Recipe:
     stages: tuple[Stage, ...] = field(default_factory=tuple)
+    schedule: MergeSchedule | None = None   # ToMe's every-block form instead of listed stages
 
     def __post_init__(self):
+        if self.schedule is not None and self.stages:
+            raise ConfigError(f"{self.schedule.shorthand()} already merges in every block; it cannot be combined with "
+                              "other stages (list tome@BLOCKS:KEEP stages instead)")
         blocks = [s.after_block for s in self.stages]
         if len(set(blocks)) != len(blocks):
             raise ConfigError(f"Two stages after the same block in {blocks}; give each block at most one stage")
         object.__setattr__(self, "stages", tuple(sorted(self.stages, key=lambda s: s.after_block)))
 
     def to_dict(self) -> dict:
+        if self.schedule is not None:
+            return {"stages": [], "schedule": self.schedule.to_dict()}
         return {"stages": [s.to_dict() for s in self.stages]}
 
     def shorthand(self) -> str:
+        if self.schedule is not None:
+            return self.schedule.shorthand()
         return "+".join(s.shorthand() for s in self.stages) or "dense"
 
     def __str__(self) -> str:
@@ -165,7 +230,17 @@ def parse_recipe(text: str) -> Recipe:
     if text in ("", "dense", "none"):
         return Recipe(())
     stages = []
-    for part in text.split("+"):
+    parts = text.split("+")
+    for part in parts:
+        m = _SCHEDULE.match(part.strip())
+        if m:  # METHOD(…) with no @BLOCKS:KEEP: ToMe's every-block form
+            if m["method"] != "tome":
+                raise ConfigError(f"Cannot parse recipe {excerpt(part.strip(), 60)}: only tome has the every-block form "
+                                  f"tome(r=R); write {RECIPE_EXAMPLE}")
+            if len(parts) > 1:
+                raise ConfigError(f"{excerpt(part.strip(), 60)} merges in every block; it cannot be combined with other "
+                                  "stages (list tome@BLOCKS:KEEP stages instead)")
+            return Recipe(schedule=merge_schedule(dict(_parse_params(m["params"], excerpt(part.strip(), 60)))))
         st = parse_stage_text(part, RECIPE_EXAMPLE)
         if st.places is None:
             raise ConfigError(f"Cannot parse recipe {part!r}; write {RECIPE_EXAMPLE}")
@@ -178,6 +253,16 @@ def parse_recipe(text: str) -> Recipe:
 RECIPE_EXAMPLE = "METHOD@BLOCKS:KEEP, e.g. cls-topk@3,6,9:0.7 (ratio) or cls-topk@4:98 (count)"
 RECIPE_FILE_FIX = "fix it or pass a shorthand like cls-topk@3:0.7"
 _STAGE = re.compile(r"^(?P<method>[A-Za-z][\w-]*)\s*(?:\((?P<params>[^()]*)\))?\s*(?:@(?P<places>[^:]*))?:(?P<keep>.*)$")
+_SCHEDULE = re.compile(r"^(?P<method>[A-Za-z][\w-]*)\s*\((?P<params>[^()]*)\)$")
+
+
+def merge_schedule(params: dict) -> MergeSchedule:
+    """`tome(r=…, inflect=…, …)`'s parameters (literals) -> MergeSchedule; one-line ConfigErrors."""
+    if "r" not in params:
+        raise ConfigError("tome(...) without @BLOCKS:KEEP is ToMe's every-block form and needs r (tokens merged per "
+                          "block), e.g. tome(r=8) or tome(r=8,inflect=-1)")
+    rest = tuple((k, v) for k, v in params.items() if k not in ("r", "inflect"))
+    return MergeSchedule(params["r"], params.get("inflect", 0.0), rest)
 
 
 @dataclass(frozen=True)
@@ -212,15 +297,7 @@ def parse_stage_text(text: str, example: str = RECIPE_EXAMPLE) -> StageText:
         kind = "recipe" if example == RECIPE_EXAMPLE else "stage"
         empty = " (an empty stage: two '+' in a row, or a '+' at an end)" if not text else ""
         raise ConfigError(f"Cannot parse {kind} {where}{empty}; write {example}")
-    raw: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in (m["params"] or "").split(","))):
-        key, eq, value = (x.strip() for x in item.partition("="))
-        if not eq or not key:
-            raise ConfigError(f"Parameter {excerpt(item, 40)} in {where} must be name=value, e.g. "
-                              "cls-topk(fuse=true)@3:0.7")
-        if key in raw:
-            raise ConfigError(f"Parameter {excerpt(key, 40)} is given twice in {where}; give it once")
-        raw[key] = value
+    raw = _raw_params(m["params"], where)
     places = None
     if m["places"] is not None:
         try:
@@ -229,6 +306,24 @@ def parse_stage_text(text: str, example: str = RECIPE_EXAMPLE) -> StageText:
             raise ConfigError(f"Block list {excerpt(m['places'], 40)} in {where} must be comma-separated integers, "
                               "e.g. 3,6,9") from None
     return StageText(m["method"], tuple(raw.items()), places, _parse_keep(m["keep"], where=text), text)
+
+
+def _raw_params(text: str | None, where: str) -> dict[str, str]:
+    """`name=value,…` as written -> {name: value text}; one-line ConfigErrors."""
+    raw: dict[str, str] = {}
+    for item in filter(None, (x.strip() for x in (text or "").split(","))):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key:
+            raise ConfigError(f"Parameter {excerpt(item, 40)} in {where} must be name=value, e.g. "
+                              "cls-topk(fuse=true)@3:0.7")
+        if key in raw:
+            raise ConfigError(f"Parameter {excerpt(key, 40)} is given twice in {where}; give it once")
+        raw[key] = value
+    return raw
+
+
+def _parse_params(text: str | None, where: str) -> tuple[tuple[str, object], ...]:
+    return tuple((k, _literal(v)) for k, v in _raw_params(text, where).items())
 
 
 def _literal(value: str) -> object:
@@ -279,6 +374,15 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
     if isinstance(data, dict) and "diffrate" in data:
         return recipe_from_diffrate(data["diffrate"], where)
+    if isinstance(data, dict) and data.get("schedule") is not None:  # ToMe's every-block form (Recipe.to_dict)
+        table = data["schedule"]
+        if not isinstance(table, dict) or table.get("method") != "tome" or not isinstance(table.get("params", {}), dict):
+            raise ConfigError(f"{where}: schedule must be a table with method = 'tome', r, optional inflect and params, "
+                              "e.g. {\"method\": \"tome\", \"r\": 8}")
+        if data.get("stages"):
+            raise ConfigError(f"{where}: a tome schedule merges in every block; it cannot be combined with stages")
+        return Recipe(schedule=merge_schedule({**(table.get("params") or {}),
+                                               **{k: table[k] for k in ("r", "inflect") if k in table}}))
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table with a `stage` list")
     stages = data.get("stage", data.get("stages"))
@@ -355,7 +459,10 @@ class ResolvedStage:
 
 
 def resolve_recipe(recipe: Recipe, num_blocks: int, num_tokens: int, num_prefix_tokens: int) -> list[ResolvedStage]:
-    """Turn ratios into static K per stage for a model; ConfigError if a stage does not fit the model."""
+    """Turn ratios into static K per stage for a model; ConfigError if a stage does not fit the model. A tome
+    schedule (`tome(r=8)`) becomes its one stage per block first."""
+    if recipe.schedule is not None:
+        recipe = Recipe(recipe.schedule.stages(num_blocks, num_tokens, num_prefix_tokens))
     out, n = [], num_tokens
     for s in recipe.stages:
         if s.after_block >= num_blocks:
