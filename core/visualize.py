@@ -259,7 +259,7 @@ def visualize(model, recipe: Recipe, image_path: str | Path, out: str | Path, *,
     from tokensieve import api
     from tokensieve.models import input_shape
 
-    if not recipe.stages:
+    if not recipe.stages and recipe.schedule is None:  # a schedule (tome(r=8)) has its stages once bound
         raise ConfigError("visualize needs a recipe with at least one stage, e.g. --prune cls-topk@3,6,9:0.7")
     _, channels, h, w = input_shape(model)
     check_output(out)
