@@ -5,9 +5,10 @@ export_vlm + verify_vlm, the CLI, the engines.
 A tiny random-init Gemma3ForConditionalGeneration: SigLIP 32 px / patch 4 = 8 x 8 patches (2 layers), pooled 2 x 2 to
 mm_tokens_per_image = 16 image tokens; Gemma 3 decoder of 2 layers, one sliding (window 6, shorter than every prompt
 here) and one full. HF zero-initializes the projection, so the fixture draws it (std 0.3); initializer_range 0.1 so
-the masks move the logits visibly. Two full exports (the time budget): keep-all (uniform:1.0 through export_vlm:
-against HF's get_image_features and generate, the engines) and attn-mean:0.5 (the CLI, which runs export_vlm +
-verify_vlm); divprune:0.5 exports only its vision part and reuses the CLI's K = 8 LM parts.
+the masks move the logits visibly. One full export (the time budget): attn-mean:0.5 through the CLI (export_vlm +
+verify_vlm; its result is caught for the engine build); keep-all (uniform:1.0, against HF's get_image_features and
+generate) exports only its K = 16 vision_prune and lm_prefill and reuses the CLI's lm_decode (it does not depend on
+K); divprune:0.5 exports only its vision part and reuses the CLI's K = 8 LM parts.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from tokensieve.exporter.vlm.families import adapter_by_type, adapter_for
 from tokensieve.exporter.vlm.gemma3 import Gemma3Prefill, Gemma3VisionPrune, gemma3_layout, image_block_masks
 from tokensieve.exporter.vlm.gemma3_adapter import Gemma3Adapter, gemma3_prompt, greedy_parts
 from tokensieve.runtime.onnxruntime_runner import OrtRunner
-from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm, write_parts
+from tokensieve import vlm_api
+from tokensieve.vlm_api import build_vlm, plan_vlm, verify_vlm, write_parts
 
 N_IMG, KEEP, STEPS, IMAGE_ID = 16, 8, 8, 127
 
@@ -54,22 +56,34 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def full(model, tmp_path_factory):
-    """Every image token kept (uniform:1.0) through export_vlm: compared with HF, and the engine build."""
-    return export_vlm(model, tmp_path_factory.mktemp("gemma3_full"), "uniform:1.0")
-
-
-@pytest.fixture(scope="module")
 def cli_run(model, tmp_path_factory):
     """`tokensieve export-vlm DIR --prune attn-mean:0.5 -o OUT --no-build` on a save_pretrained folder (export_vlm +
-    verify_vlm, 8 greedy tokens, batch 2) -> (model folder, OUT, exit code, stdout)."""
+    verify_vlm, 8 greedy tokens, batch 2) -> (model folder, OUT, exit code, stdout, the VlmExportResult its
+    export_vlm returned, caught on the way: build_vlm takes it)."""
     root = tmp_path_factory.mktemp("gemma3_cli")
     folder, out = root / "model", root / "out"
     model.save_pretrained(folder)
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, results, export = io.StringIO(), [], vlm_api.export_vlm
+
+    def catching(*args, **kwargs):
+        results.append(export(*args, **kwargs))
+        return results[-1]
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(vlm_api, "export_vlm", catching)
         rc = main(["export-vlm", str(folder), "--prune", "attn-mean:0.5", "-o", str(out), "--no-build"])
-    return folder, out, rc, stdout.getvalue()
+    return folder, out, rc, stdout.getvalue(), results[0]
+
+
+@pytest.fixture(scope="module")
+def keep_all(model, cli_run, tmp_path_factory):
+    """Every image token kept (uniform:1.0): vision_prune and lm_prefill for K = 16 from the adapter's exporters,
+    written by vlm_api.write_parts; lm_decode is the CLI's (it does not depend on K) -> {part: .onnx path}."""
+    plan = plan_vlm(model, "uniform:1.0")
+    adapter = Gemma3Adapter(model)
+    parts = adapter.part_exporters(plan, adapter.vision_module(plan))
+    paths, _ = write_parts({key: parts[key]() for key in ("vision", "prefill")}, tmp_path_factory.mktemp("gemma3_all"))
+    return {**paths, "decode": cli_run[1] / "lm_decode.onnx"}
 
 
 def _pixels(batch: int, seed: int) -> torch.Tensor:
@@ -83,7 +97,7 @@ def _image(features: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- keep-all == HF
 
 
-def test_keep_all_equals_hf_image_features_and_generate(model, full):
+def test_keep_all_equals_hf_image_features_and_generate(model, keep_all):
     """Every token kept: vision_prune on ONNX Runtime gives HF's get_image_features (1e-5) and keep_idx 0..15, and the
     parts' greedy tokens equal HF's generate on the same prompt and image (token_type_ids marking the image tokens,
     as the processor gives them); the prefill's logits are HF's forward's to 1e-4."""
@@ -91,8 +105,7 @@ def test_keep_all_equals_hf_image_features_and_generate(model, full):
     lay = gemma3_layout(model)
     prompt = gemma3_prompt(model.config, lay, N_IMG, 2, seed=5)
     token_type_ids = (prompt == IMAGE_ID).long()
-    with OrtRunner(full.paths["vision"]) as v, OrtRunner(full.paths["prefill"]) as p, \
-            OrtRunner(full.paths["decode"]) as d:
+    with OrtRunner(keep_all["vision"]) as v, OrtRunner(keep_all["prefill"]) as p, OrtRunner(keep_all["decode"]) as d:
         got = greedy_parts(v, p, d, prompt.numpy(), x.numpy(), STEPS, IMAGE_ID)
     with torch.no_grad():
         hf_feats = model.model.get_image_features(x).pooler_output
@@ -130,7 +143,7 @@ def test_masks_are_hf_vision_masks(model):
 def test_cli_export_vlm_attn_mean_and_inspect(cli_run, capsys):
     """attn-mean:0.5 from the CLI: export_vlm + verify_vlm PASS (8 greedy tokens and keep_idx identical to the eager
     pruned reference on a batch of 2, logits within 1e-4); the manifest; `tokensieve inspect OUT` shows it."""
-    folder, out, rc, stdout = cli_run
+    folder, out, rc, stdout, _ = cli_run
     line = next(li for li in stdout.splitlines() if "verify" in li)
     assert rc == 0 and "PASS" in line and "8 greedy tokens identical, keep_idx identical" in line, stdout
     assert "batch 2" in line and float(line.split("max |Δ logits| ")[1].split()[0]) <= 1e-4
@@ -146,7 +159,7 @@ def test_cli_export_vlm_attn_mean_and_inspect(cli_run, capsys):
     assert "verify        PASS" in shown
 
 
-def test_divprune_verifies(model, full, cli_run, tmp_path):
+def test_divprune_verifies(model, cli_run, tmp_path):
     """divprune:0.5 (the TOKENS score path on the pooled tokens): its vision part exported by the adapter and written
     by vlm_api.write_parts, with the K = 8 LM parts the CLI wrote for attn-mean:0.5 (they depend on K only);
     verify_vlm: tokens and keep_idx identical, logits within 1e-4. Control: attn-mean keeps other tokens."""
@@ -157,7 +170,7 @@ def test_divprune_verifies(model, full, cli_run, tmp_path):
     lm = cli_run[1]
     for name in ("lm_prefill.onnx", "lm_decode.onnx", "manifest.json"):
         (tmp_path / name).write_bytes((lm / name).read_bytes())
-    result = dataclasses.replace(full, out_dir=tmp_path, vision=vision, keep=KEEP, num_image_tokens=KEEP,
+    result = dataclasses.replace(cli_run[4], model=model, out_dir=tmp_path, vision=vision, keep=KEEP, num_image_tokens=KEEP,
                                  prune=plan.prune, method="divprune",
                                  paths={**paths, "prefill": tmp_path / "lm_prefill.onnx",
                                         "decode": tmp_path / "lm_decode.onnx"})
@@ -237,12 +250,13 @@ def test_registry_and_refusals(model, cli_run, capsys):
     assert "fastv" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_build_vlm_builds_the_three_parts(full):
-    """TensorRT-RTX builds vision_prune, lm_prefill (the in-graph block masks) and lm_decode."""
+def test_build_vlm_builds_the_three_parts(cli_run):
+    """TensorRT-RTX builds the CLI export's vision_prune, lm_prefill (the in-graph block masks) and lm_decode."""
     pytest.importorskip("tensorrt_rtx")
-    infos = build_vlm(full, max_sequence=64)
+    result = cli_run[4]
+    infos = build_vlm(result, max_sequence=64)
     assert set(infos) == {"vision", "prefill", "decode"}
     io_shapes = {t["name"]: t["shape"] for t in infos["vision"].metadata["io_tensors"]}
-    assert io_shapes["image_features"][1:] == [N_IMG, 32] and io_shapes["keep_idx"][1:] == [N_IMG]
-    engines = json.loads(full.paths["manifest"].read_text())["engines"]
-    assert set(engines) == set(infos) and all((full.out_dir / e["file"]).is_file() for e in engines.values())
+    assert io_shapes["image_features"][1:] == [KEEP, 32] and io_shapes["keep_idx"][1:] == [KEEP]
+    engines = json.loads(result.paths["manifest"].read_text())["engines"]
+    assert set(engines) == set(infos) and all((result.out_dir / e["file"]).is_file() for e in engines.values())
