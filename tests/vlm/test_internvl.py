@@ -197,8 +197,8 @@ def test_cls_topk_is_fastervlm_per_tile_and_layout_controls(model):
 
 def test_family_and_refusals(model, cli_run, capsys):
     """The registry picks InternVLAdapter; one-line ConfigErrors: 0 tiles, a grid, more image tokens than the LM's
-    positions, feather / a merging method, a tile grid the 2 x 2 shuffle cannot divide; the CLI: --tiles 0 and a
-    non-InternVL --tiles exit 2 with one line."""
+    positions, feather / a merging method, a tile grid the 2 x 2 shuffle cannot divide; the CLI: --tiles 0, --grid,
+    and `tokensieve export` of the folder (pointed at export-vlm) exit 2 with one line."""
     test_adapter.test_adapters_implement_the_whole_interface(InternVLAdapter)  # called, not collected here
     assert type(adapter_for(model)) is InternVLAdapter
     plan = plan_vlm(model, "attn-mean:0.25", tiles=3)
@@ -220,6 +220,10 @@ def test_family_and_refusals(model, cli_run, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
     assert not (out.parent / "bad").exists()
+    assert main(["export", "--model", str(folder), "-o", str(out.parent / "vit")]) == 2  # not a vision encoder
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the "[1/5] loading model" progress line
+    assert err.startswith("tokensieve export: error: ") and "InternVL vision-language model" in err, err
+    assert "tokensieve export-vlm " in err
 
 
 def test_build_vlm_builds_the_three_parts(full):
