@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tokensieve.errors import ConfigError, VerificationError
-from tokensieve.exporter.onnx_files import save_onnx
+from tokensieve.exporter.onnx_files import save_onnx, save_shared
 from tokensieve.exporter.to_onnx import to_onnx
 from tokensieve.exporter.trace import FirstOutput, _is_hf, output_fields, quiet, trace, trace_batch
 from tokensieve.fileio import ensure_writable_dir, folder_lock
@@ -291,6 +291,7 @@ def _keeping_outputs(add_kept, num_outputs: int):
 
 
 ARTIFACTS = {"model": "model.onnx", "debug": "model.debug.onnx", "dense": "dense.onnx", "report": "report.json"}
+WEIGHTS = "weights.onnx.data"   # the weights save() writes once for the ONNX files of an export (save_shared)
 # The engines tokensieve writes into an export folder (each with its .json metadata) are named per ONNX, target and
 # precision (targets.base.engine_file_name: model.rtx-sm89.fp16.engine): the export's own, `tokensieve build`'s of the
 # folder's ONNX files, `tokensieve bench --backend tensorrt`'s dense baseline. report.json lists them ("engines").
@@ -325,11 +326,18 @@ def save(result: ExportResult, out_dir: str | Path, parts=SAVED_PARTS) -> dict[s
         pruned = result.pruned_program if result.stages else result.dense_program
         paths["torch"] = write_program(pruned, out / "model.pt2", names[: len(pruned.graph_signature.user_outputs)])
         paths["torch_dense"] = write_program(result.dense_program, out / "dense.pt2", result.outputs)
+    protos = {}
     for key in (k for k in SAVED_PARTS if k in parts):
         proto = result.onnx_model if key == "model" else result.debug_onnx if key == "debug" else result.dense_onnx
         set_onnx_metadata(proto, onnx_metadata(result, dense=key == "dense"))
         paths[key] = out / ARTIFACTS[key]
-        save_onnx(proto, paths[key])
+        protos[paths[key]] = proto
+    if len(protos) > 1:  # the graphs hold the same weights: one shared file
+        save_shared(protos, out / WEIGHTS)
+        paths["weights"] = out / WEIGHTS
+    else:
+        for path, proto in protos.items():
+            save_onnx(proto, path)
     return paths
 
 
@@ -796,7 +804,8 @@ def read_export_report(folder: str | Path, required: tuple[str, ...] = ()) -> di
     check_version(report, path, "schema", REPORT_SCHEMA, "schema version", required,
                   "re-run `tokensieve export` into that folder", REPORT_SCHEMA)
     engines = [e["file"] for e in report.get("engines", []) if isinstance(e, dict) and isinstance(e.get("file"), str)]
-    check_folder_files(folder, [*ARTIFACTS.values(), *engines, "model.pt2", "dense.pt2"], "re-export into a new folder")
+    check_folder_files(folder, [*ARTIFACTS.values(), WEIGHTS, *engines, "model.pt2", "dense.pt2"],
+                       "re-export into a new folder")
     return report
 
 
@@ -879,7 +888,7 @@ HF_KEYS = {"config.json": "config", "preprocessor_config.json": "preprocessor"}
 STAGING_PREFIX = ".tokensieve-staging-"   # a run's files before they replace the folder's (export_folder)
 # every file name an export may own in its folder: removed before a new export's files move in (_move_into_place)
 _OWNED = (*(ARTIFACTS[k] for k in SAVED_PARTS), *(f"{n}.data" for n in (ARTIFACTS[k] for k in SAVED_PARTS)),
-          "model.pt2", "dense.pt2", *HF_FILES, *OPTIMIZED.values(),
+          "model.pt2", "dense.pt2", WEIGHTS, *HF_FILES, *OPTIMIZED.values(),
           *QUANTIZED.values())   # + the folder's engines (folder_engines) and their .json
 
 

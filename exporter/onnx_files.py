@@ -1,4 +1,6 @@
-"""Writing ONNX files atomically, inline or with external data (models over protobuf's 2 GB limit).
+"""Writing ONNX files atomically, inline or with external data (models over protobuf's 2 GB limit), and several
+ONNX files of one model sharing one weights file (`save_shared`: an export's model / debug / dense graphs hold the
+same weights, so they are written once).
 
     with ExitStack() as staged:
         proto = stage_onnx(ir_model, Path("out/model.onnx"), external=True, staged=staged)
@@ -12,6 +14,7 @@ a new .onnx beside an old or missing .data, nor an old .onnx beside the new .dat
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import onnx
 import onnx_ir as ir
 
 from tokensieve.fileio import atomic_path, atomic_paths
+
+ALIGN = 64  # each shared tensor starts at a multiple of this offset (mmap-friendly)
 
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller initializers (shape constants) stay inline, where shape inference reads them
 PROTO_LIMIT = 2**31 - 1            # protobuf refuses to serialize a message this large
@@ -60,6 +65,49 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
     if not external:
         data_path(path).unlink(missing_ok=True)
     return path
+
+
+def save_shared(protos: dict[Path, onnx.ModelProto], weights: Path) -> dict[Path, Path]:
+    """Write each ONNX of `protos` (path -> proto, one folder) with every initializer of EXTERNAL_TENSOR_MIN_BYTES or
+    more in the one file `weights`, each distinct tensor (type, shape, bytes) stored once, at a 64-byte aligned
+    offset. The protos in memory are not changed. One fileio.atomic_paths group: `weights` first, the .onnx files
+    after it, the last of them the commit marker; a stale `<name>.onnx.data` of an earlier, larger model goes."""
+    paths = list(protos)
+    index: dict[tuple, tuple[int, int]] = {}
+    with ExitStack() as staged:
+        tmp_weights, *tmps = staged.enter_context(atomic_paths(weights, *paths))
+        with open(tmp_weights, "wb") as data:
+            for tmp, proto in zip(tmps, protos.values()):
+                copy = onnx.ModelProto()
+                copy.CopyFrom(proto)
+                for tensor in _initializers(copy.graph):
+                    _share(tensor, data, index, weights.name)
+                tmp.write_bytes(copy.SerializeToString())
+                del copy
+    for path in paths:
+        data_path(path).unlink(missing_ok=True)
+    return {path: weights for path in paths}
+
+
+def _share(tensor: onnx.TensorProto, data, index: dict, location: str) -> None:
+    """Point `tensor` at its bytes in the shared file `data` (appended the first time they are seen)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return
+    raw = tensor.raw_data
+    if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
+        return
+    key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).digest())
+    if key not in index:
+        data.write(b"\0" * (-data.tell() % ALIGN))
+        index[key] = (data.tell(), len(raw))
+        data.write(raw)
+    offset, length = index[key]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -53,6 +53,11 @@ HEAVY_FILES = (
     "tests/scripts/test_bench_adaptive.py",
     "tests/targets/test_plugins.py",
     "tests/test_export_int8_optimize.py",               # 24
+    "tests/test_shared_weights.py",
+    "tests/vlm/test_gemma3.py",                         # 33
+    "tests/vlm/test_internvl.py",                       # 22
+    "tests/graph_passes/test_place_in_block.py",
+    "tests/graph_passes/test_paper_macs.py",
     "tests/test_heads.py",
     "tests/test_hf_folder.py",
     "tests/test_pareto.py",

@@ -142,7 +142,7 @@ def test_an_interrupted_reexport_keeps_the_previous_result(tmp_path, monkeypatch
     assert first["verify"]["passed"] and api.read_export_report(out)["files"]["model"] == str(out / "model.onnx")
     before = _snapshot(out)
     assert set(before) == {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json", "config.json",
-                           "preprocessor_config.json"}
+                           "preprocessor_config.json", api.WEIGHTS}
     leftover = out / (api.STAGING_PREFIX + "killed")
     leftover.mkdir()
     (leftover / "model.onnx").write_bytes(b"half")

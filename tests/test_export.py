@@ -125,7 +125,8 @@ def test_dense_onnx_is_converted_on_first_use_and_equals_the_unpruned_model():
 
 
 def test_save_over_the_proto_limit_writes_external_data_that_loads(exported, tmp_path, monkeypatch):
-    """A model over protobuf's 2 GB limit (forced: limit 0) is written as model.onnx + model.onnx.data; the .onnx
+    """A model over protobuf's 2 GB limit (forced: limit 0), saved alone, is written as model.onnx + model.onnx.data
+    (several parts share weights.onnx.data: test_shared_weights); the .onnx
     names the data file's final name (not the temporary one), ORT runs it to the same outputs, the proto in memory
     keeps its weights, and a later inline save removes the stale .data."""
     import numpy as np
@@ -137,7 +138,7 @@ def test_save_over_the_proto_limit_writes_external_data_that_loads(exported, tmp
 
     _, result = exported
     monkeypatch.setattr(onnx_files, "PROTO_LIMIT", 0)
-    paths = api.save(result, tmp_path)
+    paths = api.save(result, tmp_path, parts=("model",))
     data = tmp_path / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > 0
     stub = onnx.load(str(paths["model"]), load_external_data=False)
@@ -150,5 +151,5 @@ def test_save_over_the_proto_limit_writes_external_data_that_loads(exported, tmp
     want = ort.InferenceSession(result.onnx_model.SerializeToString()).run(None, {"pixel_values": x})[0]
     np.testing.assert_array_equal(got, want)
     monkeypatch.setattr(onnx_files, "PROTO_LIMIT", 2**31 - 1)
-    api.save(result, tmp_path)
+    api.save(result, tmp_path, parts=("model",))
     assert not data.exists()

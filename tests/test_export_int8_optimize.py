@@ -81,7 +81,7 @@ def test_build_precision_must_match_the_graph(folder, tmp_path, capsys):
     """int8 of a float graph, fp32 of a Q/DQ graph and int8 of an asymmetric Q/DQ graph: one line each, exit 2."""
     asym = tmp_path / "asym"
     asym.mkdir()
-    for name in ("model.onnx", "model.debug.onnx", "dense.onnx", "report.json"):
+    for name in ("model.onnx", "model.debug.onnx", "dense.onnx", "report.json", api.WEIGHTS):
         (asym / name).write_bytes((folder / name).read_bytes())
     assert main(["quantize", str(asym)]) == 0          # ORT's usual asymmetric activations
     capsys.readouterr()

@@ -45,7 +45,8 @@ def check_one_run(out) -> dict:
     names = sorted(p.name for p in out.iterdir())
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
-    expected = {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json", "config.json", "preprocessor_config.json"}
+    expected = {"model.onnx", "model.debug.onnx", "dense.onnx", "report.json", "config.json", "preprocessor_config.json",
+                "weights.onnx.data"}
     if "build" in report:
         expected |= {ENGINE, ENGINE + ".json"}
     assert set(names) == expected, names  # no staging folder, no temp file, nothing of another run

@@ -53,13 +53,14 @@ def _listings(path: Path) -> list[dict]:
 
 
 def test_a_full_disk_keeps_the_previous_export(server, tmp_path):
-    """A 4 MiB tmpfs: the first export (3 MiB of ONNX) fits; the second one's staged files do not."""
+    """A 3 MiB tmpfs: the first export (1.8 MiB: three ONNX graphs + their one shared weights file) fits; the second
+    one's staged files do not."""
     disk = tmp_path / "disk"
     disk.mkdir()
     out = disk / "out"
     argv = ["export", "--model", "tiny", "--prune", "dense", "--no-bench", "--no-build", "--verify-inputs", "1",
             "-o", out]
-    code = server.run(argv, tmp_path / "log", tmpfs={"path": str(disk), "size": "4m"}, more=[argv],
+    code = server.run(argv, tmp_path / "log", tmpfs={"path": str(disk), "size": "3m"}, more=[argv],
                       listing={"dir": str(disk), "to": str(tmp_path / "listing")})
     text = (tmp_path / "log").read_text()
     if code == 97:

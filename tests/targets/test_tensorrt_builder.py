@@ -111,7 +111,7 @@ def test_parse_target():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"precision": "int8"}, "fp32, fp16"),
+    ({"precision": "fp8"}, "fp32, fp16, int8"),
     ({"min_batch": 4, "opt_batch": 2}, "min <= opt <= max"),
     ({"min_batch": 0}, "min <= opt <= max"),
     ({"workspace_mib": 0}, "positive"),
