@@ -309,10 +309,7 @@ class Optimize(Tool):
             print(f"{op:>26}  {fused['dense'].get(op, 0):>5}  {fused['model'].get(op, 0):>6}")
         print(f"verify            PASS: kept indices identical at {len(ver.stage_blocks)} stage(s), max |diff| "
               f"{ver.max_abs_diff:.1e} (atol {ver.atol:g}) over {ver.num_inputs} inputs")
-        if args.bench:
-            _bench_copies(folder, api.OPTIMIZED)
-        print(f"wrote {folder}/: {', '.join(api.OPTIMIZED.values())}")
-        return 0
+        return _copies_written(folder, api.OPTIMIZED, args.bench)
 
 
 class Quantize(Tool):
@@ -352,22 +349,23 @@ class Quantize(Tool):
         print(f"int8 (ORT QDQ)    calibration: {out['calibration']}; {out['float_score_nodes']} score nodes kept float")
         print(f"vs fp32           kept-token overlap per stage {overlap}; output cosine min {out['cosine']['min']:.4f}"
               f", mean {out['cosine']['mean']:.4f}")
-        if args.bench:
-            _bench_copies(folder, api.QUANTIZED)
-        print(f"wrote {folder}/: {', '.join(api.QUANTIZED.values())}")
-        return 0
+        return _copies_written(folder, api.QUANTIZED, args.bench)
 
 
-def _bench_copies(folder: Path, names: dict[str, str]) -> None:
-    """Time an export's dense vs pruned copies `names` (api.OPTIMIZED / api.QUANTIZED) at batch 1 and print it."""
+def _copies_written(folder: Path, names: dict[str, str], bench: bool) -> int:
+    """After `optimize` / `quantize`: with `bench`, time the export's dense vs pruned copies `names` (api.OPTIMIZED /
+    api.QUANTIZED) at batch 1; print what was written."""
     from tokensieve import api
 
-    b = api.bench(folder / names["dense"], folder / names["model"],
-                  ideal_speedup=api.read_export_report(folder).get("ideal_speedup"))
-    ratio = f" -> ratio {b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else ""
-    print(f"latency (b=1)     {names['dense']} {b.dense['median_ms']:.2f} ms (p90 {b.dense['p90_ms']:.2f}), "
-          f"{names['model']} {b.pruned['median_ms']:.2f} ms (p90 {b.pruned['p90_ms']:.2f}); speedup "
-          f"{b.speedup:.2f}x{ratio}")
+    if bench:
+        b = api.bench(folder / names["dense"], folder / names["model"],
+                      ideal_speedup=api.read_export_report(folder).get("ideal_speedup"))
+        ratio = f" -> ratio {b.ratio_to_ideal:.2f}" if b.ratio_to_ideal else ""
+        print(f"latency (b=1)     {names['dense']} {b.dense['median_ms']:.2f} ms (p90 {b.dense['p90_ms']:.2f}), "
+              f"{names['model']} {b.pruned['median_ms']:.2f} ms (p90 {b.pruned['p90_ms']:.2f}); speedup "
+              f"{b.speedup:.2f}x{ratio}")
+    print(f"wrote {folder}/: {', '.join(names.values())}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- build
