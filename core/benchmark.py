@@ -371,6 +371,10 @@ def plot(result: dict, path: str | Path) -> Path:
                title=f"token sweep, batch {sweep['batch']}")
         ax.grid(alpha=0.3)
         ax.legend()
+    first = result["results"][0]
+    what = " ".join(str(result[k]) for k in ("model", "recipe") if result.get(k))
+    fig.suptitle(f"{what + ': ' if what else ''}pruned {first['speedup']:.2f}x dense at batch {first['batch']}"
+                 if first.get("speedup") else what, fontsize=10)
     return save_figure(fig, path)
 
 

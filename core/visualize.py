@@ -97,8 +97,10 @@ def _matplotlib():
     return matplotlib
 
 
-def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Read an image (PNG; JPEG and others through Pillow) -> (H, W, 3) float32 in [0, 1], resized to `size`."""
+def load_image(path: str | Path, size: tuple[int, int], center_crop: bool = False) -> np.ndarray:
+    """Read an image (PNG; JPEG and others through Pillow) -> (H, W, 3) float32 in [0, 1], resized to `size`; with
+    `center_crop`, the centered region of `size`'s aspect ratio first (an image processor's shortest-edge resize +
+    center crop, as CLIP's does), else the whole image stretched (ViT's plain resize)."""
     import torch
     import torch.nn.functional as F
 
@@ -123,9 +125,30 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or min(img.shape[:2]) < 1:
         raise ConfigError(f"{str(path)!r} has shape {img.shape}, not an image; pass a PNG or JPEG file")
     img = np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img[..., :3]
+    if center_crop:
+        img = _center_region(img, size)
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
     t = F.interpolate(t, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
     return t[0].permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _center_region(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The largest centered region of `img` with the aspect ratio of `size` (H, W)."""
+    h, w = img.shape[:2]
+    th, tw = size
+    ch, cw = (h, max(1, round(h * tw / th))) if w * th > h * tw else (max(1, round(w * th / tw)), w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return img[top:top + ch, left:left + cw]
+
+
+def center_crops(model_dir: str | Path | None) -> bool:
+    """Does the model folder's image processor center-crop (preprocessor_config.json `do_center_crop`)?"""
+    pre = Path(model_dir) / "preprocessor_config.json" if model_dir else None
+    if pre is None or not pre.is_file():
+        return False
+    from tokensieve.manifest import read_json_object
+
+    return read_json_object(pre, "the image processor config", "fix or remove it").get("do_center_crop") is True
 
 
 def _image_bytes(path: Path) -> bytes:
@@ -263,7 +286,7 @@ def visualize(model, recipe: Recipe, image_path: str | Path, out: str | Path, *,
         raise ConfigError("visualize needs a recipe with at least one stage, e.g. --prune cls-topk@3,6,9:0.7")
     _, channels, h, w = input_shape(model)
     check_output(out)
-    image = load_image(image_path, (h, w))  # bad image / output / missing matplotlib fail before the export
+    image = load_image(image_path, (h, w), center_crops(model_dir))  # bad image / output / missing matplotlib fail first
     mean, std = normalization(model, model_dir)
     x = to_pixels(image, mean, std, channels)
     result = api.plan(model, x, recipe)  # eager only: no ONNX conversion
@@ -275,7 +298,9 @@ def visualize(model, recipe: Recipe, image_path: str | Path, out: str | Path, *,
     masks = kept_patch_masks(kept, result.stages, lay.num_prefix_tokens, lay.num_patches)
     titles = [f"after block {rs.stage.after_block} ({rs.stage.method}): {int(m.sum())}/{lay.num_patches}"
               for rs, m in zip(result.stages, masks)]
-    render(image, masks, lay.grid, titles, out, title=f"{model_name}  {recipe}")
+    render(image, masks, lay.grid, titles, out,
+           title=f"{model_name}  {recipe}   (dimmed: patches dropped by that stage; [CLS] and other prefix tokens "
+                 "are always kept)")
     return {"image": str(image_path), "output": str(out), "recipe": recipe.shorthand(), "grid": list(lay.grid),
             "num_prefix_tokens": lay.num_prefix_tokens, "kept_patches": [int(m.sum()) for m in masks],
             "kept_positions": [k.tolist() for k in kept], "patches": [np.flatnonzero(m).tolist() for m in masks],

@@ -150,3 +150,22 @@ def test_missing_matplotlib_is_one_line(png, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pip install tokensieve\[plot\]"):
         load_image(png, (64, 64))
+
+
+def test_center_crop_follows_the_processor(tmp_path):
+    """A wide image whose outer thirds are red and middle green: a center-cropping processor (CLIP's
+    do_center_crop) sees only green; a plain resize (ViT's) keeps the red edges."""
+    import json as _json
+
+    from tokensieve.visualize import center_crops
+
+    img = np.zeros((20, 60, 3), np.uint8)
+    img[:, :20, 0] = img[:, 40:, 0] = 255
+    img[:, 20:40, 1] = 255
+    path = tmp_path / "wide.png"
+    mpimg.imsave(path, img)
+    cropped, stretched = load_image(path, (8, 8), center_crop=True), load_image(path, (8, 8))
+    assert cropped[..., 0].max() < 0.05 and cropped[..., 1].min() > 0.95
+    assert stretched[:, 0, 0].min() > 0.95 and stretched[:, -1, 0].min() > 0.95
+    (tmp_path / "preprocessor_config.json").write_text(_json.dumps({"do_center_crop": True}))
+    assert center_crops(tmp_path) and not center_crops(None)
