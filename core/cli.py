@@ -255,10 +255,10 @@ class Verify(Tool):
 
     def add_args(self, p):
         p.add_argument("folder", help="folder written by `tokensieve export`")
-        p.add_argument("--inputs", type=int_in(1, MAX_COUNT), default=8)
-        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
-        p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=1)
-        p.add_argument("--atol", type=float_in(0), default=1e-4)
+        p.add_argument("--inputs", type=int_in(1, MAX_COUNT), default=8, help="random inputs compared (default 8)")
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1, help="batch of each input (default 1)")
+        p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=1, help="seed of the random inputs (default 1)")
+        p.add_argument("--atol", type=float_in(0), default=1e-4, help="max abs output difference (default 1e-4)")
 
     def run(self, args):
         from tokensieve import api
@@ -405,7 +405,7 @@ class Build(Tool):
     name = "build"
 
     def add_args(self, p):
-        p.add_argument("onnx")
+        p.add_argument("onnx", help="the ONNX file to build (an export's model.onnx, model.int8.onnx, a VLM part)")
         p.add_argument("-o", "--output", default=None, help="engine path (default: next to the ONNX, named per target "
                        "and precision: model.rtx-sm86.fp32.engine; from an export folder's ONNX, listed in its report)")
         p.add_argument("--target", default=DEFAULT_TARGET, help="rtx-sm75|80|86|89|120|121 (TensorRT-RTX, no GPU "
@@ -618,7 +618,7 @@ class Inspect(Tool):
     name = "inspect"
 
     def add_args(self, p):
-        p.add_argument("path")
+        p.add_argument("path", help="an export folder, an .onnx file or an .engine file")
 
     def run(self, args):
         path = Path(args.path)
@@ -728,7 +728,7 @@ class Tune(Tool):
                        help="candidate K within ± this fraction of the patches (default 0.1)")
         p.add_argument("--candidates", type=int_in(2, 10_000), default=21, help="at most this many K per stage (default 21)")
         p.add_argument("--tol", type=float_in(0), default=0.02, help="relative latency tolerance of one step (default 0.02)")
-        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1)
+        p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1, help="batch the latency is measured at (default 1)")
         p.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="ONNX Runtime threads")
         p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                        help="time on ONNX Runtime (default) or on TensorRT engines built per candidate (needs a GPU)")
@@ -743,7 +743,7 @@ class Tune(Tool):
                        help="timed runs per block in the sweep (default 20)")
         p.add_argument("--blocks", type=int_in(1, MAX_COUNT), default=4, help="alternating blocks of the final run (default 4)")
         p.add_argument("--iters", type=int_in(1, MAX_COUNT), default=20, help="timed runs per block in the final run (default 20)")
-        p.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=5)
+        p.add_argument("--warmup", type=int_in(0, MAX_COUNT), default=5, help="untimed runs before each block (default 5)")
         p.add_argument("--json", default=None, help="also write the report to this JSON file (--images: the front, "
                        "default <-o stem>.pareto.json)")
         p.add_argument("--plot", default=None, help="write the per-stage latency staircase as PNG (needs tokensieve[plot]; "

@@ -530,3 +530,14 @@ def test_quantize_writes_int8_copies_close_to_fp32(exported, tmp_path, capsys):
     for name in api.QUANTIZED.values():
         ops = {n.op_type for n in onnx.load(str(folder / name)).graph.node}
         assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, name
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from tokensieve.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sp in sub.choices.items() for a in sp._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
