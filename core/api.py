@@ -442,12 +442,13 @@ def pads_output(methods) -> bool:
 
 def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str | Path, *, num_inputs: int = 8,
                 batch: int = 1, seed: int = 0, atol: float = 1e-4, threads: int | None = None,
-                padded: bool = False) -> VerifyReport:
+                padded: bool = False, progress=None) -> VerifyReport:
     """Compare `reference(x) -> (output or tuple of outputs, kept per stage)` with the debug ONNX (the model's
     outputs, then one kept_idx.<block> per stage) on seeded random inputs; every output is compared.
 
     NaN or Inf on either side fails, with one exception: when `padded`, whole NaN rows of the eager output are the
-    slots a compacting stage left invalid (see pads_output) and are not compared."""
+    slots a compacting stage left invalid (see pads_output) and are not compared. `progress(message)` hears each
+    input."""
     from tokensieve.runtime.onnxruntime_runner import OrtRunner
 
     if isinstance(num_inputs, bool) or isinstance(batch, bool) or num_inputs < 1 or batch < 1:
@@ -466,7 +467,9 @@ def verify_onnx(reference, input_shape, stage_blocks: list[int], onnx_path: str 
         if isinstance(fixed, int) and fixed != batch:   # a model that fixes its batch was exported for that batch
             raise ConfigError(f"{str(onnx_path)!r} takes a fixed batch of {fixed} (the model fixes its batch); "
                               f"pass --batch {fixed}")
-        for _ in range(num_inputs):
+        for i in range(num_inputs):
+            if progress:
+                progress(f"input {i + 1}/{num_inputs}")
             x = torch.randn(batch, *input_shape[1:], generator=gen)
             ref, kept = reference(x)
             refs = list(ref) if isinstance(ref, (tuple, list)) else [ref]

@@ -272,7 +272,8 @@ class Verify(Tool):
         reference, shape, blocks = api.reference_from_report(report)
         ver = api.verify_onnx(reference, shape, blocks, folder / api.ARTIFACTS["debug"], num_inputs=args.inputs,
                               batch=args.batch, seed=args.seed, atol=args.atol,
-                              padded=api.pads_output([s["method"] for s in report["stages"]]))
+                              padded=api.pads_output([s["method"] for s in report["stages"]]),
+                              progress=lambda m: _log(f"verify: {m}"))
         print(f"{'stage after block':>18}  kept indices")
         for b, ok in zip(ver.stage_blocks, ver.indices_match):
             print(f"{b:>18}  {'identical' if ok else 'DIFFERENT'}")
