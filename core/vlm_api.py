@@ -138,7 +138,8 @@ def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner
     layout = adapter.layout(grid) if tiles is None else adapter.tiled_layout(grid, tiles)  # tiles: InternVL's
     layer = adapter.outer_layer(layout)
     # a stage after a named vision layer (LLaVA's feature layer) or after the whole tower (Qwen2-VL's merger)
-    stage = parse_qwen2_vl_prune(prune) if layer is None else parse_outer_recipe(prune, layout)[0]
+    stage = parse_qwen2_vl_prune(prune, adapter.label.split(" (")[0]) if layer is None else \
+        parse_outer_recipe(prune, layout)[0]
     keep, num_tokens, num_image_tokens = adapter.check_outer(layout, stage)
     # FastV keeps R of the image tokens the outer stage leaves in the prompt
     fastv = None if inner is None else parse_fastv(inner, adapter.lm_layout().num_text_layers, num_image_tokens,
@@ -178,11 +179,12 @@ def parse_outer_recipe(text: str, layout: LlavaLayout) -> tuple[Stage, int]:
     return stage, k
 
 
-def parse_qwen2_vl_prune(text: str) -> Stage:
-    """Qwen2-VL: `attn-mean:0.5` -> the one stage after the merger (its after_block is a placeholder 0)."""
+def parse_qwen2_vl_prune(text: str, family: str = "Qwen2-VL") -> Stage:
+    """A family whose stage runs after its whole tower (Qwen2-VL's merger, Gemma 3's pooling): `attn-mean:0.5` -> the
+    one stage (its after_block is a placeholder 0)."""
     st = _outer_stage_text(text)
     if st.places is not None:
-        raise ConfigError(f"prune {text!r}: Qwen2-VL prunes once, after the vision tower's merger; write {OUTER_EXAMPLE}"
+        raise ConfigError(f"prune {text!r}: {family} prunes once, after the vision tower; write {OUTER_EXAMPLE}"
                           .replace(", e.g. cls-topk:0.25", ", e.g. attn-mean:0.5"))
     return st.stage(0)
 

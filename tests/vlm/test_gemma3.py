@@ -239,7 +239,8 @@ def test_registry_and_refusals(model, cli_run, capsys):
     assert "SigLIP" in err[0] and not (out.parent / "cls").exists()
     cases = [(dict(prune="attn-mean:0.5", grid=(1, 8, 8)), "grid"), (dict(prune="evs:0.5"), "video method"),
              (dict(prune="attn-mean(fuse=true):0.5"), "fuse"), (dict(prune="uniform:17"), "outside [1, 16]"),
-             (dict(prune="feather:0.5"), "mean_attention=true"), (dict(prune="tome:0.5"), "does not apply")]
+             (dict(prune="feather:0.5"), "mean_attention=true"), (dict(prune="tome:0.5"), "does not apply"),
+             (dict(prune="attn-mean@1:0.5"), "Gemma 3 prunes once")]
     for kwargs, words in cases:
         with pytest.raises(ConfigError) as e:
             plan_vlm(model, **kwargs)
