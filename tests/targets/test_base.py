@@ -13,12 +13,12 @@ from tokensieve.targets.base import (DEFAULT_MAX_BATCH, DEFAULT_PRECISION, DEFAU
 
 def test_precision_parses_strings_once_and_prints_its_value():
     assert Precision.parse("fp16") is Precision.FP16 and Precision.parse(Precision.FP32) is Precision.FP32
-    assert PRECISIONS == ("fp32", "fp16") and DEFAULT_PRECISION is Precision.FP32
+    assert PRECISIONS == ("fp32", "fp16", "int8") and DEFAULT_PRECISION is Precision.FP32
     assert f"{Precision.FP16}" == str(Precision.FP16) == "fp16" and json.dumps(Precision.FP16) == '"fp16"'
-    for bad in ("FP16", "int8", "", None):
+    for bad in ("FP16", "fp8", "", None):
         with pytest.raises(ConfigError) as e:
             Precision.parse(bad)
-        assert str(e.value) == f"Unknown precision {bad!r}; use one of fp32, fp16"
+        assert str(e.value) == f"Unknown precision {bad!r}; use one of fp32, fp16, int8"
 
 
 def test_buildspec_defaults_and_typed_precision():

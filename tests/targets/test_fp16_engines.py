@@ -205,11 +205,11 @@ def test_cli_build_and_export_fp16(rtx, tmp_path, capsys):
 
 def test_unknown_precision_is_one_line(tmp_path):
     for call in (lambda: BuildSpec(precision="bf16"),
-                 lambda: api.build(_save(_exported("random").onnx_model, tmp_path / "m.onnx"), precision="int8")):
+                 lambda: api.build(_save(_exported("random").onnx_model, tmp_path / "m.onnx"), precision="fp8")):
         with pytest.raises(ConfigError) as e:
             call()
         msg = str(e.value)
-        assert "\n" not in msg and "Unknown precision" in msg and "fp32, fp16" in msg
+        assert "\n" not in msg and "Unknown precision" in msg and "fp32, fp16, int8" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
