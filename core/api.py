@@ -956,7 +956,8 @@ def _move_into_place(stage: Path, out: Path, report: dict) -> list[str]:
     move in, report.json last. A run killed in between leaves files of one run only, without report.json."""
     from tokensieve.fileio import check_interrupted, deferred_interrupts, write_error, write_json_atomic
 
-    report["files"] = {k: str(out / Path(v).name) for k, v in report["files"].items()}
+    for files in (report["files"], *(report[k]["files"] for k in ("optimize", "int8") if k in report)):
+        files.update({k: str(out / Path(v).name) for k, v in files.items()})   # staged paths -> the folder's
     if "build" in report:
         report["build"] |= {k: str(out / Path(report["build"][k]).name) for k in ("engine", "metadata")}
     write_json_atomic(stage / ARTIFACTS["report"], report)

@@ -67,7 +67,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def save_shared(protos: dict[Path, onnx.ModelProto], weights: Path) -> dict[Path, Path]:
+def save_shared(protos: dict[Path, onnx.ModelProto], weights: Path) -> None:
     """Write each ONNX of `protos` (path -> proto, one folder) with every initializer of EXTERNAL_TENSOR_MIN_BYTES or
     more in the one file `weights`, each distinct tensor (type, shape, bytes) stored once, at a 64-byte aligned
     offset. The protos in memory are not changed. One fileio.atomic_paths group: `weights` first, the .onnx files
@@ -86,7 +86,6 @@ def save_shared(protos: dict[Path, onnx.ModelProto], weights: Path) -> dict[Path
                 del copy
     for path in paths:
         data_path(path).unlink(missing_ok=True)
-    return {path: weights for path in paths}
 
 
 def _share(tensor: onnx.TensorProto, data, index: dict, location: str) -> None:

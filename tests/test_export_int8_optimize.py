@@ -52,6 +52,9 @@ def test_optimized_pair_fuses_alike_and_verifies(folder):
     assert r["optimize"]["verify"]["passed"] and all(r["optimize"]["verify"]["indices_match"])
     for name in api.OPTIMIZED.values():
         assert (folder / name).is_file()
+    # the report names the files where they are, not in the staging folder they were written in
+    assert r["optimize"]["files"] == {k: str(folder / v) for k, v in api.OPTIMIZED.items()}
+    assert r["int8"]["files"] == {k: str(folder / v) for k, v in api.QUANTIZED.items()}
     assert r["bench_optimized"]["dense"]["median_ms"] > 0 and r["bench_optimized"]["ideal_speedup"] == r["ideal_speedup"]
 
 
