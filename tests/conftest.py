@@ -28,21 +28,21 @@ def _has_gpu() -> bool:
 # tests, 87 s) for the end of the run, where one worker then ran on alone. Handing them out first leaves only short
 # files for the tail. A path missing here is only scheduled later; a stale one is ignored.
 HEAVY_FILES = (
-    "tests/vlm/test_fastv.py",                          # 107
+    "tests/exporter/vlm/test_fastv.py",                          # 107
     "tests/hostile/test_faults.py",                     # 87
     "tests/targets/test_default_model_engines.py",      # 72
-    "tests/vlm/test_qwen2_vl_fastv.py",                 # 55
+    "tests/exporter/vlm/test_qwen2_vl_fastv.py",                 # 55
     "tests/test_cli.py",                                # 50
-    "tests/vlm/test_export_vlm_cli.py",                 # 50
+    "tests/exporter/vlm/test_export_vlm_cli.py",                 # 50
     "tests/graph_passes/test_adaptive.py",              # 48
     "tests/graph_passes/test_merge_methods.py",         # 48
     "tests/graph_passes/test_compact_token_axis.py",    # 46
-    "tests/vlm/test_qwen2_5_vl.py",                     # 45
+    "tests/exporter/vlm/test_qwen2_5_vl.py",                     # 45
     "tests/graph_passes/test_hoist_token_gathers.py",   # 44
     "tests/graph_passes/test_zero_tprune.py",           # 39
     "tests/graph_passes/test_hiprune.py",               # 39
     "tests/targets/test_diversity_to_plugin.py",        # 38
-    "tests/vlm/test_llava_parts.py",                    # 35
+    "tests/exporter/vlm/test_llava_parts.py",                    # 35
     "tests/scripts/test_bench_video.py",                # 34
     "tests/graph_passes/test_tome_prop_attn.py",        # 32
     "tests/test_tune.py",
@@ -54,8 +54,8 @@ HEAVY_FILES = (
     "tests/targets/test_plugins.py",
     "tests/test_export_int8_optimize.py",               # 24
     "tests/test_shared_weights.py",
-    "tests/vlm/test_gemma3.py",                         # 33
-    "tests/vlm/test_internvl.py",                       # 22
+    "tests/exporter/vlm/test_gemma3.py",                         # 33
+    "tests/exporter/vlm/test_internvl.py",                       # 22
     "tests/graph_passes/test_place_in_block.py",
     "tests/graph_passes/test_paper_macs.py",
     "tests/test_heads.py",

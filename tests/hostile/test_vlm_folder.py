@@ -6,7 +6,7 @@ staging folder and temp files are removed by the next run.
 The heavy steps (tracing and converting the three parts, ~12 s for the tiny LLaVA; greedy verification) are stand-ins
 here: `export_vlm` writes each part file tagged with its run (through the same atomic writer) and the real manifest,
 `verify_vlm` passes. Everything around them (argument checks, plan_vlm on a real tiny LLaVA, the lock, the staging
-folder, the swap, the messages) is the real command; tests/vlm/test_export_vlm_cli.py runs it with the real steps.
+folder, the swap, the messages) is the real command; tests/exporter/vlm/test_export_vlm_cli.py runs it with the real steps.
 """
 from __future__ import annotations
 

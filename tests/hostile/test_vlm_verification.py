@@ -7,7 +7,7 @@ say "Another tokensieve export or export-vlm is writing into ...".
 As in test_vlm_folder.py, the heavy steps (tracing the parts, greedy decoding) are stand-ins: the parts are files
 tagged with their run and verify_vlm returns a given VlmVerifyReport; the argument checks, plan_vlm on a real tiny
 LLaVA, the staging folder, record_verification, the manifest's writer and reader and `inspect` are the real code
-(tests/vlm/test_export_vlm_cli.py runs export-vlm with the real steps).
+(tests/exporter/vlm/test_export_vlm_cli.py runs export-vlm with the real steps).
 """
 from __future__ import annotations
 

@@ -334,7 +334,7 @@ def test_bad_keep_idx(model, layout, prompt, keep_idx, words):
     assert words in _one_line(e)
 
 
-@pytest.mark.parametrize("grid", [(1, 7, 8), (0, 8, 8), (1, 8)])  # t > 1 is a video: tests/vlm/test_qwen2_vl_video.py
+@pytest.mark.parametrize("grid", [(1, 7, 8), (0, 8, 8), (1, 8)])  # t > 1 is a video: tests/exporter/vlm/test_qwen2_vl_video.py
 def test_bad_grid(model, grid):
     with pytest.raises(ConfigError) as e:
         image_layout(model.config.vision_config, grid)
