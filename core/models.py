@@ -106,7 +106,7 @@ SAFE_LOADING = dict(trust_remote_code=False, use_safetensors=True, weights_only=
 
 # model_type -> what it is: checkpoints `tokensieve export-vlm` takes, not `export`
 VLM_TYPES = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "internvl": "InternVL",
-             "gemma3": "Gemma 3"}
+             "gemma3": "Gemma 3", "qwen3_vl": "Qwen3-VL"}
 # model_type of a dual encoder -> the transformers class of its vision tower with its image-embedding head (pooler
 # + projection; loads from the full checkpoint)
 VISION_TOWERS = {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}

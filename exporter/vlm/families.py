@@ -13,10 +13,11 @@ from tokensieve.exporter.vlm.internvl_adapter import InternVLAdapter
 from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
 from tokensieve.exporter.vlm.qwen2_5_vl_adapter import Qwen25VLAdapter
 from tokensieve.exporter.vlm.qwen2_vl_adapter import Qwen2VLAdapter
+from tokensieve.exporter.vlm.qwen3_vl_adapter import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VlmAdapter]] = {cls.hf_class: cls for cls in (LlavaAdapter, Qwen2VLAdapter,
                                                                          Qwen25VLAdapter, Gemma3Adapter,
-                                                                         InternVLAdapter)}
+                                                                         InternVLAdapter, Qwen3VLAdapter)}
 BY_MODEL_TYPE: dict[str, type[VlmAdapter]] = {cls.model_type: cls for cls in ADAPTERS.values()}
 
 
