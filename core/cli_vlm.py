@@ -1,6 +1,7 @@
 """`tokensieve export-vlm`: a local LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint -> pruned vision part + LM prefill/decode ONNX,
 verified by greedy decoding against the eager model with the same pruning, then one TensorRT engine per part.
-Qwen2-VL exports one image (--grid 1,H,W) or one video (--grid T,H,W with T > 1 temporal patches)."""
+Qwen2-VL exports one image (--grid 1,H,W) or one video (--grid T,H,W with T > 1 temporal patches); a Qwen2.5-VL video
+also takes --seconds-per-grid (its M-RoPE time spacing)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ class ExportVlm:
         tokensieve export-vlm llava_dir --prune cls-topk:1.0 --inner fastv@1:0.5 -o out_fastv/   # FastV in the LLM
         tokensieve export-vlm qwen2vl_dir --prune attn-mean:0.5 --grid 1,28,28 -o out_qwen/   # CLS-free
         tokensieve export-vlm qwen2vl_dir --prune divprune:0.25 --grid 2,28,28 -o out_video/  # a 4-frame video
+        tokensieve export-vlm qwen25vl_dir --prune evs:0.25 --grid 8,28,28 --seconds-per-grid 1.0 -o out_q25v/
         tokensieve export-vlm qwen2vl_dir --prune uniform:1.0 --grid 1,28,28 --inner fastv@1:0.5 -o out_qfastv/
         tokensieve export-vlm internvl_dir --prune cls-topk:0.25 --tiles 7 -o out_internvl/   # K per tile
         tokensieve export-vlm llava_dir --inner "fastv(debias=true)@1:0.5" --inner-bias bias.npy -o out_debias/
@@ -49,7 +51,7 @@ class ExportVlm:
     name = "export-vlm"
 
     def add_args(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", help="local Hugging Face folder of a LLaVA, Qwen2-VL or Qwen2.5-VL (images) checkpoint (save_pretrained)")
+        p.add_argument("model", help="local Hugging Face folder of a LLaVA, Qwen2-VL or Qwen2.5-VL checkpoint (save_pretrained)")
         p.add_argument("--prune", default="cls-topk:0.25", help="METHOD[(options)]:KEEP, one outer stage after the "
                        "vision tower (default cls-topk:0.25; Qwen2-VL has no [CLS]: attn-mean, divprune, ttv, ...; a "
                        "Qwen2-VL video also takes the video methods evs and holitom)")
@@ -57,6 +59,11 @@ class ExportVlm:
         p.add_argument("--grid", default=None, help="Qwen2-VL / Qwen2.5-VL: the static grid t,h,w in patches: 1,28,28 an image "
                        "(392 px); t > 1 a video of t temporal patches (temporal_patch_size frames each, e.g. 2,28,28 "
                        "for 4 frames), attended per temporal patch, its prompt holding video tokens")
+        p.add_argument("--seconds-per-grid", type=float, default=None, metavar="S", help="Qwen2.5-VL videos "
+                       "(needed with --grid t,h,w, t > 1): the seconds one temporal patch spans, temporal_patch_size "
+                       "/ the processor's fps (HF's second_per_grid_ts; e.g. 1.0 for 2 frames per patch at 2 fps); "
+                       "spaces the video's M-RoPE time positions tokens_per_second x S apart, fixed at export and "
+                       "recorded in the manifest")
         p.add_argument("--tiles", type=int, default=None, help="InternVL: the static tile count per image (default "
                        "1): vision_prune takes pixel_values (N, 3, S, S), the prompt the image tokens of all N tiles "
                        "in order; each tile keeps KEEP of its tokens")
@@ -100,6 +107,11 @@ class ExportVlm:
                               f"--tiles is for InternVL; a {_label(kind)} takes no tiles, drop --tiles")
         if args.grid and not family.static_grid:
             raise ConfigError(f"--grid is for Qwen2-VL; a {_label(kind)}'s image size comes from its vision config")
+        seconds = args.seconds_per_grid
+        if seconds is not None and not (family.static_grid and 0 < seconds < float("inf")):
+            raise ConfigError(f"--seconds-per-grid {seconds:g} must be a finite number of seconds > 0 per temporal "
+                              "patch (temporal_patch_size / fps)" if family.static_grid else
+                              f"--seconds-per-grid is for Qwen2.5-VL videos; a {_label(kind)} takes none, drop it")
         if family.static_grid:  # the grid, and the one stage after the whole tower, checked before the weights load
             from tokensieve.vlm_api import parse_qwen2_vl_prune
 
@@ -211,12 +223,14 @@ def _export(model, args, kind: str, grid, bias=None) -> int:
     from tokensieve.vlm_api import plan_vlm, staged_folder, vlm_profiles
 
     if bias is not None:  # N is the image tokens the outer stage leaves in the prompt: known once the model is loaded
-        n = plan_vlm(model, args.prune, grid=grid, tiles=args.tiles).num_image_tokens
+        n = plan_vlm(model, args.prune, grid=grid, tiles=args.tiles,
+                     second_per_grid=args.seconds_per_grid).num_image_tokens
         if bias.shape != (n,):
             raise ConfigError(f"--inner-bias {args.inner_bias!r} holds {bias.shape[0]} values but the inner stage "
                               f"sees {n} image tokens (--prune {args.prune}); calibrate with the same --prune")
     # range checks need the model: before the export
-    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles)
+    plan = plan_vlm(model, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles,
+                    second_per_grid=args.seconds_per_grid)
     profiles = None if args.no_build else vlm_profiles(plan, max_batch=args.max_batch, max_sequence=args.max_sequence)
     removed = []
     # one writer per folder; everything is written into a staging folder and swapped in at the end (the manifest
@@ -245,7 +259,8 @@ def _export_into(model, args, kind: str, grid, bias, plan, profiles, stage: Path
     inner = f" + {args.inner}" if args.inner else ""
     where = f" ({plan.layout.modality} grid {grid})" if grid else ""
     _log(f"[1/3] exporting {label} in parts with {args.prune}{inner}{where}")
-    result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles)
+    result = export_vlm(model, stage, args.prune, grid=grid, inner=args.inner, inner_bias=bias, tiles=args.tiles,
+                        second_per_grid=args.seconds_per_grid)
     args.vlm_result = result
     lines = [f"tokensieve: {args.model}  ({label})  {args.prune}{inner}", ""]
     adapter = result.adapter  # the family's facts (exporter/vlm/adapter.py)

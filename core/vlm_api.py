@@ -3,6 +3,7 @@
     result = export_vlm(model, "out/llava", "cls-topk:0.25")                     # LLaVA, FasterVLM: keep 25%
     result = export_vlm(model, "out/qwen", "attn-mean:0.5", grid=(1, 28, 28))    # Qwen2-VL: CLS-free, static grid
     result = export_vlm(model, "out/qwen_video", "attn-mean:0.5", grid=(2, 28, 28))  # Qwen2-VL video (t > 1)
+    result = export_vlm(model, "out/q25_video", "evs:0.5", grid=(4, 28, 28), second_per_grid=1.0)  # Qwen2.5-VL video
     result = export_vlm(model, "out/internvl", "cls-topk:0.25", tiles=7)         # InternVL: 7 tiles, K per tile
     report = verify_vlm(result)             # ORT greedy ids == eager with the same pruning (keep_idx, logits)
     record_verification(result, report)     # the manifest's "verification" (what `tokensieve inspect` shows)
@@ -130,12 +131,13 @@ class VlmPlan:
 
 
 def plan_vlm(model: nn.Module, prune: str = "cls-topk:0.25", *, grid=None, inner: str | None = None,
-             inner_bias=None, tiles: int | None = None) -> VlmPlan:
+             inner_bias=None, tiles: int | None = None, second_per_grid: float | None = None) -> VlmPlan:
     """Check export_vlm's arguments against `model` without exporting anything; one-line ConfigError otherwise."""
     adapter = adapter_for(model)
     if inner_bias is not None and inner is None:
         raise ConfigError("inner_bias is the calibrated bias of inner='fastv(debias=true)@L:R'; pass inner too")
     layout = adapter.layout(grid) if tiles is None else adapter.tiled_layout(grid, tiles)  # tiles: InternVL's
+    layout = adapter.timed_layout(layout, second_per_grid)  # a Qwen2.5-VL video's seconds per temporal patch
     layer = adapter.outer_layer(layout)
     # a stage after a named vision layer (LLaVA's feature layer) or after the whole tower (Qwen2-VL's merger)
     stage = parse_qwen2_vl_prune(prune, adapter.label.split(" (")[0]) if layer is None else \
@@ -270,17 +272,21 @@ class VlmExportResult:
 
 def export_vlm(model: nn.Module, out_dir: str | Path, prune: str = "cls-topk:0.25", *, grid=None,
                inner: str | None = None, inner_bias=None, tiles: int | None = None,
-               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> VlmExportResult:
+               external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+               second_per_grid: float | None = None) -> VlmExportResult:
     """Export `model` (a registered VLM family: LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration; eval
     mode is set) as three ONNX parts with `prune` after the vision tower into `out_dir`. Qwen2-VL needs
     `grid=(t, h, w)`, InternVL takes `tiles=N` (static tiles per image, default 1); all take `inner="fastv@L:R"`
-    (FastV inside the LLM prefill, R of the image tokens the prompt carries). A part whose weights reach
+    (FastV inside the LLM prefill, R of the image tokens the prompt carries). A Qwen2.5-VL video (grid t > 1) needs
+    `second_per_grid` (seconds per temporal patch: temporal_patch_size / fps, HF's second_per_grid_ts), which spaces
+    its M-RoPE time positions; the manifest's layout records it. A part whose weights reach
     `external_data_threshold` bytes is written with its weights in `<part>.onnx.data` (0: every part)."""
     if isinstance(external_data_threshold, bool) or not isinstance(external_data_threshold, int) \
             or external_data_threshold < 0:
         raise ConfigError(f"external_data_threshold={external_data_threshold!r} must be a byte count >= 0 "
                           f"(0 writes every part with external data; default {EXTERNAL_DATA_THRESHOLD})")
-    plan = plan_vlm(model, prune, grid=grid, inner=inner, inner_bias=inner_bias, tiles=tiles)  # checks, then writes
+    plan = plan_vlm(model, prune, grid=grid, inner=inner, inner_bias=inner_bias, tiles=tiles,
+                    second_per_grid=second_per_grid)  # checks, then writes
     model.eval()
     adapter = adapter_for(model)
     vision = adapter.vision_module(plan)

@@ -7,7 +7,8 @@ calibration) and the benchmarks are written once over this interface; a family i
 and is registered in exporter/vlm/families.py (one dict from the HF class name to its adapter).
 
 What an adapter answers, part by part:
-    vision part      `layout(grid)` (`tiled_layout(grid, tiles)`: InternVL's static tiles), `outer_layer(layout)`
+    vision part      `layout(grid)` (`tiled_layout(grid, tiles)`: InternVL's static tiles; `timed_layout(layout,
+                     second_per_grid)`: Qwen2.5-VL's seconds per temporal patch of a video), `outer_layer(layout)`
                      (where the outer stage sits), `check_outer(layout, stage)` (K and the prompt's image-token count);
                      `vision_module(plan)` the eager vision_prune (pixels -> image features + keep_idx) that is both
                      the reference and what is exported; `sample_pixels`.
@@ -86,6 +87,17 @@ class VlmAdapter(ABC):
 
         raise ConfigError(f"tiles={tiles!r}: {self.label.split(' (')[0]} takes no tiles (InternVL does); drop tiles "
                           "/ --tiles")
+
+    def timed_layout(self, layout, second_per_grid: float | None):
+        """The layout with `second_per_grid` seconds per temporal patch (Qwen2.5-VL's video M-RoPE time spacing);
+        None: `layout` as it is. A family whose positions take no time spacing refuses a value in one line."""
+        if second_per_grid is None:
+            return layout
+        from tokensieve.errors import ConfigError
+
+        raise ConfigError(f"second_per_grid={second_per_grid!r}: {self.label.split(' (')[0]} takes no seconds per "
+                          "temporal patch (only a Qwen2.5-VL video spaces its M-RoPE time positions by it); drop "
+                          "second_per_grid / --seconds-per-grid")
 
     @abstractmethod
     def outer_layer(self, layout) -> int | None:

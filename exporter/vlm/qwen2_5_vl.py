@@ -1,4 +1,4 @@
-"""Qwen2.5-VL's vision part in exportable form, one image with a static patch grid (1, h, w).
+"""Qwen2.5-VL's vision part in exportable form, one image (grid (1, h, w)) or one video (grid (t, h, w), t > 1).
 
 vision_prune: pixel_values (N, C·T·P·P) -> patch embed -> vision blocks (windowed: SDPA over batched windows; full
               attention: one SDPA) -> merger -> score -> fixed-budget TopK -> sort -> Gather
@@ -24,8 +24,18 @@ Pruning is Qwen2-VL's (after the merger, CLS-free methods, run through methods.s
 pooled over each merge group). An attention score reads the last block's q, k as one full-attention row set, so it
 needs that block in `fullatt_block_indexes` (Qwen2.5-VL's checkpoints: the last block is full attention); for a tower
 whose last block is windowed those methods are refused in one line (hidden-state and token scores still apply).
+
+Videos: HF's tower runs every temporal step on its own, in the windowed blocks too (get_vision_window_index tiles
+each step into its windows; cu_seqlens of the full blocks is one segment per step), so the constant windows above
+come from the video grid as they are (W = t x the windows of one step) and the full-attention blocks are Qwen2-VL's
+per-step SDPA; the video methods (evs, holitom) read the merged tokens as t frames, as for Qwen2-VL. What a video adds
+is its time spacing: VideoLayout carries the seconds one temporal patch spans (`second_per_grid`, the processor's
+second_per_grid_ts = temporal_patch_size / fps), which HF's get_rope_index turns into the time positions
+s + floor(i x tokens_per_second x second_per_grid) of temporal patch i (Qwen2-VL: s + i).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +44,15 @@ from transformers.vision_utils import get_vision_window_index
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.qwen2_vl import ImageLayout, Qwen2VLVisionPrune, cls_free_methods
 from tokensieve.graph_passes.methods.spec import PruneMethod, ScoreInput
+
+
+@dataclass(frozen=True)
+class VideoLayout(ImageLayout):
+    """A Qwen2.5-VL video: ImageLayout's grid (t > 1) and the seconds one temporal patch spans, fixed at export
+    (HF's second_per_grid_ts: temporal_patch_size / the processor's fps); prompt_mrope_positions passes it to
+    get_rope_index, whose time positions step by tokens_per_second x second_per_grid (floored) per temporal patch."""
+
+    second_per_grid: float
 
 
 def window_groups(vision_config, layout: ImageLayout) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,8 +86,9 @@ def check_score_block(visual: nn.Module, spec: PruneMethod) -> None:
 
 class Qwen25VLVisionPrune(Qwen2VLVisionPrune):
     """pixel_values (N, patch_dim) -> (features (K, H_lm), keep_idx (K,) int64 ascending) for one static Qwen2.5-VL
-    image: Qwen2VLVisionPrune with the windowed blocks' attention over the constant windows of the grid (module
-    docstring). keep = layout.num_merged keeps every token (in order) and reproduces HF's `get_image_features`."""
+    image or video: Qwen2VLVisionPrune with the windowed blocks' attention over the constant windows of the grid
+    (module docstring). keep = layout.num_merged keeps every token (in order) and reproduces HF's
+    `get_image_features` (a video: `get_video_features`)."""
 
     family = "Qwen2.5-VL"
 

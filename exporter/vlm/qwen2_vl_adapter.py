@@ -211,7 +211,8 @@ def sample_prompt(config, layout: ImageLayout, num_text: int = 7) -> Tensor:
 
 
 def prompt_mrope_positions(model: nn.Module, input_ids: Tensor, layout: ImageLayout) -> Tensor:
-    """HF's M-RoPE positions (3, B, T) of the unpruned prompt (one image or video per row, `layout`'s grid)."""
+    """HF's M-RoPE positions (3, B, T) of the unpruned prompt (one image or video per row, `layout`'s grid; a
+    Qwen2.5-VL video's layout also gives its second_per_grid, HF's second_per_grid_ts)."""
     cfg, kind = model.config, layout.modality
     token = placeholder_token_id(cfg, layout)
     other = cfg.image_token_id if layout.is_video else cfg.video_token_id
@@ -225,6 +226,9 @@ def prompt_mrope_positions(model: nn.Module, input_ids: Tensor, layout: ImageLay
                           f"grid ({layout.t}, {layout.h}, {layout.w}) is one {kind}; build it with {build}")
     mm_token_type_ids = (input_ids == token).int() * (2 if layout.is_video else 1)  # HF: text 0, image 1, video 2
     grid = {f"{kind}_grid_thw": layout.grid_thw.expand(input_ids.shape[0], 3)}
+    seconds = getattr(layout, "second_per_grid", None)  # a Qwen2.5-VL video's time spacing (qwen2_5_vl.VideoLayout)
+    if seconds is not None:
+        grid["second_per_grid_ts"] = torch.tensor([seconds] * input_ids.shape[0])
     position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
                                                  attention_mask=torch.ones_like(input_ids), **grid)
     return position_ids
