@@ -56,6 +56,7 @@ HEAVY_FILES = (
     "tests/test_shared_weights.py",
     "tests/exporter/vlm/test_gemma3.py",                         # 33
     "tests/exporter/vlm/test_internvl.py",                       # 22
+    "tests/exporter/vlm/test_qwen3_vl.py",                       # 62
     "tests/graph_passes/test_place_in_block.py",
     "tests/graph_passes/test_paper_macs.py",
     "tests/test_heads.py",

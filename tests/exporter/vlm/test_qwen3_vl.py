@@ -4,12 +4,14 @@ export_vlm + verify_vlm for an image and a timestamped video, the CLI, the refus
 A tiny random-init Qwen3VLForConditionalGeneration (no hub): 3 vision blocks, DeepStack levels after blocks 0 and 1
 (into LM layers 0 and 1 of 3), a 4 x 4 learned position table resampled to the grid, an interleaved M-RoPE of
 mrope_section (2, 3, 3). An image of grid (1, 8, 8) -> 16 merged tokens; a video of grid (2, 8, 8) -> 2 timestamped
-steps of 16. Three exports: keep-all image (export_vlm: against HF, the engines), attn-mean:0.5 image (the CLI:
-export_vlm + verify_vlm), divprune:0.5 video (export_vlm + verify_vlm).
+steps of 16. One full export, attn-mean:0.5 on the image (the CLI: export_vlm + verify_vlm; the engines), then only
+vision_prune + lm_prefill (the time budget; lm_decode is the CLI's) of keep-all on the image (against HF) and of
+divprune:0.5 on the video (verify_vlm).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -19,6 +21,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import tokensieve.exporter.vlm.qwen3_vl_adapter as q3
+import tokensieve.vlm_api as vlm_api
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.families import adapter_by_type, adapter_for
@@ -26,7 +29,7 @@ from tokensieve.exporter.vlm.qwen2_vl import image_layout
 from tokensieve.exporter.vlm.qwen2_vl_adapter import vision_prompt
 from tokensieve.exporter.vlm.qwen3_vl import Qwen3VLPrefill, Qwen3VLVisionPrune, exportable_mrope, mrope_axes
 from tokensieve.exporter.vlm.qwen3_vl_adapter import Qwen3VLAdapter
-from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm
+from tokensieve.vlm_api import build_vlm, plan_vlm, verify_vlm, write_parts
 
 IMAGE, VIDEO = (1, 8, 8), (2, 8, 8)
 N_IMG = 16
@@ -74,23 +77,44 @@ def _hf_generate(model, layout, x, prompt, steps=8) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def full(model, tmp_path_factory):
-    """Every image token kept (uniform:1.0) through export_vlm: compared with HF, and the engines."""
-    return export_vlm(model, tmp_path_factory.mktemp("qwen3_full"), "uniform:1.0", grid=IMAGE)
-
-
-@pytest.fixture(scope="module")
 def cli_run(model, tmp_path_factory):
     """`tokensieve export-vlm DIR --prune attn-mean:0.5 --grid 1,8,8 -o OUT --no-build` on a save_pretrained folder
-    (export_vlm + verify_vlm, 8 greedy tokens) -> (model folder, OUT, exit code, stdout)."""
+    (export_vlm + verify_vlm, 8 greedy tokens) -> (model folder, OUT, exit code, stdout, the VlmExportResult its
+    export_vlm returned, caught on the way: build_vlm and _parts take it)."""
     root = tmp_path_factory.mktemp("qwen3_cli")
     folder, out = root / "model", root / "out"
     model.save_pretrained(folder)
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, results, export = io.StringIO(), [], vlm_api.export_vlm
+
+    def catching(*args, **kwargs):
+        results.append(export(*args, **kwargs))
+        return results[-1]
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(vlm_api, "export_vlm", catching)
         rc = main(["export-vlm", str(folder), "--prune", "attn-mean:0.5", "--grid", "1,8,8", "-o", str(out),
                    "--no-build"])
-    return folder, out, rc, stdout.getvalue()
+    return folder, out, rc, stdout.getvalue(), results[0]
+
+
+def _parts(model, prune: str, grid, cli_run, out) -> vlm_api.VlmExportResult:
+    """vision_prune and lm_prefill of `prune` on `grid` from the adapter's exporters, written by vlm_api.write_parts,
+    with the CLI export's lm_decode (the decode step depends on neither K nor the modality): the time budget."""
+    plan = plan_vlm(model, prune, grid=grid)
+    adapter = Qwen3VLAdapter(model)
+    vision = adapter.vision_module(plan)
+    exporters = adapter.part_exporters(plan, vision)
+    paths, _ = write_parts({"vision": exporters["vision"](), "prefill": exporters["prefill"]()}, out)
+    base = cli_run[4]
+    return dataclasses.replace(base, vision=vision, keep=plan.keep, num_tokens=plan.num_tokens, layout=plan.layout,
+                               num_image_tokens=plan.num_image_tokens, prune=plan.prune, method=plan.stage.method,
+                               options=dict(vision.options), paths={**base.paths, **paths})
+
+
+@pytest.fixture(scope="module")
+def full(model, cli_run, tmp_path_factory):
+    """Every image token kept (uniform:1.0): the parts compared with HF."""
+    return _parts(model, "uniform:1.0", IMAGE, cli_run, tmp_path_factory.mktemp("qwen3_full"))
 
 
 # --------------------------------------------------------------------------- eager: the tower and the rotary
@@ -165,7 +189,7 @@ def test_keep_all_ort_greedy_equals_hf_generate(model, full):
 def test_cli_export_vlm_attn_mean(cli_run):
     """attn-mean:0.5 from the CLI: export_vlm + verify_vlm PASS (8 greedy tokens and keep_idx identical to the eager
     pruned reference, logits within 1e-4); the manifest names the family."""
-    folder, out, rc, stdout = cli_run
+    folder, out, rc, stdout, _ = cli_run
     line = next(li for li in stdout.splitlines() if "verify" in li)
     assert rc == 0 and "PASS" in line and "8 greedy tokens identical, keep_idx identical" in line, stdout
     assert float(line.split("max |Δ logits| ")[1].split()[0]) <= 1e-4
@@ -174,7 +198,7 @@ def test_cli_export_vlm_attn_mean(cli_run):
     assert (manifest["model_type"], manifest["method"], manifest["keep"]) == ("qwen3_vl", "attn-mean", 8)
 
 
-def test_video_keep_all_equals_hf_generate_and_pruned_verifies(model, tmp_path):
+def test_video_keep_all_equals_hf_generate_and_pruned_verifies(model, cli_run, tmp_path):
     """A video of 2 timestamped steps: with every token kept the eager parts' greedy tokens equal HF's generate (HF
     splits the grid per step, positions after each timestamp); divprune:0.5 exported: ORT greedy tokens and keep_idx
     equal the eager pruned reference, logits within 1e-4."""
@@ -183,7 +207,7 @@ def test_video_keep_all_equals_hf_generate_and_pruned_verifies(model, tmp_path):
     every = Qwen3VLVisionPrune(model.model.visual, layout, "uniform", layout.num_merged).eval()
     tokens, _ = q3.greedy_eager(model, every, x, prompt, steps=8)
     assert tokens == _hf_generate(model, layout, x, prompt)
-    result = export_vlm(model, tmp_path, "divprune:0.5", grid=VIDEO)
+    result = _parts(model, "divprune:0.5", VIDEO, cli_run, tmp_path)
     report = verify_vlm(result, max_new_tokens=8)
     assert report.passed and report.tokens_match and report.keep_idx_match, report.to_dict()
     assert report.max_abs_diff_logits <= 1e-4 and report.max_abs_diff_features <= 1e-4
@@ -255,14 +279,15 @@ def test_registry_and_refusals(model, cli_run, capsys):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_build_vlm_builds_the_three_parts(full, precision):
+def test_build_vlm_builds_the_three_parts(cli_run, precision):
     """TensorRT-RTX builds vision_prune (with its DeepStack output), lm_prefill (DeepStack hooks, the select-based
     M-RoPE) and lm_decode, fp32 and fp16."""
     pytest.importorskip("tensorrt_rtx")
-    infos = build_vlm(full, precision=precision, max_sequence=64)
+    result = cli_run[4]
+    infos = build_vlm(result, precision=precision, max_sequence=64)
     assert set(infos) == {"vision", "prefill", "decode"}
     io_shapes = {t["name"]: t["shape"] for t in infos["vision"].metadata["io_tensors"]}
-    assert io_shapes == {"pixel_values": [64, 96], "image_features": [N_IMG, 64], "keep_idx": [N_IMG],
-                         "deepstack_features": [2, N_IMG, 64]}
-    engines = json.loads(full.paths["manifest"].read_text())["engines"]
-    assert set(engines) == set(infos) and all((full.out_dir / e["file"]).is_file() for e in engines.values())
+    assert io_shapes == {"pixel_values": [64, 96], "image_features": [8, 64], "keep_idx": [8],
+                         "deepstack_features": [2, 8, 64]}
+    engines = json.loads(result.paths["manifest"].read_text())["engines"]
+    assert set(engines) == set(infos) and all((result.out_dir / e["file"]).is_file() for e in engines.values())
