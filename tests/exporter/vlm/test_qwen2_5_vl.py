@@ -144,7 +144,8 @@ def test_keep_all_ort_greedy_equals_hf_generate(model, full):
 
 def test_cli_export_vlm_attn_mean(cli_run, capsys):
     """attn-mean:0.5 from the CLI: export_vlm + verify_vlm PASS (8 greedy tokens and keep_idx identical to the eager
-    pruned reference, logits within 1e-4), the manifest of the family. A video grid: one line, exit 2."""
+    pruned reference, logits within 1e-4), the manifest of the family. A video grid without --seconds-per-grid (its
+    M-RoPE time spacing; test_qwen2_5_vl_video.py exports videos): one line, exit 2."""
     folder, out, rc, stdout = cli_run
     line = next(li for li in stdout.splitlines() if "verify" in li)
     assert rc == 0 and "PASS" in line and "8 greedy tokens identical, keep_idx identical" in line, stdout
@@ -159,6 +160,7 @@ def test_cli_export_vlm_attn_mean(cli_run, capsys):
                  str(out.parent / "video"), "--no-build"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokensieve export-vlm: error: ") and "video" in err[0], err
+    assert "--seconds-per-grid" in err[0]
 
 
 def test_divprune_verifies(model, full, cli_run, tmp_path):
@@ -202,10 +204,11 @@ def _one_line(exc_info) -> str:
 
 
 def test_registry_and_refusals(model, monkeypatch):
-    """The registry picks Qwen25VLAdapter; one-line ConfigErrors name Qwen2.5-VL: a video grid, a [CLS] method, an
-    attention score read from a windowed last block (a hidden-state score still applies)."""
+    """The registry picks Qwen25VLAdapter; one-line ConfigErrors name Qwen2.5-VL: a video grid without
+    second_per_grid, a [CLS] method, an attention score read from a windowed last block (a hidden-state score still
+    applies)."""
     assert type(adapter_for(model)) is Qwen25VLAdapter and adapter_by_type("qwen2_5_vl") is Qwen25VLAdapter
-    for call, words in [(lambda: plan_vlm(model, "attn-mean:0.5", grid=(2, 12, 20)), "video"),
+    for call, words in [(lambda: plan_vlm(model, "attn-mean:0.5", grid=(2, 12, 20)), "pass second_per_grid=S"),
                         (lambda: plan_vlm(model, "cls-topk:0.5", grid=GRID), "Qwen2.5-VL's vision tower")]:
         with pytest.raises(ConfigError) as e:
             call()

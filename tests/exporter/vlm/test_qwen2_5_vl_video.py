@@ -136,8 +136,8 @@ def test_layout_and_time_spaced_positions(model, layout, prompt):
 
 def test_windows_per_temporal_step_and_keep_all_equals_hf(model, layout):
     """The constant windows are HF's per-step window segments (12 windows: 4 a step, 2 of them partial); keep = every
-    token equals HF's get_video_features to 1e-5. Control: windows over the image grid (1, 6, 8) of step 0 alone miss
-    steps 1 and 2."""
+    token equals HF's get_video_features to 1e-5. Control: the windows of the steps stacked as one image (1, 18, 8)
+    (the same natural patch order), whose windows cross step boundaries, change the features by > 1e-3."""
     from transformers.vision_utils import get_vision_window_index
 
     members, valid, _ = window_groups(model.config.vision_config, layout)
@@ -154,8 +154,12 @@ def test_windows_per_temporal_step_and_keep_all_equals_hf(model, layout):
         want = model.model.get_video_features(x, layout.grid_thw).pooler_output[0]
     assert keep.tolist() == list(range(N_VID))
     torch.testing.assert_close(feats, want, atol=1e-5, rtol=0)
-    one_step = window_groups(model.config.vision_config, dataclasses.replace(layout, t=1))[0]
-    assert one_step.shape[0] == 4 and one_step.max() < 48
+    stacked = Qwen25VLVisionPrune(model.model.visual, layout, "attn-mean", N_VID).eval()
+    members, valid, slot = window_groups(model.config.vision_config, dataclasses.replace(layout, t=1, h=18))
+    assert any(max(m[v]) // 48 != min(m[v]) // 48 for m, v in zip(members, valid))  # a window spans two steps
+    stacked.window_members, stacked.window_slot, stacked.window_mask = members, slot, valid[:, None, None, :]
+    with torch.no_grad():
+        assert (stacked(x)[0] - want).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------- export + verify
