@@ -38,6 +38,7 @@ HEAVY_FILES = (
     "tests/graph_passes/test_merge_methods.py",         # 48
     "tests/graph_passes/test_compact_token_axis.py",    # 46
     "tests/exporter/vlm/test_qwen2_5_vl.py",                     # 45
+    "tests/exporter/vlm/test_qwen2_5_vl_video.py",               # 40
     "tests/graph_passes/test_hoist_token_gathers.py",   # 44
     "tests/graph_passes/test_zero_tprune.py",           # 39
     "tests/graph_passes/test_hiprune.py",               # 39
