@@ -106,7 +106,12 @@ class ExportVlm:
             raise ConfigError(f"--tiles {args.tiles} must be >= 1" if family.tiled else
                               f"--tiles is for InternVL; a {_label(kind)} takes no tiles, drop --tiles")
         if args.grid and not family.static_grid:
-            raise ConfigError(f"--grid is for Qwen2-VL; a {_label(kind)}'s image size comes from its vision config")
+            t = args.grid.split(",")[0].strip()
+            video = t.isdigit() and int(t) > 1  # t > 1 temporal patches: a video grid
+            raise ConfigError(f"--grid {args.grid} is a video grid (t > 1), but {_label(kind)} takes one image, not a "
+                              "video; drop --grid (videos: Qwen2-VL / Qwen2.5-VL)" if video else
+                              f"--grid is for Qwen2-VL / Qwen2.5-VL; {_label(kind)}'s image size comes from its vision "
+                              "config, drop --grid")
         seconds = args.seconds_per_grid
         if seconds is not None and not (family.static_grid and 0 < seconds < float("inf")):
             raise ConfigError(f"--seconds-per-grid {seconds:g} must be a finite number of seconds > 0 per temporal "
