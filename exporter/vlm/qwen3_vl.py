@@ -43,6 +43,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.export_part import PartSpec, export_part
+from tokensieve.exporter.vlm.qwen2_vl_fastv import Qwen2VLFastvDecode, Qwen2VLFastvPrefill
 from tokensieve.exporter.vlm.qwen2_vl import (ImageLayout, Qwen2VLDecode, Qwen2VLVisionPrune, _lm_example,
                                               cache_names, cls_free_methods, fill_placeholders, flatten_cache)
 from tokensieve.graph_passes.methods.spec import PruneMethod, Reduce
@@ -157,9 +158,17 @@ def exportable_mrope(rotary: nn.Module):
 
 
 @contextmanager
-def deepstack_hooks(layers: nn.ModuleList, added: Tensor):
-    """Forward hooks adding added[d] (D, B, T, H) to the output of decoder layer d, d < D, while the block runs."""
-    handles = [layers[d].register_forward_hook(lambda _m, _a, out, d=d: out + added[d].to(out.dtype))
+def deepstack_hooks(layers: nn.ModuleList, added: Tensor, pad: bool = False):
+    """Forward hooks adding added[d] (D, B, T, H) to the output of decoder layer d, d < D, while the block runs.
+    pad=True (the eager FastV reference, which re-runs the layers over the prompt + generated tokens with no cache):
+    positions past T add 0."""
+    def hook(d, out):
+        rows = added[d].to(out.dtype)
+        if pad and out.shape[1] > rows.shape[1]:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, out.shape[1] - rows.shape[1]))
+        return out + rows
+
+    handles = [layers[d].register_forward_hook(lambda _m, _a, out, d=d: hook(d, out))
                for d in range(min(added.shape[0], len(layers)))]  # HF: levels past the last layer add nothing
     try:
         yield
@@ -235,3 +244,79 @@ def export_lm_decode(model: nn.Module, prompt_len: int):
         (None, None, tuple({2: seq} for _ in past)), ["input_ids", "position_ids", *past_names],
         ["logits", *cache_names(n_layers, "present")], {n: {2: "past_sequence"} for n in past_names}),
         what=f"{FAMILY} lm_decode")
+
+
+# --------------------------------------------------------------------------- FastV (inner pruning in the prefill)
+# Qwen2-VL's FastV parts (exporter/vlm/qwen2_vl_fastv.py, the shared layer loop fastv.FastvLayers, which calls each
+# decoder layer as a module, so the DeepStack hooks fire in it) with the DeepStack input and the exportable M-RoPE.
+# FastV after layer L gathers the hidden states to T' tokens; the DeepStack rows are (T) long, so every level must be
+# added before that: L >= D - 1 (check_fastv_layer). At L = D - 1 the last level is added to layer L's output before
+# the gather, which is the order HF's layer-then-DeepStack gives a kept token.
+
+
+def check_fastv_layer(model: nn.Module, spec) -> None:
+    """One-line ConfigError if FastV prunes after a layer L < D - 1 (DeepStack still adds its levels after it)."""
+    levels = min(len(model.config.vision_config.deepstack_visual_indexes), model.config.text_config.num_hidden_layers)
+    if spec.layer < levels - 1:
+        raise ConfigError(f"inner {spec.shorthand()!r}: {FAMILY} adds its {levels} DeepStack levels to the visual "
+                          f"tokens after decoder layers 0..{levels - 1}, so FastV must prune after layer "
+                          f"{levels - 1} or later; use @{levels - 1}:R or a later layer")
+
+
+class Qwen3VLFastvPrefill(Qwen2VLFastvPrefill):
+    """(input_ids (1, T), image_features (K, H), deepstack_features (D, K, H), position_ids (3, 1, T)) -> (logits, k0,
+    v0, ..., keep_idx (T',), image_keep_idx (R,)): Qwen2-VL's FastV prefill with the DeepStack additions after layers
+    0..D-1 (all before the pruning layer's gather)."""
+
+    def __init__(self, model: nn.Module, spec, video: bool = False):
+        check_fastv_layer(model, spec)
+        super().__init__(model, spec, video)
+
+    def forward(self, input_ids: Tensor, image_features: Tensor, deepstack_features: Tensor,
+                position_ids: Tensor) -> tuple[Tensor, ...]:
+        added = deepstack_rows(input_ids, deepstack_features, self.placeholder_id)
+        with deepstack_hooks(self.layers, added), exportable_mrope(self.rotary_emb):
+            return super().forward(input_ids, image_features, position_ids)
+
+
+class Qwen3VLFastvDecode(Qwen2VLFastvDecode):
+    """Qwen2-VL's FastV decode step (caches of two lengths) with the exportable interleaved M-RoPE."""
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        with exportable_mrope(self.rotary_emb):
+            return super().forward(input_ids, position_ids, *past)
+
+
+def export_fastv_prefill(model: nn.Module, spec, prompt_len: int, video: bool = False):
+    """The FastV lm_prefill as an onnx_ir.Model (batch 1, `sequence` dynamic; `prompt_len` >= K + 2 sizes the example,
+    whose K placeholders sit at 1..K)."""
+    cfg, _, pos = _lm_example(model, prompt_len)
+    prefill = Qwen3VLFastvPrefill(model, spec, video).eval()
+    k, levels = spec.num_image_tokens, len(model.config.vision_config.deepstack_visual_indexes)
+    ids = torch.full((1, prompt_len), 1, dtype=torch.long)
+    ids[0, 1:1 + k] = prefill.placeholder_id
+    seq = torch.export.Dim.DYNAMIC
+    return export_part(prefill, PartSpec(
+        (ids, torch.zeros(k, cfg.hidden_size), torch.zeros(levels, k, cfg.hidden_size), pos),
+        ({1: seq}, None, None, {2: seq}), ["input_ids", "image_features", "deepstack_features", "position_ids"],
+        ["logits", *cache_names(cfg.num_hidden_layers, "present"), "keep_idx", "image_keep_idx"],
+        {"input_ids": {1: "sequence"}}), what=f"{FAMILY} FastV lm_prefill")
+
+
+def export_fastv_decode(model: nn.Module, spec):
+    """The FastV lm_decode as an onnx_ir.Model (batch 1): `past_sequence` for layers 0..L, `pruned_past_sequence` for
+    the rest (example lengths p and p - dropped, distinct and >= 2, as Qwen2-VL's)."""
+    cfg, head_dim, _ = _lm_example(model, 1)
+    p = 12 + max(spec.dropped, 1)
+    q = p - max(spec.dropped, 1)
+    layers = cfg.num_hidden_layers
+    past = tuple(torch.zeros(1, cfg.num_key_value_heads, p if i // 2 <= spec.layer else q, head_dim)
+                 for i in range(2 * layers))
+    past_names = cache_names(layers, "past")
+    dims = {name: {2: "past_sequence" if int(name.split(".")[1]) <= spec.layer else "pruned_past_sequence"}
+            for name in past_names}
+    seq = torch.export.Dim.DYNAMIC
+    return export_part(Qwen3VLFastvDecode(model, spec).eval(), PartSpec(
+        (torch.ones(1, 1, dtype=torch.long), torch.full((3, 1, 1), p), *past),
+        (None, None, tuple({2: seq} for _ in past)), ["input_ids", "position_ids", *past_names],
+        ["logits", *cache_names(layers, "present")], dims), what=f"{FAMILY} FastV lm_decode")

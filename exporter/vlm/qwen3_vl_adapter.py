@@ -40,8 +40,11 @@ from tokensieve.exporter.vlm.qwen2_vl_adapter import (PROMPT_LEN, Qwen2VLAdapter
                                                       decode_position_ids, prompt_mrope_positions,
                                                       pruned_mrope_positions)
 from tokensieve.exporter.vlm.qwen2_vl_adapter import sample_prompt as image_sample_prompt
-from tokensieve.exporter.vlm.qwen3_vl import (FAMILY, Qwen3VLDecode, Qwen3VLPrefill, Qwen3VLVisionPrune,
-                                              check_gathering, export_lm_decode, export_lm_prefill,
+from tokensieve.exporter.vlm.qwen2_vl_fastv import check_fastv_prompt, reference_qwen2_fastv_generate
+from tokensieve.exporter.vlm.qwen3_vl import (FAMILY, Qwen3VLDecode, Qwen3VLFastvDecode, Qwen3VLFastvPrefill,
+                                              Qwen3VLPrefill, Qwen3VLVisionPrune, check_fastv_layer, check_gathering,
+                                              deepstack_hooks, deepstack_rows, export_fastv_decode,
+                                              export_fastv_prefill, export_lm_decode, export_lm_prefill,
                                               export_vision_prune)
 from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.recipe import Stage
@@ -73,27 +76,37 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return qwen3_sample_prompt(self.model.config, layout)
 
     def part_modules(self, plan) -> dict[str, nn.Module]:
-        _refuse_inner(plan)
-        return {"prefill": Qwen3VLPrefill(self.model, plan.layout.is_video).eval(),
-                "decode": Qwen3VLDecode(self.model).eval()}
+        video = plan.layout.is_video
+        if plan.inner is None:
+            return {"prefill": Qwen3VLPrefill(self.model, video).eval(), "decode": Qwen3VLDecode(self.model).eval()}
+        return {"prefill": Qwen3VLFastvPrefill(self.model, plan.inner, video).eval(),
+                "decode": Qwen3VLFastvDecode(self.model, plan.inner).eval()}
 
     def part_exporters(self, plan, vision: nn.Module) -> dict:
-        _refuse_inner(plan)
         model, video, n = self.model, plan.layout.is_video, max(PROMPT_LEN, plan.keep + 2)
+        if plan.inner is None:
+            return {"vision": lambda: export_vision_prune(vision),
+                    "prefill": lambda: export_lm_prefill(model, plan.keep, n, video),
+                    "decode": lambda: export_lm_decode(model, n)}
+        check_fastv_layer(model, plan.inner)  # before anything is exported
         return {"vision": lambda: export_vision_prune(vision),
-                "prefill": lambda: export_lm_prefill(model, plan.keep, n, video),
-                "decode": lambda: export_lm_decode(model, n)}
+                "prefill": lambda: export_fastv_prefill(model, plan.inner, n, video),
+                "decode": lambda: export_fastv_decode(model, plan.inner)}
 
     def generate_parts(self, result, input_ids, pixel_values, steps, threads, backend) -> Generation:
-        vision, logits = {}, []
+        vision, logits, inner = {}, [], {}
         tokens, _ = greedy_onnx(self.model, result.paths, result.layout, pixel_values, input_ids, steps, threads,
-                                backend=backend, vision_out=vision, logits_out=logits)
+                                backend=backend, vision_out=vision, logits_out=logits, inner_out=inner)
         return Generation(np.array([tokens]), torch.stack(logits).numpy(), vision["keep_idx"],
-                          vision["image_features"])
+                          vision["image_features"], inner.get("image_keep_idx"), inner.get("keep_idx"))
 
     def generate_reference(self, result, input_ids, pixel_values, steps) -> Generation:
         with torch.no_grad():
             features, keep_idx, _ = result.vision(pixel_values)
+        if result.inner is not None:
+            ref = greedy_fastv_reference(self.model, result.vision, pixel_values, input_ids, result.inner, steps)
+            return Generation(ref.tokens.numpy(), ref.logits.numpy(), keep_idx.numpy(), features.numpy(),
+                              ref.image_keep_idx[0].numpy(), ref.keep_idx[0].numpy())
         logits = []
         tokens, _ = greedy_eager(self.model, result.vision, pixel_values, input_ids, steps, logits_out=logits)
         return Generation(np.array([tokens]), torch.stack(logits).numpy(), keep_idx.numpy(), features.numpy())
@@ -114,13 +127,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                   "position_ids": decode_position_ids(delta, pruned.shape[1]).contiguous().numpy()}
         decode |= {name.replace("present.", "past."): v for name, v in pre.items() if name.startswith("present.")}
         return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
-
-
-def _refuse_inner(plan) -> None:
-    if plan.inner is not None:
-        raise ConfigError(f"inner={plan.inner.shorthand()!r}: {FAMILY} takes no inner (FastV) pruning yet (its "
-                          "prefill would need the attention's q/k norm and the DeepStack additions inside FastV's "
-                          "layers); prune with the outer stage only")
 
 
 # --------------------------------------------------------------------------- prompts and positions
@@ -178,14 +184,14 @@ def qwen3_positions(model: nn.Module, input_ids: Tensor, layout: ImageLayout,
 # --------------------------------------------------------------------------- greedy generation
 
 
-def _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out):
+def _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out, check_ids=None):
     """Qwen2-VL's greedy loop (qwen2_vl_adapter._greedy) with the video prompt checked first."""
     placeholder = placeholder_token_id(model.config, layout)
     if layout.is_video:
         check_video_runs(input_ids, layout, placeholder)
     position_ids = prompt_mrope_positions(model, input_ids, layout)
     return _greedy(vision_fn, prefill_fn, decode_fn, position_ids, input_ids == placeholder, input_ids, steps,
-                   logits_out=logits_out)
+                   check_ids, logits_out)
 
 
 def greedy_eager(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
@@ -209,15 +215,37 @@ def greedy_eager(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Ten
         return logits, past
 
     with torch.no_grad():
-        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out)
+        check = (lambda ids: check_fastv_prompt(ids, placeholder, num_image)) if fastv else None
+        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out, check)
+
+
+def greedy_fastv_reference(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
+                           spec, steps: int = 8):
+    """The eager FastV reference on the outer stage's output: Qwen2-VL's (qwen2_vl_fastv.reference_qwen2_fastv_generate:
+    HF's eager attention row for the score, HF's decoder layers re-run by hand with no cache) with the DeepStack
+    levels added after layers 0..D-1 at the kept placeholders (generated positions add 0)."""
+    layout = vision.layout
+    _check_pixels(pixel_values, layout)
+    check_fastv_layer(model, spec)
+    placeholder = placeholder_token_id(model.config, layout)
+    with torch.no_grad():
+        feats, keep_idx, deepstack = vision(pixel_values)
+    pos, cols, delta = qwen3_positions(model, input_ids, layout, keep_idx)
+    ids = input_ids.gather(1, cols)
+    lm = model.model.language_model
+    with deepstack_hooks(lm.layers, deepstack_rows(ids, deepstack, placeholder), pad=True):
+        return reference_qwen2_fastv_generate(model, ids, feats, pos, int(delta[0, 0]) + ids.shape[1], spec,
+                                              placeholder, steps)
 
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
                 input_ids: Tensor, steps: int = 8, threads: int | None = None, backend: str = "onnxruntime",
-                vision_out: dict | None = None, logits_out: list | None = None) -> tuple[list[int], Tensor]:
+                vision_out: dict | None = None, logits_out: list | None = None,
+                inner_out: dict | None = None) -> tuple[list[int], Tensor]:
     """The exported pipeline: vision_prune -> lm_prefill -> lm_decode on ONNX Runtime (the files in `paths`) or on
     TensorRT (backend="tensorrt": the engines the manifest `paths["manifest"]` lists); `model` only supplies
-    get_rope_index. `vision_out` receives vision_prune's outputs, `logits_out` every step's logits."""
+    get_rope_index. `vision_out` receives vision_prune's outputs, `logits_out` every step's logits; a FastV
+    lm_prefill (outputs keep_idx and image_keep_idx) is detected by its outputs and `inner_out` receives them."""
     from contextlib import ExitStack
 
     from tokensieve.manifest import read_vlm_manifest
@@ -237,6 +265,9 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
     with ExitStack() as active:
         vis, pre, dec = (active.enter_context(runners[k]) for k in PARTS)
         past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]
+        fastv = "image_keep_idx" in pre.output_names
+        placeholder = placeholder_token_id(model.config, layout)
+        num_image = next(shape[0] for n, shape, _ in pre.input_specs if n == "image_features")  # K, static
 
         def vision_fn():
             out = vis.infer({"pixel_values": pixel_values.numpy().astype(np.float32)})
@@ -247,6 +278,8 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
         def prefill_fn(ids, feats, pos):
             out = pre.infer({"input_ids": ids.numpy(), "image_features": feats[0], "deepstack_features": feats[1],
                              "position_ids": pos.contiguous().numpy()})
+            if fastv and inner_out is not None:
+                inner_out.update(keep_idx=out["keep_idx"], image_keep_idx=out["image_keep_idx"])
             return torch.from_numpy(out["logits"]), [v for k, v in out.items() if k.startswith("present.")]
 
         def decode_fn(token, pos, past):
@@ -254,4 +287,24 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
             out = list(dec.infer(feeds).values())
             return torch.from_numpy(out[0]), out[1:]
 
-        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out)
+        check = (lambda ids: check_fastv_prompt(ids, placeholder, num_image)) if fastv else None
+        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out, check)
+
+
+def greedy_fastv_reference(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
+                           spec, steps: int = 8):
+    """The eager FastV reference on the outer stage's output: Qwen2-VL's (qwen2_vl_fastv.reference_qwen2_fastv_generate:
+    HF's eager attention row for the score, HF's decoder layers re-run by hand with no cache) with the DeepStack
+    levels added after layers 0..D-1 at the kept placeholders (generated positions add 0)."""
+    layout = vision.layout
+    _check_pixels(pixel_values, layout)
+    check_fastv_layer(model, spec)
+    placeholder = placeholder_token_id(model.config, layout)
+    with torch.no_grad():
+        feats, keep_idx, deepstack = vision(pixel_values)
+    pos, cols, delta = qwen3_positions(model, input_ids, layout, keep_idx)
+    ids = input_ids.gather(1, cols)
+    lm = model.model.language_model
+    with deepstack_hooks(lm.layers, deepstack_rows(ids, deepstack, placeholder), pad=True):
+        return reference_qwen2_fastv_generate(model, ids, feats, pos, int(delta[0, 0]) + ids.shape[1], spec,
+                                              placeholder, steps)
