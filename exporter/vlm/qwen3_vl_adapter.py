@@ -22,9 +22,11 @@ Qwen2-VL's one contiguous block) has no such positions: refused in one line. vid
 one timestamp token per step (the verify prompt); the real processor's timestamps are several text tokens, which
 changes nothing here (text positions count up).
 
-Inner pruning (FastV, `--inner fastv@L:R`) is refused in one line: the FastV prefill (exporter/vlm/fastv.py) runs the
-decoder layers by hand and recomputes layer L's attention row, which for Qwen3-VL needs the q/k RMSNorm of its
-attention and the DeepStack additions after layers 0..D-1 inside that loop; neither is in the shared layers yet.
+Inner pruning (FastV, `--inner fastv[(merge=true,...)]@L:R`): Qwen2-VL's FastV parts (exporter/vlm/qwen2_vl_fastv.py
+over fastv.FastvLayers) with the DeepStack input (exporter/vlm/qwen3_vl.py: Qwen3VLFastvPrefill); FastV must prune
+after the last layer DeepStack adds to (L >= D - 1: the levels are rows of the unpruned prompt), else one line.
+The eager reference is Qwen2-VL's with the same additions (greedy_fastv_reference). Debias calibration
+(calibrate_qwen2_fastv_bias) is Qwen2-VL's only: it reads a two-output vision part.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ from tokensieve.graph_passes.methods.registry import METHODS
 from tokensieve.recipe import Stage
 from tokensieve.runtime.llava_pipeline import Generation
 
-__all__ = ["Qwen3VLAdapter", "video_prompt", "qwen3_sample_prompt", "qwen3_positions", "greedy_eager", "greedy_onnx"]
+__all__ = ["Qwen3VLAdapter", "video_prompt", "qwen3_sample_prompt", "qwen3_positions", "greedy_eager", "greedy_onnx",
+           "greedy_fastv_reference"]
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -215,27 +218,7 @@ def greedy_eager(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Ten
         return logits, past
 
     with torch.no_grad():
-        check = (lambda ids: check_fastv_prompt(ids, placeholder, num_image)) if fastv else None
-        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out, check)
-
-
-def greedy_fastv_reference(model: nn.Module, vision: Qwen3VLVisionPrune, pixel_values: Tensor, input_ids: Tensor,
-                           spec, steps: int = 8):
-    """The eager FastV reference on the outer stage's output: Qwen2-VL's (qwen2_vl_fastv.reference_qwen2_fastv_generate:
-    HF's eager attention row for the score, HF's decoder layers re-run by hand with no cache) with the DeepStack
-    levels added after layers 0..D-1 at the kept placeholders (generated positions add 0)."""
-    layout = vision.layout
-    _check_pixels(pixel_values, layout)
-    check_fastv_layer(model, spec)
-    placeholder = placeholder_token_id(model.config, layout)
-    with torch.no_grad():
-        feats, keep_idx, deepstack = vision(pixel_values)
-    pos, cols, delta = qwen3_positions(model, input_ids, layout, keep_idx)
-    ids = input_ids.gather(1, cols)
-    lm = model.model.language_model
-    with deepstack_hooks(lm.layers, deepstack_rows(ids, deepstack, placeholder), pad=True):
-        return reference_qwen2_fastv_generate(model, ids, feats, pos, int(delta[0, 0]) + ids.shape[1], spec,
-                                              placeholder, steps)
+        return _loop(model, layout, vision_fn, prefill_fn, decode_fn, input_ids, steps, logits_out)
 
 
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,

@@ -213,6 +213,19 @@ def test_video_keep_all_equals_hf_generate_and_pruned_verifies(model, cli_run, t
     assert report.max_abs_diff_logits <= 1e-4 and report.max_abs_diff_features <= 1e-4
 
 
+def test_fastv_after_the_deepstack_layers_verifies(model, cli_run, tmp_path):
+    """attn-mean:0.5 + fastv@1:0.5 (after layer 1, the last one DeepStack adds to): the FastV prefill (DeepStack
+    hooks in the shared layer loop) and decode exported; verify_vlm: ORT greedy tokens, keep_idx and FastV's kept
+    tokens equal the eager reference (HF's eager attention row, layers re-run by hand), logits within 1e-4."""
+    plan = plan_vlm(model, "attn-mean:0.5", grid=IMAGE, inner="fastv@1:0.5")
+    exporters = Qwen3VLAdapter(model).part_exporters(plan, cli_run[4].vision)
+    paths, _ = write_parts({k: make() for k, make in exporters.items() if k != "vision"}, tmp_path)
+    result = dataclasses.replace(cli_run[4], inner=plan.inner, paths={**cli_run[4].paths, **paths})
+    report = verify_vlm(result, max_new_tokens=8)
+    assert report.passed and report.tokens_match and report.inner_keep_idx_match, report.to_dict()
+    assert report.max_abs_diff_logits <= 1e-4
+
+
 # --------------------------------------------------------------------------- controls
 
 
@@ -251,8 +264,8 @@ def test_controls_1d_positions_and_deepstack_index_change_the_output(model):
 
 def test_registry_and_refusals(model, cli_run, capsys):
     """The registry picks Qwen3VLAdapter; one-line ConfigErrors name Qwen3-VL: a merging method (holitom: no keep
-    index for the DeepStack levels), a [CLS] method, inner FastV, a video prompt without timestamped steps; the CLI
-    exits 2 with one line."""
+    index for the DeepStack levels), a [CLS] method, FastV before the last DeepStack layer (@0 with levels into
+    layers 0 and 1), a video prompt without timestamped steps; the CLI exits 2 with one line."""
     assert type(adapter_for(model)) is Qwen3VLAdapter and adapter_by_type("qwen3_vl") is Qwen3VLAdapter
     layout = _layout(model, VIDEO)
     untimed = vision_prompt(model.config, layout, [3, 4, 5], [6, 7])  # Qwen2-VL's one contiguous block
@@ -260,7 +273,7 @@ def test_registry_and_refusals(model, cli_run, capsys):
     cases = [(lambda: plan_vlm(model, "holitom:0.5", grid=VIDEO), "DeepStack"),
              (lambda: plan_vlm(model, "cls-topk:0.5", grid=IMAGE), "Qwen3-VL's vision tower"),
              (lambda: Qwen3VLAdapter(model).part_exporters(plan_vlm(model, "uniform:1.0", grid=IMAGE,
-                                                                    inner="fastv@1:0.5"), None), "FastV"),
+                                                                    inner="fastv@0:0.5"), None), "DeepStack"),
              (lambda: q3.greedy_eager(model, every, _pixels(layout, 0), untimed), "timestamp")]
     for call, words in cases:
         with pytest.raises(ConfigError) as e:
@@ -268,7 +281,7 @@ def test_registry_and_refusals(model, cli_run, capsys):
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert plan_vlm(model, "evs:0.5", grid=VIDEO).keep == 16  # a gathering video method applies
     folder, out = cli_run[0], cli_run[1]
-    for extra in (["--grid", "2,8,8", "--prune", "holitom:0.5"], ["--grid", "1,8,8", "--inner", "fastv@1:0.5"]):
+    for extra in (["--grid", "2,8,8", "--prune", "holitom:0.5"], ["--grid", "1,8,8", "--inner", "fastv@0:0.5"]):
         capsys.readouterr()
         assert main(["export-vlm", str(folder), "-o", str(out.parent / "refused"), "--no-build", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
