@@ -5,7 +5,8 @@ A tiny random-init InternVLForConditionalGeneration: InternViT 2 layers, 32 px t
 + [CLS]; its [CLS] and position embeddings randomized, HF initializes them to zero), pixel shuffle 0.5 -> 16 image
 tokens per tile; Qwen2 2 layers, vocab 128. Exports: keep-all (uniform:1.0) with 1 and with 2 tiles (against HF's
 get_image_features and generate), cls-topk:0.5 with 2 tiles through the CLI (export_vlm + verify_vlm), divprune:0.5
-with 2 tiles through export_vlm + verify_vlm; the LM parts are traced once (fixture reuse_lm).
+with 2 tiles through export_vlm + verify_vlm; the LM parts are traced once (fixture reuse_lm). FastV inside
+(cls-topk:0.5 + fastv@0:0.5, 2 tiles) traces LLaVA's two FastV LM parts and reuses the CLI's vision part.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.families import adapter_for
 from tokensieve.exporter.vlm.internvl import InternVLVisionPrune
 from tokensieve.exporter.vlm.internvl_adapter import InternVLAdapter
+from tokensieve.exporter.vlm.llava_adapter import LlavaAdapter
 from tokensieve.graph_passes.onnx.check_static import check_static
 from tokensieve.runtime.llava_pipeline import LlavaPipeline
 from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm
@@ -166,6 +168,29 @@ def test_divprune_verifies(model, reuse_lm, tmp_path):
     assert report.passed and report.tokens_match and report.keep_idx_match, report.to_dict()
     assert report.max_abs_diff_logits <= 1e-4 and report.max_abs_diff_features <= 1e-4
     assert result.prune == "divprune:0.5" and result.num_image_tokens == 16
+
+
+def test_fastv_inside_verifies(model, cli_run, tmp_path):
+    """cls-topk:0.5 + fastv@0:0.5, 2 tiles (FastV keeps 8 of the 16 kept image tokens after layer 0) through
+    export_vlm + verify_vlm: LLaVA's FastV lm_prefill / lm_decode traced for InternVL's Qwen2 (vision_prune is the
+    CLI's, re-read from its file: the same outer stage and tiles); against the eager FastV reference
+    (fastv.reference_fastv_generate on HF's layers): 8 greedy tokens, keep_idx, FastV's kept image tokens and kept
+    prompt positions identical, every step's logits within 1e-4."""
+    import onnx_ir as ir
+
+    def part_exporters(self, plan, vision):
+        parts = LlavaAdapter.part_exporters(self, plan, vision)  # the LM parts: LLaVA's FastV ones, not reuse_lm's
+        return {**parts, "vision": lambda: ir.load(cli_run[1] / "vision_prune.onnx")}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InternVLAdapter, "part_exporters", part_exporters)
+        result = export_vlm(model, tmp_path, "cls-topk:0.5", tiles=2, inner="fastv@0:0.5")
+    report = verify_vlm(result, max_new_tokens=STEPS)
+    assert report.passed and report.tokens_match and report.keep_idx_match and report.inner_keep_idx_match, \
+        report.to_dict()
+    assert report.max_abs_diff_logits <= 1e-4
+    inner = json.loads(result.paths["manifest"].read_text())["inner"]
+    assert (inner["layer"], inner["keep"], inner["num_image_tokens"]) == (0, 8, 16)
 
 
 def test_cls_topk_is_fastervlm_per_tile_and_layout_controls(model):
