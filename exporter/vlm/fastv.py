@@ -197,8 +197,12 @@ def _masks(valid: Tensor) -> Tensor:
 
 
 def _rope_query(attn: nn.Module, h_last: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """q (B, heads, 1, D) of layer `attn` for the normed hidden state of one position, after RoPE."""
-    q = attn.q_proj(h_last).view(*h_last.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+    """q (B, heads, 1, D) of layer `attn` for the normed hidden state of one position, after RoPE (and after the
+    per-head q_norm first where the attention has one: Gemma 3, Qwen3, as their forward applies it before RoPE)."""
+    q = attn.q_proj(h_last).view(*h_last.shape[:-1], -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = q.shape[-1] // 2
     return q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin

@@ -9,7 +9,9 @@ lm_parts.LmDecode. Positions are 1-D: cumsum(attention_mask) - 1 over the pruned
 LLaVA's). The prompt carries <start_of_image>, K image tokens, <end_of_image> among its text (the processor's layout
 with K in place of mm_tokens_per_image). The eager reference is HF Gemma 3's own greedy decoding (llava_adapter's
 HF loop) with the eager vision_prune's features as its image features and token_type_ids marking the K image tokens
-on the first step, as HF's generate passes them. FastV inner pruning is not supported yet (one-line refusal).
+on the first step, as HF's generate passes them. FastV inside (`inner="fastv@L:R"`): gemma3.Gemma3FastvPrefill /
+Gemma3FastvDecode (the masks of layers L+1.. rebuilt on the kept sequence), against gemma3's independent eager
+reference (FastV's algorithm on HF Gemma 3's layers and masks).
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from torch import Tensor, nn
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.adapter import VlmAdapter
 from tokensieve.exporter.vlm.export_part import export_part
-from tokensieve.exporter.vlm.gemma3 import (FAMILY, Gemma3Layout, Gemma3Prefill, Gemma3VisionPrune,
-                                            check_gemma3_keep, gemma3_layout, prefill_spec, resolve_gemma3_method,
-                                            vision_spec)
+from tokensieve.exporter.vlm.fastv import fastv_decode_spec
+from tokensieve.exporter.vlm.gemma3 import (FAMILY, Gemma3FastvDecode, Gemma3FastvPrefill, Gemma3Layout,
+                                            Gemma3Prefill, Gemma3VisionPrune, check_gemma3_keep, fastv_prefill_spec,
+                                            gemma3_layout, prefill_spec, reference_gemma3_fastv_generate,
+                                            resolve_gemma3_method, vision_spec)
 from tokensieve.exporter.vlm.llava_adapter import _greedy
 from tokensieve.exporter.vlm.lm_parts import LmDecode, decode_spec
 from tokensieve.recipe import Stage
@@ -82,15 +86,20 @@ class Gemma3Adapter(VlmAdapter):
 
     def part_modules(self, plan) -> dict[str, nn.Module]:
         if plan.inner is not None:
-            raise ConfigError(f"inner pruning ({plan.inner.shorthand()}) is not supported for {FAMILY} yet: its "
-                              "prefill has bidirectional image blocks and sliding layers; drop --inner")
+            return {"prefill": Gemma3FastvPrefill(self.model, plan.inner).eval(),
+                    "decode": Gemma3FastvDecode(self.model, plan.inner).eval()}
         return {"prefill": Gemma3Prefill(self.model).eval(), "decode": LmDecode(self.model).eval()}
 
     def part_exporters(self, plan, vision: nn.Module) -> dict:
         mods, lay = self.part_modules(plan), plan.layout
         layers = self.lm_layout().num_text_layers
-        specs = {"vision": (vision, vision_spec(lay)), "prefill": (mods["prefill"], prefill_spec(lay, plan.keep, layers)),
-                 "decode": (mods["decode"], decode_spec(self.lm_layout()))}
+        if plan.inner is None:
+            lm = {"prefill": prefill_spec(lay, plan.keep, layers), "decode": decode_spec(self.lm_layout())}
+        else:
+            lm = {"prefill": fastv_prefill_spec(lay, plan.inner, layers),
+                  "decode": fastv_decode_spec(self.lm_layout(), plan.inner)}
+        specs = {"vision": (vision, vision_spec(lay)), "prefill": (mods["prefill"], lm["prefill"]),
+                 "decode": (mods["decode"], lm["decode"])}
         return {key: (lambda m=m, s=s, key=key: export_part(m, s, what=f"{FAMILY} {PART_FILES[key]}"))
                 for key, (m, s) in specs.items()}
 
@@ -102,10 +111,10 @@ class Gemma3Adapter(VlmAdapter):
         with ExitStack() as active:
             vision, prefill, decode = (active.enter_context(runners[k]) for k in ("vision", "prefill", "decode"))
             return greedy_parts(vision, prefill, decode, input_ids.numpy(), pixel_values.numpy(), steps,
-                                manifest.placeholder_token_id)
+                                manifest.placeholder_token_id, inner=result.inner is not None)
 
     def generate_reference(self, result, input_ids, pixel_values, steps) -> Generation:
-        return reference_generate(result.model, result.vision, input_ids, pixel_values, steps)
+        return reference_generate(result.model, result.vision, input_ids, pixel_values, steps, inner=result.inner)
 
     def part_feeds(self, result, input_ids, pixel_values) -> dict[str, dict]:
         from tokensieve.runtime.onnxruntime_runner import OrtRunner
@@ -118,6 +127,8 @@ class Gemma3Adapter(VlmAdapter):
             out = runner.infer(prefill)
         t = ids.shape[1]
         decode = next_feeds(out, prefill["attention_mask"], np.full((ids.shape[0], 1), t - 1, np.int64))
+        if result.inner is not None:
+            decode["attention_mask_pruned"] = np.ones((ids.shape[0], out["keep_idx"].shape[1] + 1), np.int64)
         return {"vision": {"pixel_values": pixels}, "prefill": prefill, "decode": decode}
 
 
@@ -137,13 +148,18 @@ def gemma3_prompt(config, layout: Gemma3Layout, num_image_tokens: int, batch: in
 
 
 def reference_generate(model: nn.Module, vision: Gemma3VisionPrune, input_ids: Tensor, pixel_values: Tensor,
-                       max_new_tokens: int = 8, attention_mask: Tensor | None = None) -> Generation:
+                       max_new_tokens: int = 8, attention_mask: Tensor | None = None, *, inner=None) -> Generation:
     """Eager: `vision` (the same pruning in torch) gives the features; HF Gemma 3 places them at the K image tokens
-    (its masked_scatter), builds the image-block mask from token_type_ids on the first step and decodes greedily."""
+    (its masked_scatter), builds the image-block mask from token_type_ids on the first step and decodes greedily.
+    With `inner` (a FastvSpec), gemma3.reference_gemma3_fastv_generate decodes instead."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     with torch.no_grad():
         features, keep_idx = vision(pixel_values)
+    if inner is not None:
+        ref = reference_gemma3_fastv_generate(model, input_ids, features, inner, max_new_tokens, attention_mask)
+        return Generation(ref.tokens.numpy(), ref.logits.numpy(), keep_idx.numpy(), features.numpy(),
+                          ref.image_keep_idx.numpy(), ref.keep_idx.numpy())
     token_type_ids = (input_ids == int(model.config.image_token_id)).long()
     image = BaseModelOutputWithPooling(pooler_output=features)
     tokens, logits = _greedy(model, input_ids, max_new_tokens, attention_mask, token_type_ids=token_type_ids,
@@ -171,9 +187,10 @@ def next_feeds(out: dict, mask: np.ndarray, last_position: np.ndarray) -> dict:
 
 
 def greedy_parts(vision, prefill, decode, input_ids: np.ndarray, pixel_values: np.ndarray, steps: int,
-                 image_token_id: int, attention_mask: np.ndarray | None = None) -> Generation:
+                 image_token_id: int, attention_mask: np.ndarray | None = None, inner: bool = False) -> Generation:
     """Greedy decoding with the three parts' runners (active): vision -> prefill of the prompt (each row holding
-    exactly the K image tokens vision_prune gives) -> `steps` tokens, one decode step each."""
+    exactly the K image tokens vision_prune gives) -> `steps` tokens, one decode step each. `inner`: FastV parts (the
+    decode also takes attention_mask_pruned: the mask at the prefill's keep_idx, then one 1 per generated token)."""
     ids = np.asarray(input_ids, np.int64)
     out = vision.infer({"pixel_values": np.asarray(pixel_values, np.float32)})
     features, keep_idx = out["image_features"], out["keep_idx"]
@@ -183,12 +200,17 @@ def greedy_parts(vision, prefill, decode, input_ids: np.ndarray, pixel_values: n
                           f"{features.shape[0]} images; this export needs one image per prompt and exactly "
                           f"{features.shape[1]} image tokens per prompt (the kept K)")
     feeds = prefill_feeds(ids, features, attention_mask)
-    out = prefill.infer(feeds)
+    out = first = prefill.infer(feeds)
+    pruned = np.take_along_axis(feeds["attention_mask"], first["keep_idx"], axis=1) if inner else None
     tokens, logits = [], []
     for step in range(steps):
         logits.append(out["logits"])
         feeds = next_feeds(out, feeds["attention_mask"], feeds["position_ids"][:, -1:])
+        if pruned is not None:
+            pruned = np.concatenate([pruned, np.ones_like(feeds["input_ids"])], axis=1)
+            feeds["attention_mask_pruned"] = pruned
         tokens.append(feeds["input_ids"])
         if step < steps - 1:
             out = decode.infer(feeds)
-    return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features)
+    inner_keep, prompt_keep = (first["image_keep_idx"], first["keep_idx"]) if inner else (None, None)
+    return Generation(np.concatenate(tokens, axis=1), np.stack(logits), keep_idx, features, inner_keep, prompt_keep)

@@ -3,12 +3,14 @@ image tokens, the prefill with the image-block bidirectional masks of the pruned
 export_vlm + verify_vlm, the CLI, the engines.
 
 A tiny random-init Gemma3ForConditionalGeneration: SigLIP 32 px / patch 4 = 8 x 8 patches (2 layers), pooled 2 x 2 to
-mm_tokens_per_image = 16 image tokens; Gemma 3 decoder of 2 layers, one sliding (window 6, shorter than every prompt
-here) and one full. HF zero-initializes the projection, so the fixture draws it (std 0.3); initializer_range 0.1 so
-the masks move the logits visibly. One full export (the time budget): attn-mean:0.5 through the CLI (export_vlm +
-verify_vlm; its result is caught for the engine build); keep-all (uniform:1.0, against HF's get_image_features and
-generate) exports only its K = 16 vision_prune and lm_prefill and reuses the CLI's lm_decode (it does not depend on
-K); divprune:0.5 exports only its vision part and reuses the CLI's K = 8 LM parts.
+mm_tokens_per_image = 16 image tokens; Gemma 3 decoder of 3 layers, two sliding (window 10, shorter than every prompt
+here) and one full (Gemma 3's pattern; 5:1 in the checkpoints). HF zero-initializes the projection, so the fixture
+draws it (std 0.3); initializer_range 0.1 so the masks move the logits visibly. One full export (the time budget):
+attn-mean:0.5 through the CLI (export_vlm + verify_vlm; its result is caught for the engine build); keep-all
+(uniform:1.0, against HF's get_image_features and generate) exports only its K = 16 vision_prune and lm_prefill and
+reuses the CLI's lm_decode (it does not depend on K); divprune:0.5 exports only its vision part and reuses the CLI's
+K = 8 LM parts; FastV (attn-mean:0.5 + fastv@0:4 through export_vlm + verify_vlm) traces only its two LM parts and
+reuses the CLI's vision part.
 """
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_m
 from tokensieve.cli import main
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.families import adapter_by_type, adapter_for
-from tokensieve.exporter.vlm.gemma3 import Gemma3Prefill, Gemma3VisionPrune, gemma3_layout, image_block_masks
+from tokensieve.exporter.vlm.gemma3 import (Gemma3FastvPrefill, Gemma3Prefill, Gemma3VisionPrune, gemma3_layout,
+                                            image_block_masks, reference_gemma3_fastv_generate)
 from tokensieve.exporter.vlm.gemma3_adapter import Gemma3Adapter, gemma3_prompt, greedy_parts
 from tokensieve.runtime.onnxruntime_runner import OrtRunner
 from tokensieve import vlm_api
-from tokensieve.vlm_api import build_vlm, plan_vlm, verify_vlm, write_parts
+from tokensieve.vlm_api import build_vlm, export_vlm, plan_vlm, verify_vlm, write_parts
 
 N_IMG, KEEP, STEPS, IMAGE_ID = 16, 8, 8, 127
+INNER = "fastv@0:4"  # after layer 0 (sliding: its window hides the first image tokens from the last query), keep 4
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +45,9 @@ def model():
     torch.manual_seed(0)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=32, patch_size=4)
-    text = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    text = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=256,
-                            sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                            sliding_window=10, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                             query_pre_attn_scalar=8, initializer_range=0.1)
     cfg = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=N_IMG, image_token_index=IMAGE_ID,
                        boi_token_index=125, eoi_token_index=126, initializer_range=0.1)
@@ -84,6 +88,23 @@ def keep_all(model, cli_run, tmp_path_factory):
     parts = adapter.part_exporters(plan, adapter.vision_module(plan))
     paths, _ = write_parts({key: parts[key]() for key in ("vision", "prefill")}, tmp_path_factory.mktemp("gemma3_all"))
     return {**paths, "decode": cli_run[1] / "lm_decode.onnx"}
+
+
+@pytest.fixture(scope="module")
+def fastv(model, cli_run, tmp_path_factory):
+    """attn-mean:0.5 + fastv@0:4 through export_vlm (its FastV lm_prefill / lm_decode traced; vision_prune is the
+    CLI's, re-read from its file: the same outer stage) + verify_vlm -> (result, report)."""
+    import onnx_ir as ir
+
+    original = Gemma3Adapter.part_exporters
+
+    def part_exporters(self, plan, vision):
+        return {**original(self, plan, vision), "vision": lambda: ir.load(cli_run[1] / "vision_prune.onnx")}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Gemma3Adapter, "part_exporters", part_exporters)
+        result = export_vlm(model, tmp_path_factory.mktemp("gemma3_fastv"), "attn-mean:0.5", inner=INNER)
+    return result, verify_vlm(result, max_new_tokens=STEPS)
 
 
 def _pixels(batch: int, seed: int) -> torch.Tensor:
@@ -223,6 +244,48 @@ def _split_block_masks(model, ids: torch.Tensor, block: torch.Tensor) -> dict:
                                          position_ids=None, block_sequence_ids=block)
 
 
+# --------------------------------------------------------------------------- FastV inside the prefill
+
+
+def test_fastv_verifies(fastv):
+    """attn-mean:0.5 + fastv@0:4: verify_vlm PASS against gemma3's eager FastV reference (FastV's algorithm on HF
+    Gemma 3's own layers and masks): 8 greedy tokens, vision keep_idx, FastV's kept image tokens and kept prompt
+    positions identical on a batch of 2, every step's logits within 1e-4; the manifest records the inner stage."""
+    result, report = fastv
+    assert report.passed and report.tokens_match and report.keep_idx_match and report.inner_keep_idx_match, \
+        report.to_dict()
+    assert report.max_abs_diff_logits <= 1e-4 and report.batch == 2
+    manifest = json.loads(result.paths["manifest"].read_text())
+    assert manifest["inner"]["layer"] == 0 and manifest["inner"]["keep"] == 4 and \
+        manifest["inner"]["num_image_tokens"] == KEEP
+
+
+def test_fastv_masks_follow_the_kept_sequence_controls(model):
+    """After the drop the masks of layers 1.. are rebuilt on the kept sequence (the kept image tokens one block, the
+    sliding window over kept entries) and positions stay the original ones: the eager prefill equals the reference's
+    first logits (1e-4) and keeps its tokens; each control moves the logits by more than 1e-2: the unpruned layout's
+    masks taken at the kept columns, positions recomputed 0..T'-1 after the drop, and (in the reference) the sliding
+    window over original positions instead of kept entries."""
+    lay = gemma3_layout(model)
+    ids, x = gemma3_prompt(model.config, lay, KEEP, 2, seed=0), _pixels(2, 0)
+    plan = plan_vlm(model, "attn-mean:0.5", inner=INNER)
+    with torch.no_grad():
+        feats, _ = Gemma3VisionPrune(model, lay, "attn-mean", KEEP).eval()(x)
+    ref = reference_gemma3_fastv_generate(model, ids, feats, plan.inner, max_new_tokens=1)
+    args = (ids, feats, torch.ones_like(ids), torch.arange(ids.shape[1]).expand(2, -1))
+    with torch.no_grad():
+        got = Gemma3FastvPrefill(model, plan.inner).eval()(*args)
+        unpruned = Gemma3FastvPrefill(model, plan.inner, rebuild_masks=False).eval()(*args)[0]
+        renumbered = Gemma3FastvPrefill(model, plan.inner, recompute_positions=True).eval()(*args)[0]
+    positions_window = reference_gemma3_fastv_generate(model, ids, feats, plan.inner, max_new_tokens=1,
+                                                        window_over_positions=True)
+    assert (got[0] - ref.logits[0]).abs().max() <= 1e-4
+    assert got[-1].tolist() == ref.image_keep_idx.tolist() and got[-2].tolist() == ref.keep_idx.tolist()
+    assert ids.shape[1] - (KEEP - 4) > lay.sliding_window  # the window cuts the kept sequence: the choice matters
+    for other in (unpruned, renumbered, positions_window.logits[0]):
+        assert (other - ref.logits[0]).abs().max() > 1e-2
+
+
 # --------------------------------------------------------------------------- the family and its refusals
 
 
@@ -240,19 +303,17 @@ def test_registry_and_refusals(model, cli_run, capsys):
     cases = [(dict(prune="attn-mean:0.5", grid=(1, 8, 8)), "grid"), (dict(prune="evs:0.5"), "video method"),
              (dict(prune="attn-mean(fuse=true):0.5"), "fuse"), (dict(prune="uniform:17"), "outside [1, 16]"),
              (dict(prune="feather:0.5"), "mean_attention=true"), (dict(prune="tome:0.5"), "does not apply"),
-             (dict(prune="attn-mean@1:0.5"), "Gemma 3 prunes once")]
+             (dict(prune="attn-mean@1:0.5"), "Gemma 3 prunes once"),
+             (dict(prune="uniform:1.0", inner="fastv@2:0.5"), "prune after layer 0..1")]
     for kwargs, words in cases:
         with pytest.raises(ConfigError) as e:
             plan_vlm(model, **kwargs)
         assert words in str(e.value) and "\n" not in str(e.value), (kwargs, str(e.value))
-    plan = plan_vlm(model, "uniform:1.0", inner="fastv@0:0.5")
-    with pytest.raises(ConfigError) as e:
-        Gemma3Adapter(model).part_exporters(plan, None)
-    assert "fastv" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_build_vlm_builds_the_three_parts(cli_run):
-    """TensorRT-RTX builds the CLI export's vision_prune, lm_prefill (the in-graph block masks) and lm_decode."""
+    """TensorRT-RTX builds the CLI export's vision_prune, lm_prefill (the in-graph block masks) and lm_decode. (The
+    FastV lm_prefill does not build yet: Myelin CHECK(is_const) failed, docs/vlm_gemma3.md.)"""
     pytest.importorskip("tensorrt_rtx")
     result = cli_run[4]
     infos = build_vlm(result, max_sequence=64)
