@@ -30,40 +30,40 @@ def _has_gpu() -> bool:
 HEAVY_FILES = (
     "tests/exporter/vlm/test_fastv.py",                          # 107
     "tests/hostile/test_faults.py",                     # 87
-    "tests/targets/test_default_model_engines.py",      # 72
+    "tests/targets/tensorrt/test_default_model_engines.py",      # 72
     "tests/exporter/vlm/test_qwen2_vl_fastv.py",                 # 55
     "tests/test_cli.py",                                # 50
     "tests/exporter/vlm/test_export_vlm_cli.py",                 # 50
-    "tests/graph_passes/test_adaptive.py",              # 48
-    "tests/graph_passes/test_merge_methods.py",         # 48
-    "tests/graph_passes/test_compact_token_axis.py",    # 46
+    "tests/graph_passes/methods/test_adaptive.py",              # 48
+    "tests/graph_passes/methods/test_merge.py",         # 48
+    "tests/graph_passes/fx/test_compact_token_axis.py",    # 46
     "tests/exporter/vlm/test_qwen2_5_vl.py",                     # 45
     "tests/exporter/vlm/test_qwen2_5_vl_video.py",               # 40
-    "tests/graph_passes/test_hoist_token_gathers.py",   # 44
-    "tests/graph_passes/test_zero_tprune.py",           # 39
-    "tests/graph_passes/test_hiprune.py",               # 39
-    "tests/targets/test_diversity_to_plugin.py",        # 38
+    "tests/graph_passes/fx/test_hoist_token_gathers.py",   # 44
+    "tests/graph_passes/methods/test_attention_graph.py",           # 39
+    "tests/graph_passes/methods/test_hiprune.py",               # 39
+    "tests/targets/tensorrt/test_diversity_to_plugin.py",        # 38
     "tests/exporter/vlm/test_llava_parts.py",                    # 35
     "tests/scripts/test_bench_video.py",                # 34
-    "tests/graph_passes/test_tome_prop_attn.py",        # 32
+    "tests/graph_passes/methods/test_tome_prop_attn.py",        # 32
     "tests/test_tune.py",
     "tests/scripts/test_bench_vlm.py",                  # 27
     "tests/test_benchmark.py",
     "tests/test_api.py",
     "tests/scripts/test_gpu_check.py",
     "tests/scripts/test_bench_adaptive.py",
-    "tests/targets/test_plugins.py",
+    "tests/targets/tensorrt/test_plugins.py",
     "tests/test_export_int8_optimize.py",               # 24
     "tests/test_shared_weights.py",
     "tests/exporter/vlm/test_gemma3.py",                         # 33
     "tests/exporter/vlm/test_internvl.py",                       # 22
     "tests/exporter/vlm/test_qwen3_vl.py",                       # 62
-    "tests/graph_passes/test_place_in_block.py",
+    "tests/graph_passes/fx/test_place_in_block.py",
     "tests/graph_passes/test_paper_macs.py",
     "tests/test_heads.py",
     "tests/test_hf_folder.py",
     "tests/test_pareto.py",
-    "tests/targets/test_engine_options.py",
+    "tests/targets/tensorrt/test_engine_options.py",
 )
 
 

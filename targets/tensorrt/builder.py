@@ -216,7 +216,7 @@ def _cancel_on_interrupt(trt: ModuleType, config):
 
 def run_lowering(lowering: Sequence[PassBase], model: ir.Model) -> bool:
     """Run the passes once, in order, on `model` (in place); whether any changed it. One round is enough: every
-    pass is idempotent (tests/targets/test_lowering.py). Not onnx-ir's PassManager, which would wrap a pass's
+    pass is idempotent (tests/targets/tensorrt/test_lowering.py). Not onnx-ir's PassManager, which would wrap a pass's
     one-line TargetError into its own PassError."""
     modified = False
     for p in lowering:

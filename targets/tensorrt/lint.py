@@ -1,6 +1,6 @@
 """Name the ONNX nodes the TensorRT / TensorRT-RTX parser or builder will reject, before a build is attempted.
 
-Each rule below was confirmed by building a one-node model with TensorRT-RTX 1.7 (tests/targets/test_tensorrt_lint.py):
+Each rule below was confirmed by building a one-node model with TensorRT-RTX 1.7 (tests/targets/tensorrt/test_lint.py):
 - NonZero (RTX only): "NonZero plugin creator version 1 was not found" at parse time.
 - ScatterND with reduction: "ScatterND with reduction is not supported" (parse). ScatterElements with reduction:
   the RTX parser fails with a file-level "Unsupported reduction type" that names no node, hence this lint.

@@ -2,7 +2,7 @@
 `ATEN_POST_LOWERING_PASSES`). The builder receives the list; it imports none of these passes itself.
 
 Each entry is an onnx-ir pass (ir.Model -> PassResult, editing in place) and idempotent: a second run of the list
-changes nothing (tests/targets/test_lowering.py, and each pass's own test_idempotent).
+changes nothing (tests/targets/tensorrt/test_lowering.py, and each pass's own test_idempotent).
 """
 from __future__ import annotations
 

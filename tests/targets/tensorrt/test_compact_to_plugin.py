@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from test_plugins import _run_engine, token_compact_reference
+from plugin_refs import run_engine, token_compact_reference
 from tiny_models import build
 from tokensieve import api
 from tokensieve.cli import main
@@ -241,5 +241,5 @@ def test_plugin_engine_matches_onnxruntime_on_gpu(exported, plugin_lib, tmp_path
         for batch in (1, 3):
             feeds = runner.make_random_feeds(batch=batch, seed=batch)
             want = runner.infer(feeds)[result.output_name]
-            got = _run_engine(engine, flavor, feeds, plugin_lib)[result.output_name]
+            got = run_engine(engine, flavor, feeds, plugin_lib)[result.output_name]
             np.testing.assert_allclose(got, want, atol=2e-2, rtol=0)  # TF32 matmuls

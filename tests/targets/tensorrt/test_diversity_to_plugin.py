@@ -14,7 +14,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from test_plugins import diversity_select_reference
+from plugin_refs import diversity_select_reference
 from tiny_models import build
 from gpu_target import engine_target
 from tokensieve import api

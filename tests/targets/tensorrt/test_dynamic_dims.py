@@ -197,7 +197,7 @@ def test_runner_checks_sequence_against_the_profile(seq_engine):
 
 @pytest.fixture(scope="module")
 def llava_parts(tmp_path_factory) -> dict[str, Path]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "exporter" / "vlm"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "exporter" / "vlm"))
     from test_llava_parts import tiny_llava
     from tokensieve.vlm_api import export_vlm
 

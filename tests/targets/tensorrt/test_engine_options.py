@@ -1,11 +1,10 @@
 """Engine build options (opt batch, timing cache, workspace, builder optimization level, layer info), engine files
 named per target and precision and listed in an export folder's report, and the Jetson (`--target local` on TensorRT
-10.x, sm87) path, on a stand-in TensorRT (tests/targets/fake_tensorrt.py) and on TensorRT-RTX where it is installed."""
+10.x, sm87) path, on a stand-in TensorRT (tests/fake_tensorrt.py) and on TensorRT-RTX where it is installed."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fake_tensorrt  # noqa: E402
+import fake_tensorrt  # noqa: E402 - tests/fake_tensorrt.py
 
 from tokensieve import api  # noqa: E402
 from tokensieve.cli import main  # noqa: E402

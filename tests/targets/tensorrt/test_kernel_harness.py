@@ -3,12 +3,12 @@ ctypes-loadable .so and a sanitizer driver without TensorRT; its wrapper and che
 themselves run only on a GPU (the `gpu` tests, and scripts/gpu_check.sh)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import plugin_refs
 import pytest
 
 from tokensieve.errors import ConfigError, TargetError
@@ -25,14 +25,6 @@ def harness_build() -> kh.HarnessBuild:
     if shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
         pytest.skip("nvcc (CUDA toolkit) is not installed")
     return kh.build_harness()
-
-
-def _plugin_mirrors():
-    """tests/targets/test_plugins.py's float64 numpy mirrors of the CUDA kernels (an independent reference)."""
-    spec = importlib.util.spec_from_file_location("_plugin_mirrors", Path(__file__).with_name("test_plugins.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _one_line(excinfo) -> str:
@@ -100,7 +92,7 @@ def test_missing_library_is_one_line(tmp_path):
 def test_expected_outputs_match_the_plugin_tests_float64_mirror():
     """The checker's references (tokensieve's own divprune_select / mmr_select in float32, and the TokenCompact
     contract) agree with the independent float64 numpy mirrors of the kernels on inputs with ties."""
-    mirrors = _plugin_mirrors()
+    mirrors = plugin_refs  # the independent numpy mirrors of the kernels
     rng = np.random.default_rng(0)
     x = kh._with_ties(rng, 3, 41, 24, 1, np.float32)
     raw = rng.random((3, 41)).astype(np.float32)
@@ -123,7 +115,7 @@ def test_expected_outputs_match_the_plugin_tests_float64_mirror():
 def test_checker_passes_the_float64_mirror_and_catches_a_wrong_kernel():
     """check_kernels end to end with test_plugins' float64 mirror standing in for the CUDA kernels: every case
     passes; a kernel with an off-by-one pick, or one that loses a row, is reported."""
-    mirrors = _plugin_mirrors()
+    mirrors = plugin_refs  # the independent numpy mirrors of the kernels
 
     class Mirror:
         def token_compact(self, x, keep, capacity, dynamic=False, min_count=0):

@@ -13,6 +13,7 @@ from tokensieve.errors import TargetError
 from tokensieve.runtime.tensorrt_flavors import RTX_COMPUTE_CAPABILITIES, available_flavors, local_compute_capability
 from tokensieve.targets.tensorrt import BuildSpec, plugin_nodes, plugins
 from tokensieve.targets.tensorrt.target import build_plugin_engine
+from plugin_refs import diversity_select_reference, run_engine, token_compact_reference
 
 COMPILE_BUDGET_S = 90
 requires_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file(),
@@ -226,105 +227,7 @@ def test_second_library_copy_is_refused(plugin_lib, tmp_path):
     assert "already holds" in _one_line(e)
 
 
-# --- GPU: plugin outputs against numpy references ---------------------------------------------------------------
-
-def token_compact_reference(x: np.ndarray, keep: np.ndarray, capacity: int, dynamic: bool = False,
-                            min_count: int = 0) -> tuple[np.ndarray, ...]:
-    """Capped: (compacted [B,K,C], count [B]). Dynamic: (compacted [B,S,C], count, S as a 0-D int32),
-    S = max(max_b count_b, min_count)."""
-    B, _, C = x.shape
-    out, count = np.zeros((B, capacity, C), x.dtype), np.zeros(B, np.int32)
-    for b in range(B):
-        rows = np.flatnonzero(keep[b])[:capacity]
-        out[b, : len(rows)], count[b] = x[b, rows], len(rows)
-    if not dynamic:
-        return out, count
-    size = max(int(count.max(initial=0)), min_count)
-    return out[:, :size], count, np.array(size, np.int32)
-
-
-def diversity_select_reference(x: np.ndarray, k: int, mode: int, lam: float, num_prefix_tokens: int,
-                               importance: np.ndarray | None = None) -> np.ndarray:
-    """DivPrune (mode 0) / MMR (mode 1) as in diversity_select.cu: greedy, ties to the lowest index, ascending."""
-    out = []
-    for b in range(x.shape[0]):
-        f = x[b, num_prefix_tokens:].astype(np.float64)
-        f /= np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
-        sim = f @ f.T
-        chosen: list[int] = []
-        if mode == 0:
-            score = np.where(np.eye(len(f), dtype=bool), np.inf, 1 - sim).min(axis=1)
-        else:
-            score = np.full(len(f), -np.inf)
-        for step in range(k):
-            imp = None if mode == 0 else importance[b, num_prefix_tokens:]
-            # MMR's first pick is argmax importance for every lam (lam = 0 too), as IDPruner's first round
-            v = score if mode == 0 else imp if step == 0 else lam * imp - (1 - lam) * score
-            v = np.where(np.isin(np.arange(len(f)), chosen), -np.inf, v)
-            s = int(np.argmax(v))
-            chosen.append(s)
-            if mode == 0:  # distance to the chosen set only: the first pick's nearest-neighbour score is dropped
-                score = 1 - sim[s] if step == 0 else np.minimum(score, 1 - sim[s])
-            else:
-                score = np.maximum(score, sim[s])
-        out.append(np.sort(np.array(chosen)) + num_prefix_tokens)
-    return np.stack(out).astype(np.int32)
-
-
-def _run_engine(engine_path: Path, flavor: str, feeds: dict[str, np.ndarray], lib: Path) -> dict[str, np.ndarray]:
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
-    trt = __import__(flavor)
-    plugins.load_plugins(trt, lib)
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-    context = engine.create_execution_context()
-    dtypes = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "INT64": torch.int64,
-              "BOOL": torch.bool}
-
-    class Allocator(trt.IOutputAllocator):
-        """Outputs whose shape depends on the data (-1 until enqueue, e.g. TokenCompact dynamic=1): TensorRT asks
-        for their memory and reports their shape during execute_async_v3."""
-
-        def __init__(self):
-            trt.IOutputAllocator.__init__(self)
-            self.memory, self.shapes = {}, {}
-
-        def reallocate_output(self, name, memory, size, alignment):
-            self.memory[name] = torch.empty(max(int(size), 1), dtype=torch.uint8, device="cuda")
-            return self.memory[name].data_ptr()
-
-        def reallocate_output_async(self, name, memory, size, alignment, stream):
-            return self.reallocate_output(name, memory, size, alignment)
-
-        def notify_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-
-    allocator, buffers = Allocator(), {}
-    for name, value in feeds.items():
-        buffers[name] = torch.from_numpy(value).cuda().contiguous()
-        context.set_input_shape(name, value.shape)
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if name in buffers:
-            context.set_tensor_address(name, buffers[name].data_ptr())
-            continue
-        shape = tuple(context.get_tensor_shape(name))
-        if -1 in shape:
-            assert context.set_output_allocator(name, allocator)
-        else:
-            buffers[name] = torch.empty(shape, dtype=dtypes[engine.get_tensor_dtype(name).name], device="cuda")
-            context.set_tensor_address(name, buffers[name].data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    out = {n: t.cpu().numpy() for n, t in buffers.items() if n not in feeds}
-    for name, shape in allocator.shapes.items():
-        dtype = dtypes[engine.get_tensor_dtype(name).name]
-        n = int(np.prod(shape))
-        out[name] = allocator.memory[name].view(dtype)[:n].reshape(shape).cpu().numpy()
-    return out
-
+# --- GPU: plugin outputs against numpy references (tests/plugin_refs.py) ----------------------------------
 
 @pytest.mark.gpu
 @requires_nvcc
@@ -346,7 +249,7 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
     keep[0] = 1  # more kept than capacity
     onnx_path = plugin_nodes.write_token_compact_onnx(tmp_path / "tc.onnx", batch=B, tokens=N, channels=C, capacity=K)
     build_plugin_engine(onnx_path, tmp_path / "tc.engine", BuildSpec(target=target), lib)
-    got = _run_engine(tmp_path / "tc.engine", flavor, {"x": x, "keep": keep}, lib)
+    got = run_engine(tmp_path / "tc.engine", flavor, {"x": x, "keep": keep}, lib)
     want_y, want_count = token_compact_reference(x, keep, K)
     np.testing.assert_array_equal(got["y"], want_y)
     np.testing.assert_array_equal(got["count"], want_count)
@@ -361,7 +264,7 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
                                                           capacity=K, dtype=dtype, mask_dtype=mask_dtype,
                                                           dynamic=True, opt_count=K // 2, min_count=min_count)
         build_plugin_engine(onnx_path, tmp_path / "tcd.engine", BuildSpec(target=target), lib)
-        got = _run_engine(tmp_path / "tcd.engine", flavor, {"x": xd, "keep": kd}, lib)
+        got = run_engine(tmp_path / "tcd.engine", flavor, {"x": xd, "keep": kd}, lib)
         want_y, want_count, want_size = token_compact_reference(xd, kd, K, dynamic=True, min_count=min_count)
         assert int(want_size) < K and len(set(want_count.tolist())) > 1  # the case this loop is for
         assert got["size"].shape == () and int(got["size"]) == int(want_size)
@@ -374,5 +277,5 @@ def test_plugin_outputs_match_numpy_on_gpu(plugin_lib, tmp_path):
                                                              channels=C, k=K, mode=mode, lam=0.6, num_prefix_tokens=1)
         build_plugin_engine(onnx_path, tmp_path / f"ds{mode}.engine", BuildSpec(target=target), lib)
         feeds = {"x": x} | ({"importance": importance} if mode == 1 else {})
-        got = _run_engine(tmp_path / f"ds{mode}.engine", flavor, feeds, lib)
+        got = run_engine(tmp_path / f"ds{mode}.engine", flavor, feeds, lib)
         np.testing.assert_array_equal(got["idx"], diversity_select_reference(x, K, mode, 0.6, 1, importance))

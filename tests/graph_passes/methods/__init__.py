@@ -1,0 +1,1 @@
+"""Tests of tokensieve.graph_passes.methods (a package so its folder name cannot shadow an installed module, e.g. tensorrt)."""
