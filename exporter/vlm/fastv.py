@@ -476,6 +476,20 @@ def reference_image_keep(image_scores: Tensor, spec: FastvSpec) -> Tensor:
     return torch.cat([fixed.expand(image_scores.shape[0], -1), best], dim=1).sort(dim=-1).values
 
 
+def reference_keep_rows(scores: Tensor, is_image: Tensor, spec: FastvSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """FastV's selection on one score row per prompt (B, T) -> (image_pos (B, N): the image tokens' columns,
+    image_keep (B, R): the kept ones among them, keep_idx (B, T'): every text column and the kept image columns,
+    ascending)."""
+    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])       # (B, N)
+    image_keep = reference_image_keep(scores.gather(1, image_pos), spec)
+    keep_rows = []
+    for r in range(is_image.shape[0]):
+        keep = ~is_image[r]
+        keep[image_pos[r, image_keep[r]]] = True
+        keep_rows.append(torch.nonzero(keep).flatten())
+    return image_pos, image_keep, torch.stack(keep_rows)                              # keep_idx (B, T')
+
+
 def reference_merge(h: Tensor, image_positions: Tensor, image_keep: Tensor) -> Tensor:
     """HoliTom's merge, literally its sequential loop (holitom/modeling_qwen2.py), on a copy of h (B, S, C):
     image_positions (B, N) the image tokens' sequence indices, image_keep (B, R) the kept ordinals. Per row: top =
@@ -528,14 +542,7 @@ def reference_generate_layers(model: nn.Module, is_image: Tensor, embeds: Tensor
     lm = model.model.language_model
     scores = fastv_score_reference(model, embeds, mask, positions, spec.layer)
     b, t = is_image.shape
-    image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])       # (B, N)
-    image_keep = reference_image_keep(scores.gather(1, image_pos), spec)
-    keep_rows = []
-    for r in range(b):
-        keep = ~is_image[r]
-        keep[image_pos[r, image_keep[r]]] = True
-        keep_rows.append(torch.nonzero(keep).flatten())
-    keep_idx = torch.stack(keep_rows)                                                  # (B, T')
+    image_pos, image_keep, keep_idx = reference_keep_rows(scores, is_image, spec)
     tokens, logits = [], []
     with torch.no_grad(), _eager_attention(model):
         seq, pos = embeds, positions

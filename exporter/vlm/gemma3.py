@@ -407,7 +407,7 @@ def reference_gemma3_fastv_generate(model: nn.Module, input_ids: Tensor, image_f
     as FastV does (`_prepare_decoder_attention_mask` of the new length): HF's masks of the kept sequence, so the kept
     image tokens are one block and a sliding layer's window counts kept entries (what HF's sliding cache keeps too).
     `window_over_positions=True` is the alternative (the window over original position ids), a control."""
-    from tokensieve.exporter.vlm.fastv import (_eager_attention, check_prompt, place_features, reference_image_keep,
+    from tokensieve.exporter.vlm.fastv import (_eager_attention, check_prompt, place_features, reference_keep_rows,
                                                reference_merge)
 
     check_gemma3_fastv(model)
@@ -435,14 +435,7 @@ def reference_gemma3_fastv_generate(model: nn.Module, input_ids: Tensor, image_f
         out = lm(inputs_embeds=embeds, attention_mask=hf_masks(embeds, is_image, mask, positions),
                  position_ids=positions, output_attentions=True, use_cache=False)
         scores = out.attentions[spec.layer][:, :, -1].float().mean(1)
-        image_pos = torch.stack([torch.nonzero(row).flatten() for row in is_image])          # (B, N)
-        image_keep = reference_image_keep(scores.gather(1, image_pos), spec)
-        keep_rows = []
-        for r in range(b):
-            keep = ~is_image[r]
-            keep[image_pos[r, image_keep[r]]] = True
-            keep_rows.append(torch.nonzero(keep).flatten())
-        keep_idx = torch.stack(keep_rows)                                                   # (B, T')
+        image_pos, image_keep, keep_idx = reference_keep_rows(scores, is_image, spec)
         tokens, logits = [], []
         seq, pos = embeds, positions
         for _ in range(max_new_tokens):

@@ -354,6 +354,23 @@ def greedy_fastv_reference(model: nn.Module, vision: Qwen2VLVisionPrune, pixel_v
                                           steps)
 
 
+def open_parts(paths: dict[str, Path], backend: str, threads: int | None) -> dict:
+    """The runners of the three parts: ONNX Runtime on the files in `paths`, or (another backend) the engines the
+    manifest `paths["manifest"]` lists; one-line errors for an unknown backend or a folder without engines."""
+    from tokensieve.manifest import read_vlm_manifest
+    from tokensieve.runtime.llava_pipeline import PARTS, part_runners
+    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+
+    if backend == "onnxruntime":
+        return {k: OrtRunner(paths[k], threads=threads) for k in PARTS}
+    manifest = paths.get("manifest")
+    if manifest is None:
+        raise ConfigError(f"backend={backend!r} reads the engines from the export's manifest; pass the paths "
+                          "export_vlm returned (they include 'manifest')")
+    return part_runners(manifest.parent, read_vlm_manifest(manifest.parent, manifest.name), backend, threads=threads,
+                        manifest_name=manifest.name)
+
+
 def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, pixel_values: Tensor,
                 input_ids: Tensor, steps: int = 8, threads: int | None = None,
                 backend: str = "onnxruntime", vision_out: dict | None = None,
@@ -365,21 +382,11 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
     `inner_out` (a dict) then receives them and "logits" (steps, 1, V), every step's logits."""
     from contextlib import ExitStack
 
-    from tokensieve.manifest import read_vlm_manifest
-    from tokensieve.runtime.llava_pipeline import PARTS, part_runners
-    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+    from tokensieve.runtime.llava_pipeline import PARTS
 
     _check_pixels(pixel_values, layout)
     position_ids = prompt_mrope_positions(model, input_ids, layout)
-    if backend == "onnxruntime":
-        runners = {k: OrtRunner(paths[k], threads=threads) for k in PARTS}
-    else:  # one-line errors for an unknown backend or a folder without engines
-        manifest = paths.get("manifest")
-        if manifest is None:
-            raise ConfigError(f"backend={backend!r} reads the engines from the export's manifest; pass the paths "
-                              "export_vlm returned (they include 'manifest')")
-        runners = part_runners(manifest.parent, read_vlm_manifest(manifest.parent, manifest.name), backend,
-                               threads=threads, manifest_name=manifest.name)
+    runners = open_parts(paths, backend, threads)
     with ExitStack() as active:
         vis, pre, dec = (active.enter_context(runners[k]) for k in PARTS)
         past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]

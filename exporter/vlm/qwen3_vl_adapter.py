@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tokensieve.errors import ConfigError
 from tokensieve.exporter.vlm.qwen2_vl import ImageLayout, placeholder_token_id
 from tokensieve.exporter.vlm.qwen2_vl_adapter import (PROMPT_LEN, Qwen2VLAdapter, _check_pixels, _greedy,
-                                                      decode_position_ids, prompt_mrope_positions,
+                                                      decode_position_ids, open_parts, prompt_mrope_positions,
                                                       pruned_mrope_positions)
 from tokensieve.exporter.vlm.qwen2_vl_adapter import sample_prompt as image_sample_prompt
 from tokensieve.exporter.vlm.qwen2_vl_fastv import check_fastv_prompt, reference_qwen2_fastv_generate
@@ -231,20 +231,10 @@ def greedy_onnx(model: nn.Module, paths: dict[str, Path], layout: ImageLayout, p
     lm_prefill (outputs keep_idx and image_keep_idx) is detected by its outputs and `inner_out` receives them."""
     from contextlib import ExitStack
 
-    from tokensieve.manifest import read_vlm_manifest
-    from tokensieve.runtime.llava_pipeline import PARTS, part_runners
-    from tokensieve.runtime.onnxruntime_runner import OrtRunner
+    from tokensieve.runtime.llava_pipeline import PARTS
 
     _check_pixels(pixel_values, layout)
-    if backend == "onnxruntime":
-        runners = {k: OrtRunner(paths[k], threads=threads) for k in PARTS}
-    else:
-        manifest = paths.get("manifest")
-        if manifest is None:
-            raise ConfigError(f"backend={backend!r} reads the engines from the export's manifest; pass the paths "
-                              "export_vlm returned (they include 'manifest')")
-        runners = part_runners(manifest.parent, read_vlm_manifest(manifest.parent, manifest.name), backend,
-                               threads=threads, manifest_name=manifest.name)
+    runners = open_parts(paths, backend, threads)
     with ExitStack() as active:
         vis, pre, dec = (active.enter_context(runners[k]) for k in PARTS)
         past_names = [n for n, _, _ in dec.input_specs if n.startswith("past.")]
